@@ -1,0 +1,137 @@
+"""The `energytools` command: a thin layer of options over the stage functions."""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode="markdown",
+                  help="Energy scores, HE-DA curation and Energy KD for knowledge distillation.\n\n"
+                       "Example: `energytools run pipelines/quickstart.toml --out runs/quickstart`")
+
+
+def _report_crash(exc: BaseException) -> Path:
+    fd, name = tempfile.mkstemp(prefix="energytools-crash-", suffix=".txt")
+    with os.fdopen(fd, "w") as handle:
+        traceback.print_exception(exc, file=handle)
+    return Path(name)
+
+
+def handle_errors(fn):
+    """Bad input -> one line on stderr, exit 2; a bug -> one line naming the traceback file, exit 1."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except UserError as exc:
+            print(f"energytools: error: {exc}", file=sys.stderr)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            print("energytools: interrupted; re-run the same command to resume", file=sys.stderr)
+            raise typer.Exit(130) from None
+        except Exception as exc:  # noqa: BLE001
+            path = _report_crash(exc)
+            print(f"energytools: internal error {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                  f" (full traceback in {path})", file=sys.stderr)
+            raise typer.Exit(1) from None
+    return wrapper
+
+
+def command(name: str | None = None, **kwargs):
+    def decorator(fn):
+        return app.command(name, **kwargs)(handle_errors(fn))
+    return decorator
+
+
+# --- shared options -----------------------------------------------------------------------
+Dataset = Annotated[Optional[str], typer.Option("--dataset", help="fashion-mnist, cifar10, cifar100, imagefolder, digits")]
+DataRoot = Annotated[Optional[Path], typer.Option("--data-root", help="where the dataset files are")]
+Limit = Annotated[Optional[int], typer.Option("--limit", help="class-stratified subset of N training samples")]
+EvalLimit = Annotated[Optional[int], typer.Option("--eval-limit", help="same, for the val and test splits")]
+Imbalance = Annotated[Optional[float], typer.Option("--imbalance-factor", help="long-tail the train split (e.g. 100)")]
+ImageSize = Annotated[Optional[int], typer.Option("--image-size", help="imagefolder: side of the square input")]
+Device = Annotated[str, typer.Option("--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1 ...")]
+Workers = Annotated[int, typer.Option("--num-workers", help="DataLoader worker processes")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace an existing output")]
+
+
+def _data_config(dataset, data_root, limit, eval_limit, imbalance_factor, image_size, defaults: dict | None = None):
+    from .config import DataConfig, overrides, resolve
+
+    values = dict(defaults or {})
+    values.update(overrides(dataset=dataset, data_root=str(data_root) if data_root else None, limit=limit,
+                            eval_limit=eval_limit, imbalance_factor=imbalance_factor, image_size=image_size))
+    return resolve(DataConfig, values, "dataset options")
+
+
+@command("models")
+def models_command():
+    """List the registered models.
+
+    Example: `energytools models`
+    """
+    from .models import DESCRIPTIONS
+
+    width = max(map(len, DESCRIPTIONS))
+    for name, text in DESCRIPTIONS.items():
+        typer.echo(f"{name:<{width}}  {text}")
+
+
+@command("datasets")
+def datasets_command():
+    """List the registered datasets.
+
+    Example: `energytools datasets`
+    """
+    from .data import DATASETS
+
+    for name, loader in DATASETS.items():
+        typer.echo(f"{name:<12}  {(loader.__doc__ or '').strip().splitlines()[0] if loader.__doc__ else ''}")
+
+
+@command("train")
+def train_command(
+    model: Annotated[str, typer.Option("--model", help="architecture, see `energytools models`")],
+    out: Annotated[Path, typer.Option("--out", help="run directory")],
+    dataset: Dataset = "fashion-mnist", data_root: DataRoot = None, limit: Limit = None,
+    eval_limit: EvalLimit = None, imbalance_factor: Imbalance = None, image_size: ImageSize = None,
+    epochs: Annotated[int, typer.Option(help="training epochs")] = 30,
+    batch_size: Annotated[int, typer.Option(help="batch size")] = 64,
+    lr: Annotated[float, typer.Option(help="initial learning rate")] = 0.05,
+    weight_decay: Annotated[float, typer.Option(help="SGD weight decay")] = 5e-4,
+    schedule: Annotated[str, typer.Option(help="step (x0.1 at 62.5/75/87.5% of epochs) or cosine")] = "step",
+    seed: Annotated[int, typer.Option(help="seed for every random choice")] = 0,
+    device: Device = "auto", num_workers: Workers = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from OUT/last.pt")] = False,
+    overwrite: Overwrite = False,
+):
+    """Train a model with cross-entropy: how a teacher is made, and the no-distillation baseline.
+
+    Example: `energytools train --dataset fashion-mnist --model resnet20 --epochs 15 --out runs/teacher`
+    """
+    from .engine import TrainConfig
+    from .stages.train import train
+
+    data = _data_config(dataset, data_root, limit, eval_limit, imbalance_factor, image_size)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule,
+                      seed=seed, device=device, num_workers=num_workers)
+    train(data, model, cfg, out, resume=resume, overwrite=overwrite)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Datasets by name, splits, subsets and the batch transforms."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from .base import DatasetInfo, ImageSet
+from .loaders import DATASETS, register_dataset
+from .subsets import VAL_FRACTION, carve_validation, long_tail, long_tail_counts, stratified_limit
+
+SPLITS = ("train", "val", "test")
+
+__all__ = ["DATASETS", "DatasetInfo", "ImageSet", "SPLITS", "VAL_FRACTION", "build_dataset",
+           "long_tail_counts", "register_dataset", "dataset_options"]
+
+
+def dataset_options(name: str, data_root=None, limit=None, imbalance_factor=None, image_size=None) -> dict:
+    """The options that identify a dataset build; stored in metadata to rebuild it later."""
+    return {"name": name, "data_root": str(data_root) if data_root else None, "limit": limit,
+            "imbalance_factor": imbalance_factor, "image_size": image_size}
+
+
+def build_dataset(name: str, split: str = "train", data_root: str | Path | None = None,
+                  limit: int | None = None, imbalance_factor: float | None = None,
+                  image_size: int | None = None) -> ImageSet:
+    """Load one split of a dataset by name.
+
+    ``train`` and ``val`` both come from the training file: ``val`` is a fixed, stratified
+    ``VAL_FRACTION`` of it and ``train`` is the rest. ``imbalance_factor`` applies the
+    long-tail recipe to ``train`` only (val and test stay balanced, as in CIFAR-100-LT).
+    ``limit`` then keeps a class-stratified subset of exactly ``limit`` samples.
+    """
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; choose from {', '.join(sorted(DATASETS))}")
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+    if limit is not None and limit <= 0:
+        raise UserError(f"--limit must be positive, got {limit}")
+    if imbalance_factor is not None and not imbalance_factor >= 1:
+        raise UserError(f"--imbalance-factor must be >= 1, got {imbalance_factor}")
+    root = Path(data_root).expanduser() if data_root else None
+    if root is not None and not root.exists():
+        raise UserError(f"--data-root {root} does not exist")
+    info, images, labels, ids = DATASETS[name](root, "test" if split == "test" else "train", image_size=image_size)
+    ids = np.arange(len(labels)) if ids is None else ids
+    options = dataset_options(name, data_root, limit, imbalance_factor, image_size)
+    dataset = ImageSet(info, split, images, labels, ids, options=options)
+    if split != "test":
+        train_positions, val_positions = carve_validation(labels, info.num_classes)
+        dataset = dataset.subset(train_positions if split == "train" else val_positions)
+        if split == "train" and imbalance_factor and imbalance_factor > 1:
+            dataset = dataset.subset(long_tail(dataset.labels, info.num_classes, imbalance_factor))
+    if limit is not None:
+        dataset = dataset.subset(stratified_limit(dataset.labels, info.num_classes, limit))
+    return dataset

@@ -1,0 +1,150 @@
+"""A dataset split as energytools sees it: images by position, labels, stable sample ids."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import UserError
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model and a transform need to know about a dataset."""
+
+    name: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    train_flip: bool = True
+    train_crop_pad: int = 0
+    classes: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ArrayImages:
+    """Images held in memory as one uint8 array of shape (N, H, W, C)."""
+
+    def __init__(self, array: np.ndarray):
+        if array.ndim == 3:
+            array = array[..., None]
+        # one writable copy: torch refuses to wrap read-only buffers (np.frombuffer)
+        self.array = np.array(array, dtype=np.uint8, order="C", copy=not array.flags.writeable)
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def load(self, position: int) -> np.ndarray:
+        return self.array[position]
+
+    def path(self, position: int) -> str | None:
+        return None
+
+    def digest(self, positions: np.ndarray, hasher) -> None:
+        hasher.update(np.ascontiguousarray(self.array[positions]).tobytes())
+
+
+class FileImages:
+    """Images read from files, resized to a square of ``size`` (shorter side, centre crop)."""
+
+    def __init__(self, paths: list[str], root: Path, size: int, channels: int):
+        self.paths, self.root, self.size, self.channels = paths, root, size, channels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, position: int) -> np.ndarray:
+        path = self.root / self.paths[position]
+        try:
+            with Image.open(path) as image:
+                image = image.convert("L" if self.channels == 1 else "RGB")
+                width, height = image.size
+                scale = self.size / min(width, height)
+                image = image.resize((max(self.size, round(width * scale)), max(self.size, round(height * scale))),
+                                     Image.BILINEAR)
+                width, height = image.size
+                left, top = (width - self.size) // 2, (height - self.size) // 2
+                image = image.crop((left, top, left + self.size, top + self.size))
+                array = np.asarray(image, dtype=np.uint8)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot read image {path}: {exc}") from None
+        return array[..., None] if array.ndim == 2 else array
+
+    def path(self, position: int) -> str | None:
+        return self.paths[position]
+
+    def digest(self, positions: np.ndarray, hasher) -> None:
+        for position in positions:
+            path = self.root / self.paths[position]
+            hasher.update(f"{self.paths[position]}:{path.stat().st_size}\n".encode())
+
+
+class ImageSet(torch.utils.data.Dataset):
+    """One split of a dataset.
+
+    Items are ``(image uint8 CxHxW tensor, label, sample_id)``. ``sample_id`` is the
+    sample's index in the dataset's canonical (unsubsampled) order of its split file, so
+    ids stay the same under ``limit``, ``imbalance_factor`` and the validation carve.
+    """
+
+    def __init__(self, info: DatasetInfo, split: str, images, labels: np.ndarray,
+                 sample_ids: np.ndarray, positions: np.ndarray | None = None, options: dict | None = None):
+        self.info, self.split, self.images = info, split, images
+        self._all_labels = np.asarray(labels, dtype=np.int64)
+        self._all_ids = np.asarray(sample_ids, dtype=np.int64)
+        self.positions = np.arange(len(images)) if positions is None else np.asarray(positions, dtype=np.int64)
+        self.options = dict(options or {})
+        self._fingerprint: str | None = None
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._all_labels[self.positions]
+
+    @property
+    def sample_ids(self) -> np.ndarray:
+        return self._all_ids[self.positions]
+
+    def subset(self, keep: np.ndarray, **options) -> "ImageSet":
+        """A view holding the samples at ``keep`` (positions within this view)."""
+        return ImageSet(self.info, self.split, self.images, self._all_labels, self._all_ids,
+                        self.positions[np.asarray(keep, dtype=np.int64)], {**self.options, **options})
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def image(self, index: int) -> np.ndarray:
+        """The HxWxC uint8 image at ``index``."""
+        return self.images.load(self.positions[index])
+
+    def path(self, index: int) -> str | None:
+        return self.images.path(self.positions[index])
+
+    def __getitem__(self, index: int):
+        position = self.positions[index]
+        image = torch.from_numpy(np.ascontiguousarray(self.images.load(position))).permute(2, 0, 1)
+        return image, int(self._all_labels[position]), int(self._all_ids[position])
+
+    def fingerprint(self) -> str:
+        """sha256 over the split's ids, labels and image content (file sizes for files)."""
+        if self._fingerprint is None:
+            hasher = hashlib.sha256()
+            hasher.update(f"{self.info.name}/{self.split}/{len(self)}\n".encode())
+            hasher.update(self.sample_ids.tobytes())
+            hasher.update(self.labels.tobytes())
+            self.images.digest(self.positions, hasher)
+            self._fingerprint = hasher.hexdigest()
+        return self._fingerprint
+
+    def describe(self) -> dict:
+        """Provenance for metadata: enough to rebuild and to check this exact split."""
+        return {"name": self.info.name, "split": self.split, "size": len(self),
+                "fingerprint": self.fingerprint(), "options": self.options,
+                "num_classes": self.info.num_classes}

@@ -1,0 +1,15 @@
+"""The one exception type that means "the user's input is wrong".
+
+The CLI turns it into a single line on stderr and exit status 2; every other
+exception is a bug and gets a traceback file instead.
+"""
+
+
+class UserError(Exception):
+    """Bad input: a missing file, an unknown name, a number out of range."""
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise :class:`UserError` with ``message`` unless ``condition`` holds."""
+    if not condition:
+        raise UserError(message)

@@ -1,0 +1,82 @@
+"""Files that are never half-written: atomic writes, a run lock, hashing."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from .errors import UserError
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path | str) -> Iterator[Path]:
+    """Yield a temporary path next to ``final``; rename it into place on success.
+
+    A crash leaves at most a ``.tmp-*`` file, never a partial file under the final name.
+    Works for files and for directories (the caller creates what it needs).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{final.name}.", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    tmp.unlink()
+    try:
+        yield tmp
+        if final.is_dir() and tmp.is_dir():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: Path | str, obj) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_output_free(path: Path, overwrite: bool) -> None:
+    """Refuse to replace an existing output unless asked to."""
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} already exists (pass --overwrite to replace it)")
+
+
+@contextlib.contextmanager
+def run_lock(output: Path | str) -> Iterator[None]:
+    """Hold an exclusive lock for writing ``output``.
+
+    Uses ``flock`` on ``<output>.lock``: the kernel drops it when the holder dies, so a
+    killed run never leaves the output locked forever.
+    """
+    import fcntl
+
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = output.parent / f".{output.name}.lock"
+    handle = open(lock_path, "w")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{output} is being written by another energytools process") from None
+        yield
+    finally:
+        handle.close()
+        with contextlib.suppress(FileNotFoundError):
+            lock_path.unlink()
