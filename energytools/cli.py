@@ -129,6 +129,47 @@ def train_command(
     train(data, model, cfg, out, resume=resume, overwrite=overwrite)
 
 
+def _optional_data(dataset, data_root, limit, eval_limit, imbalance_factor, image_size):
+    """A DataConfig only when the user named a dataset option; else None (use the recorded one)."""
+    if all(v is None for v in (dataset, data_root, limit, eval_limit, imbalance_factor, image_size)):
+        return None
+    if dataset is None:
+        raise UserError("dataset options need --dataset")
+    return _data_config(dataset, data_root, limit, eval_limit, imbalance_factor, image_size)
+
+
+@command("score")
+def score_command(
+    teacher: Annotated[Path, typer.Option("--teacher", help="teacher checkpoint")],
+    out: Annotated[Path, typer.Option("--out", help="the table to write")] = Path("scores.parquet"),
+    dataset: Dataset = None, data_root: DataRoot = None, limit: Limit = None, eval_limit: EvalLimit = None,
+    imbalance_factor: Imbalance = None, image_size: ImageSize = None,
+    teacher_arch: Annotated[Optional[str], typer.Option(help="architecture, for checkpoints that do not record it")] = None,
+    split: Annotated[str, typer.Option(help="train, val or test")] = "train",
+    energy_temperature: Annotated[float, typer.Option(help="T_E in E = -T_E*logsumexp(z/T_E)")] = 4.0,
+    low_frac: Annotated[float, typer.Option(help="fraction of lowest-energy samples in the low group")] = 0.2,
+    high_frac: Annotated[float, typer.Option(help="fraction of highest-energy samples in the high group")] = 0.2,
+    temperatures: Annotated[str, typer.Option(help="KD temperature of the low,mid,high groups (paper: 6,4,2; reference code: 2,4,6)")] = "6,4,2",
+    temperature_rule: Annotated[str, typer.Option(help="groups, or rank (linear in energy rank)")] = "groups",
+    reference: Annotated[Optional[Path], typer.Option(help="train table whose thresholds group this split")] = None,
+    save_logits: Annotated[bool, typer.Option("--save-logits", help="store float16 logits (and of the flipped image)")] = False,
+    batch_size: Annotated[int, typer.Option(help="images per forward pass")] = 256,
+    device: Device = "auto", num_workers: Workers = 0, overwrite: Overwrite = False,
+):
+    """Score every sample with the teacher: energy, confidence, groups and temperatures to Parquet.
+
+    Example: `energytools score --teacher runs/teacher/best.pt --out runs/scores.parquet`
+    """
+    from .stages.score import ScoreConfig, score
+
+    data = _optional_data(dataset, data_root, limit, eval_limit, imbalance_factor, image_size)
+    score(ScoreConfig(teacher=str(teacher), out=str(out), data=data, teacher_arch=teacher_arch, split=split,
+                      energy_temperature=energy_temperature, low_frac=low_frac, high_frac=high_frac,
+                      temperatures=temperatures, temperature_rule=temperature_rule,
+                      reference=str(reference) if reference else None, save_logits=save_logits,
+                      batch_size=batch_size, device=device, num_workers=num_workers, overwrite=overwrite))
+
+
 def main() -> None:
     app()
 
