@@ -170,6 +170,50 @@ def score_command(
                       batch_size=batch_size, device=device, num_workers=num_workers, overwrite=overwrite))
 
 
+@command("distill")
+def distill_command(
+    student: Annotated[str, typer.Option("--student", help="student architecture")],
+    out: Annotated[Path, typer.Option("--out", help="run directory")],
+    scores: Annotated[Path, typer.Option("--scores", help="the train score table")] = Path("scores.parquet"),
+    method: Annotated[str, typer.Option(help="ce, kd, energy-kd, dkd or energy-dkd")] = "energy-kd",
+    shards: Annotated[Optional[list[Path]], typer.Option("--shards", help="HE-DA shard directory (repeatable)")] = None,
+    teacher: Annotated[Optional[Path], typer.Option(help="teacher checkpoint (default: the one that scored the table)")] = None,
+    teacher_arch: Annotated[Optional[str], typer.Option(help="architecture, for checkpoints that do not record it")] = None,
+    temperature_source: Annotated[str, typer.Option(help="table (offline, by sample_id) or online (teacher energy per batch)")] = "table",
+    temperatures: Annotated[Optional[str], typer.Option(help="re-derive: T of low,mid,high groups, e.g. 2,4,6")] = None,
+    low_frac: Annotated[Optional[float], typer.Option(help="re-derive groups with this low fraction")] = None,
+    high_frac: Annotated[Optional[float], typer.Option(help="re-derive groups with this high fraction")] = None,
+    temperature_rule: Annotated[Optional[str], typer.Option(help="groups or rank")] = None,
+    kd_temperature: Annotated[float, typer.Option(help="T of kd and dkd")] = 4.0,
+    cached_logits: Annotated[bool, typer.Option("--cached-logits", help="use the table's stored teacher logits")] = False,
+    eval_limit: EvalLimit = None,
+    epochs: Annotated[int, typer.Option(help="training epochs")] = 30,
+    batch_size: Annotated[int, typer.Option(help="batch size")] = 64,
+    lr: Annotated[float, typer.Option(help="initial learning rate")] = 0.05,
+    schedule: Annotated[str, typer.Option(help="step or cosine")] = "step",
+    seed: Annotated[int, typer.Option(help="seed for every random choice")] = 0,
+    device: Device = "auto", num_workers: Workers = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from OUT/last.pt")] = False,
+    overwrite: Overwrite = False,
+):
+    """Distill a student from the teacher, with per-sample temperatures read from the score table.
+
+    Example: `energytools distill --scores runs/scores.parquet --student cnn_small --method energy-kd --shards runs/he-da --out runs/energy-kd`
+    """
+    from .engine import TrainConfig
+    from .stages.distill import DistillConfig, distill
+
+    cfg = DistillConfig(scores=str(scores), student=student, out=str(out), method=method,
+                        shards=tuple(str(s) for s in shards or ()), teacher=str(teacher) if teacher else None,
+                        teacher_arch=teacher_arch, temperature_source=temperature_source, temperatures=temperatures,
+                        low_frac=low_frac, high_frac=high_frac, temperature_rule=temperature_rule,
+                        kd_temperature=kd_temperature, cached_logits=cached_logits, eval_limit=eval_limit,
+                        train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, seed=seed,
+                                          device=device, num_workers=num_workers),
+                        resume=resume, overwrite=overwrite)
+    distill(cfg)
+
+
 def main() -> None:
     app()
 

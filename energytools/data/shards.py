@@ -1,0 +1,84 @@
+"""The HE-DA shard format: Parquet with Hugging Face datasets' image struct.
+
+Columns: ``image`` struct{bytes: PNG, path}, ``sample_id`` (disjoint from the dataset's),
+``source_id``, ``partner_id``, ``lam``, ``label``, ``partner_label``, ``aug``, ``aug_params``
+(JSON), ``energy``, ``confidence``, ``energy_group``, ``temperature`` and optional ``logits``.
+"""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from ..errors import UserError
+from .base import ArrayImages, DatasetInfo, ImageSet
+
+MANIFEST = "manifest.json"
+IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+SHARD_SCHEMA = pa.schema([
+    ("image", IMAGE_TYPE), ("sample_id", pa.int64()), ("source_id", pa.int64()), ("partner_id", pa.int64()),
+    ("lam", pa.float32()), ("label", pa.int64()), ("partner_label", pa.int64()), ("aug", pa.string()),
+    ("aug_params", pa.string()), ("energy", pa.float32()), ("confidence", pa.float32()),
+    ("energy_group", pa.string()), ("temperature", pa.float32()),
+])
+LOGITS_FIELD = pa.field("logits", pa.list_(pa.float16()))
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """HxWxC uint8 -> PNG bytes (deterministic: fixed compression level, no metadata)."""
+    array = image[..., 0] if image.shape[-1] == 1 else image
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=6)
+    return buffer.getvalue()
+
+
+def decode_png(data: bytes, channels: int) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        array = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+    return array[..., None] if array.ndim == 2 else array
+
+
+def read_manifest(directory: Path | str) -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{directory} is not an HE-DA shard directory (no {MANIFEST})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON: {exc}") from None
+
+
+def shard_files(directory: Path | str) -> list[Path]:
+    manifest = read_manifest(directory)
+    files = [Path(directory) / name for name in manifest["shards"]]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise UserError(f"{directory} is incomplete: missing {missing[0]} (re-run augment to finish it)")
+    return files
+
+
+def read_shards(directory: Path | str) -> pl.DataFrame:
+    """All rows of a shard directory as one polars frame (images still as PNG bytes)."""
+    files = shard_files(directory)
+    if not files:
+        return pl.from_arrow(SHARD_SCHEMA.empty_table())
+    try:
+        return pl.from_arrow(pa.concat_tables([pq.read_table(f) for f in files]))
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"cannot read shards in {directory}: {str(exc).splitlines()[0][:200]}") from None
+
+
+def shard_dataset(directory: Path | str, info: DatasetInfo) -> tuple[ImageSet, pl.DataFrame]:
+    """A map-style dataset over a shard directory, plus its rows without the image bytes."""
+    frame = read_shards(directory)
+    images = np.stack([decode_png(row["bytes"], info.in_channels) for row in frame["image"].to_list()]) \
+        if frame.height else np.zeros((0, info.image_size, info.image_size, info.in_channels), np.uint8)
+    dataset = ImageSet(info, "he-da", ArrayImages(images), frame["label"].to_numpy(), frame["sample_id"].to_numpy(),
+                       options={"shards": str(directory)})
+    return dataset, frame.drop("image")

@@ -1,0 +1,65 @@
+"""Distillation losses as pure functions with a per-sample form.
+
+Every function returns one value per sample when ``reduction="none"`` and the batch mean
+otherwise. ``temperature`` may be a float or a tensor of shape (B,): a per-sample
+temperature is what Energy KD adds to KD and DKD.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
+    return values.mean() if reduction == "mean" else values.sum() if reduction == "sum" else values
+
+
+def _per_sample_t(temperature, logits: torch.Tensor) -> torch.Tensor:
+    t = torch.as_tensor(temperature, dtype=logits.dtype, device=logits.device)
+    return t.expand(logits.shape[0]) if t.ndim == 0 else t
+
+
+def mixed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, partner: torch.Tensor | None = None,
+                        lam: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+    """``lam * CE(logits, target) + (1 - lam) * CE(logits, partner)``; plain CE without a partner."""
+    ce = F.cross_entropy(logits, target, reduction="none")
+    if partner is not None and lam is not None:
+        ce = lam * ce + (1 - lam) * F.cross_entropy(logits, partner, reduction="none")
+    return _reduce(ce, reduction)
+
+
+def kd_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor, temperature=4.0,
+            reduction: str = "mean") -> torch.Tensor:
+    """Hinton KD: ``T_i^2 * KL(softmax(z_t / T_i) || softmax(z_s / T_i))``, KL summed over classes."""
+    t = _per_sample_t(temperature, logits_student).unsqueeze(1)
+    log_p_s = F.log_softmax(logits_student / t, dim=1)
+    log_p_t = F.log_softmax(logits_teacher / t, dim=1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)
+    return _reduce(kl * t.squeeze(1) ** 2, reduction)
+
+
+def _binary_kl(p_t: torch.Tensor, p_s: torch.Tensor) -> torch.Tensor:
+    """KL between the (target, not-target) two-point distributions."""
+    q_t, q_s = 1 - p_t, 1 - p_s
+    eps = torch.finfo(p_s.dtype).tiny
+    return (torch.xlogy(p_t, p_t) - p_t * torch.log(p_s.clamp_min(eps))
+            + torch.xlogy(q_t, q_t) - q_t * torch.log(q_s.clamp_min(eps)))
+
+
+def dkd_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor, target: torch.Tensor,
+             alpha: float = 1.0, beta: float = 8.0, temperature=4.0, reduction: str = "mean") -> torch.Tensor:
+    """Decoupled KD (Zhao et al. 2022): ``alpha * TCKD + beta * NCKD``, both scaled by ``T_i^2``.
+
+    TCKD is the KL between the binary (target vs. rest) distributions; NCKD the KL between the
+    distributions over the non-target classes alone.
+    """
+    t = _per_sample_t(temperature, logits_student).unsqueeze(1)
+    gt = F.one_hot(target, logits_student.shape[1]).bool()
+    p_s = F.softmax(logits_student / t, dim=1)
+    p_t = F.softmax(logits_teacher / t, dim=1)
+    tckd = _binary_kl(p_t[gt], p_s[gt])
+    neg_inf = torch.finfo(logits_student.dtype).min
+    log_q_s = F.log_softmax((logits_student / t).masked_fill(gt, neg_inf), dim=1)
+    log_q_t = F.log_softmax((logits_teacher / t).masked_fill(gt, neg_inf), dim=1)
+    nckd = torch.where(gt, 0.0, log_q_t.exp() * (log_q_t - log_q_s)).sum(dim=1)
+    return _reduce((alpha * tckd + beta * nckd) * t.squeeze(1) ** 2, reduction)
