@@ -214,6 +214,53 @@ def distill_command(
     distill(cfg)
 
 
+Ratio = Annotated[float, typer.Option(help="fraction of samples to select, in (0, 1]")]
+SelectMode = Annotated[str, typer.Option("--select", help="high (HE-DA), low or random (controls)")]
+PerClass = Annotated[bool, typer.Option("--per-class", help="take the fraction within each class")]
+Seed = Annotated[int, typer.Option(help="seed for every random choice")]
+Scores = Annotated[Path, typer.Option("--scores", help="the train score table")]
+
+
+@command("select")
+def select_command(
+    scores: Scores = Path("scores.parquet"), ratio: Ratio = 0.3, select: SelectMode = "high",
+    per_class: PerClass = False, seed: Seed = 0,
+    out: Annotated[Optional[Path], typer.Option(help="write the selected ids to this Parquet file")] = None,
+    overwrite: Overwrite = False,
+):
+    """Select the highest-energy fraction (curation only): prints count, class histogram, energy range.
+
+    Example: `energytools select --scores runs/scores.parquet --ratio 0.3 --out runs/selected.parquet`
+    """
+    from .stages.augment import select as select_stage
+
+    select_stage(str(scores), str(out) if out else None, ratio, select, per_class, seed, overwrite)
+
+
+@command("augment")
+def augment_command(
+    scores: Scores = Path("scores.parquet"), ratio: Ratio = 0.3,
+    out: Annotated[Path, typer.Option(help="shard directory")] = Path("he-da"),
+    select: SelectMode = "high", per_class: PerClass = False,
+    policy: Annotated[str, typer.Option(help="cutmix, mixup, randaug, light, or an albumentations .json/.yaml file")] = "cutmix",
+    copies: Annotated[int, typer.Option(help="augmented samples per selected sample")] = 1,
+    seed: Seed = 0,
+    workers: Annotated[int, typer.Option(help="processes writing shards")] = 1,
+    shard_size: Annotated[int, typer.Option(help="rows per shard")] = 2048,
+    teacher: Annotated[Optional[Path], typer.Option(help="teacher checkpoint (default: the table's)")] = None,
+    overwrite: Overwrite = False,
+):
+    """Materialize HE-DA shards: augment the highest-energy samples and score them with the teacher.
+
+    Example: `energytools augment --scores runs/scores.parquet --ratio 0.3 --out runs/he-da`
+    """
+    from .stages.augment import AugmentConfig, augment
+
+    augment(AugmentConfig(scores=str(scores), out=str(out), ratio=ratio, select=select, per_class=per_class,
+                          policy=policy, copies=copies, seed=seed, workers=workers, shard_size=shard_size,
+                          teacher=str(teacher) if teacher else None, overwrite=overwrite))
+
+
 def main() -> None:
     app()
 

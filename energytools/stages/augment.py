@@ -1,0 +1,244 @@
+"""`energytools augment`: select high-energy samples and materialize HE-DA shards.
+
+The job list is (source_id, copy) for every selected sample in sample_id order; shard k
+holds jobs [k * shard_size, (k + 1) * shard_size). Each job is seeded from
+(seed, source_id, copy), so the bytes of every shard are the same whatever the number of
+workers. Shards are written atomically as they finish; a killed run writes only the
+missing ones; the manifest is written last and marks the directory complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import torch
+
+from ..config import DataConfig, as_dict
+from ..data.shards import LOGITS_FIELD, MANIFEST, SHARD_SCHEMA, encode_png
+from ..energy import assign_temperatures, energy_ranks, groups_from_thresholds, logit_statistics
+from ..engine import console, progress_bar
+from ..errors import UserError
+from ..io import run_lock, sha256_file, write_json
+from ..policies import make_policy
+from ..selection import describe_selection, select_samples
+from ..table import load_table, versions, write_parquet
+from .score import check_logits, open_teacher
+
+#: augmented sample ids start here, far above any dataset's own ids
+AUG_ID_BASE = 1 << 40
+
+
+@dataclass
+class AugmentConfig:
+    scores: str = "scores.parquet"
+    out: str = "he-da"
+    ratio: float = 0.3
+    select: str = "high"
+    per_class: bool = False
+    policy: str = "cutmix"
+    copies: int = 1
+    seed: int = 0
+    workers: int = 1
+    shard_size: int = 2048
+    teacher: str | None = None  # default: the checkpoint that scored the table
+    teacher_arch: str | None = None
+    batch_size: int = 256
+    overwrite: bool = False
+
+    def check(self) -> None:
+        if not 0 < self.ratio <= 1:
+            raise UserError(f"--ratio must be in (0, 1], got {self.ratio}")
+        if self.copies < 1:
+            raise UserError(f"--copies must be >= 1, got {self.copies}")
+        if self.workers < 1 or self.shard_size < 1:
+            raise UserError("--workers and shard size must be >= 1")
+        make_policy(self.policy)  # fail on an unknown policy before any work
+
+
+class ShardWriter:
+    """Builds shards; one per process (the dataset, teacher and policy are loaded once)."""
+
+    def __init__(self, cfg: AugmentConfig, data: dict, table_path: str, selected_ids: np.ndarray, threads: int | None):
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            import cv2
+
+            cv2.setNumThreads(0)
+        except ImportError:
+            pass
+        self.cfg = cfg
+        self.dataset = DataConfig(**data).build("train")
+        table, self.meta = load_table(table_path, ["sample_id", "label", "energy"])
+        self.reference = np.sort(table["energy"].to_numpy().astype(np.float64))
+        position_of = {int(s): i for i, s in enumerate(self.dataset.sample_ids)}
+        self.positions = np.array([position_of[int(s)] for s in selected_ids])
+        self.selected_ids = selected_ids
+        self.labels = self.dataset.labels[self.positions]
+        self.policy = make_policy(cfg.policy)
+        self.teacher = open_teacher(cfg.teacher or self.meta["teacher"]["path"], self.dataset,
+                                    cfg.teacher_arch or self.meta["teacher"]["arch"], "cpu")
+        self.save_logits = bool(self.meta["config"].get("save_logits"))
+
+    def image(self, index: int) -> np.ndarray:
+        return self.dataset.image(self.positions[index])
+
+    def build(self, jobs: list[tuple[int, int]]) -> pa.Table:
+        rows = {name: [] for name in SHARD_SCHEMA.names}
+        pixels = []
+        for index, copy in jobs:
+            source_id = int(self.selected_ids[index])
+            rng = np.random.default_rng([self.cfg.seed, source_id, copy])
+            result = self.policy(rng, index, self.image, len(self.selected_ids))
+            pixels.append(result.image)
+            partner = result.partner_index
+            rows["image"].append({"bytes": encode_png(result.image), "path": f"{source_id}-{copy}.png"})
+            rows["sample_id"].append(AUG_ID_BASE + source_id * self.cfg.copies + copy)
+            rows["source_id"].append(source_id)
+            rows["partner_id"].append(None if partner is None else int(self.selected_ids[partner]))
+            rows["lam"].append(result.lam)
+            rows["label"].append(int(self.labels[index]))
+            rows["partner_label"].append(int(self.labels[partner if partner is not None else index]))
+            rows["aug"].append(self.policy.name)
+            rows["aug_params"].append(json.dumps(result.params, sort_keys=True))
+        stats, logits = self._score(np.stack(pixels), np.array(rows["label"]), np.array(rows["sample_id"]))
+        groups = groups_from_thresholds(stats["energy"], self.meta["groups"]["thresholds"])
+        ranks = energy_ranks(stats["energy"].astype(np.float64), self.reference)
+        temps = assign_temperatures(groups, ranks, [self.meta["temperatures"][g] for g in ("low", "mid", "high")],
+                                    self.meta.get("temperature_rule", "groups"))
+        rows.update(energy=stats["energy"], confidence=stats["confidence"], energy_group=list(groups),
+                    temperature=temps)
+        table = pa.table({name: pa.array(rows[name], type=SHARD_SCHEMA.field(name).type) for name in SHARD_SCHEMA.names})
+        for name, values in logits.items():
+            table = table.append_column(pa.field(name, LOGITS_FIELD.type), pa.array(list(values), LOGITS_FIELD.type))
+        return table
+
+    @torch.no_grad()
+    def _score(self, images: np.ndarray, labels: np.ndarray, ids: np.ndarray):
+        info = self.dataset.info
+        batch = torch.from_numpy(images).permute(0, 3, 1, 2)
+        chunks, flipped = [], []
+        for start in range(0, len(batch), self.cfg.batch_size):
+            part = batch[start:start + self.cfg.batch_size]
+            chunks.append(self.teacher.logits(part, info).cpu())
+            if self.save_logits and info.train_flip:
+                flipped.append(self.teacher.logits(part.flip(-1), info).cpu())
+        logits = torch.cat(chunks)
+        check_logits(logits, torch.from_numpy(ids))
+        stats = logit_statistics(logits, torch.from_numpy(labels), self.meta["energy"]["temperature"])
+        saved = {}
+        if self.save_logits:
+            saved["logits"] = logits.half().numpy()
+            if flipped:
+                saved["logits_flipped"] = torch.cat(flipped).half().numpy()
+        return {k: v.numpy() for k, v in stats.items()}, saved
+
+
+_WORKER: ShardWriter | None = None
+# PNG bytes are already compressed: storing them again costs time for nothing
+SHARD_COMPRESSION = {name: "zstd" for name in SHARD_SCHEMA.names + ["image.path", "logits", "logits_flipped"]
+                     if name != "image"} | {"image.bytes": "none"}
+
+
+def _init_worker(*args) -> None:
+    global _WORKER
+    _WORKER = ShardWriter(*args, threads=1)
+
+
+def _write_shard(job: tuple[Path, list, dict]) -> int:
+    path, jobs, metadata = job
+    write_parquet(_WORKER.build(jobs), path, metadata, row_group_size=256,
+                  compression=SHARD_COMPRESSION)
+    return len(jobs)
+
+
+def augment(cfg: AugmentConfig) -> Path:
+    """Write HE-DA shards for the selected samples; returns the shard directory."""
+    cfg.check()
+    out = Path(cfg.out)
+    if (out / MANIFEST).exists() and not cfg.overwrite:
+        raise UserError(f"{out} already holds HE-DA shards (pass --overwrite to replace them)")
+    table, meta = load_table(cfg.scores, ["sample_id", "label", "energy"])
+    if meta.get("split") != "train":
+        raise UserError(f"{cfg.scores} scores the {meta.get('split')} split; augment needs a train table")
+    data = DataConfig.from_options(meta["dataset"]["options"])
+    dataset = data.build("train")
+    if dataset.fingerprint() != meta["dataset"]["fingerprint"]:
+        raise UserError(f"{cfg.scores} was computed on another dataset than {data.dataset} as it is on this "
+                        "machine (fingerprints differ)")
+    chosen = select_samples(table, cfg.ratio, cfg.select, cfg.per_class, cfg.seed)
+    console.print(describe_selection(chosen, table.height))
+    selected_ids = chosen["sample_id"].to_numpy()
+    jobs = [(i, c) for i in range(len(selected_ids)) for c in range(cfg.copies)]
+    n_shards = (len(jobs) + cfg.shard_size - 1) // cfg.shard_size
+    names = [f"shard-{k:05d}-of-{n_shards:05d}.parquet" for k in range(n_shards)]
+    table_sha = sha256_file(cfg.scores)
+    # where the output goes and how many processes make it do not change its content
+    resolved = {k: v for k, v in as_dict(cfg).items() if k not in ("out", "workers", "overwrite")}
+    plan_key = hashlib.sha256(json.dumps([resolved, table_sha], sort_keys=True).encode()).hexdigest()
+    metadata = {"kind": "he-da", "config": resolved, "versions": versions(),
+                "scores": {"path": str(cfg.scores), "sha256": table_sha, "dataset": meta["dataset"]},
+                "teacher": meta["teacher"], "groups": meta["groups"], "temperatures": meta["temperatures"]}
+    started = time.perf_counter()
+    with run_lock(out):
+        plan_file = out / ".plan"
+        if out.exists() and (cfg.overwrite or not plan_file.exists() or plan_file.read_text() != plan_key):
+            if any(out.iterdir()) and not cfg.overwrite and not plan_file.exists():
+                raise UserError(f"{out} exists and is not an energytools shard directory")
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        plan_file.write_text(plan_key)
+        todo = [(out / names[k], jobs[k * cfg.shard_size:(k + 1) * cfg.shard_size], metadata)
+                for k in range(n_shards) if not (out / names[k]).exists()]
+        if len(todo) < n_shards:
+            console.print(f"resuming: {n_shards - len(todo)} of {n_shards} shards already written")
+        args = (cfg, as_dict(data), str(cfg.scores), selected_ids)
+        with progress_bar() as progress:
+            task = progress.add_task(f"augment ({cfg.policy})", total=len(jobs),
+                                     completed=len(jobs) - sum(len(t[1]) for t in todo), info="")
+            if cfg.workers == 1:
+                _init_worker(*args)
+                results = map(_write_shard, todo)
+            else:
+                pool = ProcessPoolExecutor(cfg.workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                                           initargs=args)
+                results = pool.map(_write_shard, todo)
+            for count in results:
+                progress.update(task, advance=count)
+            if cfg.workers > 1:
+                pool.shutdown()
+        manifest = {**metadata, "shards": names, "rows": len(jobs),
+                    "selection": {"ratio": cfg.ratio, "select": cfg.select, "per_class": cfg.per_class,
+                                  "count": len(selected_ids), "seed": cfg.seed,
+                                  "energy_min": float(chosen["energy"].min()),
+                                  "energy_max": float(chosen["energy"].max())}}
+        write_parquet(chosen.select("sample_id", "label", "energy"), out / "selection.parquet",
+                      {"kind": "selection", **manifest["selection"], "scores": metadata["scores"]})
+        write_json(out / MANIFEST, manifest)
+        plan_file.unlink()
+    console.print(f"[bold]done[/]: wrote {len(jobs)} augmented samples in {n_shards} shard(s) to {out} "
+                  f"in {time.perf_counter() - started:.1f}s")
+    return out
+
+
+def select(scores: str, out: str | None, ratio: float, mode: str = "high", per_class: bool = False,
+           seed: int = 0, overwrite: bool = False) -> pl.DataFrame:
+    """`energytools select`: the selection alone, optionally written as a Parquet file of ids."""
+    table, meta = load_table(scores, ["sample_id", "label", "energy"])
+    chosen = select_samples(table, ratio, mode, per_class, seed)
+    console.print(describe_selection(chosen, table.height))
+    if out:
+        if Path(out).exists() and not overwrite:
+            raise UserError(f"{out} already exists (pass --overwrite to replace it)")
+        write_parquet(chosen, out, {"kind": "selection", "ratio": ratio, "select": mode, "per_class": per_class,
+                                    "seed": seed, "count": chosen.height, "scores": {"path": scores}})
+    return chosen
