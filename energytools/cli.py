@@ -261,6 +261,39 @@ def augment_command(
                           teacher=str(teacher) if teacher else None, overwrite=overwrite))
 
 
+@command("report")
+def report_command(
+    paths: Annotated[list[Path], typer.Argument(help="run directories or files (score tables, shard dirs, runs)")],
+    out: Annotated[Path, typer.Option(help="the HTML file")] = Path("report.html"),
+    no_images: Annotated[bool, typer.Option("--no-images", help="skip the image strips")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite/--no-overwrite", help="replace an existing report")] = True,
+):
+    """Write one self-contained HTML report: energy/confidence histograms, curation, training curves.
+
+    Example: `energytools report runs/quickstart --out runs/quickstart/report.html`
+    """
+    from .stages.report import report
+
+    report(paths, out, overwrite=overwrite, thumbnails=not no_images)
+
+
+@command("run")
+def run_command(
+    recipe: Annotated[Path, typer.Argument(help="a pipelines/*.toml recipe")],
+    out: Annotated[Optional[Path], typer.Option(help="run directory (default runs/<recipe name>)")] = None,
+    start: Annotated[Optional[str], typer.Option("--from", help="re-run from this stage: train, score, augment, distill, report")] = None,
+    force: Annotated[bool, typer.Option("--force", help="re-run every stage")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan, run nothing")] = False,
+):
+    """Run a whole pipeline recipe (train? -> score -> augment -> distill -> report), skipping up-to-date stages.
+
+    Example: `energytools run pipelines/quickstart.toml --out runs/quickstart`
+    """
+    from .pipeline import run_pipeline
+
+    run_pipeline(recipe, out or Path("runs") / recipe.stem, start, force, dry_run)
+
+
 def main() -> None:
     app()
 

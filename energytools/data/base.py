@@ -37,7 +37,8 @@ class ArrayImages:
         if array.ndim == 3:
             array = array[..., None]
         # one writable copy: torch refuses to wrap read-only buffers (np.frombuffer)
-        self.array = np.array(array, dtype=np.uint8, order="C", copy=not array.flags.writeable)
+        array = np.ascontiguousarray(array, dtype=np.uint8)
+        self.array = array if array.flags.writeable else array.copy()
 
     def __len__(self) -> int:
         return len(self.array)
@@ -73,7 +74,7 @@ class FileImages:
                 width, height = image.size
                 left, top = (width - self.size) // 2, (height - self.size) // 2
                 image = image.crop((left, top, left + self.size, top + self.size))
-                array = np.asarray(image, dtype=np.uint8)
+                array = np.array(image, dtype=np.uint8)
         except (OSError, ValueError) as exc:
             raise UserError(f"cannot read image {path}: {exc}") from None
         return array[..., None] if array.ndim == 2 else array

@@ -1,0 +1,85 @@
+import gzip
+import os
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+os.environ.setdefault("COLUMNS", "200")
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def fashion_root(tmp_path):
+    """A tiny Fashion-MNIST in the real idx.gz format: class c images are brighter bands."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "fmnist"
+    root.mkdir()
+    for prefix, n in (("train", 300), ("t10k", 60)):
+        labels = np.arange(n) % 10
+        images = rng.integers(0, 60, (n, 28, 28))
+        for i, c in enumerate(labels):
+            images[i, 2 * c:2 * c + 4, :] += 180
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return root
+
+
+@pytest.fixture
+def cifar_root(tmp_path):
+    rng = np.random.default_rng(1)
+    root = tmp_path / "cifar"
+    ten = root / "cifar-10-batches-py"
+    ten.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(ten / name, "wb") as handle:
+            pickle.dump({b"data": rng.integers(0, 255, (20, 3072), dtype=np.uint8),
+                         b"labels": list(np.arange(20) % 10)}, handle)
+    with open(ten / "batches.meta", "wb") as handle:
+        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, handle)
+    hundred = root / "cifar-100-python"
+    hundred.mkdir()
+    for name, n in (("train", 400), ("test", 100)):
+        with open(hundred / name, "wb") as handle:
+            pickle.dump({b"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8),
+                         b"fine_labels": list(np.arange(n) % 100)}, handle)
+    with open(hundred / "meta", "wb") as handle:
+        pickle.dump({b"fine_label_names": [f"c{i}".encode() for i in range(100)]}, handle)
+    return root
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+def invoke(runner, *args):
+    from energytools.cli import app
+
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory):
+    """A teacher trained on digits, its train table (with logits) and HE-DA shards: shared by tests."""
+    from energytools.config import DataConfig
+    from energytools.engine import TrainConfig
+    from energytools.stages.augment import AugmentConfig, augment
+    from energytools.stages.score import ScoreConfig, score
+    from energytools.stages.train import train
+
+    root = tmp_path_factory.mktemp("digits")
+    data = DataConfig(dataset="digits")
+    train(data, "cnn_small", TrainConfig(epochs=3, lr=0.05, seed=0), root / "teacher")
+    scores = score(ScoreConfig(teacher=str(root / "teacher" / "best.pt"), out=str(root / "scores.parquet"),
+                               save_logits=True))
+    shards = augment(AugmentConfig(scores=str(scores), out=str(root / "he-da"), ratio=0.3, shard_size=200))
+    return {"root": root, "teacher": root / "teacher" / "best.pt", "scores": scores, "shards": shards}

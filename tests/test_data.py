@@ -1,0 +1,93 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from energytools.data import build_dataset, long_tail_counts
+from energytools.data.subsets import carve_validation, stratified_limit
+from energytools.errors import UserError
+
+
+def test_fashion_mnist_reads_idx_from_data_root(fashion_root):
+    train = build_dataset("fashion-mnist", "train", fashion_root)
+    val = build_dataset("fashion-mnist", "val", fashion_root)
+    test = build_dataset("fashion-mnist", "test", fashion_root)
+    assert len(train) + len(val) == 300 and len(test) == 60
+    assert not set(train.sample_ids) & set(val.sample_ids)
+    image, label, sample_id = train[0]
+    assert image.shape == (1, 28, 28) and image.dtype.__str__() == "torch.uint8"
+    # the bright band of class c sits at rows 2c..2c+4: the loader kept pixels and labels aligned
+    assert image[0, 2 * label:2 * label + 4].float().mean() > 150
+
+
+def test_cifar_formats(cifar_root):
+    c10 = build_dataset("cifar10", "test", cifar_root)
+    c100 = build_dataset("cifar100", "train", cifar_root)
+    assert len(c10) == 20 and c10.info.num_classes == 10 and c10[0][0].shape == (3, 32, 32)
+    assert c100.info.num_classes == 100 and c100.info.train_crop_pad == 4
+
+
+def test_imagefolder(tmp_path):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            folder = tmp_path / split / cls
+            folder.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    test = build_dataset("imagefolder", "test", tmp_path, image_size=32)
+    assert len(test) == 6 and test.info.classes == ("cat", "dog")
+    assert test[0][0].shape == (3, 32, 32) and test.path(0) == "val/cat/0.png"
+    (tmp_path / "val" / "dog" / "bad.png").write_bytes(b"not an image")
+    broken = build_dataset("imagefolder", "test", tmp_path, image_size=32)
+    with pytest.raises(UserError, match="bad.png"):
+        [broken[i] for i in range(len(broken))]
+
+
+def test_digits_ids_are_canonical():
+    train, test = build_dataset("digits", "train"), build_dataset("digits", "test")
+    assert (test.sample_ids % 5 == 0).all() and not (train.sample_ids % 5 == 0).any()
+
+
+def test_long_tail_counts_follow_the_cifar_lt_formula():
+    counts = long_tail_counts(np.full(10, 5400), 100)
+    expected = [int(np.floor(5400 * 100 ** (-c / 9) + 1e-9)) for c in range(10)]
+    assert counts.tolist() == expected and counts[0] == 5400 and counts[-1] == 54
+
+
+def test_long_tail_dataset(fashion_root):
+    full = build_dataset("fashion-mnist", "train", fashion_root)
+    lt = build_dataset("fashion-mnist", "train", fashion_root, imbalance_factor=10)
+    per_class = np.bincount(lt.labels, minlength=10)
+    assert per_class.tolist() == long_tail_counts(np.bincount(full.labels, minlength=10), 10).tolist()
+    assert set(lt.sample_ids) <= set(full.sample_ids)
+
+
+def test_limit_is_stratified_exact_and_keeps_ids(fashion_root):
+    full = build_dataset("fashion-mnist", "train", fashion_root)
+    sub = build_dataset("fashion-mnist", "train", fashion_root, limit=101)
+    assert len(sub) == 101
+    assert np.abs(np.bincount(sub.labels, minlength=10) - 10.1).max() < 1
+    position = {s: i for i, s in enumerate(full.sample_ids)}
+    for i in range(0, 101, 17):  # same id -> same image and label as in the full set
+        assert (sub.image(i) == full.image(position[sub.sample_ids[i]])).all()
+    assert (stratified_limit(np.arange(30) % 3, 3, 10) == stratified_limit(np.arange(30) % 3, 3, 10)).all()
+
+
+def test_validation_carve_is_fixed_and_stratified():
+    labels = np.arange(1000) % 10
+    train, val = carve_validation(labels, 10)
+    assert len(val) == 100 and np.bincount(labels[val]).tolist() == [10] * 10
+    assert (carve_validation(labels, 10)[1] == val).all()
+
+
+@pytest.mark.parametrize("kwargs,match", [({"limit": 0}, "--limit"), ({"imbalance_factor": 0.5}, "imbalance"),
+                                          ({"split": "dev"}, "split")])
+def test_bad_dataset_options(fashion_root, kwargs, match):
+    split = kwargs.pop("split", "train")
+    with pytest.raises(UserError, match=match):
+        build_dataset("fashion-mnist", split, fashion_root, **kwargs)
+
+
+def test_unknown_dataset():
+    with pytest.raises(UserError, match="unknown dataset"):
+        build_dataset("mnist-pro")
