@@ -58,6 +58,17 @@ class TrainConfig:
             raise UserError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
 
 
+def seed_everything(seed: int) -> None:
+    """Seed the global generators; call before building a model so its init is reproducible."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def _step_schedule(epoch: int, cfg: TrainConfig) -> float:
     passed = sum(epoch >= round(m * cfg.epochs) for m in cfg.milestones)
     return cfg.lr_decay ** passed

@@ -21,7 +21,7 @@ from ..distillers import METHODS, SampleInfo
 from ..distillers.base import NEEDS_TEACHER
 from ..energy import (GROUPS, assign_temperatures, energy, energy_ranks, groups_from_thresholds, parse_temperatures,
                       rank_groups)
-from ..engine import Batch, FitResult, TrainConfig, console, fit
+from ..engine import seed_everything, Batch, FitResult, TrainConfig, console, fit
 from ..errors import UserError
 from ..io import run_lock, sha256_file, write_json
 from ..models import create_model
@@ -207,6 +207,7 @@ def distill(cfg: DistillConfig) -> FitResult:
         teacher = open_teacher(teacher_path, train_set, cfg.teacher_arch or meta["teacher"]["arch"], cfg.train.device)
         if teacher.meta["sha256"] != meta["teacher"]["sha256"]:
             raise UserError(f"teacher {teacher_path} is not the checkpoint that scored {cfg.scores}")
+    seed_everything(cfg.train.seed)  # the model's initial weights come from the seed
     student = create_model(cfg.student, info.num_classes, info.in_channels, info.image_size)
     options = {"kd_temperature": cfg.kd_temperature, "dkd_alpha": cfg.dkd_alpha, "dkd_beta": cfg.dkd_beta,
                "dkd_warmup": cfg.dkd_warmup}

@@ -258,7 +258,8 @@ def score(cfg: ScoreConfig) -> Path:
             "groups": {"low_frac": cfg.low_frac, "high_frac": cfg.high_frac, "thresholds": thresholds,
                        "source": source},
             "temperatures": dict(zip(GROUPS, cfg.temperatures)), "temperature_rule": cfg.temperature_rule,
-            "config": as_dict(cfg), "summary": summary,
+            # where the table goes does not change its content, so it stays out of the bytes
+            "config": {k: v for k, v in as_dict(cfg).items() if k not in ("out", "overwrite")}, "summary": summary,
         }
         ordered = list(SCORE_COLUMNS) + [c for c in ("path", "logits", "logits_flipped") if c in frame.columns]
         write_parquet(frame.select(ordered), out, meta, row_group_size=65536)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch.nn.functional as F
 
 from ..config import DataConfig, as_dict
-from ..engine import Batch, FitResult, TrainConfig, console, fit
+from ..engine import seed_everything, Batch, FitResult, TrainConfig, console, fit
 from ..errors import UserError
 from ..io import run_lock, write_json
 from ..models import create_model
@@ -36,6 +36,7 @@ def train(data: DataConfig, model: str, cfg: TrainConfig, out: Path | str, resum
     cfg.check()
     train_set, val_set, test_set = data.build("train"), data.build("val"), data.build("test")
     info = train_set.info
+    seed_everything(cfg.seed)  # the model's initial weights come from the seed
     net = create_model(model, info.num_classes, info.in_channels, info.image_size)
     with run_lock(out):
         prepare_run_dir(out, resume, overwrite)

@@ -1,0 +1,246 @@
+import json
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from energytools.config import DataConfig
+from energytools.data.shards import decode_png, read_shards
+from energytools.engine import TrainConfig
+from energytools.errors import UserError
+from energytools.selection import select_samples
+from energytools.stages.augment import AugmentConfig, augment
+from energytools.stages.distill import DistillConfig, SampleLookup, distill
+from energytools.stages.score import ScoreConfig, score
+from energytools.stages.train import train
+from energytools.table import load_table
+
+
+def test_score_table_contract(digits_run):
+    frame, meta = load_table(digits_run["scores"])
+    assert frame["sample_id"].is_sorted() and frame["sample_id"].n_unique() == frame.height
+    from energytools.data import build_dataset
+
+    assert frame["sample_id"].to_list() == sorted(build_dataset("digits", "train").sample_ids.tolist())
+    assert (frame["energy_group"] == "low").sum() == int(0.2 * frame.height)
+    assert meta["energy"]["temperature"] == 4.0 and meta["teacher"]["arch"] == "cnn_small"
+    assert meta["groups"]["thresholds"]["low_max"] < meta["groups"]["thresholds"]["high_min"]
+    temps = dict(zip(frame["energy_group"], frame["temperature"]))
+    assert temps == {"low": 6.0, "mid": 4.0, "high": 2.0}
+    assert pq.read_table(digits_run["scores"]).num_rows == frame.height  # plain pyarrow reads it
+    assert "logits" in frame.columns and len(frame["logits"][0]) == 10
+
+
+def test_score_resumes_from_existing_parts(digits_run, tmp_path, monkeypatch):
+    import energytools.stages.score as stage
+
+    base = dict(teacher=str(digits_run["teacher"]), part_size=256, batch_size=128)
+    clean = score(ScoreConfig(out=str(tmp_path / "clean.parquet"), **base))
+    calls = {"n": 0}
+    original = stage.write_parquet
+
+    def dying(table, path, *args, **kwargs):
+        if str(path).endswith("part-00002.parquet"):
+            raise KeyboardInterrupt  # killed while scoring the third part
+        calls["n"] += 1
+        return original(table, path, *args, **kwargs)
+
+    monkeypatch.setattr(stage, "write_parquet", dying)
+    out = tmp_path / "resumed.parquet"
+    with pytest.raises(KeyboardInterrupt):
+        score(ScoreConfig(out=str(out), **base))
+    assert not out.exists() and calls["n"] == 2
+    monkeypatch.setattr(stage, "write_parquet", original)
+    seen = []
+    monkeypatch.setattr(stage, "score_rows", lambda *a, **k: seen.append(1) or original_rows(*a, **k))
+    score(ScoreConfig(out=str(out), **base))
+    assert out.read_bytes() == clean.read_bytes()
+    assert len(seen) < 11  # only the missing parts were scored (1293 rows = 11 batches of 128)
+
+
+from energytools.stages.score import score_rows as original_rows  # noqa: E402
+
+
+def test_score_refuses_bad_input(digits_run, tmp_path, cifar_root):
+    with pytest.raises(UserError, match="already exists"):
+        score(ScoreConfig(teacher=str(digits_run["teacher"]), out=str(digits_run["scores"])))
+    with pytest.raises(UserError, match="low-frac"):
+        score(ScoreConfig(teacher=str(digits_run["teacher"]), out=str(tmp_path / "x.parquet"), low_frac=1.2))
+    with pytest.raises(UserError, match="< 1"):
+        score(ScoreConfig(teacher=str(digits_run["teacher"]), out=str(tmp_path / "x.parquet"), low_frac=0.5,
+                          high_frac=0.5))
+    with pytest.raises(UserError, match="positive"):
+        score(ScoreConfig(teacher=str(digits_run["teacher"]), out=str(tmp_path / "x.parquet"), temperatures="0,4,2"))
+    with pytest.raises(UserError, match="10 classes"):
+        score(ScoreConfig(teacher=str(digits_run["teacher"]), out=str(tmp_path / "x.parquet"),
+                          data=DataConfig(dataset="cifar100", data_root=str(cifar_root))))
+    assert not (tmp_path / "x.parquet").exists()
+
+
+def test_nan_logits_name_the_sample(digits_run, tmp_path, monkeypatch):
+    import energytools.stages.score as stage
+
+    real = stage.TeacherRun.logits
+
+    def poisoned(self, images, info):
+        out = real(self, images, info)
+        out[3, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(stage.TeacherRun, "logits", poisoned)
+    with pytest.raises(UserError, match="NaN/Inf logits, first at sample_id"):
+        score(ScoreConfig(teacher=str(digits_run["teacher"]), out=str(tmp_path / "nan.parquet")))
+    assert not (tmp_path / "nan.parquet").exists()
+
+
+def test_train_resume_gives_the_same_weights(tmp_path, monkeypatch):
+    import energytools.engine as engine
+
+    data = DataConfig(dataset="digits", limit=300, eval_limit=100)
+    full = train(data, "cnn_tiny", TrainConfig(epochs=3, seed=1), tmp_path / "full")
+    calls = {"n": 0}
+    real = engine.evaluate
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # validation of the third epoch: the run dies here
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(data, "cnn_tiny", TrainConfig(epochs=3, seed=1), tmp_path / "part")
+    monkeypatch.setattr(engine, "evaluate", real)
+    resumed = train(data, "cnn_tiny", TrainConfig(epochs=3, seed=1), tmp_path / "part", resume=True)
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "part" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.metrics.height == 3 and full.last_test_acc == resumed.last_test_acc
+    metrics = pl.read_parquet(tmp_path / "full" / "metrics.parquet")
+    assert {"epoch", "loss", "val_acc", "test_acc", "lr", "seconds"} <= set(metrics.columns)
+
+
+@pytest.mark.parametrize("mode", ["high", "low", "random"])
+def test_selection_counts_and_ids(mode):
+    table = pl.DataFrame({"sample_id": np.arange(100)[::-1], "label": np.arange(100) % 4,
+                          "energy": np.repeat(np.arange(10.0), 10)})
+    chosen = select_samples(table, 0.25, mode, seed=3)
+    assert chosen.height == 25 and chosen["sample_id"].is_sorted()
+    if mode == "high":  # energy 9 and 8 (20 rows), then ties at energy 7 broken by smallest id
+        assert set(chosen["sample_id"]) == set(range(0, 25))
+    if mode == "low":
+        assert set(chosen["sample_id"]) == set(range(80, 100)) | set(range(70, 75))
+    if mode == "random":
+        assert chosen.equals(select_samples(table, 0.25, mode, seed=3))
+    per_class = select_samples(table, 0.2, mode, per_class=True)
+    assert per_class.group_by("label").len()["len"].to_list() == [5, 5, 5, 5]
+
+
+def test_augment_shards(digits_run):
+    rows = read_shards(digits_run["shards"])
+    frame, _ = load_table(digits_run["scores"])
+    selected = set(select_samples(frame, 0.3)["sample_id"].to_list())
+    assert rows.height == len(selected) and set(rows["source_id"].to_list()) == selected
+    assert set(rows["partner_id"].to_list()) <= selected
+    assert not set(rows["sample_id"].to_list()) & set(frame["sample_id"].to_list())
+    from energytools.data import build_dataset
+
+    ds = build_dataset("digits", "train")
+    position = {int(s): i for i, s in enumerate(ds.sample_ids)}
+    for row in rows.head(20).iter_rows(named=True):
+        params = json.loads(row["aug_params"])
+        top, left, bottom, right = params["box"]
+        image = decode_png(row["image"]["bytes"], 1)
+        source, partner = ds.image(position[row["source_id"]]), ds.image(position[row["partner_id"]])
+        mask = np.zeros(image.shape[:2], bool)
+        mask[top:bottom, left:right] = True
+        assert (image[mask] == partner[mask]).all() and (image[~mask] == source[~mask]).all()
+        assert row["lam"] == pytest.approx(1 - mask.mean(), abs=1e-6)  # the box covers 1 - lam of the area
+        assert row["partner_label"] == ds.labels[position[row["partner_id"]]]
+    assert set(rows["energy_group"].unique()) <= {"low", "mid", "high"}
+
+
+def test_augment_is_byte_identical_across_runs_and_workers(digits_run, tmp_path):
+    def run(name, workers):
+        return augment(AugmentConfig(scores=str(digits_run["scores"]), out=str(tmp_path / name), ratio=0.3,
+                                     shard_size=200, workers=workers))
+
+    one, two = run("one", 1), run("two", 2)
+    files = sorted(p.name for p in one.iterdir())
+    assert files == sorted(p.name for p in two.iterdir())
+    for name in files:
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+    assert all((one / n).read_bytes() == (digits_run["shards"] / n).read_bytes() for n in files)
+
+
+def test_augment_bad_input(digits_run, tmp_path):
+    for kwargs, match in (({"ratio": 0}, "ratio"), ({"ratio": 1.5}, "ratio"), ({"policy": "nope"}, "unknown policy"),
+                          ({"policy": str(tmp_path / "missing.json")}, "does not exist")):
+        with pytest.raises(UserError, match=match):
+            augment(AugmentConfig(scores=str(digits_run["scores"]), out=str(tmp_path / "x"), **kwargs))
+    with pytest.raises(UserError, match="already holds"):
+        augment(AugmentConfig(scores=str(digits_run["scores"]), out=str(digits_run["shards"])))
+    assert not (tmp_path / "x").exists()
+
+
+def test_temperatures_reach_the_right_samples():
+    ids = np.array([50, 10, 40, 20, 30])  # shuffled, as a table filtered by another tool could be
+    temps = np.array([5.0, 1.0, 4.0, 2.0, 3.0], dtype=np.float32)
+    lookup = SampleLookup(ids, temperature=temps)
+    got = lookup.get("temperature", lookup.positions(torch.tensor([20, 50, 10])), "cpu")
+    assert got.tolist() == [2.0, 5.0, 1.0]
+    with pytest.raises(UserError, match="sample_id 99"):
+        lookup.positions(torch.tensor([99]))
+
+
+def test_distill_methods_and_temperature_plan(digits_run, tmp_path):
+    common = dict(scores=str(digits_run["scores"]), student="cnn_tiny", train=TrainConfig(epochs=1))
+    for method in ("ce", "kd", "dkd", "energy-dkd"):
+        result = distill(DistillConfig(out=str(tmp_path / method), method=method, **common))
+        assert result.metrics.height == 1
+    result = distill(DistillConfig(out=str(tmp_path / "ekd"), method="energy-kd", temperatures="2,4,6",
+                                   shards=(str(digits_run["shards"]),), cached_logits=True, **common))
+    config = json.loads((tmp_path / "ekd" / "config.json").read_text())
+    assert config["temperature_plan"]["temperatures"] == {"low": 2.0, "mid": 4.0, "high": 6.0}
+    assert config["temperature_plan"]["rederived_from_table_energies"] is True
+    assert np.isfinite(result.best_test_acc)
+    distill(DistillConfig(out=str(tmp_path / "online"), method="energy-kd", temperature_source="online", **common))
+
+
+def test_distill_energy_kd_uses_table_temperatures(digits_run, tmp_path, monkeypatch):
+    """The T passed to the loss for each sample is the table's temperature of that sample_id."""
+    import energytools.distillers.kd as kd_module
+
+    frame, _ = load_table(digits_run["scores"])
+    expected = dict(zip(frame["sample_id"].to_list(), frame["temperature"].to_list()))
+    seen = []
+    real = kd_module.kd_loss
+    monkeypatch.setattr(kd_module, "kd_loss", lambda s, t, temperature: seen.append(temperature.clone()) or real(s, t, temperature))
+    import energytools.stages.distill as stage
+
+    real_positions = stage.SampleLookup.positions
+    ids_seen = []
+    monkeypatch.setattr(stage.SampleLookup, "positions", lambda self, ids: ids_seen.append(ids.clone()) or real_positions(self, ids))
+    distill(DistillConfig(scores=str(digits_run["scores"]), student="cnn_tiny", out=str(tmp_path / "t"),
+                          method="energy-kd", train=TrainConfig(epochs=1, batch_size=256)))
+    for ids, temps in zip(ids_seen, seen):
+        assert temps.tolist() == [expected[int(i)] for i in ids]
+
+
+def test_distill_bad_input(digits_run, tmp_path):
+    common = dict(scores=str(digits_run["scores"]), student="cnn_tiny", train=TrainConfig(epochs=1))
+    with pytest.raises(UserError, match="unknown method"):
+        distill(DistillConfig(out=str(tmp_path / "a"), method="fitnet", **common))
+    other = tmp_path / "other"
+    augment(AugmentConfig(scores=str(digits_run["scores"]), out=str(other), ratio=0.1))
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["scores"]["sha256"] = "0" * 64
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="another score table"):
+        distill(DistillConfig(out=str(tmp_path / "b"), shards=(str(other),), **common))
+    nologits = score(ScoreConfig(teacher=str(digits_run["teacher"]), out=str(tmp_path / "nolog.parquet")))
+    with pytest.raises(UserError, match="--save-logits"):
+        distill(DistillConfig(out=str(tmp_path / "c"), cached_logits=True,
+                              **{**common, "scores": str(nologits)}))
