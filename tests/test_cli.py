@@ -1,0 +1,66 @@
+"""Bad input through the command line: one line on stderr, exit status 2, nothing left behind."""
+import subprocess
+import sys
+
+import pytest
+
+from conftest import invoke
+
+
+def test_help_shows_examples(runner):
+    for command in ([], ["train"], ["score"], ["augment"], ["select"], ["distill"], ["report"], ["run"]):
+        result = invoke(runner, *command, "--help")
+        assert result.exit_code == 0 and "Example" in result.output, command
+
+
+def test_models_lists_the_zoo(runner):
+    result = invoke(runner, "models")
+    assert result.exit_code == 0 and "resnet32x4" in result.output and "ShuffleV2" in result.output
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train", "--model", "nope", "--out", "{tmp}/t", "--dataset", "digits"], "unknown model"),
+    (["train", "--model", "cnn_tiny", "--out", "{tmp}/t", "--dataset", "nope"], "unknown dataset"),
+    (["train", "--model", "cnn_tiny", "--out", "{tmp}/t", "--dataset", "digits", "--limit", "0"], "--limit"),
+    (["train", "--model", "cnn_tiny", "--out", "{tmp}/t", "--dataset", "digits", "--imbalance-factor", "0.5"], "imbalance"),
+    (["score", "--teacher", "{tmp}/missing.pt", "--out", "{tmp}/s.parquet"], "does not exist"),
+    (["score", "--teacher", "{teacher}", "--out", "{tmp}/s.parquet", "--temperatures", "6,4"], "temperatures"),
+    (["score", "--teacher", "{teacher}", "--out", "{tmp}/s.parquet", "--energy-temperature", "0"], "positive"),
+    (["score", "--teacher", "{teacher}", "--out", "{scores}"], "already exists"),
+    (["score", "--teacher", "{corrupt}", "--out", "{tmp}/s.parquet"], "checkpoint"),
+    (["augment", "--scores", "{scores}", "--ratio", "0", "--out", "{tmp}/a"], "ratio"),
+    (["augment", "--scores", "{scores}", "--ratio", "1.01", "--out", "{tmp}/a"], "ratio"),
+    (["augment", "--scores", "{scores}", "--policy", "nope", "--out", "{tmp}/a"], "unknown policy"),
+    (["augment", "--scores", "{corrupt}", "--out", "{tmp}/a"], "Parquet"),
+    (["augment", "--scores", "{truncated}", "--out", "{tmp}/a"], "Parquet"),
+    (["select", "--scores", "{tmp}/missing.parquet"], "does not exist"),
+    (["distill", "--scores", "{scores}", "--student", "cnn_tiny", "--method", "fitnet", "--out", "{tmp}/d"], "unknown method"),
+    (["distill", "--scores", "{scores}", "--student", "nope", "--out", "{tmp}/d", "--epochs", "1"], "unknown model"),
+    (["distill", "--scores", "{scores}", "--student", "cnn_tiny", "--out", "{tmp}/d", "--temperature-source", "x"], "online"),
+    (["report", "{tmp}/nothing-here"], "does not exist"),
+    (["report", "{corrupt}"], "Parquet"),
+    (["run", "{tmp}/missing.toml"], "does not exist"),
+    (["run", "{bad_recipe}"], "did you mean"),
+])
+def test_bad_input_exits_2_with_one_line(runner, digits_run, tmp_path, args, needle):
+    corrupt = tmp_path / "corrupt.parquet"
+    corrupt.write_bytes(b"this is not parquet")
+    truncated = tmp_path / "truncated.parquet"
+    truncated.write_bytes(digits_run["scores"].read_bytes()[:500])
+    bad_recipe = tmp_path / "bad.toml"
+    bad_recipe.write_text("[data]\ndatset = 'digits'\n")
+    values = {"tmp": tmp_path, "teacher": digits_run["teacher"], "scores": digits_run["scores"], "corrupt": corrupt,
+              "truncated": truncated, "bad_recipe": bad_recipe}
+    before = set(tmp_path.rglob("*"))
+    result = invoke(runner, *[a.format(**values) for a in args])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("energytools: error:") and needle in lines[0], result.stderr
+    assert "Traceback" not in result.output
+    assert set(tmp_path.rglob("*")) == before  # nothing left behind
+
+
+def test_console_script_and_module_entry_points():
+    result = subprocess.run([sys.executable, "-m", "energytools", "train", "--model", "nope", "--out", "/tmp/x",
+                             "--dataset", "digits"], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "unknown model" in result.stderr
