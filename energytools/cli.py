@@ -154,6 +154,7 @@ def score_command(
     reference: Annotated[Optional[Path], typer.Option(help="train table whose thresholds group this split")] = None,
     save_logits: Annotated[bool, typer.Option("--save-logits", help="store float16 logits (and of the flipped image)")] = False,
     batch_size: Annotated[int, typer.Option(help="images per forward pass")] = 256,
+    part_size: Annotated[int, typer.Option(help="rows per resumable part written to OUT.parts/")] = 8192,
     device: Device = "auto", num_workers: Workers = 0, overwrite: Overwrite = False,
 ):
     """Score every sample with the teacher: energy, confidence, groups and temperatures to Parquet.
@@ -167,7 +168,8 @@ def score_command(
                       energy_temperature=energy_temperature, low_frac=low_frac, high_frac=high_frac,
                       temperatures=temperatures, temperature_rule=temperature_rule,
                       reference=str(reference) if reference else None, save_logits=save_logits,
-                      batch_size=batch_size, device=device, num_workers=num_workers, overwrite=overwrite))
+                      batch_size=batch_size, part_size=part_size, device=device, num_workers=num_workers,
+                      overwrite=overwrite))
 
 
 @command("distill")

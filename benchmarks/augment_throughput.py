@@ -1,0 +1,79 @@
+"""Augment stage images/s with 1 and 2 workers, and against bare loops without energytools.
+
+    python benchmarks/augment_throughput.py [--ratio 0.5] [--json out.json]
+
+Bare loop A does the same CutMix draws and PNG encoding in plain numpy/PIL; bare loop B also
+runs the teacher on the augmented images (the stage scores every augmented image). Targets:
+workers 2 / workers 1 >= 1.7; stage / bare >= 0.8.
+"""
+import argparse
+import io
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from common import benchmark_teacher, emit, timed
+from energytools.config import DataConfig
+from energytools.data.transforms import normalize
+from energytools.models import load_model
+from energytools.stages.augment import AugmentConfig, augment
+from energytools.stages.score import ScoreConfig, score
+
+
+def bare_cutmix(images: np.ndarray, seed: int = 0, model=None, info=None, batch: int = 256):
+    rng = np.random.default_rng(seed)
+    out, n = [], len(images)
+    for i in range(n):
+        j = (i + 1 + rng.integers(n - 1)) % n
+        lam = rng.beta(1.0, 1.0)
+        h, w = images.shape[1:3]
+        ch, cw = int(h * np.sqrt(1 - lam)), int(w * np.sqrt(1 - lam))
+        cy, cx = rng.integers(h), rng.integers(w)
+        y0, y1, x0, x1 = max(cy - ch // 2, 0), min(cy + ch // 2, h), max(cx - cw // 2, 0), min(cx + cw // 2, w)
+        mixed = images[i].copy()
+        mixed[y0:y1, x0:x1] = images[j][y0:y1, x0:x1]
+        buffer = io.BytesIO()
+        Image.fromarray(mixed[..., 0]).save(buffer, format="PNG", compress_level=6)
+        out.append(mixed)
+    if model is not None:
+        stacked = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
+        with torch.no_grad():
+            for s in range(0, n, batch):
+                model(normalize(stacked[s:s + batch], info))
+    return n
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--limit", type=int, default=20000)
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp())
+    teacher = benchmark_teacher(work / "teacher.pt", limit=args.limit)
+    data = DataConfig(dataset="fashion-mnist", limit=args.limit)
+    table = score(ScoreConfig(teacher=str(teacher), out=str(work / "scores.parquet"), data=data, device="cpu"))
+    dataset = data.build("train")
+    count = int(args.ratio * len(dataset))
+    images = np.stack([dataset.image(i) for i in range(count)])
+    model, _ = load_model(teacher)
+    torch.set_num_threads(1)  # the stage's workers run one thread each
+    seconds = {}
+    for workers in (1, 2):
+        seconds[workers] = timed(augment, AugmentConfig(scores=str(table), out=str(work / f"he-da-{workers}"),
+                                                        ratio=args.ratio, workers=workers, shard_size=1024))[1]
+    bare_a = timed(bare_cutmix, images)[1]
+    bare_b = timed(bare_cutmix, images, 0, model, dataset.info)[1]
+    figures = {"images": count, "stage_1_worker_per_s": count / seconds[1], "stage_2_workers_per_s": count / seconds[2],
+               "scaling_2_vs_1": seconds[1] / seconds[2], "scaling_target": ">= 1.7",
+               "bare_aug_png_per_s": count / bare_a, "bare_aug_png_teacher_per_s": count / bare_b,
+               "stage_vs_bare_aug_png": bare_a / seconds[1], "stage_vs_bare_with_teacher": bare_b / seconds[1],
+               "ratio_target": ">= 0.8"}
+    emit("augment_throughput", figures, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Run every throughput benchmark and write docs/benchmarks.md with each figure and its command.
+
+    python benchmarks/run_all.py
+"""
+import json
+import subprocess
+import sys
+import tempfile
+from datetime import date
+from pathlib import Path
+
+from common import machine
+
+HERE = Path(__file__).resolve().parent
+BENCHMARKS = [
+    ("score_throughput.py", [], "score stage / bare forward loop", "ratio", ">= 0.90"),
+    ("augment_throughput.py", [], "augment: 2 workers / 1 worker", "scaling_2_vs_1", ">= 1.7"),
+    ("augment_throughput.py", [], "augment stage / bare CutMix+PNG loop", "stage_vs_bare_aug_png", ">= 0.8"),
+    ("augment_throughput.py", [], "augment stage / bare CutMix+PNG+teacher loop", "stage_vs_bare_with_teacher", ">= 0.8"),
+    ("distill_overhead.py", [], "distill epoch: energy-kd / kd", "energy_kd_over_kd", "<= 1.03"),
+    ("distill_overhead.py", [], "distill epoch: online teacher / cached logits", "online_over_cached", ">= 1.5"),
+    ("report_scale.py", [], "report of a 1.28M-row table: seconds", "seconds", "seconds"),
+    ("report_scale.py", [], "report of a 1.28M-row table: HTML MB", "html_mb", "a few MB"),
+]
+
+
+def main():
+    results, work = {}, Path(tempfile.mkdtemp())
+    for script, extra, *_ in BENCHMARKS:
+        if script in results:
+            continue
+        out = work / f"{script}.json"
+        subprocess.run([sys.executable, str(HERE / script), *extra, "--json", str(out)], check=True)
+        results[script] = json.loads(out.read_text())
+    lines = ["# Benchmarks", "", f"Written by `python benchmarks/run_all.py` on {date.today()} ({machine()}).",
+             "Every figure is a ratio of two runs in the same process (or command), so machine noise cancels.",
+             "", "| figure | value | target | met | command |", "|---|---|---|---|---|"]
+    for script, extra, label, key, target in BENCHMARKS:
+        value = results[script][key]
+        met = ""
+        if target.startswith(">="):
+            met = "yes" if value >= float(target[2:]) else "**no**"
+        elif target.startswith("<="):
+            met = "yes" if value <= float(target[2:]) else "**no**"
+        lines.append(f"| {label} | {value:.3f} | {target} | {met} | `python benchmarks/{script}` |")
+    lines += ["", "Raw figures:", ""]
+    for script, figures in results.items():
+        lines += [f"`{script}`:", "```json", json.dumps(figures, indent=2), "```", ""]
+    docs = HERE.parent / "docs" / "benchmarks.md"
+    docs.write_text("\n".join(lines))
+    print(docs.read_text())
+
+
+if __name__ == "__main__":
+    main()

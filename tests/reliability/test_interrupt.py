@@ -1,0 +1,130 @@
+"""SIGKILL a stage at several points; the re-run completes and equals an uninterrupted run.
+
+These use the real Fashion-MNIST (installed by `make test`) and a resnet8 teacher with random
+weights, so each stage runs long enough to be killed midway.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from energytools.config import DataConfig
+from energytools.data.loaders import SYSTEM_FASHION_MNIST
+from energytools.models import create_model, save_checkpoint
+from energytools.stages.train import model_meta
+
+pytestmark = pytest.mark.skipif(not SYSTEM_FASHION_MNIST.exists(),
+                                reason="Fashion-MNIST is not installed (make test installs dataset-fashion-mnist)")
+LIMIT = 12000
+
+
+def cli(*args) -> list[str]:
+    return [sys.executable, "-m", "energytools", *map(str, args)]
+
+
+def run_and_kill(args, ready, timeout=120) -> None:
+    """Start the command, SIGKILL it as soon as ``ready()`` is true (it must not finish first)."""
+    process = subprocess.Popen(cli(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + timeout
+    while not ready():
+        if process.poll() is not None:
+            pytest.fail(f"finished before it could be killed: {process.stderr.read().decode()[-500:]}")
+        assert time.time() < deadline, "never reached the kill point"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def run(*args) -> subprocess.CompletedProcess:
+    result = subprocess.run(cli(*args), capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    path = tmp_path_factory.mktemp("teacher") / "resnet8.pt"
+    data = DataConfig(dataset="fashion-mnist", limit=LIMIT, eval_limit=500)
+    torch.manual_seed(0)
+    save_checkpoint(path, create_model("resnet8", 10, 1, 28), model_meta("resnet8", data.build("train"), data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def clean_scores(teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean") / "scores.parquet"
+    run("score", "--teacher", teacher, "--out", out, "--part-size", 1024, "--save-logits")
+    return out
+
+
+def parts(out: Path) -> list[Path]:
+    return sorted((out.parent / f"{out.name}.parts").glob("part-*.parquet"))
+
+
+@pytest.mark.parametrize("kill_after_parts", [0, 5, 11])  # early, midway, at the last part
+def test_score_survives_sigkill(teacher, clean_scores, tmp_path, kill_after_parts):
+    out = tmp_path / "scores.parquet"
+    args = ("score", "--teacher", teacher, "--out", out, "--part-size", 1024, "--save-logits")
+    if kill_after_parts == 0:
+        run_and_kill(args, lambda: (out.parent / f"{out.name}.parts" / "KEY").exists())
+    else:
+        run_and_kill(args, lambda: len(parts(out)) >= kill_after_parts)
+    assert not out.exists()  # never a partial file under the final name
+    run(*args)
+    assert out.read_bytes() == clean_scores.read_bytes()
+    assert not (out.parent / f"{out.name}.parts").exists()
+
+
+def test_augment_survives_sigkill(clean_scores, tmp_path):
+    def args(out):
+        return ("augment", "--scores", clean_scores, "--ratio", 0.5, "--shard-size", 500, "--out", out)
+
+    run(*args(tmp_path / "clean"))
+    out = tmp_path / "killed"
+    run_and_kill(args(out), lambda: len(list(out.glob("shard-*.parquet"))) >= 3)
+    assert not (out / "manifest.json").exists()
+    for shard in out.glob("shard-*.parquet"):
+        pq.read_table(shard)  # every file under a final name is whole
+    run(*args(out))
+    names = sorted(p.name for p in (tmp_path / "clean").iterdir())
+    assert names == sorted(p.name for p in out.iterdir())
+    for name in names:
+        assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
+
+
+def test_distill_resumes_to_the_same_weights(clean_scores, tmp_path):
+    def args(out, *extra):
+        return ("distill", "--scores", clean_scores, "--student", "cnn_tiny", "--method", "energy-kd",
+                "--cached-logits", "--epochs", 3, "--eval-limit", 500, "--out", out, "--device", "cpu", *extra)
+
+    run(*args(tmp_path / "clean"))
+    out = tmp_path / "killed"
+    run_and_kill(args(out), lambda: (out / "metrics.parquet").exists())
+    run(*args(out, "--resume"))
+    a = torch.load(tmp_path / "clean" / "last.pt", weights_only=False)["model"]
+    b = torch.load(out / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_second_writer_is_refused_and_a_killed_one_leaves_no_stuck_lock(teacher, tmp_path):
+    out = tmp_path / "scores.parquet"
+    args = ("score", "--teacher", teacher, "--out", out, "--part-size", 1024)
+    process = subprocess.Popen(cli(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not parts(out):
+            assert process.poll() is None
+            time.sleep(0.01)
+        second = subprocess.run(cli(*args), capture_output=True, text=True)
+        assert second.returncode == 2 and "being written by another energytools process" in second.stderr
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    run(*args)  # the kernel released the dead process's lock
+    assert out.exists()
