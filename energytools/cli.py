@@ -1,6 +1,7 @@
 """The `energytools` command: a thin layer of options over the stage functions."""
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -26,6 +27,10 @@ def _report_crash(exc: BaseException) -> Path:
     return Path(name)
 
 
+# a full, read-only or forbidden disk is the user's environment, not a bug
+DISK_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM}
+
+
 def handle_errors(fn):
     """Bad input -> one line on stderr, exit 2; a bug -> one line naming the traceback file, exit 1."""
     @functools.wraps(fn)
@@ -36,6 +41,14 @@ def handle_errors(fn):
             raise
         except UserError as exc:
             print(f"energytools: error: {exc}", file=sys.stderr)
+            raise typer.Exit(2) from None
+        except OSError as exc:
+            if exc.errno not in DISK_ERRORS:
+                path = _report_crash(exc)
+                print(f"energytools: internal error {exc} (full traceback in {path})", file=sys.stderr)
+                raise typer.Exit(1) from None
+            where = f" {exc.filename}" if exc.filename else ""
+            print(f"energytools: error: cannot write{where}: {exc.strerror}", file=sys.stderr)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             print("energytools: interrupted; re-run the same command to resume", file=sys.stderr)

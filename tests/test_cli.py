@@ -64,3 +64,65 @@ def test_console_script_and_module_entry_points():
     result = subprocess.run([sys.executable, "-m", "energytools", "train", "--model", "nope", "--out", "/tmp/x",
                              "--dataset", "digits"], capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "unknown model" in result.stderr
+
+
+def _table_variant(digits_run, tmp_path, change):
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(digits_run["scores"])
+    path = tmp_path / "variant.parquet"
+    pq.write_table(change(table), path)
+    return path
+
+
+def test_tables_that_break_the_contract(runner, digits_run, tmp_path):
+    import json
+
+    import pyarrow as pa
+
+    duplicated = _table_variant(digits_run, tmp_path, lambda t: pa.concat_tables([t, t.slice(0, 1)]))
+    result = invoke(runner, "augment", "--scores", duplicated, "--out", tmp_path / "a")
+    assert result.exit_code == 2 and "duplicate sample_id" in result.stderr
+
+    def other_dataset(t):
+        meta = json.loads(t.schema.metadata[b"energytools"])
+        meta["dataset"]["fingerprint"] = "0" * 64
+        return t.replace_schema_metadata({b"energytools": json.dumps(meta).encode()})
+
+    foreign = _table_variant(digits_run, tmp_path, other_dataset)
+    for args in (["augment", "--scores", foreign, "--out", tmp_path / "a"],
+                 ["distill", "--scores", foreign, "--student", "cnn_tiny", "--out", tmp_path / "d"]):
+        result = invoke(runner, *args)
+        assert result.exit_code == 2 and "another dataset" in result.stderr, result.stderr
+    missing = _table_variant(digits_run, tmp_path / "m" if (tmp_path / "m").mkdir() is None else tmp_path,
+                             lambda t: t.slice(1))
+    result = invoke(runner, "distill", "--scores", missing, "--student", "cnn_tiny", "--out", tmp_path / "d2")
+    assert result.exit_code == 2, result.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "d").exists() and not (tmp_path / "d2").exists()
+
+
+def test_a_full_disk_is_one_line(runner, digits_run, tmp_path, monkeypatch):
+    import errno
+
+    import energytools.io as eio
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(args[-1]))
+
+    monkeypatch.setattr(eio.os, "replace", full)
+    result = invoke(runner, "score", "--teacher", digits_run["teacher"], "--out", tmp_path / "s.parquet")
+    assert result.exit_code == 2 and "No space left on device" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "s.parquet").exists()
+
+
+def test_internal_errors_point_to_the_traceback(runner, monkeypatch, tmp_path):
+    import energytools.stages.train as stage
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("something broke")
+
+    monkeypatch.setattr(stage, "create_model", boom)
+    result = invoke(runner, "train", "--model", "cnn_tiny", "--dataset", "digits", "--out", tmp_path / "t")
+    assert result.exit_code == 1 and "full traceback in" in result.stderr
+    crash = result.stderr.split("full traceback in ")[1].strip().rstrip(")")
+    assert "RuntimeError: something broke" in open(crash).read()
