@@ -1,0 +1,182 @@
+"""The accuracy study: every method in one engine, same seeds, validation-selected results.
+
+    python benchmarks/study.py --teacher runs/teacher-r20/best.pt --out runs/study          # full (hours)
+    python benchmarks/study.py --teacher runs/teacher-r20/best.pt --out runs/study --seeds 0 # one seed
+    python benchmarks/study.py --smoke --out /tmp/study-smoke                               # CI-sized
+
+Resumable: a run whose summary.json exists is skipped, so it can run in parts. At the end it
+writes the tables to --doc (default docs/results.md when not --smoke).
+
+Choices (see docs/results.md): teacher resnet20 trained on all of Fashion-MNIST's train
+split; student cnn_tiny (about 3k parameters, far below the teacher, so distillation
+matters); 20,000-sample class-stratified training subset for the balanced setting and the
+full long-tailed train split (imbalance factor 100, about 13,500 samples) for the LT setting;
+full validation and test splits; cached teacher logits (Fashion-MNIST's train transform is a
+flip, whose logits are stored), so a run costs about a minute on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from energytools.config import DataConfig
+from energytools.engine import TrainConfig
+from energytools.stages.augment import AugmentConfig, augment
+from energytools.stages.distill import DistillConfig, distill
+from energytools.stages.score import ScoreConfig, score
+from energytools.table import read_metadata
+
+# name -> (method, temperatures or None, HE-DA (ratio, select) or None)
+CONFIGS = {
+    "ce": ("ce", None, None),
+    "kd": ("kd", None, None),
+    "energy-kd 6,4,2": ("energy-kd", "6,4,2", None),
+    "energy-kd 2,4,6": ("energy-kd", "2,4,6", None),
+    "dkd": ("dkd", None, None),
+    "energy-dkd 6,4,2": ("energy-dkd", "6,4,2", None),
+    **{f"kd + HE-DA {r}": ("kd", None, (r, "high")) for r in (0.1, 0.2, 0.3, 0.5)},
+    "kd + random 0.3": ("kd", None, (0.3, "random")),
+    **{f"energy-kd + HE-DA {r}": ("energy-kd", "6,4,2", (r, "high")) for r in (0.1, 0.2, 0.3, 0.5)},
+    "energy-kd + random 0.3": ("energy-kd", "6,4,2", (0.3, "random")),
+}
+SETTINGS = {
+    "fashion-mnist": {"dataset": "fashion-mnist", "limit": 20000},
+    "fashion-mnist-lt": {"dataset": "fashion-mnist", "imbalance_factor": 100.0},
+}
+SMOKE_CONFIGS = ["ce", "kd", "energy-kd 6,4,2", "energy-kd + HE-DA 0.3"]
+
+
+def slug(name: str) -> str:
+    return name.replace(" + ", "+").replace(" ", "_").replace(",", "-")
+
+
+def run_setting(setting: str, data: DataConfig, teacher: Path, out: Path, seeds, configs, epochs: int,
+                student: str) -> pl.DataFrame:
+    out.mkdir(parents=True, exist_ok=True)
+    table = out / "scores.parquet"
+    if not table.exists():
+        score(ScoreConfig(teacher=str(teacher), out=str(table), data=data, save_logits=True))
+    rows = []
+    for name in configs:
+        method, temps, heda = CONFIGS[name]
+        shards = ()
+        if heda:
+            ratio, mode = heda
+            shard_dir = out / f"he-da-{mode}-{ratio}"
+            if not (shard_dir / "manifest.json").exists():
+                augment(AugmentConfig(scores=str(table), out=str(shard_dir), ratio=ratio, select=mode, overwrite=True))
+            shards = (str(shard_dir),)
+        for seed in seeds:
+            run_dir = out / slug(name) / f"seed{seed}"
+            if not (run_dir / "summary.json").exists():
+                distill(DistillConfig(scores=str(table), student=student, out=str(run_dir), method=method,
+                                      temperatures=temps, shards=shards, cached_logits=True,
+                                      eval_limit=data.eval_limit, train=TrainConfig(epochs=epochs, seed=seed),
+                                      overwrite=True))
+            summary = json.loads((run_dir / "summary.json").read_text())
+            rows.append({"setting": setting, "config": name, "seed": seed, "best": summary["best_test_acc"],
+                         "last": summary["last_test_acc"], "seconds": summary["seconds"]})
+    return pl.DataFrame(rows)
+
+
+def paired_table(results: pl.DataFrame) -> pl.DataFrame:
+    """Mean ± std per config, and the paired difference to kd over the same seeds."""
+    kd = results.filter(pl.col("config") == "kd").select("setting", "seed", pl.col("best").alias("kd_best"),
+                                                          pl.col("last").alias("kd_last"))
+    joined = results.join(kd, on=["setting", "seed"], how="left", validate="m:1")
+    return (joined.group_by("setting", "config", maintain_order=True)
+            .agg(pl.len().alias("seeds"), pl.col("best").mean().alias("best_mean"), pl.col("best").std().alias("best_std"),
+                 pl.col("last").mean().alias("last_mean"), pl.col("last").std().alias("last_std"),
+                 (pl.col("best") - pl.col("kd_best")).mean().alias("delta_mean"),
+                 (pl.col("best") - pl.col("kd_best")).std().alias("delta_std"),
+                 (pl.col("best") > pl.col("kd_best")).sum().alias("wins"),
+                 pl.col("seconds").mean().alias("seconds")))
+
+
+def verdict(delta_mean, delta_std, seeds) -> str:
+    if seeds < 2 or delta_std is None or np.isnan(delta_std):
+        return "one seed"
+    se = delta_std / np.sqrt(seeds)
+    return "better" if delta_mean > 2 * se else "worse" if delta_mean < -2 * se else "inside noise"
+
+
+def markdown(summary: pl.DataFrame, checks: dict, command: str, args) -> str:
+    lines = ["# Results: the accuracy study", "",
+             f"Command: `{command}`  ", f"Machine: 2-core x86_64 CPU, 24 GiB, no GPU; date {date.today()}.", "",
+             "Test accuracy (%) of the validation-selected checkpoint (`best`) and of the last epoch, mean ± std over "
+             "seeds. Δ kd is the paired difference to kd on the same seed (mean ± std of the differences); "
+             "`wins` counts seeds where the config beat kd; the verdict says whether |Δ| exceeds two standard "
+             "errors of the paired difference.", ""]
+    for setting, frame in summary.group_by("setting", maintain_order=True):
+        name = setting[0]
+        lines += [f"## {name}", "", f"Energy/confidence check of the teacher on this training set: {checks[name]}", "",
+                  "| config | seeds | best | last | Δ kd (best) | wins | verdict | s/run |", "|---|---|---|---|---|---|---|---|"]
+        for r in frame.iter_rows(named=True):
+            def pm(m, s):
+                return f"{m:.2f} ± {s:.2f}" if s is not None and not np.isnan(s) else f"{m:.2f}"
+            delta = "—" if r["config"] == "kd" else pm(r["delta_mean"], r["delta_std"])
+            v = "—" if r["config"] == "kd" else verdict(r["delta_mean"], r["delta_std"], r["seeds"])
+            lines.append(f"| {r['config']} | {r['seeds']} | {pm(r['best_mean'], r['best_std'])} | "
+                         f"{pm(r['last_mean'], r['last_std'])} | {delta} | {r['wins']}/{r['seeds']} | {v} | "
+                         f"{r['seconds']:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def energy_check(table: Path) -> str:
+    s = read_metadata(table)["summary"]
+    groups = "; ".join(f"{g['energy_group']}: confidence {g['mean_confidence']:.3f}, accuracy {g['accuracy']:.1f}%"
+                       for g in s["groups"])
+    return (f"{s['samples']} samples, teacher accuracy {s['accuracy']:.2f}%, Spearman(energy, confidence) "
+            f"{s['spearman_energy_confidence']:.3f}; {groups}.")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--teacher", type=Path)
+    parser.add_argument("--out", type=Path, default=Path("runs/study"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--student", default="cnn_tiny")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS))
+    parser.add_argument("--configs", nargs="+", default=None, help="subset of config names")
+    parser.add_argument("--smoke", action="store_true", help="digits, one seed, four configs, one epoch")
+    parser.add_argument("--doc", type=Path, default=None)
+    args = parser.parse_args()
+    configs = args.configs or (SMOKE_CONFIGS if args.smoke else list(CONFIGS))
+    frames, checks = [], {}
+    if args.smoke:
+        from energytools.stages.train import train
+
+        teacher = args.out / "teacher" / "best.pt"
+        data = DataConfig(dataset="digits")
+        if not teacher.exists():
+            train(data, "cnn_small", TrainConfig(epochs=2), args.out / "teacher", overwrite=True)
+        frames.append(run_setting("digits", data, teacher, args.out / "digits", [0], configs, 1, args.student))
+        checks["digits"] = energy_check(args.out / "digits" / "scores.parquet")
+    else:
+        for setting in args.settings:
+            data = DataConfig(**SETTINGS[setting])
+            frames.append(run_setting(setting, data, args.teacher, args.out / setting, args.seeds, configs,
+                                      args.epochs, args.student))
+            checks[setting] = energy_check(args.out / setting / "scores.parquet")
+    results = pl.concat(frames)
+    summary = paired_table(results)
+    results.write_csv(args.out / "results.csv")
+    command = "python benchmarks/study.py " + " ".join(
+        [f"--teacher {args.teacher}"] * bool(args.teacher) + [f"--out {args.out}", "--seeds " + " ".join(map(str, args.seeds)),
+                                                              f"--epochs {args.epochs}"] + ["--smoke"] * args.smoke)
+    text = markdown(summary, checks, command, args)
+    doc = args.doc or (None if args.smoke else Path("docs/results.md"))
+    if doc:
+        doc.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
