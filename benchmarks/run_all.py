@@ -19,6 +19,7 @@ BENCHMARKS = [
     ("augment_throughput.py", [], "augment stage / bare CutMix+PNG+teacher loop", "stage_vs_bare_with_teacher", ">= 0.8"),
     ("distill_overhead.py", [], "distill epoch: energy-kd / kd", "energy_kd_over_kd", "<= 1.03"),
     ("distill_overhead.py", [], "distill epoch: online teacher / cached logits", "online_over_cached", ">= 1.5"),
+    ("scale_score.py", [], "score: 2 processes / 1 process (torchrun)", "speedup", ">= 1.7"),
     ("report_scale.py", [], "report of a 1.28M-row table: seconds", "seconds", "seconds"),
     ("report_scale.py", [], "report of a 1.28M-row table: HTML MB", "html_mb", "a few MB"),
 ]

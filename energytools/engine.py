@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .data import ImageSet
 from .data.transforms import normalize, train_augment
+from .distributed import context
 from .errors import UserError
 from .models import load_checkpoint, save_checkpoint
 from .table import write_parquet
@@ -147,7 +148,9 @@ class Batch:
     epoch: int
 
 
-StepFn = Callable[[Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+#: step(batch, forward) -> (logits, {loss name: value}); ``forward`` runs the trained model
+#: (wrapped in DistributedDataParallel under torchrun, so gradients are synchronised)
+StepFn = Callable[[Batch, Callable], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 @dataclass
@@ -174,11 +177,15 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
     ``meta`` is stored in every checkpoint and in the metrics file.
     """
     cfg.check()
+    ctx = context()
     device = resolve_device(cfg.device)
     info = train_set.info
     model.to(device)
     for module in extra_modules:
         module.to(device)
+    forward = model
+    if ctx.distributed:
+        forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if device.type == "cuda" else None)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp
                                   and not torch.cuda.is_bf16_supported())
@@ -199,10 +206,17 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
             lr = cfg.lr * SCHEDULES[cfg.schedule](epoch, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 1_009 + ctx.rank)
             torch.manual_seed(cfg.seed * 1_000_003 + epoch)
-            loader = make_loader(train_set, cfg.batch_size, device, cfg.num_workers, shuffle=True, generator=generator)
-            task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(loader), info="")
+            if ctx.distributed:  # each rank takes its share; cfg.batch_size is per rank
+                sampler = torch.utils.data.DistributedSampler(train_set, ctx.world, ctx.rank, shuffle=True, seed=cfg.seed)
+                sampler.set_epoch(epoch)
+                loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler,
+                                                     num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+            else:
+                loader = make_loader(train_set, cfg.batch_size, device, cfg.num_workers, shuffle=True, generator=generator)
+            task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(loader), info="",
+                                     visible=ctx.is_main)
             model.train()
             totals: dict[str, float] = {}
             seen = 0
@@ -211,7 +225,7 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
                 batch = Batch(normalize(images.to(device, non_blocking=True), info), labels.to(device), ids,
                               flipped, epoch)
                 with autocast(device, cfg.amp):
-                    _, losses = step(batch)
+                    _, losses = step(batch, forward)
                 loss = sum(losses.values())
                 if not torch.isfinite(loss):
                     raise UserError(f"training diverged at epoch {epoch + 1} (loss {loss.item()}); lower --lr")
@@ -225,20 +239,29 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
                     totals[name] = totals.get(name, 0.0) + value.item() * count
                 progress.update(task, advance=1, info=f"loss {loss.item():.3f}")
             progress.remove_task(task)
+            names = sorted(totals)
+            summed = ctx.all_sum([totals[n] for n in names] + [seen])
+            totals, seen = dict(zip(names, summed[:-1])), int(summed[-1])
             val_acc = evaluate(model, val_set, device, cfg.eval_batch_size, cfg.num_workers, cfg.amp)
             test_acc = evaluate(model, test_set, device, cfg.eval_batch_size, cfg.num_workers, cfg.amp)
             row = {"epoch": epoch + 1, "lr": lr, "loss": sum(totals.values()) / max(seen, 1),
                    **{f"loss_{k}": v / max(seen, 1) for k, v in totals.items()},
                    "val_acc": val_acc, "test_acc": test_acc, "seconds": time.perf_counter() - started}
             rows.append(row)
-            if val_acc > best_val or val_set is None:
+            improved = val_acc > best_val or val_set is None
+            if improved:
                 best_val, best_epoch = val_acc, epoch + 1
-                save_checkpoint(out_dir / "best.pt", model, meta, epoch=epoch + 1, val_acc=val_acc, test_acc=test_acc)
-            save_checkpoint(last_path, model, meta, epoch=epoch + 1, optimizer=optimizer.state_dict(),
-                            best_val_acc=best_val, best_epoch=best_epoch, metrics=rows)
-            write_parquet(pl.DataFrame(rows), out_dir / "metrics.parquet", {"kind": "metrics", **meta})
-            console.print(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  val {val_acc:.2f}%  "
-                          f"test {test_acc:.2f}%  lr {lr:.4g}  {row['seconds']:.1f}s")
+            if ctx.is_main:  # every rank holds the same weights; one writes them
+                if improved:
+                    save_checkpoint(out_dir / "best.pt", model, meta, epoch=epoch + 1, val_acc=val_acc,
+                                    test_acc=test_acc)
+                save_checkpoint(last_path, model, meta, epoch=epoch + 1, optimizer=optimizer.state_dict(),
+                                best_val_acc=best_val, best_epoch=best_epoch, metrics=rows)
+                write_parquet(pl.DataFrame(rows), out_dir / "metrics.parquet", {"kind": "metrics", **meta})
+            ctx.barrier()
+            if ctx.is_main:
+                console.print(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  val {val_acc:.2f}%  "
+                              f"test {test_acc:.2f}%  lr {lr:.4g}  {row['seconds']:.1f}s")
     metrics = pl.DataFrame(rows)
     best_row = metrics.filter(pl.col("epoch") == best_epoch).row(0, named=True)
     return FitResult(out_dir, best_epoch, best_row["val_acc"], best_row["test_acc"], rows[-1]["test_acc"],

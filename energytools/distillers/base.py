@@ -45,6 +45,7 @@ class Distiller(nn.Module):
     def losses(self, logits: torch.Tensor, info: SampleInfo) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def forward_train(self, images: torch.Tensor, info: SampleInfo):
-        logits = self.student(images)
+    def forward_train(self, images: torch.Tensor, info: SampleInfo, forward=None):
+        """``forward`` runs the student (its DDP wrapper under torchrun); default: the student."""
+        logits = (forward or self.student)(images)
         return logits, self.losses(logits, info)

@@ -23,11 +23,11 @@ from ..energy import (GROUPS, assign_temperatures, energy, energy_ranks, groups_
                       rank_groups)
 from ..engine import seed_everything, Batch, FitResult, TrainConfig, console, fit
 from ..errors import UserError
-from ..io import run_lock, sha256_file, write_json
+from ..io import sha256_file, write_json
 from ..models import create_model
 from ..table import load_table, versions
 from .score import open_teacher
-from .train import model_meta, prepare_run_dir
+from .train import model_meta, run_directory
 
 TEMPERATURE_SOURCES = ("table", "online")
 
@@ -215,7 +215,7 @@ def distill(cfg: DistillConfig) -> FitResult:
     distiller = METHODS[cfg.method](student, **options)
     per_sample_t = cfg.method.startswith("energy-")
 
-    def step(batch: Batch):
+    def step(batch: Batch, forward):
         device = batch.images.device
         pos = lookup.positions(batch.sample_ids)
         teacher_logits = None
@@ -237,17 +237,14 @@ def distill(cfg: DistillConfig) -> FitResult:
                 temperature = lookup.get("temperature", pos, device)
         info_ = SampleInfo(batch.labels, lookup.get("partner_label", pos, device), lookup.get("lam", pos, device),
                            temperature, teacher_logits, batch.epoch)
-        return distiller.forward_train(batch.images, info_)
+        return distiller.forward_train(batch.images, info_, forward)
 
     resolved = {"stage": "distill", "method": cfg.method, "student": cfg.student, "scores": str(cfg.scores),
                 "scores_sha256": table_sha, "shards": list(cfg.shards), "temperature_source": cfg.temperature_source,
                 "temperature_plan": plan.to_dict(), "cached_logits": cfg.cached_logits, "options": options,
                 "teacher": meta["teacher"], "train": as_dict(cfg.train), "data": as_dict(data)}
     val_set, test_set = data.build("val"), data.build("test")
-    with run_lock(out):
-        prepare_run_dir(out, cfg.resume, cfg.overwrite)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", resolved)
+    with run_directory(out, cfg.resume, cfg.overwrite, resolved) as writes_files:
         run_meta = {**model_meta(cfg.student, train_set, data), "method": cfg.method, "config": resolved,
                     "versions": versions()}
         n_aug = sum(len(p) for p in parts[1:])
@@ -256,10 +253,11 @@ def distill(cfg: DistillConfig) -> FitResult:
                       f"({plan.rule}, {cfg.temperature_source})")
         result = fit(student, step, TrainingSet(parts, info), val_set, test_set, cfg.train, out, run_meta,
                      resume=cfg.resume)
-        write_json(out / "summary.json", {"method": cfg.method, "student": cfg.student, "best_epoch": result.best_epoch,
-                                          "best_val_acc": result.best_val_acc, "best_test_acc": result.best_test_acc,
-                                          "last_test_acc": result.last_test_acc, "seconds": result.seconds,
-                                          "temperatures": plan.to_dict()["temperatures"], "shards": list(cfg.shards),
-                                          "augmented_samples": n_aug})
+        if writes_files:
+            write_json(out / "summary.json", {
+                "method": cfg.method, "student": cfg.student, "best_epoch": result.best_epoch,
+                "best_val_acc": result.best_val_acc, "best_test_acc": result.best_test_acc,
+                "last_test_acc": result.last_test_acc, "seconds": result.seconds,
+                "temperatures": plan.to_dict()["temperatures"], "shards": list(cfg.shards), "augmented_samples": n_aug})
     console.print(f"[bold]done[/]: {out}: {result.summary()}")
     return result

@@ -7,6 +7,7 @@ written atomically under its final name.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -25,6 +26,7 @@ from ..data.transforms import normalize
 from ..energy import (GROUPS, SIGN_CONVENTION, Thresholds, assign_temperatures, energy_ranks,
                       groups_from_thresholds, logit_statistics, parse_temperatures, rank_groups, check_fractions)
 from ..engine import autocast, console, make_loader, progress_bar, resolve_device
+from ..distributed import context
 from ..errors import UserError
 from ..io import check_output_free, run_lock, write_json
 from ..models import load_model
@@ -202,6 +204,7 @@ def format_summary(summary: dict, thresholds: dict) -> str:
 def score(cfg: ScoreConfig) -> Path:
     """Score every sample of a split with the teacher; returns the table's path."""
     cfg.check()
+    context()  # under torchrun: join the process group (and pick this rank's GPU) first
     out = Path(cfg.out)
     check_output_free(out, cfg.overwrite)
     data = teacher_data_config(cfg.teacher, cfg.data)
@@ -221,20 +224,31 @@ def score(cfg: ScoreConfig) -> Path:
         raise UserError(f"--reference {cfg.reference} was scored by another teacher")
     info = dataset.info
     started = time.perf_counter()
-    with run_lock(out):
-        parts_dir = out.parent / f"{out.name}.parts"
-        key = _parts_key(cfg, dataset, teacher.meta["sha256"])
-        if parts_dir.exists() and (parts_dir / "KEY").exists() and (parts_dir / "KEY").read_text() != key:
-            shutil.rmtree(parts_dir)  # parts of another configuration are useless here
-        parts_dir.mkdir(parents=True, exist_ok=True)
-        (parts_dir / "KEY").write_text(key)
-        n_parts = (len(dataset) + cfg.part_size - 1) // cfg.part_size
-        todo = [k for k in range(n_parts) if not (parts_dir / f"part-{k:05d}.parquet").exists()]
-        if len(todo) < n_parts:
-            console.print(f"resuming: {n_parts - len(todo)} of {n_parts} parts already scored")
+    ctx = context()
+    ctx.check_same(as_dict(cfg), "score config")
+    parts_dir = out.parent / f"{out.name}.parts"
+    key = _parts_key(cfg, dataset, teacher.meta["sha256"])
+    n_parts = (len(dataset) + cfg.part_size - 1) // cfg.part_size
+    if n_parts < ctx.world:
+        raise UserError(f"{len(dataset)} samples make {n_parts} part(s) of --part-size {cfg.part_size}, fewer than "
+                        f"the {ctx.world} ranks: lower --part-size or the number of processes")
+    # rank 0 alone holds the lock and writes the final table; every rank writes its own parts
+    with run_lock(out) if ctx.is_main else contextlib.nullcontext():
+        if ctx.is_main:
+            if parts_dir.exists() and (parts_dir / "KEY").exists() and (parts_dir / "KEY").read_text() != key:
+                shutil.rmtree(parts_dir)  # parts of another configuration are useless here
+            parts_dir.mkdir(parents=True, exist_ok=True)
+            (parts_dir / "KEY").write_text(key)
+        ctx.barrier()
+        mine = [k for k in range(n_parts) if k % ctx.world == ctx.rank]
+        todo = [k for k in mine if not (parts_dir / f"part-{k:05d}.parquet").exists()]
+        if len(todo) < len(mine):
+            console.print(f"resuming: {len(mine) - len(todo)} of {len(mine)} parts already scored")
         with progress_bar() as progress:
-            task = progress.add_task(f"score {info.name}/{cfg.split}", total=len(dataset),
-                                     completed=(n_parts - len(todo)) * cfg.part_size, info="")
+            task = progress.add_task(f"score {info.name}/{cfg.split}" + (f" rank {ctx.rank}" if ctx.distributed else ""),
+                                     total=sum(min(cfg.part_size, len(dataset) - k * cfg.part_size) for k in mine),
+                                     completed=sum(min(cfg.part_size, len(dataset) - k * cfg.part_size)
+                                                   for k in mine if k not in todo), info="")
             for k in todo:
                 start, stop = k * cfg.part_size, min((k + 1) * cfg.part_size, len(dataset))
                 part = dataset.subset(np.arange(start, stop))
@@ -246,6 +260,10 @@ def score(cfg: ScoreConfig) -> Path:
                 rows = {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
                 paths = [part.path(i) for i in range(len(part))] if part.path(0) is not None else None
                 write_parquet(_rows_to_arrow(rows, paths), parts_dir / f"part-{k:05d}.parquet", {"kind": "score-part"})
+        ctx.barrier()
+        if not ctx.is_main:
+            ctx.barrier()  # wait for rank 0's final table
+            return out
         table = pa.concat_tables([pq.read_table(parts_dir / f"part-{k:05d}.parquet") for k in range(n_parts)])
         frame = pl.from_arrow(table.replace_schema_metadata(None)).sort("sample_id")
         frame, thresholds, source = group_table(frame, cfg, reference)
@@ -265,6 +283,7 @@ def score(cfg: ScoreConfig) -> Path:
         write_parquet(frame.select(ordered), out, meta, row_group_size=65536)
         write_json(out.parent / f"{out.stem}.config.json", meta["config"])
         shutil.rmtree(parts_dir)
+        ctx.barrier()
     console.print(format_summary(summary, thresholds))
     console.print(f"[bold]done[/]: wrote {out} ({frame.height} rows) in {time.perf_counter() - started:.1f}s")
     return out

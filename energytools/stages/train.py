@@ -1,6 +1,7 @@
 """`energytools train`: plain cross-entropy training (how a teacher is made here)."""
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 
 from ..config import DataConfig, as_dict
 from ..engine import seed_everything, Batch, FitResult, TrainConfig, console, fit
+from ..distributed import context
 from ..errors import UserError
 from ..io import run_lock, write_json
 from ..models import create_model
@@ -20,6 +22,20 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
         if not overwrite:
             raise UserError(f"{out} already holds a run (pass --resume to continue it or --overwrite to replace it)")
         shutil.rmtree(out)
+
+
+@contextlib.contextmanager
+def run_directory(out: Path, resume: bool, overwrite: bool, config: dict):
+    """Lock and prepare a run directory (rank 0 under torchrun); yields whether to write files."""
+    ctx = context()
+    ctx.check_same(config, "run config")
+    with run_lock(out) if ctx.is_main else contextlib.nullcontext():
+        if ctx.is_main:
+            prepare_run_dir(out, resume, overwrite)
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / "config.json", config)
+        ctx.barrier()
+        yield ctx.is_main
 
 
 def model_meta(arch: str, dataset, data_cfg: DataConfig) -> dict:
@@ -38,14 +54,12 @@ def train(data: DataConfig, model: str, cfg: TrainConfig, out: Path | str, resum
     info = train_set.info
     seed_everything(cfg.seed)  # the model's initial weights come from the seed
     net = create_model(model, info.num_classes, info.in_channels, info.image_size)
-    with run_lock(out):
-        prepare_run_dir(out, resume, overwrite)
+    config = {"stage": "train", "model": model, "data": as_dict(data), "train": as_dict(cfg)}
+    with run_directory(out, resume, overwrite, config):
         meta = {**model_meta(model, train_set, data), "method": "ce", "train": as_dict(cfg), "versions": versions()}
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", {"stage": "train", "model": model, "data": as_dict(data), "train": as_dict(cfg)})
 
-        def step(batch: Batch):
-            logits = net(batch.images)
+        def step(batch: Batch, forward):
+            logits = forward(batch.images)
             return logits, {"ce": F.cross_entropy(logits, batch.labels)}
 
         console.print(f"train {model} on {info.name} ({len(train_set)} train / {len(val_set)} val / "
