@@ -61,3 +61,13 @@ def test_ranks_that_disagree_are_refused(digits_run, tmp_path):
     result = torchrun("score", "--teacher", digits_run["teacher"], "--out", out, "--part-size", 256, script=str(script))
     assert result.returncode != 0 and result.stderr.count("ranks disagree on the score config") == 2
     assert not out.exists()
+
+
+def test_two_process_augment_writes_the_same_shards(digits_run, tmp_path):
+    out = tmp_path / "he-da"
+    result = torchrun("augment", "--scores", digits_run["scores"], "--ratio", 0.3, "--shard-size", 200, "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    names = sorted(p.name for p in digits_run["shards"].iterdir())
+    assert names == sorted(p.name for p in out.iterdir())
+    for name in names:
+        assert (out / name).read_bytes() == (digits_run["shards"] / name).read_bytes(), name

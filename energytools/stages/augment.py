@@ -8,6 +8,7 @@ missing ones; the manifest is written last and marks the directory complete.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -24,6 +25,7 @@ import torch
 
 from ..config import DataConfig, as_dict
 from ..data.shards import LOGITS_FIELD, MANIFEST, SHARD_SCHEMA, encode_png
+from ..distributed import context
 from ..energy import assign_temperatures, energy_ranks, groups_from_thresholds, logit_statistics
 from ..engine import console, progress_bar
 from ..errors import UserError
@@ -189,22 +191,31 @@ def augment(cfg: AugmentConfig) -> Path:
                 "scores": {"path": str(cfg.scores), "sha256": table_sha, "dataset": meta["dataset"]},
                 "teacher": meta["teacher"], "groups": meta["groups"], "temperatures": meta["temperatures"]}
     started = time.perf_counter()
-    with run_lock(out):
+    ctx = context()
+    ctx.check_same(resolved, "augment config")
+    if n_shards < ctx.world:
+        raise UserError(f"{len(jobs)} augmented samples make {n_shards} shard(s), fewer than the {ctx.world} ranks")
+    # under torchrun rank r writes shards r, r + world, ...; rank 0 alone locks and writes the manifest
+    with run_lock(out) if ctx.is_main else contextlib.nullcontext():
         plan_file = out / ".plan"
-        if out.exists() and (cfg.overwrite or not plan_file.exists() or plan_file.read_text() != plan_key):
-            if any(out.iterdir()) and not cfg.overwrite and not plan_file.exists():
-                raise UserError(f"{out} exists and is not an energytools shard directory")
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        plan_file.write_text(plan_key)
+        if ctx.is_main:
+            if out.exists() and (cfg.overwrite or not plan_file.exists() or plan_file.read_text() != plan_key):
+                if any(out.iterdir()) and not cfg.overwrite and not plan_file.exists():
+                    raise UserError(f"{out} exists and is not an energytools shard directory")
+                shutil.rmtree(out)
+            out.mkdir(parents=True, exist_ok=True)
+            plan_file.write_text(plan_key)
+        ctx.barrier()
+        mine = [k for k in range(n_shards) if k % ctx.world == ctx.rank]
         todo = [(out / names[k], jobs[k * cfg.shard_size:(k + 1) * cfg.shard_size], metadata)
-                for k in range(n_shards) if not (out / names[k]).exists()]
-        if len(todo) < n_shards:
-            console.print(f"resuming: {n_shards - len(todo)} of {n_shards} shards already written")
+                for k in mine if not (out / names[k]).exists()]
+        if len(todo) < len(mine):
+            console.print(f"resuming: {len(mine) - len(todo)} of {len(mine)} shards already written")
         args = (cfg, as_dict(data), str(cfg.scores), selected_ids)
         with progress_bar() as progress:
-            task = progress.add_task(f"augment ({cfg.policy})", total=len(jobs),
-                                     completed=len(jobs) - sum(len(t[1]) for t in todo), info="")
+            total = sum(len(jobs[k * cfg.shard_size:(k + 1) * cfg.shard_size]) for k in mine)
+            task = progress.add_task(f"augment ({cfg.policy})", total=total,
+                                     completed=total - sum(len(t[1]) for t in todo), info="")
             if cfg.workers == 1:
                 _init_worker(*args)
                 results = map(_write_shard, todo)
@@ -216,6 +227,9 @@ def augment(cfg: AugmentConfig) -> Path:
                 progress.update(task, advance=count)
             if cfg.workers > 1:
                 pool.shutdown()
+        ctx.barrier()
+        if not ctx.is_main:
+            return out
         manifest = {**metadata, "shards": names, "rows": len(jobs),
                     "selection": {"ratio": cfg.ratio, "select": cfg.select, "per_class": cfg.per_class,
                                   "count": len(selected_ids), "seed": cfg.seed,
