@@ -7,6 +7,7 @@ runs that use its shards, not score.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -18,6 +19,7 @@ from typing import Callable
 from .config import DataConfig, as_dict, resolve
 from .engine import TrainConfig, console
 from .errors import UserError
+from .stages.augment import AugmentConfig
 from .io import write_json
 
 STAGES = ("train", "score", "augment", "distill", "report")
@@ -45,17 +47,6 @@ class ScoreSection:
     temperature_rule: str = "groups"
     save_logits: bool = True
     batch_size: int = 256
-
-
-@dataclass
-class AugmentSection:
-    ratio: float = 0.3
-    select: str = "high"
-    per_class: bool = False
-    policy: str = "cutmix"
-    copies: int = 1
-    seed: int = 0
-    workers: int = 1
 
 
 @dataclass
@@ -91,7 +82,7 @@ class Recipe:
     data: DataConfig
     teacher: TeacherSection
     score: ScoreSection
-    augment: AugmentSection | None
+    augment: "AugmentConfig | None"  # its scores/out are filled in by the runner
     distill: DistillSection | None
     runs: list[DistillRun]
     report: ReportSection
@@ -129,7 +120,7 @@ def load_recipe(path: Path | str) -> Recipe:
             item.name = item.name or item.method + ("+he-da" if item.shards else "")
             runs.append(item)
     recipe = Recipe(raw.get("name", path.stem), section(DataConfig, "data"), section(TeacherSection, "teacher"),
-                    section(ScoreSection, "score"), section(AugmentSection, "augment", default_none=True), distill,
+                    section(ScoreSection, "score"), section(AugmentConfig, "augment", default_none=True), distill,
                     runs, section(ReportSection, "report"), str(path))
     _check_types(recipe, path)
     return recipe
@@ -178,7 +169,7 @@ class Step:
 
 def plan(recipe: Recipe, out: Path) -> list[Step]:
     """The ordered steps, each with its stamp key (config + upstream keys)."""
-    from .stages.augment import AugmentConfig, augment
+    from .stages.augment import augment
     from .stages.distill import DistillConfig, distill
     from .stages.report import report
     from .stages.score import ScoreConfig, score
@@ -207,11 +198,9 @@ def plan(recipe: Recipe, out: Path) -> list[Step]:
     shards = out / "he-da"
     augment_key = None
     if recipe.augment:
-        a = recipe.augment
-        aug_cfg = AugmentConfig(scores=str(scores), out=str(shards), ratio=a.ratio, select=a.select,
-                                per_class=a.per_class, policy=a.policy, copies=a.copies, seed=a.seed,
-                                workers=a.workers, overwrite=True)
-        augment_key = _digest(["augment", score_key, {k: v for k, v in as_dict(a).items() if k != "workers"}])
+        aug_cfg = dataclasses.replace(recipe.augment, scores=str(scores), out=str(shards), overwrite=True)
+        augment_key = _digest(["augment", score_key, {k: v for k, v in as_dict(aug_cfg).items()
+                                                      if k not in ("workers", "scores", "out", "overwrite")}])
         steps.append(Step("augment", "he-da", augment_key, [shards / "manifest.json"], lambda: augment(aug_cfg)))
     run_dirs = []
     if recipe.distill:
