@@ -46,7 +46,11 @@ def test_report_renders_in_headless_chromium(digits_run, tmp_path):
     cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
            "--no-first-run", "--disable-component-update", f"--user-data-dir={tmp_path / 'profile'}",
            "--virtual-time-budget=5000", "--window-size=1200,1600", f"--screenshot={shot}", out.as_uri()]
-    subprocess.run(cmd, capture_output=True, timeout=120)
+    shot_run = subprocess.run(cmd[:1] + ["--enable-logging=stderr", "--v=0"] + cmd[1:], capture_output=True, text=True,
+                              timeout=120)
+    console_errors = [line for line in shot_run.stderr.splitlines()
+                      if "CONSOLE" in line and ("Error" in line or "Uncaught" in line)]
+    assert not console_errors, console_errors
     dom = subprocess.run(cmd[:-2] + ["--dump-dom", out.as_uri()], capture_output=True, text=True, timeout=120)
     assert dom.stdout.count('class="main-svg"') >= 8  # plotly drew the figures
     from PIL import Image

@@ -244,3 +244,20 @@ def test_distill_bad_input(digits_run, tmp_path):
     with pytest.raises(UserError, match="--save-logits"):
         distill(DistillConfig(out=str(tmp_path / "c"), cached_logits=True,
                               **{**common, "scores": str(nologits)}))
+
+
+def test_a_users_albumentations_file_is_a_policy(digits_run, tmp_path):
+    import albumentations as A
+
+    A.save(A.Compose([A.HorizontalFlip(p=1.0)]), str(tmp_path / "flip.json"))
+    out = augment(AugmentConfig(scores=str(digits_run["scores"]), out=str(tmp_path / "flip"), ratio=0.05,
+                                policy=str(tmp_path / "flip.json")))
+    rows = read_shards(out)
+    from energytools.data import build_dataset
+
+    ds = build_dataset("digits", "train")
+    position = {int(s): i for i, s in enumerate(ds.sample_ids)}
+    row = rows.row(0, named=True)
+    assert row["aug"] == "flip.json" and row["partner_id"] is None and row["lam"] is None
+    assert (decode_png(row["image"]["bytes"], 1) == ds.image(position[row["source_id"]])[:, ::-1]).all()
+    assert json.loads(row["aug_params"])["applied"][0][0] == "HorizontalFlip"
