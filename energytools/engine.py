@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -169,7 +169,7 @@ class FitResult:
 
 
 def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, test_set: ImageSet | None,
-        cfg: TrainConfig, out_dir: Path, meta: dict, resume: bool = True, extra_modules: tuple = ()) -> FitResult:
+        cfg: TrainConfig, out_dir: Path, meta: dict, resume: bool = True) -> FitResult:
     """Train ``model`` with ``step`` and write best.pt, last.pt and metrics.parquet to ``out_dir``.
 
     ``step(batch) -> (logits, {name: loss})``; the losses are summed. ``train_set`` yields
@@ -181,8 +181,6 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
     device = resolve_device(cfg.device)
     info = train_set.info
     model.to(device)
-    for module in extra_modules:
-        module.to(device)
     forward = model
     if ctx.distributed:
         forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if device.type == "cuda" else None)
@@ -266,7 +264,3 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
     best_row = metrics.filter(pl.col("epoch") == best_epoch).row(0, named=True)
     return FitResult(out_dir, best_epoch, best_row["val_acc"], best_row["test_acc"], rows[-1]["test_acc"],
                      float(metrics["seconds"].sum()), metrics)
-
-
-def config_dict(obj) -> dict:
-    return asdict(obj)

@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import polars as pl
-import pytest
 
 from energytools.table import load_table
 

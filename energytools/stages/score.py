@@ -30,7 +30,7 @@ from ..distributed import context
 from ..errors import UserError
 from ..io import check_output_free, run_lock, write_json
 from ..models import load_model
-from ..table import SCORE_COLUMNS, load_table, read_metadata, versions, write_parquet
+from ..table import SCORE_COLUMNS, load_table, versions, write_parquet
 
 
 @dataclass
@@ -287,10 +287,3 @@ def score(cfg: ScoreConfig) -> Path:
     console.print(format_summary(summary, thresholds))
     console.print(f"[bold]done[/]: wrote {out} ({frame.height} rows) in {time.perf_counter() - started:.1f}s")
     return out
-
-
-def read_score_metadata(path) -> dict:
-    meta = read_metadata(path)
-    if meta.get("kind") != "scores":
-        raise UserError(f"{path} is not an energytools score table")
-    return meta
