@@ -48,7 +48,7 @@ def bare_cutmix(images: np.ndarray, seed: int = 0, model=None, info=None, batch:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--limit", type=int, default=20000)
+    parser.add_argument("--limit", type=int, default=None, help="default: the whole train split")
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .data import ImageSet
+from .data.base import collate
 from .data.transforms import normalize, train_augment
 from .distributed import context
 from .errors import UserError
@@ -112,7 +113,7 @@ def make_loader(dataset, batch_size: int, device: torch.device, num_workers: int
                 shuffle: bool = False, generator: torch.Generator | None = None):
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
                                        num_workers=num_workers, pin_memory=device.type == "cuda",
-                                       persistent_workers=False)
+                                       collate_fn=collate)
 
 
 def progress_bar() -> Progress:
@@ -210,7 +211,8 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
                 sampler = torch.utils.data.DistributedSampler(train_set, ctx.world, ctx.rank, shuffle=True, seed=cfg.seed)
                 sampler.set_epoch(epoch)
                 loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler,
-                                                     num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+                                                     num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+                                                     collate_fn=collate)
             else:
                 loader = make_loader(train_set, cfg.batch_size, device, cfg.num_workers, shuffle=True, generator=generator)
             task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(loader), info="",

@@ -88,6 +88,24 @@ class FileImages:
             hasher.update(f"{self.paths[position]}:{path.stat().st_size}\n".encode())
 
 
+class Collated(tuple):
+    """A batch ``(images, labels, sample_ids)`` already stacked by ``__getitems__``."""
+
+
+def collate(batch):
+    """DataLoader collate: pass pre-stacked batches through, stack lists of items as usual."""
+    if isinstance(batch, Collated):
+        return tuple(batch)
+    return torch.utils.data.default_collate(batch)
+
+
+def fetch_batch(dataset, indices) -> Collated:
+    """Stack ``dataset[i]`` for ``indices`` (used where no faster path exists)."""
+    items = [dataset[int(i)] for i in indices]
+    return Collated((torch.stack([it[0] for it in items]), torch.tensor([it[1] for it in items]),
+                     torch.tensor([it[2] for it in items])))
+
+
 class ImageSet(torch.utils.data.Dataset):
     """One split of a dataset.
 
@@ -132,6 +150,15 @@ class ImageSet(torch.utils.data.Dataset):
         position = self.positions[index]
         image = torch.from_numpy(np.ascontiguousarray(self.images.load(position))).permute(2, 0, 1)
         return image, int(self._all_labels[position]), int(self._all_ids[position])
+
+    def __getitems__(self, indices) -> Collated:
+        """A whole batch at once: one fancy-index into the in-memory array, not one per sample."""
+        if not isinstance(self.images, ArrayImages):
+            return fetch_batch(self, indices)
+        positions = self.positions[np.asarray(indices, dtype=np.int64)]
+        images = torch.from_numpy(self.images.array[positions]).permute(0, 3, 1, 2)
+        return Collated((images, torch.from_numpy(self._all_labels[positions]),
+                         torch.from_numpy(self._all_ids[positions])))
 
     def fingerprint(self) -> str:
         """sha256 over the split's ids, labels and image content (file sizes for files)."""

@@ -16,6 +16,7 @@ import polars as pl
 import torch
 
 from ..config import DataConfig, as_dict
+from ..data.base import Collated
 from ..data.shards import read_manifest, shard_dataset
 from ..distillers import METHODS, SampleInfo
 from ..distillers.base import NEEDS_TEACHER
@@ -143,6 +144,22 @@ class TrainingSet(torch.utils.data.ConcatDataset):
     def __init__(self, parts, info):
         super().__init__(parts)
         self.info = info
+
+    def __getitems__(self, indices) -> Collated:
+        """Fetch each part's share of the batch in one call, then restore the sampler's order."""
+        indices = np.asarray(indices, dtype=np.int64)
+        which = np.searchsorted(self.cumulative_sizes, indices, side="right")
+        starts = np.concatenate([[0], self.cumulative_sizes[:-1]])
+        images = labels = ids = None
+        for part in np.unique(which):
+            mask = which == part
+            got = self.datasets[part].__getitems__(indices[mask] - starts[part])
+            if images is None:
+                images = got[0].new_empty((len(indices), *got[0].shape[1:]))
+                labels, ids = got[1].new_empty(len(indices)), got[2].new_empty(len(indices))
+            selector = torch.from_numpy(mask)
+            images[selector], labels[selector], ids[selector] = got
+        return Collated((images, labels, ids))
 
 
 def distill(cfg: DistillConfig) -> FitResult:
