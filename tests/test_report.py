@@ -57,3 +57,18 @@ def test_report_renders_in_headless_chromium(digits_run, tmp_path):
 
     pixels = np.asarray(Image.open(shot).convert("L"))
     assert pixels.std() > 5  # not a blank page
+
+
+def test_train_and_test_tables_side_by_side(digits_run, tmp_path):
+    from energytools.stages.score import ScoreConfig, score
+
+    test_table = score(ScoreConfig(teacher=str(digits_run["teacher"]), out=str(tmp_path / "test.parquet"),
+                                   split="test", reference=str(digits_run["scores"])))
+    sections = dict((title, figs) for title, figs, _ in build_report(discover([digits_run["scores"], test_table]),
+                                                                    thumbnails=False))
+    figures = sections["Splits side by side"]
+    assert [t.name for t in figures["split_density"].data] == ["scores.parquet (train)", "test.parquet (test)"]
+    for trace in figures["split_density"].data:
+        assert abs(float(np.sum(trace.y)) - 1.0) < 1e-9
+    _, meta = load_table(test_table)
+    assert meta["groups"]["source"].startswith("reference train table")

@@ -202,6 +202,28 @@ def run_figures(runs: list[Path]) -> dict[str, go.Figure]:
     return {"runs_table": table, "curves": curves}
 
 
+def split_comparison(tables: dict[Path, pl.DataFrame], metas: dict[Path, dict]) -> dict[str, go.Figure]:
+    """Train and test (or any two splits) side by side: energy densities and per-group numbers."""
+    frames = {f"{p.name} ({metas[p].get('split')})": f for p, f in tables.items()}
+    energies = np.concatenate([f["energy"].to_numpy() for f in frames.values()])
+    edges = _edges(energies)
+    centers = (edges[:-1] + edges[1:]) / 2
+    density = go.Figure()
+    rows = []
+    for label, frame in frames.items():
+        counts, _ = np.histogram(frame["energy"].to_numpy(), bins=edges)
+        density.add_scatter(x=centers, y=counts / max(frame.height, 1), mode="lines", name=label, line_shape="hv")
+        for g in frame.group_by("energy_group").agg(pl.len().alias("n"), pl.col("confidence").mean().alias("c"),
+                                                    (pl.col("correct").mean() * 100).alias("a")).sort("energy_group").iter_rows():
+            rows.append([label, g[0], g[1], f"{g[2]:.3f}", f"{g[3]:.2f}"])
+    density.update_layout(title="energy distribution per split (fraction of samples)", xaxis_title="energy",
+                          yaxis_title="fraction", height=380)
+    table = go.Figure(go.Table(header={"values": ["table", "group", "samples", "mean confidence", "teacher acc %"]},
+                               cells={"values": [list(col) for col in zip(*rows)]}))
+    table.update_layout(title="per-group confidence and accuracy per split", height=120 + 26 * len(rows))
+    return {"split_density": density, "split_groups": table}
+
+
 def build_report(inputs: Inputs, thumbnails: bool = True) -> list[tuple[str, dict[str, go.Figure], str]]:
     """Sections of the report: (title, figures by name, extra HTML)."""
     sections = []
@@ -218,7 +240,10 @@ def build_report(inputs: Inputs, thumbnails: bool = True) -> list[tuple[str, dic
                 f"{html.escape(json.dumps(meta['temperatures']))}</p>")
         extra = _thumbnails(frame, meta) if thumbnails else ""
         sections.append((f"Scores: {label}", score_figures(frame, meta, label), text + extra))
-    train_table = next((tables[p] for p in inputs.scores if read_metadata(p).get("split") == "train"), None)
+    metas = {p: read_metadata(p) for p in inputs.scores}
+    if len({m.get("split") for m in metas.values()}) > 1:
+        sections.append(("Splits side by side", split_comparison(tables, metas), ""))
+    train_table = next((tables[p] for p in inputs.scores if metas[p].get("split") == "train"), None)
     for directory in inputs.shards:
         manifest = read_manifest(directory)
         sel = manifest["selection"]
