@@ -121,8 +121,9 @@ def markdown(summary: pl.DataFrame, checks: dict, command: str, args) -> str:
                 return f"{m:.2f} ± {s:.2f}" if s is not None and not np.isnan(s) else f"{m:.2f}"
             delta = "—" if r["config"] == "kd" else pm(r["delta_mean"], r["delta_std"])
             v = "—" if r["config"] == "kd" else verdict(r["delta_mean"], r["delta_std"], r["seeds"])
+            wins = "—" if r["config"] == "kd" else f"{r['wins']}/{r['seeds']}"
             lines.append(f"| {r['config']} | {r['seeds']} | {pm(r['best_mean'], r['best_std'])} | "
-                         f"{pm(r['last_mean'], r['last_std'])} | {delta} | {r['wins']}/{r['seeds']} | {v} | "
+                         f"{pm(r['last_mean'], r['last_std'])} | {delta} | {wins} | {v} | "
                          f"{r['seconds']:.0f} |")
         lines.append("")
     return "\n".join(lines)
