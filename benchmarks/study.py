@@ -48,6 +48,7 @@ SETTINGS = {
     "fashion-mnist": {"dataset": "fashion-mnist", "limit": 20000},
     "fashion-mnist-lt": {"dataset": "fashion-mnist", "imbalance_factor": 100.0},
 }
+DISCUSSION = "<!-- discussion: kept when the study re-writes this file -->"
 SMOKE_CONFIGS = ["ce", "kd", "energy-kd 6,4,2", "energy-kd + HE-DA 0.3"]
 
 
@@ -175,7 +176,9 @@ def main():
     text = markdown(summary, checks, command, args)
     doc = args.doc or (None if args.smoke else Path("docs/results.md"))
     if doc:
-        doc.write_text(text)
+        # the hand-written discussion below the marker survives a re-run
+        kept = doc.read_text().split(DISCUSSION, 1)[1] if doc.exists() and DISCUSSION in doc.read_text() else "\n"
+        doc.write_text(text + "\n" + DISCUSSION + kept)
     print(text)
 
 
