@@ -91,3 +91,16 @@ def test_bad_dataset_options(fashion_root, kwargs, match):
 def test_unknown_dataset():
     with pytest.raises(UserError, match="unknown dataset"):
         build_dataset("mnist-pro")
+
+
+def test_batched_fetch_equals_stacking_items(fashion_root):
+    """Same values and the same strides: the memory format picks the conv kernel, so a batch
+    laid out differently gives logits that differ in the last bits."""
+    import torch
+
+    dataset = build_dataset("fashion-mnist", "train", fashion_root)
+    indices = [5, 0, 17, 3]
+    batched = dataset.__getitems__(indices)
+    stacked = torch.utils.data.default_collate([dataset[i] for i in indices])
+    for got, want in zip(batched, stacked):
+        assert torch.equal(got, want) and got.stride() == want.stride() and got.dtype == want.dtype

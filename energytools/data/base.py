@@ -156,7 +156,10 @@ class ImageSet(torch.utils.data.Dataset):
         if not isinstance(self.images, ArrayImages):
             return fetch_batch(self, indices)
         positions = self.positions[np.asarray(indices, dtype=np.int64)]
-        images = torch.from_numpy(self.images.array[positions]).permute(0, 3, 1, 2)
+        # contiguous NCHW, exactly what stacking single items gives: the memory format picks the
+        # conv kernel, and another kernel changes the last bits of the logits
+        images = torch.from_numpy(self.images.array[positions]).permute(0, 3, 1, 2).clone(
+            memory_format=torch.contiguous_format)
         return Collated((images, torch.from_numpy(self._all_labels[positions]),
                          torch.from_numpy(self._all_ids[positions])))
 

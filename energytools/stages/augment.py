@@ -13,7 +13,8 @@ import hashlib
 import json
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -163,6 +164,47 @@ def _write_shard(job: tuple[Path, list, dict]) -> int:
     return len(jobs)
 
 
+def write_shards(todo: list, workers: int, args: tuple):
+    """Write the shards in ``todo``; yields each shard's row count as it finishes.
+
+    This process works too, from the first second, while ``workers - 1`` spawned processes
+    start (importing torch and loading the teacher takes seconds) and then share the queue.
+    Every shard is a pure function of its jobs, so who writes it does not change its bytes.
+    """
+    global _WORKER
+    threads = torch.get_num_threads()
+    # every writer scores with one thread: the thread count changes the last bits of the
+    # logits, and the bytes must not depend on --workers
+    _WORKER = ShardWriter(*args, threads=1)
+    try:
+        if workers == 1:
+            yield from map(_write_shard, todo)
+        else:
+            yield from _write_shards_in_parallel(todo, workers, args)
+    finally:
+        torch.set_num_threads(threads)  # leave the caller's process as it was
+
+
+def _write_shards_in_parallel(todo: list, workers: int, args: tuple):
+    pending = deque(todo)
+    with ProcessPoolExecutor(workers - 1, mp_context=get_context("spawn"), initializer=_init_worker,
+                             initargs=args) as pool:
+        running = set()
+        while pending or running:
+            while pending and len(running) < workers - 1:
+                running.add(pool.submit(_write_shard, pending.popleft()))
+            if pending:
+                yield _write_shard(pending.pop())  # from the far end: the pool takes the near one
+            else:
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    yield future.result()
+            finished = {f for f in running if f.done()}
+            running -= finished
+            for future in finished:
+                yield future.result()
+
+
 def augment(cfg: AugmentConfig) -> Path:
     """Write HE-DA shards for the selected samples; returns the shard directory."""
     cfg.check()
@@ -188,7 +230,8 @@ def augment(cfg: AugmentConfig) -> Path:
     resolved = {k: v for k, v in as_dict(cfg).items() if k not in ("out", "workers", "overwrite")}
     plan_key = hashlib.sha256(json.dumps([resolved, table_sha], sort_keys=True).encode()).hexdigest()
     metadata = {"kind": "he-da", "config": resolved, "versions": versions(),
-                "scores": {"path": str(cfg.scores), "sha256": table_sha, "dataset": meta["dataset"]},
+                # the table's hash, not its path: where files live does not change the shards' bytes
+                "scores": {"sha256": table_sha, "dataset": meta["dataset"]},
                 "teacher": meta["teacher"], "groups": meta["groups"], "temperatures": meta["temperatures"]}
     started = time.perf_counter()
     ctx = context()
@@ -216,17 +259,8 @@ def augment(cfg: AugmentConfig) -> Path:
             total = sum(len(jobs[k * cfg.shard_size:(k + 1) * cfg.shard_size]) for k in mine)
             task = progress.add_task(f"augment ({cfg.policy})", total=total,
                                      completed=total - sum(len(t[1]) for t in todo), info="")
-            if cfg.workers == 1:
-                _init_worker(*args)
-                results = map(_write_shard, todo)
-            else:
-                pool = ProcessPoolExecutor(cfg.workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                                           initargs=args)
-                results = pool.map(_write_shard, todo)
-            for count in results:
+            for count in write_shards(todo, cfg.workers, args):
                 progress.update(task, advance=count)
-            if cfg.workers > 1:
-                pool.shutdown()
         ctx.barrier()
         if not ctx.is_main:
             return out
