@@ -25,6 +25,9 @@ BENCHMARKS = [
 ]
 
 
+NOTES = "\n## Notes\n"  # hand-written; kept when the figures are re-written
+
+
 def main():
     results, work = {}, Path(tempfile.mkdtemp())
     for script, extra, *_ in BENCHMARKS:
@@ -48,7 +51,8 @@ def main():
     for script, figures in results.items():
         lines += [f"`{script}`:", "```json", json.dumps(figures, indent=2), "```", ""]
     docs = HERE.parent / "docs" / "benchmarks.md"
-    docs.write_text("\n".join(lines))
+    notes = docs.read_text().split(NOTES, 1)[1] if docs.exists() and NOTES in docs.read_text() else ""
+    docs.write_text("\n".join(lines) + (NOTES + notes if notes else ""))
     print(docs.read_text())
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch.nn as nn
-import torchvision
 
 from .registry import register_model
 
@@ -26,6 +25,8 @@ def _adapt_first_conv(model: nn.Module, attribute_path: str, in_channels: int) -
 for _name, _first in (("resnet18", "conv1"), ("resnet34", "conv1"), ("resnet50", "conv1"),
                       ("mobilenet_v2", "features.0.0")):
     def _build(num_classes: int = 1000, in_channels: int = 3, name=_name, first=_first):
+        import torchvision  # imported on use: it costs over a second at start-up
+
         model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
         return _adapt_first_conv(model, first, in_channels)
     register_model(_name, f"torchvision {_name} (ImageNet layout; torchvision state-dict keys)")(_build)
