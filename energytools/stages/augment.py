@@ -191,7 +191,8 @@ def _write_shards_in_parallel(todo: list, workers: int, args: tuple):
                              initargs=args) as pool:
         running = set()
         while pending or running:
-            while pending and len(running) < workers - 1:
+            # two shards queued per worker, so none idles while this process is busy with its own
+            while pending and len(running) < 2 * (workers - 1):
                 running.add(pool.submit(_write_shard, pending.popleft()))
             if pending:
                 yield _write_shard(pending.pop())  # from the far end: the pool takes the near one
