@@ -20,11 +20,14 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                        "Example: `energytools run pipelines/quickstart.toml --out runs/quickstart`")
 
 
-def _report_crash(exc: BaseException) -> Path:
+def _internal_error(exc: BaseException):
+    """A bug: the traceback goes to a file, one line naming it to stderr, exit status 1."""
     fd, name = tempfile.mkstemp(prefix="energytools-crash-", suffix=".txt")
     with os.fdopen(fd, "w") as handle:
         traceback.print_exception(exc, file=handle)
-    return Path(name)
+    first = str(exc).splitlines()[0][:200] if str(exc) else ""
+    print(f"energytools: internal error {type(exc).__name__}: {first} (full traceback in {name})", file=sys.stderr)
+    raise typer.Exit(1) from None
 
 
 # a full, read-only or forbidden disk is the user's environment, not a bug
@@ -44,9 +47,7 @@ def handle_errors(fn):
             raise typer.Exit(2) from None
         except OSError as exc:
             if exc.errno not in DISK_ERRORS:
-                path = _report_crash(exc)
-                print(f"energytools: internal error {exc} (full traceback in {path})", file=sys.stderr)
-                raise typer.Exit(1) from None
+                _internal_error(exc)
             where = f" {exc.filename}" if exc.filename else ""
             print(f"energytools: error: cannot write{where}: {exc.strerror}", file=sys.stderr)
             raise typer.Exit(2) from None
@@ -54,10 +55,7 @@ def handle_errors(fn):
             print("energytools: interrupted; re-run the same command to resume", file=sys.stderr)
             raise typer.Exit(130) from None
         except Exception as exc:  # noqa: BLE001
-            path = _report_crash(exc)
-            print(f"energytools: internal error {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-                  f" (full traceback in {path})", file=sys.stderr)
-            raise typer.Exit(1) from None
+            _internal_error(exc)
     return wrapper
 
 

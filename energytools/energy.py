@@ -79,8 +79,8 @@ def rank_groups(energies: np.ndarray, sample_ids: np.ndarray, low_frac: float, h
 
     The lowest ``floor(low_frac * N)`` samples in (energy, sample_id) order are "low",
     the highest ``floor(high_frac * N)`` are "high", the rest "mid". Returns
-    ``(groups as an array of str, Thresholds, order)`` where ``order`` sorts by
-    (energy, sample_id).
+    ``(groups as an array of str, Thresholds, ranks)`` where ``ranks`` is each sample's
+    position in (energy, sample_id) order scaled to [0, 1] (the ``rank`` rule's input).
     """
     check_fractions(low_frac, high_frac)
     total = len(energies)
@@ -91,11 +91,13 @@ def rank_groups(energies: np.ndarray, sample_ids: np.ndarray, low_frac: float, h
     groups = np.full(total, "mid", dtype=object)
     groups[order[:n_low]] = "low"
     groups[order[total - n_high:]] = "high"
+    ranks = np.empty(total)
+    ranks[order] = np.arange(total) / max(total - 1, 1)
     sorted_e = energies[order]
     thresholds = Thresholds(low_frac, high_frac,
                             low_max=float(sorted_e[n_low - 1]) if n_low else float("-inf"),
                             high_min=float(sorted_e[total - n_high]) if n_high else float("inf"))
-    return groups, thresholds, order
+    return groups, thresholds, ranks
 
 
 def groups_from_thresholds(energies, thresholds: Thresholds | dict) -> np.ndarray:

@@ -129,9 +129,7 @@ def plan_temperatures(cfg: DistillConfig, table: pl.DataFrame, meta: dict):
     if same:
         thresholds, per_sample = meta["groups"]["thresholds"], table["temperature"].to_numpy()
     else:
-        groups, found, order = rank_groups(energies, table["sample_id"].to_numpy(), low, high)
-        ranks = np.empty(len(energies))
-        ranks[order] = np.arange(len(energies)) / max(len(energies) - 1, 1)
+        groups, found, ranks = rank_groups(energies, table["sample_id"].to_numpy(), low, high)
         thresholds, per_sample = found.to_dict(), assign_temperatures(groups, ranks, temps, rule)
     plan = TemperaturePlan(temps, low, high, rule, thresholds, not same, meta["energy"]["temperature"],
                            np.sort(energies))

@@ -161,9 +161,7 @@ def group_table(frame: pl.DataFrame, cfg: ScoreConfig, reference: tuple[pl.DataF
     energies = frame["energy"].to_numpy().astype(np.float64)
     ids = frame["sample_id"].to_numpy()
     if reference is None:
-        groups, thresholds, order = rank_groups(energies, ids, cfg.low_frac, cfg.high_frac)
-        ranks = np.empty(len(energies))
-        ranks[order] = np.arange(len(energies)) / max(len(energies) - 1, 1)
+        groups, thresholds, ranks = rank_groups(energies, ids, cfg.low_frac, cfg.high_frac)
         source = "this table"
     else:
         ref_frame, ref_meta = reference
