@@ -1,4 +1,5 @@
 import json
+import time
 
 import numpy as np
 import polars as pl
@@ -173,6 +174,44 @@ def test_augment_is_byte_identical_across_runs_and_workers(digits_run, tmp_path)
     for name in files:
         assert (one / name).read_bytes() == (two / name).read_bytes(), name
     assert all((one / n).read_bytes() == (digits_run["shards"] / n).read_bytes() for n in files)
+
+
+def test_augment_chunks_are_the_shards_scoring_batches(digits_run):
+    """A shard assembled from chunks equals the shard built in one go (same teacher batches)."""
+    import pyarrow as pa
+
+    from energytools.config import as_dict
+    from energytools.stages.augment import Augmenter, ShardPlan
+
+    cfg = AugmentConfig(scores=str(digits_run["scores"]), ratio=0.3, batch_size=32)
+    _, meta = load_table(digits_run["scores"])
+    data = DataConfig.from_options(meta["dataset"]["options"])
+    writer = Augmenter(cfg, as_dict(data), str(digits_run["scores"]), threads=1)
+    jobs = [(i, 0) for i in range(10, 110)]
+    plan = ShardPlan.make(digits_run["root"] / "unused.parquet", jobs, cfg.batch_size, {})
+    assert [len(c) for c in plan.chunks] == [32, 32, 32, 4] and plan.rows == 100
+    assert pa.concat_tables([writer.build(c) for c in plan.chunks]).equals(writer.build(jobs))
+
+
+def test_augment_multi_chunk_shards_identical_across_workers(digits_run, tmp_path, monkeypatch):
+    from energytools.stages import augment as stage
+
+    def run(workers):
+        return augment(AugmentConfig(scores=str(digits_run["scores"]), out=str(tmp_path / str(workers)), ratio=0.3,
+                                     shard_size=100, batch_size=32, workers=workers))
+
+    one = run(1)
+    # slow this process down (spawned workers import the module afresh, unpatched), so that the
+    # workers build most chunks and this process some, from the far end
+    built_here, build = [], stage.Augmenter.build
+    monkeypatch.setattr(stage.Augmenter, "build",
+                        lambda self, jobs: (time.sleep(1.0), built_here.append(jobs[0][0]), build(self, jobs))[-1])
+    two = run(2)
+    shards = sorted(p.name for p in one.glob("shard-*"))
+    assert len(shards) == 4  # 388 rows in shards of 100, each of up to four chunks
+    assert sorted(p.name for p in two.glob("shard-*")) == shards
+    assert all((two / n).read_bytes() == (one / n).read_bytes() for n in shards)
+    assert 0 < len(built_here) < 13 and built_here == sorted(built_here, reverse=True)
 
 
 def test_augment_bad_input(digits_run, tmp_path):

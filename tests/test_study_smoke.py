@@ -7,10 +7,18 @@ import polars as pl
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_study_smoke_produces_the_table(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "study.py"), "--smoke", "--out", str(tmp_path)],
+def study(*args):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "study.py"), "--smoke", *map(str, args)],
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
-    results = pl.read_csv(tmp_path / "results.csv")
+    return result.stdout
+
+
+def test_study_smoke_produces_the_table_and_a_second_run_reproduces_it(tmp_path):
+    stdout = study("--out", tmp_path / "first")
+    results = pl.read_csv(tmp_path / "first" / "results.csv")
     assert results.height == 4 and set(results["config"]) == {"ce", "kd", "energy-kd 6,4,2", "energy-kd + HE-DA 0.3"}
-    assert "| kd | 1 |" in result.stdout and "Spearman" in result.stdout
+    assert "| kd | 1 |" in stdout and "Spearman" in stdout
+    # from scratch (teacher, scores, shards, students) in another directory: the same accuracies
+    again = study("--out", tmp_path / "second", "--compare", tmp_path / "first" / "results.csv")
+    assert "4 of 4 runs reproduced exactly." in again, again

@@ -13,7 +13,7 @@ import hashlib
 import json
 import shutil
 import time
-from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -67,10 +67,10 @@ class AugmentConfig:
         make_policy(self.policy)  # fail on an unknown policy before any work
 
 
-class ShardWriter:
-    """Builds shards; one per process (the dataset, teacher and policy are loaded once)."""
+class Augmenter:
+    """Builds augmented, scored rows; one per process (dataset, teacher and policy load once)."""
 
-    def __init__(self, cfg: AugmentConfig, data: dict, table_path: str, selected_ids: np.ndarray, threads: int | None):
+    def __init__(self, cfg: AugmentConfig, data: dict, table_path: str, threads: int | None):
         if threads:
             torch.set_num_threads(threads)
         try:
@@ -82,10 +82,12 @@ class ShardWriter:
         self.cfg = cfg
         self.dataset = DataConfig(**data).build("train")
         table, self.meta = load_table(table_path, ["sample_id", "label", "energy"])
+        # the selection is a pure function of the table, so every process recomputes it rather
+        # than receiving it: large start-up arguments block the parent until a worker is up
+        self.selected_ids = select_samples(table, cfg.ratio, cfg.select, cfg.per_class, cfg.seed)["sample_id"].to_numpy()
         self.reference = np.sort(table["energy"].to_numpy().astype(np.float64))
         position_of = {int(s): i for i, s in enumerate(self.dataset.sample_ids)}
-        self.positions = np.array([position_of[int(s)] for s in selected_ids])
-        self.selected_ids = selected_ids
+        self.positions = np.array([position_of[int(s)] for s in self.selected_ids], dtype=np.int64)
         self.labels = self.dataset.labels[self.positions]
         self.policy = make_policy(cfg.policy)
         self.teacher = open_teacher(cfg.teacher or self.meta["teacher"]["path"], self.dataset,
@@ -146,7 +148,26 @@ class ShardWriter:
         return {k: v.numpy() for k, v in stats.items()}, saved
 
 
-_WORKER: ShardWriter | None = None
+@dataclass
+class ShardPlan:
+    """One shard to write: its path, its jobs in scoring-batch-sized chunks, its metadata."""
+
+    path: Path
+    chunks: list[list[tuple[int, int]]]
+    metadata: dict
+
+    @classmethod
+    def make(cls, path: Path, jobs: list[tuple[int, int]], batch_size: int, metadata: dict) -> "ShardPlan":
+        # chunks start at multiples of the scoring batch, so each chunk is exactly one of the
+        # teacher batches that scoring the whole shard would run: same batches, same bits
+        return cls(path, [jobs[i:i + batch_size] for i in range(0, len(jobs), batch_size)], metadata)
+
+    @property
+    def rows(self) -> int:
+        return sum(map(len, self.chunks))
+
+
+_WORKER: Augmenter | None = None
 # PNG bytes are already compressed: storing them again costs time for nothing
 SHARD_COMPRESSION = {name: "zstd" for name in SHARD_SCHEMA.names + ["image.path", "logits", "logits_flipped"]
                      if name != "image"} | {"image.bytes": "none"}
@@ -154,56 +175,74 @@ SHARD_COMPRESSION = {name: "zstd" for name in SHARD_SCHEMA.names + ["image.path"
 
 def _init_worker(*args) -> None:
     global _WORKER
-    _WORKER = ShardWriter(*args, threads=1)
+    _WORKER = Augmenter(*args, threads=1)
 
 
-def _write_shard(job: tuple[Path, list, dict]) -> int:
-    path, jobs, metadata = job
-    write_parquet(_WORKER.build(jobs), path, metadata, row_group_size=256,
-                  compression=SHARD_COMPRESSION)
-    return len(jobs)
+def _build_chunk(jobs: list[tuple[int, int]]) -> pa.Table:
+    return _WORKER.build(jobs)
 
 
-def write_shards(todo: list, workers: int, args: tuple):
-    """Write the shards in ``todo``; yields each shard's row count as it finishes.
+def write_shards(plans: list[ShardPlan], workers: int, args: tuple) -> Iterator[int]:
+    """Write the shards in ``plans``; yields the row count of every chunk as it is built.
 
-    This process works too, from the first second, while ``workers - 1`` spawned processes
-    start (importing torch and loading the teacher takes seconds) and then share the queue.
-    Every shard is a pure function of its jobs, so who writes it does not change its bytes.
+    The unit of work is a chunk (one scoring batch), not a shard, so that the processes
+    finish together; a shard is written, atomically, as soon as its last chunk is in. Every
+    chunk is a pure function of its jobs, so who builds it does not change the bytes.
     """
     global _WORKER
     threads = torch.get_num_threads()
-    # every writer scores with one thread: the thread count changes the last bits of the
+    # every process scores with one thread: the thread count changes the last bits of the
     # logits, and the bytes must not depend on --workers
-    _WORKER = ShardWriter(*args, threads=1)
+    _WORKER = Augmenter(*args, threads=1)
+    units = [(k, c) for k, plan in enumerate(plans) for c in range(len(plan.chunks))]
+    chunks = [plans[k].chunks[c] for k, c in units]
+    built: dict[int, dict[int, pa.Table]] = {}
     try:
-        if workers == 1:
-            yield from map(_write_shard, todo)
-        else:
-            yield from _write_shards_in_parallel(todo, workers, args)
+        results = enumerate(map(_build_chunk, chunks)) if workers == 1 else _build_in_parallel(chunks, workers, args)
+        for i, table in results:
+            k, c = units[i]
+            built.setdefault(k, {})[c] = table
+            if len(built[k]) == len(plans[k].chunks):
+                parts = built.pop(k)
+                write_parquet(pa.concat_tables([parts[c] for c in range(len(parts))]), plans[k].path,
+                              plans[k].metadata, row_group_size=256, compression=SHARD_COMPRESSION)
+            yield table.num_rows
     finally:
         torch.set_num_threads(threads)  # leave the caller's process as it was
 
 
-def _write_shards_in_parallel(todo: list, workers: int, args: tuple):
-    pending = deque(todo)
-    with ProcessPoolExecutor(workers - 1, mp_context=get_context("spawn"), initializer=_init_worker,
-                             initargs=args) as pool:
-        running = set()
-        while pending or running:
-            # two shards queued per worker, so none idles while this process is busy with its own
-            while pending and len(running) < 2 * (workers - 1):
-                running.add(pool.submit(_write_shard, pending.popleft()))
-            if pending:
-                yield _write_shard(pending.pop())  # from the far end: the pool takes the near one
-            else:
-                done, running = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    yield future.result()
-            finished = {f for f in running if f.done()}
-            running -= finished
-            for future in finished:
-                yield future.result()
+def _build_in_parallel(chunks: list, workers: int, args: tuple) -> Iterator[tuple[int, pa.Table]]:
+    """Yields ``(index, table)`` for every chunk, built by this process and ``workers - 1`` others.
+
+    All chunks go to the pool at once, which hands them to its processes in order as they
+    free up; this process takes chunks from the far end (a chunk not yet handed out can be
+    cancelled) from its first second, while the spawned processes import torch and load
+    the teacher. When the two ends meet, each spawned process has a chunk or two left (the
+    pool hands out one call more than it has processes).
+    """
+    pool = ProcessPoolExecutor(workers - 1, mp_context=get_context("spawn"), initializer=_init_worker,
+                               initargs=args)
+    try:
+        futures = [pool.submit(_build_chunk, chunk) for chunk in chunks]
+        index = {future: i for i, future in enumerate(futures)}
+        remaining = set(futures)
+
+        def finished():
+            done, _ = wait(remaining, timeout=0)
+            remaining.difference_update(done)
+            return [(index[f], f.result()) for f in done]
+
+        for i in reversed(range(len(chunks))):
+            if not futures[i].cancel():
+                break  # a worker has it, and every chunk before it
+            remaining.discard(futures[i])
+            yield i, _WORKER.build(chunks[i])
+            yield from finished()
+        while remaining:
+            wait(remaining, return_when=FIRST_COMPLETED)
+            yield from finished()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def augment(cfg: AugmentConfig) -> Path:
@@ -251,15 +290,15 @@ def augment(cfg: AugmentConfig) -> Path:
             plan_file.write_text(plan_key)
         ctx.barrier()
         mine = [k for k in range(n_shards) if k % ctx.world == ctx.rank]
-        todo = [(out / names[k], jobs[k * cfg.shard_size:(k + 1) * cfg.shard_size], metadata)
-                for k in mine if not (out / names[k]).exists()]
+        todo = [ShardPlan.make(out / names[k], jobs[k * cfg.shard_size:(k + 1) * cfg.shard_size], cfg.batch_size,
+                               metadata) for k in mine if not (out / names[k]).exists()]
         if len(todo) < len(mine):
             console.print(f"resuming: {len(mine) - len(todo)} of {len(mine)} shards already written")
-        args = (cfg, as_dict(data), str(cfg.scores), selected_ids)
+        args = (cfg, as_dict(data), str(cfg.scores))
         with progress_bar() as progress:
             total = sum(len(jobs[k * cfg.shard_size:(k + 1) * cfg.shard_size]) for k in mine)
             task = progress.add_task(f"augment ({cfg.policy})", total=total,
-                                     completed=total - sum(len(t[1]) for t in todo), info="")
+                                     completed=total - sum(plan.rows for plan in todo), info="")
             for count in write_shards(todo, cfg.workers, args):
                 progress.update(task, advance=count)
         ctx.barrier()
