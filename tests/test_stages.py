@@ -214,6 +214,20 @@ def test_augment_multi_chunk_shards_identical_across_workers(digits_run, tmp_pat
     assert 0 < len(built_here) < 13 and built_here == sorted(built_here, reverse=True)
 
 
+def test_augment_worker_death_is_one_clear_error(digits_run, tmp_path):
+    """A script without a main guard: the spawned worker re-runs it and dies; no hang."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "no_guard.py"
+    script.write_text("from energytools.stages.augment import AugmentConfig, augment\n"
+                      f"augment(AugmentConfig(scores={str(digits_run['scores'])!r}, out={str(tmp_path / 'out')!r}, "
+                      "ratio=1.0, copies=8, workers=2))\n")  # 10k rows: the worker dies first
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "an augment worker process died" in result.stderr and "__main__" in result.stderr
+
+
 def test_augment_bad_input(digits_run, tmp_path):
     for kwargs, match in (({"ratio": 0}, "ratio"), ({"ratio": 1.5}, "ratio"), ({"policy": "nope"}, "unknown policy"),
                           ({"policy": str(tmp_path / "missing.json")}, "does not exist")):

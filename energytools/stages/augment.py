@@ -15,6 +15,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -241,6 +242,9 @@ def _build_in_parallel(chunks: list, workers: int, args: tuple) -> Iterator[tupl
         while remaining:
             wait(remaining, return_when=FIRST_COMPLETED)
             yield from finished()
+    except BrokenProcessPool:
+        raise UserError("an augment worker process died (its error is above); from a Python script, call "
+                        "energytools under `if __name__ == \"__main__\":`, as multiprocessing requires") from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
