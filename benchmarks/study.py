@@ -206,7 +206,7 @@ def main():
     summary = paired_table(results)
     results.write_csv(args.out / "results.csv")
     flags = ([f"--teacher {args.teacher}"] * bool(args.teacher) + [f"--out {args.out}"]
-             + [f"--seeds {' '.join(map(str, args.seeds))}"] * bool(args.seeds)
+             + ([f"--seeds {' '.join(map(str, args.seeds))}"] if args.seeds else [])
              + [f"--epochs {args.epochs}", f"--threads {args.threads}"] + ["--smoke"] * args.smoke)
     command = "python benchmarks/study.py " + " ".join(flags)
     if args.compare:
