@@ -1,4 +1,5 @@
 import json
+import shutil
 import time
 
 import numpy as np
@@ -174,6 +175,12 @@ def test_augment_is_byte_identical_across_runs_and_workers(digits_run, tmp_path)
     for name in files:
         assert (one / name).read_bytes() == (two / name).read_bytes(), name
     assert all((one / n).read_bytes() == (digits_run["shards"] / n).read_bytes() for n in files)
+    # the same table under another path: the same shards (it is identified by its sha256)
+    moved = tmp_path / "elsewhere" / "scores.parquet"
+    moved.parent.mkdir()
+    shutil.copy(digits_run["scores"], moved)
+    three = augment(AugmentConfig(scores=str(moved), out=str(tmp_path / "three"), ratio=0.3, shard_size=200))
+    assert all((three / n).read_bytes() == (one / n).read_bytes() for n in files if n.startswith("shard-"))
 
 
 def test_augment_chunks_are_the_shards_scoring_batches(digits_run):

@@ -270,8 +270,9 @@ def augment(cfg: AugmentConfig) -> Path:
     n_shards = (len(jobs) + cfg.shard_size - 1) // cfg.shard_size
     names = [f"shard-{k:05d}-of-{n_shards:05d}.parquet" for k in range(n_shards)]
     table_sha = sha256_file(cfg.scores)
-    # where the output goes and how many processes make it do not change its content
-    resolved = {k: v for k, v in as_dict(cfg).items() if k not in ("out", "workers", "overwrite")}
+    # where the input and output live and how many processes make it do not change the content
+    # (the table is identified by its sha256 below)
+    resolved = {k: v for k, v in as_dict(cfg).items() if k not in ("scores", "out", "workers", "overwrite")}
     plan_key = hashlib.sha256(json.dumps([resolved, table_sha], sort_keys=True).encode()).hexdigest()
     metadata = {"kind": "he-da", "config": resolved, "versions": versions(),
                 # the table's hash, not its path: where files live does not change the shards' bytes
