@@ -195,7 +195,7 @@ def test_augment_chunks_are_the_shards_scoring_batches(digits_run):
     data = DataConfig.from_options(meta["dataset"]["options"])
     writer = Augmenter(cfg, as_dict(data), str(digits_run["scores"]), threads=1)
     jobs = [(i, 0) for i in range(10, 110)]
-    plan = ShardPlan.make(digits_run["root"] / "unused.parquet", jobs, cfg.batch_size, {})
+    plan = ShardPlan.make(digits_run["root"] / "unused.parquet", jobs, cfg.batch_size)
     assert [len(c) for c in plan.chunks] == [32, 32, 32, 4] and plan.rows == 100
     assert pa.concat_tables([writer.build(c) for c in plan.chunks]).equals(writer.build(jobs))
 

@@ -151,17 +151,16 @@ class Augmenter:
 
 @dataclass
 class ShardPlan:
-    """One shard to write: its path, its jobs in scoring-batch-sized chunks, its metadata."""
+    """One shard to write: its path and its jobs in scoring-batch-sized chunks."""
 
     path: Path
     chunks: list[list[tuple[int, int]]]
-    metadata: dict
 
     @classmethod
-    def make(cls, path: Path, jobs: list[tuple[int, int]], batch_size: int, metadata: dict) -> "ShardPlan":
+    def make(cls, path: Path, jobs: list[tuple[int, int]], batch_size: int) -> "ShardPlan":
         # chunks start at multiples of the scoring batch, so each chunk is exactly one of the
         # teacher batches that scoring the whole shard would run: same batches, same bits
-        return cls(path, [jobs[i:i + batch_size] for i in range(0, len(jobs), batch_size)], metadata)
+        return cls(path, [jobs[i:i + batch_size] for i in range(0, len(jobs), batch_size)])
 
     @property
     def rows(self) -> int:
@@ -183,8 +182,8 @@ def _build_chunk(jobs: list[tuple[int, int]]) -> pa.Table:
     return _WORKER.build(jobs)
 
 
-def write_shards(plans: list[ShardPlan], workers: int, args: tuple) -> Iterator[int]:
-    """Write the shards in ``plans``; yields the row count of every chunk as it is built.
+def write_shards(plans: list[ShardPlan], metadata: dict, workers: int, args: tuple) -> Iterator[int]:
+    """Write the shards in ``plans``, each with ``metadata``; yields each chunk's row count as it is built.
 
     The unit of work is a chunk (one scoring batch), not a shard, so that the processes
     finish together; a shard is written, atomically, as soon as its last chunk is in. Every
@@ -205,8 +204,8 @@ def write_shards(plans: list[ShardPlan], workers: int, args: tuple) -> Iterator[
             built.setdefault(k, {})[c] = table
             if len(built[k]) == len(plans[k].chunks):
                 parts = built.pop(k)
-                write_parquet(pa.concat_tables([parts[c] for c in range(len(parts))]), plans[k].path,
-                              plans[k].metadata, row_group_size=256, compression=SHARD_COMPRESSION)
+                write_parquet(pa.concat_tables([parts[c] for c in sorted(parts)]), plans[k].path, metadata,
+                              row_group_size=256, compression=SHARD_COMPRESSION)
             yield table.num_rows
     finally:
         torch.set_num_threads(threads)  # leave the caller's process as it was
@@ -295,8 +294,8 @@ def augment(cfg: AugmentConfig) -> Path:
             plan_file.write_text(plan_key)
         ctx.barrier()
         mine = [k for k in range(n_shards) if k % ctx.world == ctx.rank]
-        todo = [ShardPlan.make(out / names[k], jobs[k * cfg.shard_size:(k + 1) * cfg.shard_size], cfg.batch_size,
-                               metadata) for k in mine if not (out / names[k]).exists()]
+        todo = [ShardPlan.make(out / names[k], jobs[k * cfg.shard_size:(k + 1) * cfg.shard_size], cfg.batch_size)
+                for k in mine if not (out / names[k]).exists()]
         if len(todo) < len(mine):
             console.print(f"resuming: {len(mine) - len(todo)} of {len(mine)} shards already written")
         args = (cfg, as_dict(data), str(cfg.scores))
@@ -304,7 +303,7 @@ def augment(cfg: AugmentConfig) -> Path:
             total = sum(len(jobs[k * cfg.shard_size:(k + 1) * cfg.shard_size]) for k in mine)
             task = progress.add_task(f"augment ({cfg.policy})", total=total,
                                      completed=total - sum(plan.rows for plan in todo), info="")
-            for count in write_shards(todo, cfg.workers, args):
+            for count in write_shards(todo, metadata, cfg.workers, args):
                 progress.update(task, advance=count)
         ctx.barrier()
         if not ctx.is_main:
