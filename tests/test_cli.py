@@ -66,6 +66,18 @@ def test_console_script_and_module_entry_points():
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "unknown model" in result.stderr
 
 
+def test_bad_input_with_workers_is_still_one_line(digits_run, tmp_path):
+    """The worker pool starts before the inputs are checked; a worker meeting the bad table keeps
+    quiet (no traceback of its own) and this process alone reports it."""
+    corrupt = tmp_path / "corrupt.parquet"
+    corrupt.write_bytes(b"this is not parquet")
+    result = subprocess.run([sys.executable, "-m", "energytools", "augment", "--scores", str(corrupt), "--workers", "2",
+                             "--out", str(tmp_path / "a")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "Parquet" in result.stderr, \
+        result.stderr
+    assert not (tmp_path / "a").exists()
+
+
 def _table_variant(digits_run, tmp_path, change):
     import pyarrow.parquet as pq
 

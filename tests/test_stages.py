@@ -187,13 +187,10 @@ def test_augment_chunks_are_the_shards_scoring_batches(digits_run):
     """A shard assembled from chunks equals the shard built in one go (same teacher batches)."""
     import pyarrow as pa
 
-    from energytools.config import as_dict
     from energytools.stages.augment import Augmenter, ShardPlan
 
     cfg = AugmentConfig(scores=str(digits_run["scores"]), ratio=0.3, batch_size=32)
-    _, meta = load_table(digits_run["scores"])
-    data = DataConfig.from_options(meta["dataset"]["options"])
-    writer = Augmenter(cfg, as_dict(data), str(digits_run["scores"]), threads=1)
+    writer = Augmenter.open(cfg, str(digits_run["scores"]))
     jobs = [(i, 0) for i in range(10, 110)]
     plan = ShardPlan.make(digits_run["root"] / "unused.parquet", jobs, cfg.batch_size)
     assert [len(c) for c in plan.chunks] == [32, 32, 32, 4] and plan.rows == 100

@@ -39,6 +39,8 @@ from .score import check_logits, open_teacher
 
 #: augmented sample ids start here, far above any dataset's own ids
 AUG_ID_BASE = 1 << 40
+#: the score table's columns this stage reads
+TABLE_COLUMNS = ["sample_id", "label", "energy"]
 
 
 @dataclass
@@ -71,29 +73,31 @@ class AugmentConfig:
 class Augmenter:
     """Builds augmented, scored rows; one per process (dataset, teacher and policy load once)."""
 
-    def __init__(self, cfg: AugmentConfig, data: dict, table_path: str, threads: int | None):
-        if threads:
-            torch.set_num_threads(threads)
+    def __init__(self, cfg: AugmentConfig, dataset, table: pl.DataFrame, meta: dict):
         try:
             import cv2
 
-            cv2.setNumThreads(0)
+            cv2.setNumThreads(0)  # one process per core: OpenCV's own threads would only compete
         except ImportError:
             pass
-        self.cfg = cfg
-        self.dataset = DataConfig(**data).build("train")
-        table, self.meta = load_table(table_path, ["sample_id", "label", "energy"])
-        # the selection is a pure function of the table, so every process recomputes it rather
-        # than receiving it: large start-up arguments block the parent until a worker is up
-        self.selected_ids = select_samples(table, cfg.ratio, cfg.select, cfg.per_class, cfg.seed)["sample_id"].to_numpy()
+        self.cfg, self.dataset, self.meta = cfg, dataset, meta
+        self.selection = select_samples(table, cfg.ratio, cfg.select, cfg.per_class, cfg.seed)
+        self.selected_ids = self.selection["sample_id"].to_numpy()
         self.reference = np.sort(table["energy"].to_numpy().astype(np.float64))
-        position_of = {int(s): i for i, s in enumerate(self.dataset.sample_ids)}
+        position_of = {int(s): i for i, s in enumerate(dataset.sample_ids)}
         self.positions = np.array([position_of[int(s)] for s in self.selected_ids], dtype=np.int64)
-        self.labels = self.dataset.labels[self.positions]
+        self.labels = dataset.labels[self.positions]
         self.policy = make_policy(cfg.policy)
-        self.teacher = open_teacher(cfg.teacher or self.meta["teacher"]["path"], self.dataset,
-                                    cfg.teacher_arch or self.meta["teacher"]["arch"], "cpu")
-        self.save_logits = bool(self.meta["config"].get("save_logits"))
+        self.teacher = open_teacher(cfg.teacher or meta["teacher"]["path"], dataset,
+                                    cfg.teacher_arch or meta["teacher"]["arch"], "cpu")
+        self.save_logits = bool(meta["config"].get("save_logits"))
+
+    @classmethod
+    def open(cls, cfg: AugmentConfig, table_path: str) -> "Augmenter":
+        """What a spawned worker does: load the table and its dataset itself (the selection is a
+        pure function of the table, so recomputing it keeps the start-up arguments small)."""
+        table, meta = load_table(table_path, TABLE_COLUMNS)
+        return cls(cfg, DataConfig.from_options(meta["dataset"]["options"]).build("train"), table, meta)
 
     def image(self, index: int) -> np.ndarray:
         return self.dataset.image(self.positions[index])
@@ -123,7 +127,7 @@ class Augmenter:
                                     self.meta.get("temperature_rule", "groups"))
         rows.update(energy=stats["energy"], confidence=stats["confidence"], energy_group=list(groups),
                     temperature=temps)
-        table = pa.table({name: pa.array(rows[name], type=SHARD_SCHEMA.field(name).type) for name in SHARD_SCHEMA.names})
+        table = pa.table({field.name: pa.array(rows[field.name], type=field.type) for field in SHARD_SCHEMA})
         for name, values in logits.items():
             table = table.append_column(pa.field(name, LOGITS_FIELD.type), pa.array(list(values), LOGITS_FIELD.type))
         return table
@@ -167,38 +171,68 @@ class ShardPlan:
         return sum(map(len, self.chunks))
 
 
-_WORKER: Augmenter | None = None
 # PNG bytes are already compressed: storing them again costs time for nothing
 SHARD_COMPRESSION = {name: "zstd" for name in SHARD_SCHEMA.names + ["image.path", "logits", "logits_flipped"]
                      if name != "image"} | {"image.bytes": "none"}
 
+_WORKER: Augmenter | Exception | None = None  # a spawned worker's Augmenter, or why it could not make one
 
-def _init_worker(*args) -> None:
+
+def _init_worker(cfg: AugmentConfig, table_path: str) -> None:
     global _WORKER
-    _WORKER = Augmenter(*args, threads=1)
+    torch.set_num_threads(1)
+    try:
+        _WORKER = Augmenter.open(cfg, table_path)
+    except Exception as error:  # noqa: BLE001 - kept for the first chunk to raise, see start_workers
+        _WORKER = error
 
 
 def _build_chunk(jobs: list[tuple[int, int]]) -> pa.Table:
+    if isinstance(_WORKER, Exception):
+        raise _WORKER
     return _WORKER.build(jobs)
 
 
-def write_shards(plans: list[ShardPlan], metadata: dict, workers: int, args: tuple) -> Iterator[int]:
+@contextlib.contextmanager
+def start_workers(count: int, cfg: AugmentConfig) -> Iterator[ProcessPoolExecutor | None]:
+    """A pool of ``count`` spawned worker processes, started now (None when ``count`` is 0).
+
+    A worker takes seconds to import torch and load the dataset and teacher; starting it
+    before this process loads and checks the inputs overlaps the two. If the inputs are bad,
+    this process says so and the pool is shut down unused: a worker keeps its own error for
+    the first chunk instead of printing a traceback.
+    """
+    if count == 0:
+        yield None
+        return
+    pool = ProcessPoolExecutor(count, mp_context=get_context("spawn"), initializer=_init_worker,
+                               initargs=(cfg, str(cfg.scores)))
+    try:
+        for _ in range(count):
+            pool.submit(int)  # the pool spawns a process per submitted call, up to count
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def write_shards(plans: list[ShardPlan], metadata: dict, builder: Augmenter,
+                 pool: ProcessPoolExecutor | None = None) -> Iterator[int]:
     """Write the shards in ``plans``, each with ``metadata``; yields each chunk's row count as it is built.
 
+    ``builder`` builds chunks in this process, helped by ``pool``'s workers when there is one.
     The unit of work is a chunk (one scoring batch), not a shard, so that the processes
     finish together; a shard is written, atomically, as soon as its last chunk is in. Every
     chunk is a pure function of its jobs, so who builds it does not change the bytes.
     """
-    global _WORKER
     threads = torch.get_num_threads()
     # every process scores with one thread: the thread count changes the last bits of the
     # logits, and the bytes must not depend on --workers
-    _WORKER = Augmenter(*args, threads=1)
+    torch.set_num_threads(1)
     units = [(k, c) for k, plan in enumerate(plans) for c in range(len(plan.chunks))]
     chunks = [plans[k].chunks[c] for k, c in units]
     built: dict[int, dict[int, pa.Table]] = {}
     try:
-        results = enumerate(map(_build_chunk, chunks)) if workers == 1 else _build_in_parallel(chunks, workers, args)
+        results = enumerate(map(builder.build, chunks)) if pool is None else _build_in_parallel(chunks, builder, pool)
         for i, table in results:
             k, c = units[i]
             built.setdefault(k, {})[c] = table
@@ -211,17 +245,15 @@ def write_shards(plans: list[ShardPlan], metadata: dict, workers: int, args: tup
         torch.set_num_threads(threads)  # leave the caller's process as it was
 
 
-def _build_in_parallel(chunks: list, workers: int, args: tuple) -> Iterator[tuple[int, pa.Table]]:
-    """Yields ``(index, table)`` for every chunk, built by this process and ``workers - 1`` others.
+def _build_in_parallel(chunks: list, builder: Augmenter, pool: ProcessPoolExecutor) -> Iterator[tuple[int, pa.Table]]:
+    """Yields ``(index, table)`` for every chunk, built by ``builder`` here and by the pool's workers.
 
     All chunks go to the pool at once, which hands them to its processes in order as they
     free up; this process takes chunks from the far end (a chunk not yet handed out can be
-    cancelled) from its first second, while the spawned processes import torch and load
-    the teacher. When the two ends meet, each spawned process has a chunk or two left (the
-    pool hands out one call more than it has processes).
+    cancelled) from its first second, while the workers may still be starting. When the two
+    ends meet, each worker has a chunk or two left (the pool hands out one call more than it
+    has processes).
     """
-    pool = ProcessPoolExecutor(workers - 1, mp_context=get_context("spawn"), initializer=_init_worker,
-                               initargs=args)
     try:
         futures = [pool.submit(_build_chunk, chunk) for chunk in chunks]
         index = {future: i for i, future in enumerate(futures)}
@@ -236,7 +268,7 @@ def _build_in_parallel(chunks: list, workers: int, args: tuple) -> Iterator[tupl
             if not futures[i].cancel():
                 break  # a worker has it, and every chunk before it
             remaining.discard(futures[i])
-            yield i, _WORKER.build(chunks[i])
+            yield i, builder.build(chunks[i])
             yield from finished()
         while remaining:
             wait(remaining, return_when=FIRST_COMPLETED)
@@ -244,8 +276,6 @@ def _build_in_parallel(chunks: list, workers: int, args: tuple) -> Iterator[tupl
     except BrokenProcessPool:
         raise UserError("an augment worker process died (its error is above); from a Python script, call "
                         "energytools under `if __name__ == \"__main__\":`, as multiprocessing requires") from None
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def augment(cfg: AugmentConfig) -> Path:
@@ -254,7 +284,12 @@ def augment(cfg: AugmentConfig) -> Path:
     out = Path(cfg.out)
     if (out / MANIFEST).exists() and not cfg.overwrite:
         raise UserError(f"{out} already holds HE-DA shards (pass --overwrite to replace them)")
-    table, meta = load_table(cfg.scores, ["sample_id", "label", "energy"])
+    with start_workers(cfg.workers - 1, cfg) as pool:
+        return _write_he_da(cfg, out, pool)
+
+
+def _write_he_da(cfg: AugmentConfig, out: Path, pool: ProcessPoolExecutor | None) -> Path:
+    table, meta = load_table(cfg.scores, TABLE_COLUMNS)
     if meta.get("split") != "train":
         raise UserError(f"{cfg.scores} scores the {meta.get('split')} split; augment needs a train table")
     data = DataConfig.from_options(meta["dataset"]["options"])
@@ -262,9 +297,9 @@ def augment(cfg: AugmentConfig) -> Path:
     if dataset.fingerprint() != meta["dataset"]["fingerprint"]:
         raise UserError(f"{cfg.scores} was computed on another dataset than {data.dataset} as it is on this "
                         "machine (fingerprints differ)")
-    chosen = select_samples(table, cfg.ratio, cfg.select, cfg.per_class, cfg.seed)
+    builder = Augmenter(cfg, dataset, table, meta)
+    chosen, selected_ids = builder.selection, builder.selected_ids
     console.print(describe_selection(chosen, table.height))
-    selected_ids = chosen["sample_id"].to_numpy()
     jobs = [(i, c) for i in range(len(selected_ids)) for c in range(cfg.copies)]
     n_shards = (len(jobs) + cfg.shard_size - 1) // cfg.shard_size
     names = [f"shard-{k:05d}-of-{n_shards:05d}.parquet" for k in range(n_shards)]
@@ -298,12 +333,11 @@ def augment(cfg: AugmentConfig) -> Path:
                 for k in mine if not (out / names[k]).exists()]
         if len(todo) < len(mine):
             console.print(f"resuming: {len(mine) - len(todo)} of {len(mine)} shards already written")
-        args = (cfg, as_dict(data), str(cfg.scores))
         with progress_bar() as progress:
             total = sum(len(jobs[k * cfg.shard_size:(k + 1) * cfg.shard_size]) for k in mine)
             task = progress.add_task(f"augment ({cfg.policy})", total=total,
                                      completed=total - sum(plan.rows for plan in todo), info="")
-            for count in write_shards(todo, metadata, cfg.workers, args):
+            for count in write_shards(todo, metadata, builder, pool):
                 progress.update(task, advance=count)
         ctx.barrier()
         if not ctx.is_main:
