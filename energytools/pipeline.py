@@ -27,15 +27,26 @@ SECTIONS = {"name", "data", "teacher", "score", "augment", "distill", "report"}
 
 
 @dataclass
-class TeacherSection:
-    checkpoint: str | None = None  # an existing teacher; otherwise one is trained
-    arch: str | None = None  # for checkpoints that do not record it
-    model: str = "resnet20"
-    epochs: int = 15
+class TrainingSection:
+    """The optimiser settings a recipe section may set; the rest are TrainConfig's defaults."""
+
+    epochs: int = 10
     lr: float = 0.05
     batch_size: int = 64
     schedule: str = "step"
     seed: int = 0
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, schedule=self.schedule,
+                           seed=self.seed)
+
+
+@dataclass
+class TeacherSection(TrainingSection):
+    checkpoint: str | None = None  # an existing teacher; otherwise one is trained
+    arch: str | None = None  # for checkpoints that do not record it
+    model: str = "resnet20"
+    epochs: int = 15
 
 
 @dataclass
@@ -60,13 +71,8 @@ class DistillRun:
 
 
 @dataclass
-class DistillSection:
+class DistillSection(TrainingSection):
     student: str = "cnn_small"
-    epochs: int = 10
-    lr: float = 0.05
-    batch_size: int = 64
-    schedule: str = "step"
-    seed: int = 0
     cached_logits: bool = False
     runs: list = field(default_factory=lambda: [{"method": "kd"}, {"method": "energy-kd"}])
 
@@ -183,7 +189,7 @@ def plan(recipe: Recipe, out: Path) -> list[Step]:
         teacher_key = _digest(["checkpoint", str(teacher_path)])
     else:
         teacher_path = out / "teacher" / "best.pt"
-        train_cfg = TrainConfig(epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, schedule=t.schedule, seed=t.seed)
+        train_cfg = t.train_config()
         teacher_key = _digest(["train", t.model, as_dict(data), as_dict(train_cfg)])
         steps.append(Step("train", "teacher", teacher_key, [teacher_path],
                           lambda: train(data, t.model, train_cfg, out / "teacher", overwrite=True)))
@@ -213,8 +219,7 @@ def plan(recipe: Recipe, out: Path) -> list[Step]:
                                 temperatures=tuple(run.temperatures) if run.temperatures else None,
                                 temperature_source=run.temperature_source, kd_temperature=run.kd_temperature,
                                 eval_limit=data.eval_limit,
-                                train=TrainConfig(epochs=d.epochs, lr=d.lr, batch_size=d.batch_size,
-                                                  schedule=d.schedule, seed=d.seed), overwrite=True)
+                                train=d.train_config(), overwrite=True)
             key = _digest(["distill", score_key, augment_key if run.shards else None, as_dict(run),
                            {k: v for k, v in as_dict(d).items() if k != "runs"}])
             steps.append(Step("distill", run.name, key, [run_dir / "summary.json"],

@@ -28,13 +28,15 @@ SCORE_COLUMNS = {
 
 
 def versions() -> dict:
-    """Library versions recorded in every output."""
+    """Library versions recorded in every output, and torch's thread count: it changes the last
+    bits of a forward pass, so two outputs can only be expected to match bit for bit when it does."""
     import torch
 
     from . import __version__
 
     return {"energytools": __version__, "torch": torch.__version__, "polars": pl.__version__,
-            "pyarrow": pa.__version__, "numpy": np.__version__, "python": platform.python_version()}
+            "pyarrow": pa.__version__, "numpy": np.__version__, "python": platform.python_version(),
+            "torch_threads": torch.get_num_threads()}
 
 
 def write_parquet(table: pa.Table | pl.DataFrame, path: Path | str, metadata: dict,

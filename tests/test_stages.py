@@ -17,7 +17,7 @@ from energytools.stages.augment import AugmentConfig, augment
 from energytools.stages.distill import DistillConfig, SampleLookup, distill
 from energytools.stages.score import ScoreConfig, score
 from energytools.stages.train import train
-from energytools.table import load_table
+from energytools.table import load_table, read_metadata
 
 
 def test_score_table_contract(digits_run):
@@ -33,6 +33,17 @@ def test_score_table_contract(digits_run):
     assert temps == {"low": 6.0, "mid": 4.0, "high": 2.0}
     assert pq.read_table(digits_run["scores"]).num_rows == frame.height  # plain pyarrow reads it
     assert "logits" in frame.columns and len(frame["logits"][0]) == 10
+    assert meta["versions"]["torch_threads"] == torch.get_num_threads()  # it changes the last bits
+
+
+def test_shards_record_the_thread_count_they_were_scored_with(digits_run, tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # not the one thread every augment process scores with
+    try:
+        out = augment(AugmentConfig(scores=str(digits_run["scores"]), out=str(tmp_path / "a"), ratio=0.05))
+    finally:
+        torch.set_num_threads(threads)
+    assert read_metadata(next(out.glob("shard-*")))["versions"]["torch_threads"] == 1
 
 
 def test_score_resumes_from_existing_parts(digits_run, tmp_path, monkeypatch):

@@ -308,7 +308,8 @@ def _write_he_da(cfg: AugmentConfig, out: Path, pool: ProcessPoolExecutor | None
     # (the table is identified by its sha256 below)
     resolved = {k: v for k, v in as_dict(cfg).items() if k not in ("scores", "out", "workers", "overwrite")}
     plan_key = hashlib.sha256(json.dumps([resolved, table_sha], sort_keys=True).encode()).hexdigest()
-    metadata = {"kind": "he-da", "config": resolved, "versions": versions(),
+    # every process scores with one thread, whatever this one's count (see write_shards)
+    metadata = {"kind": "he-da", "config": resolved, "versions": {**versions(), "torch_threads": 1},
                 # the table's hash, not its path: where files live does not change the shards' bytes
                 "scores": {"sha256": table_sha, "dataset": meta["dataset"]},
                 "teacher": meta["teacher"], "groups": meta["groups"], "temperatures": meta["temperatures"]}
