@@ -201,7 +201,7 @@ def test_augment_chunks_are_the_shards_scoring_batches(digits_run):
     from energytools.stages.augment import Augmenter, ShardPlan
 
     cfg = AugmentConfig(scores=str(digits_run["scores"]), ratio=0.3, batch_size=32)
-    writer = Augmenter.open(cfg, str(digits_run["scores"]))
+    writer = Augmenter.open(cfg)
     jobs = [(i, 0) for i in range(10, 110)]
     plan = ShardPlan.make(digits_run["root"] / "unused.parquet", jobs, cfg.batch_size)
     assert [len(c) for c in plan.chunks] == [32, 32, 32, 4] and plan.rows == 100
@@ -216,11 +216,11 @@ def test_augment_multi_chunk_shards_identical_across_workers(digits_run, tmp_pat
                                      shard_size=100, batch_size=32, workers=workers))
 
     one = run(1)
-    # slow this process down (spawned workers import the module afresh, unpatched), so that the
-    # workers build most chunks and this process some, from the far end
+    # slow chunk building down (forked workers inherit the patch), so that both processes
+    # build several chunks: the worker from the start, this process from the far end
     built_here, build = [], stage.Augmenter.build
     monkeypatch.setattr(stage.Augmenter, "build",
-                        lambda self, jobs: (time.sleep(1.0), built_here.append(jobs[0][0]), build(self, jobs))[-1])
+                        lambda self, jobs: (time.sleep(0.5), built_here.append(jobs[0][0]), build(self, jobs))[-1])
     two = run(2)
     shards = sorted(p.name for p in one.glob("shard-*"))
     assert len(shards) == 4  # 388 rows in shards of 100, each of up to four chunks
@@ -229,18 +229,38 @@ def test_augment_multi_chunk_shards_identical_across_workers(digits_run, tmp_pat
     assert 0 < len(built_here) < 13 and built_here == sorted(built_here, reverse=True)
 
 
-def test_augment_worker_death_is_one_clear_error(digits_run, tmp_path):
-    """A script without a main guard: the spawned worker re-runs it and dies; no hang."""
+def test_augment_spawned_workers_write_the_same_shards(digits_run, tmp_path, monkeypatch):
+    """Where workers cannot fork (macOS, Windows) they are spawned and load everything themselves."""
+    from energytools.stages import augment as stage
+
+    monkeypatch.setattr(stage, "START_METHOD", "spawn")
+    out = augment(AugmentConfig(scores=str(digits_run["scores"]), out=str(tmp_path / "a"), ratio=0.3, shard_size=200,
+                                workers=2))
+    names = sorted(p.name for p in digits_run["shards"].glob("shard-*"))
+    assert names and all((out / n).read_bytes() == (digits_run["shards"] / n).read_bytes() for n in names)
+
+
+@pytest.mark.parametrize("method,script,needle", [
+    # a script without a main guard: the spawned worker re-runs it and dies
+    ("spawn", "stage.START_METHOD = 'spawn'\n{call}\n", "__main__"),
+    # a forked worker killed halfway (as the kernel's OOM killer would)
+    ("fork", "import os\nparent = os.getpid()\nbuild = stage.Augmenter.build\n"
+             "stage.Augmenter.build = lambda self, jobs: os._exit(9) if os.getpid() != parent else build(self, jobs)\n"
+             "if __name__ == '__main__':\n    {call}\n", "killed"),
+])
+def test_augment_worker_death_is_one_clear_error(digits_run, tmp_path, method, script, needle):
+    """No hang: the stage ends with one error naming the likely cause."""
     import subprocess
     import sys
 
-    script = tmp_path / "no_guard.py"
-    script.write_text("from energytools.stages.augment import AugmentConfig, augment\n"
-                      f"augment(AugmentConfig(scores={str(digits_run['scores'])!r}, out={str(tmp_path / 'out')!r}, "
-                      "ratio=1.0, copies=8, workers=2))\n")  # 10k rows: the worker dies first
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    call = (f"augment(AugmentConfig(scores={str(digits_run['scores'])!r}, out={str(tmp_path / 'out')!r}, "
+            "ratio=1.0, copies=8, workers=2))")  # 10k rows: the worker dies first
+    path = tmp_path / "script.py"
+    path.write_text("from energytools.stages import augment as stage\n"
+                    "from energytools.stages.augment import AugmentConfig, augment\n" + script.format(call=call))
+    result = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
-    assert "an augment worker process died" in result.stderr and "__main__" in result.stderr
+    assert "an augment worker process died" in result.stderr and needle in result.stderr, result.stderr[-2000:]
 
 
 def test_augment_bad_input(digits_run, tmp_path):

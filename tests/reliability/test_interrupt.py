@@ -82,9 +82,13 @@ def test_score_survives_sigkill(teacher, clean_scores, tmp_path, kill_after_part
     assert not (out.parent / f"{out.name}.parts").exists()
 
 
-def test_augment_survives_sigkill(clean_scores, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_augment_survives_sigkill(clean_scores, tmp_path, workers):
+    """With 2 workers the killed process leaves a worker behind, which must go too: the re-run
+    needs the output's lock."""
     def args(out):
-        return ("augment", "--scores", clean_scores, "--ratio", 0.5, "--shard-size", 500, "--out", out)
+        return ("augment", "--scores", clean_scores, "--ratio", 0.5, "--shard-size", 500, "--out", out,
+                "--workers", workers)
 
     run(*args(tmp_path / "clean"))
     out = tmp_path / "killed"
