@@ -15,6 +15,8 @@ HERE = Path(__file__).resolve().parent
 BENCHMARKS = [
     ("score_throughput.py", [], "score stage / bare forward loop", "ratio", ">= 0.90"),
     ("augment_throughput.py", [], "augment: 2 workers / 1 worker", "scaling_2_vs_1", ">= 1.7"),
+    ("augment_throughput.py", [], "augment: 2 workers / bare CutMix+PNG+teacher loop (1 process)",
+     "stage_2_workers_vs_bare_with_teacher", ""),
     ("augment_throughput.py", [], "augment stage / bare CutMix+PNG loop", "stage_vs_bare_aug_png", ">= 0.8"),
     ("augment_throughput.py", [], "augment stage / bare CutMix+PNG+teacher loop", "stage_vs_bare_with_teacher", ">= 0.8"),
     ("distill_overhead.py", [], "distill epoch: energy-kd / kd", "energy_kd_over_kd", "<= 1.03"),

@@ -67,8 +67,7 @@ def test_console_script_and_module_entry_points():
 
 
 def test_bad_input_with_workers_is_still_one_line(digits_run, tmp_path):
-    """The worker pool starts before the inputs are checked; a worker meeting the bad table keeps
-    quiet (no traceback of its own) and this process alone reports it."""
+    """No worker process starts (and prints a traceback of its own) before the inputs are checked."""
     corrupt = tmp_path / "corrupt.parquet"
     corrupt.write_bytes(b"this is not parquet")
     result = subprocess.run([sys.executable, "-m", "energytools", "augment", "--scores", str(corrupt), "--workers", "2",

@@ -267,9 +267,8 @@ def _build_in_parallel(chunks: list, builder: Augmenter, pool: ProcessPoolExecut
 
     All chunks go to the pool at once, which hands them to its processes in order as they
     free up; this process takes chunks from the far end (a chunk not yet handed out can be
-    cancelled) from its first second, while the workers may still be starting. When the two
-    ends meet, each worker has a chunk or two left (the pool hands out one call more than it
-    has processes).
+    cancelled). When the two ends meet, each worker has a chunk or two left (the pool hands
+    out one call more than it has processes).
     """
     try:
         futures = [pool.submit(_build_chunk, chunk) for chunk in chunks]
