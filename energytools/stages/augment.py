@@ -29,6 +29,7 @@ import pyarrow as pa
 import torch
 
 from ..config import DataConfig, as_dict
+from ..data.base import ImageSet
 from ..data.shards import LOGITS_FIELD, MANIFEST, SHARD_SCHEMA, encode_png
 from ..distributed import context
 from ..energy import assign_temperatures, energy_ranks, groups_from_thresholds, logit_statistics
@@ -76,7 +77,7 @@ class AugmentConfig:
 class Augmenter:
     """Builds augmented, scored rows; one per process (dataset, teacher and policy load once)."""
 
-    def __init__(self, cfg: AugmentConfig, dataset, table: pl.DataFrame, meta: dict):
+    def __init__(self, cfg: AugmentConfig, dataset: ImageSet, table: pl.DataFrame, meta: dict):
         try:
             import cv2
 
@@ -339,6 +340,8 @@ def augment(cfg: AugmentConfig) -> Path:
                     raise UserError(f"{out} exists and is not an energytools shard directory")
                 shutil.rmtree(out)
             out.mkdir(parents=True, exist_ok=True)
+            for partial in out.glob(".tmp-*"):  # a killed run's half-written shard (this process holds the lock)
+                partial.unlink()
             plan_file.write_text(plan_key)
         ctx.barrier()
         mine = [k for k in range(n_shards) if k % ctx.world == ctx.rank]
