@@ -13,6 +13,19 @@ from typing import Iterator
 from .errors import UserError
 
 
+#: what atomic_path names a file while it is being written
+PARTIAL_PREFIX = ".tmp-"
+
+
+def remove_partial_files(directory: Path) -> None:
+    """Delete what writers killed inside atomic_path left in ``directory`` (hold its lock first)."""
+    for partial in Path(directory).glob(PARTIAL_PREFIX + "*"):
+        if partial.is_dir():
+            shutil.rmtree(partial)
+        else:
+            partial.unlink()
+
+
 @contextlib.contextmanager
 def atomic_path(final: Path | str) -> Iterator[Path]:
     """Yield a temporary path next to ``final``; rename it into place on success.
@@ -22,7 +35,7 @@ def atomic_path(final: Path | str) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{final.name}.", dir=final.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f"{PARTIAL_PREFIX}{final.name}.", dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     tmp.unlink()

@@ -205,8 +205,7 @@ def plan(recipe: Recipe, out: Path) -> list[Step]:
     augment_key = None
     if recipe.augment:
         aug_cfg = dataclasses.replace(recipe.augment, scores=str(scores), out=str(shards), overwrite=True)
-        augment_key = _digest(["augment", score_key, {k: v for k, v in as_dict(aug_cfg).items()
-                                                      if k not in ("workers", "scores", "out", "overwrite")}])
+        augment_key = _digest(["augment", score_key, aug_cfg.content()])
         steps.append(Step("augment", "he-da", augment_key, [shards / "manifest.json"], lambda: augment(aug_cfg)))
     run_dirs = []
     if recipe.distill:

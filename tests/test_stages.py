@@ -240,15 +240,15 @@ def test_augment_spawned_workers_write_the_same_shards(digits_run, tmp_path, mon
     assert names and all((out / n).read_bytes() == (digits_run["shards"] / n).read_bytes() for n in names)
 
 
-@pytest.mark.parametrize("method,script,needle", [
+@pytest.mark.parametrize("script,needle", [
     # a script without a main guard: the spawned worker re-runs it and dies
-    ("spawn", "stage.START_METHOD = 'spawn'\n{call}\n", "__main__"),
+    ("stage.START_METHOD = 'spawn'\n{call}\n", "__main__"),
     # a forked worker killed halfway (as the kernel's OOM killer would)
-    ("fork", "import os\nparent = os.getpid()\nbuild = stage.Augmenter.build\n"
-             "stage.Augmenter.build = lambda self, jobs: os._exit(9) if os.getpid() != parent else build(self, jobs)\n"
-             "if __name__ == '__main__':\n    {call}\n", "killed"),
-])
-def test_augment_worker_death_is_one_clear_error(digits_run, tmp_path, method, script, needle):
+    ("import os\nparent = os.getpid()\nbuild = stage.Augmenter.build\n"
+     "stage.Augmenter.build = lambda self, jobs: os._exit(9) if os.getpid() != parent else build(self, jobs)\n"
+     "if __name__ == '__main__':\n    {call}\n", "killed"),
+], ids=["spawn", "fork"])
+def test_augment_worker_death_is_one_clear_error(digits_run, tmp_path, script, needle):
     """No hang: the stage ends with one error naming the likely cause."""
     import subprocess
     import sys

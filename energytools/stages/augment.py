@@ -35,7 +35,7 @@ from ..distributed import context
 from ..energy import assign_temperatures, energy_ranks, groups_from_thresholds, logit_statistics
 from ..engine import console, progress_bar
 from ..errors import UserError
-from ..io import run_lock, sha256_file, write_json
+from ..io import remove_partial_files, run_lock, sha256_file, write_json
 from ..policies import make_policy
 from ..selection import describe_selection, select_samples
 from ..table import load_table, versions, write_parquet
@@ -63,6 +63,11 @@ class AugmentConfig:
     teacher_arch: str | None = None
     batch_size: int = 256
     overwrite: bool = False
+
+    def content(self) -> dict:
+        """The options that decide the shards' bytes: not where the input and output live (the
+        table is identified by its sha256) nor how many processes write them."""
+        return {k: v for k, v in as_dict(self).items() if k not in ("scores", "out", "workers", "overwrite")}
 
     def check(self) -> None:
         if not 0 < self.ratio <= 1:
@@ -185,11 +190,14 @@ SHARD_COMPRESSION = {name: "zstd" for name in SHARD_SCHEMA.names + ["image.path"
 START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
 
 _WORKER: Augmenter | None = None  # the Augmenter a worker process builds chunks with
+#: every augment process scores with this many threads: the count changes the last bits of the
+#: logits, and the bytes must not depend on --workers
+SCORING_THREADS = 1
 
 
 def _init_worker(cfg: AugmentConfig, parent: int) -> None:
     global _WORKER
-    torch.set_num_threads(1)
+    torch.set_num_threads(SCORING_THREADS)
     if _WORKER is None:  # spawned
         _WORKER = Augmenter.open(cfg)
     else:
@@ -243,9 +251,7 @@ def write_shards(plans: list[ShardPlan], metadata: dict, builder: Augmenter,
     chunk is a pure function of its jobs, so who builds it does not change the bytes.
     """
     threads = torch.get_num_threads()
-    # every process scores with one thread: the thread count changes the last bits of the
-    # logits, and the bytes must not depend on --workers
-    torch.set_num_threads(1)
+    torch.set_num_threads(SCORING_THREADS)
     units = [(k, c) for k, plan in enumerate(plans) for c in range(len(plan.chunks))]
     chunks = [plans[k].chunks[c] for k, c in units]
     built: dict[int, dict[int, pa.Table]] = {}
@@ -317,12 +323,9 @@ def augment(cfg: AugmentConfig) -> Path:
     n_shards = (len(jobs) + cfg.shard_size - 1) // cfg.shard_size
     names = [f"shard-{k:05d}-of-{n_shards:05d}.parquet" for k in range(n_shards)]
     table_sha = sha256_file(cfg.scores)
-    # where the input and output live and how many processes make it do not change the content
-    # (the table is identified by its sha256 below)
-    resolved = {k: v for k, v in as_dict(cfg).items() if k not in ("scores", "out", "workers", "overwrite")}
+    resolved = cfg.content()
     plan_key = hashlib.sha256(json.dumps([resolved, table_sha], sort_keys=True).encode()).hexdigest()
-    # every process scores with one thread, whatever this one's count (see write_shards)
-    metadata = {"kind": "he-da", "config": resolved, "versions": {**versions(), "torch_threads": 1},
+    metadata = {"kind": "he-da", "config": resolved, "versions": {**versions(), "torch_threads": SCORING_THREADS},
                 # the table's hash, not its path: where files live does not change the shards' bytes
                 "scores": {"sha256": table_sha, "dataset": meta["dataset"]},
                 "teacher": meta["teacher"], "groups": meta["groups"], "temperatures": meta["temperatures"]}
@@ -340,8 +343,7 @@ def augment(cfg: AugmentConfig) -> Path:
                     raise UserError(f"{out} exists and is not an energytools shard directory")
                 shutil.rmtree(out)
             out.mkdir(parents=True, exist_ok=True)
-            for partial in out.glob(".tmp-*"):  # a killed run's half-written shard (this process holds the lock)
-                partial.unlink()
+            remove_partial_files(out)  # a killed run's half-written shard; this process holds the lock
             plan_file.write_text(plan_key)
         ctx.barrier()
         mine = [k for k in range(n_shards) if k % ctx.world == ctx.rank]
