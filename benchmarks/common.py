@@ -11,7 +11,7 @@ import torch
 
 from energytools.config import DataConfig
 from energytools.models import create_model, save_checkpoint
-from energytools.stages.train import model_meta
+from energytools.engine import model_meta
 
 
 def benchmark_teacher(path: Path, arch: str = "resnet20", limit: int | None = None) -> Path:

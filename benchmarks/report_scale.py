@@ -10,9 +10,10 @@ import numpy as np
 import polars as pl
 
 from common import emit, timed
-from energytools.energy import GROUPS, SIGN_CONVENTION, rank_groups
+from energytools.config import DataConfig
+from energytools.energy import TemperatureRule
 from energytools.stages.report import report
-from energytools.table import write_parquet
+from energytools.table import DatasetRecord, TableMeta, TeacherRecord, write_parquet
 
 
 def synthetic_table(rows: int, path: Path) -> Path:
@@ -20,19 +21,16 @@ def synthetic_table(rows: int, path: Path) -> Path:
     labels = rng.integers(0, 1000, rows)
     energy = rng.normal(-12, 1.5, rows).astype(np.float32)
     confidence = (1 / (1 + np.exp(energy + 11 + rng.normal(0, 0.5, rows)))).astype(np.float32)
-    groups, thresholds, _ = rank_groups(energy.astype(np.float64), np.arange(rows), 0.2, 0.2)
-    temps = np.select([groups == "low", groups == "high"], [6.0, 2.0], 4.0).astype(np.float32)
+    fitted = TemperatureRule().fit(energy, np.arange(rows))
+    groups, temps = fitted.assign(energy, np.arange(rows))
     frame = pl.DataFrame({"sample_id": np.arange(rows), "label": labels, "pred": labels,
                           "correct": rng.random(rows) < confidence, "energy": energy, "confidence": confidence,
                           "true_prob": confidence, "entropy": 1 - confidence, "margin": confidence / 2,
                           "energy_group": groups.astype(str), "temperature": temps})
-    meta = {"kind": "scores", "split": "train", "teacher": {"arch": "synthetic"},
-            "dataset": {"name": "synthetic", "split": "train", "options": {"name": "synthetic"}},
-            "energy": {"temperature": 4.0, "sign": SIGN_CONVENTION},
-            "groups": {"low_frac": 0.2, "high_frac": 0.2, "thresholds": thresholds.to_dict()},
-            "temperatures": dict(zip(GROUPS, (6.0, 4.0, 2.0))),
-            "summary": {"samples": rows, "accuracy": float(frame["correct"].mean() * 100)}}
-    return write_parquet(frame, path, meta)
+    meta = TableMeta(DataConfig(dataset="synthetic"), DatasetRecord("synthetic", "train", rows, "0" * 64, 1000),
+                     TeacherRecord("synthetic", "0" * 64, "none", 1000, 3), 4.0, fitted.rule, fitted.thresholds,
+                     "this table", {}, {"samples": rows, "accuracy": float(frame["correct"].mean() * 100)}, {})
+    return write_parquet(frame, path, meta.to_json())
 
 
 def main():

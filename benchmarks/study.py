@@ -31,12 +31,11 @@ import numpy as np
 import polars as pl
 import torch
 
-from energytools.config import DataConfig
-from energytools.engine import TrainConfig
-from energytools.stages.augment import AugmentConfig, augment
-from energytools.stages.distill import DistillConfig, distill
-from energytools.stages.score import ScoreConfig, score
-from energytools.table import read_metadata
+from energytools.config import AugmentConfig, DataConfig, DistillConfig, ScoreConfig, TrainConfig, TrainStageConfig
+from energytools.stages.augment import augment
+from energytools.stages.distill import distill
+from energytools.stages.score import score
+from energytools.table import TableMeta
 
 # name -> (method, temperatures or None, HE-DA (ratio, select) or None)
 CONFIGS = {
@@ -86,7 +85,7 @@ def run_setting(setting: str, data: DataConfig, teacher: Path, out: Path, seeds,
             if not (run_dir / "summary.json").exists():
                 distill(DistillConfig(scores=str(table), student=student, out=str(run_dir), method=method,
                                       temperatures=temps, shards=shards, cached_logits=True,
-                                      eval_limit=data.eval_limit, train=TrainConfig(epochs=epochs, seed=seed),
+                                      train=TrainConfig(epochs=epochs, seed=seed),
                                       overwrite=True))
             summary = json.loads((run_dir / "summary.json").read_text())
             rows.append({"setting": setting, "config": name, "seed": seed, "best": summary["best_test_acc"],
@@ -159,7 +158,7 @@ def comparison_markdown(compared: pl.DataFrame) -> str:
 
 
 def energy_check(table: Path) -> str:
-    s = read_metadata(table)["summary"]
+    s = TableMeta.read(table).summary
     groups = "; ".join(f"{g['energy_group']}: confidence {g['mean_confidence']:.3f}, accuracy {g['accuracy']:.1f}%"
                        for g in s["groups"])
     return (f"{s['samples']} samples, teacher accuracy {s['accuracy']:.2f}%, Spearman(energy, confidence) "
@@ -193,7 +192,8 @@ def main():
         teacher = args.out / "teacher" / "best.pt"
         data = DataConfig(dataset="digits")
         if not teacher.exists():
-            train(data, "cnn_small", TrainConfig(epochs=2), args.out / "teacher", overwrite=True)
+            train(TrainStageConfig(model="cnn_small", out=str(args.out / "teacher"), data=data,
+                                   train=TrainConfig(epochs=2), overwrite=True))
         frames.append(run_setting("digits", data, teacher, args.out / "digits", [0], configs, 1, args.student))
         checks["digits"] = energy_check(args.out / "digits" / "scores.parquet")
     else:

@@ -1,14 +1,18 @@
 """The `energytools` command: a thin layer of options over the stage functions."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
+import importlib
+import inspect
 import os
 import sys
 import tempfile
 import traceback
+import typing
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 
@@ -65,25 +69,72 @@ def command(name: str | None = None, **kwargs):
     return decorator
 
 
-# --- shared options -----------------------------------------------------------------------
-Dataset = Annotated[Optional[str], typer.Option("--dataset", help="fashion-mnist, cifar10, cifar100, imagefolder, digits")]
-DataRoot = Annotated[Optional[Path], typer.Option("--data-root", help="where the dataset files are")]
-Limit = Annotated[Optional[int], typer.Option("--limit", help="class-stratified subset of N training samples")]
-EvalLimit = Annotated[Optional[int], typer.Option("--eval-limit", help="same, for the val and test splits")]
-Imbalance = Annotated[Optional[float], typer.Option("--imbalance-factor", help="long-tail the train split (e.g. 100)")]
-ImageSize = Annotated[Optional[int], typer.Option("--image-size", help="imagefolder: side of the square input")]
-Device = Annotated[str, typer.Option("--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1 ...")]
-Workers = Annotated[int, typer.Option("--num-workers", help="DataLoader worker processes")]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace an existing output")]
+# --- stage commands: one option per config field ---------------------------------------------
+
+def _cli_option(spec, hint) -> tuple[object, object]:
+    """(annotation, default) of the typer parameter for one config field."""
+    from .config import _optional
+
+    base, _ = _optional(hint)
+    flag = "--" + spec.name.replace("_", "-")
+    required = spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING
+    shown = None if required or spec.default is dataclasses.MISSING else spec.default
+    if isinstance(shown, tuple):
+        shown = ",".join(map(str, shown)) if shown else None
+    help_text = spec.metadata.get("help", "")
+    show = str(shown) if shown is not None else False
+    if base is bool:
+        kind, names = Optional[bool], [f"{flag}/--no-{flag[2:]}"]
+    elif typing.get_origin(base) is tuple and typing.get_args(base)[0] is str:
+        kind, names = Optional[list[str]], [flag]
+        help_text += " (repeatable)"
+    elif typing.get_origin(base) is tuple:
+        kind, names = Optional[str], [flag]
+        help_text += " (comma-separated)"
+    else:
+        kind, names = Optional[base], [flag]
+    if required:  # checked by resolve(), so that --config may give it too
+        show = "required"
+    return Annotated[kind, typer.Option(*names, help=help_text, show_default=show)], None
 
 
-def _data_config(dataset, data_root, limit, eval_limit, imbalance_factor, image_size, defaults: dict | None = None):
-    from .config import DataConfig, overrides, resolve
+ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="a TOML file of this command's options; "
+                                                    "flags override it")]
 
-    values = dict(defaults or {})
-    values.update(overrides(dataset=dataset, data_root=str(data_root) if data_root else None, limit=limit,
-                            eval_limit=eval_limit, imbalance_factor=imbalance_factor, image_size=image_size))
-    return resolve(DataConfig, values, "dataset options")
+
+def stage_command(name: str, config_class, run: Callable, doc: str) -> None:
+    """Register ``energytools NAME``: every field of ``config_class`` (nested configs flattened)
+    is an option with the dataclass's default, and ``--config FILE`` sets any of them from TOML;
+    the resolved config goes to ``run``, as the Python API and recipes do."""
+    from .config import flat_fields, overrides, resolve
+
+    params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ConfigFile)]
+    for spec, hint in flat_fields(config_class):
+        annotation, default = _cli_option(spec, hint)
+        params.append(inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                        annotation=annotation))
+
+    def command(config: Path | None = None, **flags):
+        values = _read_config_file(config) if config else {}
+        values.update(overrides(**flags))
+        run(resolve(config_class, values, f"energytools {name}"))
+
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = doc
+    command.__name__ = f"{name}_command"
+    app.command(name)(handle_errors(command))
+
+
+def _read_config_file(path: Path) -> dict:
+    import tomllib
+
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"--config {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"--config {path}: not valid TOML: {exc}") from None
 
 
 @command("models")
@@ -111,167 +162,33 @@ def datasets_command():
         typer.echo(f"{name:<12}  {(loader.__doc__ or '').strip().splitlines()[0] if loader.__doc__ else ''}")
 
 
-@command("train")
-def train_command(
-    model: Annotated[str, typer.Option("--model", help="architecture, see `energytools models`")],
-    out: Annotated[Path, typer.Option("--out", help="run directory")],
-    dataset: Dataset = "fashion-mnist", data_root: DataRoot = None, limit: Limit = None,
-    eval_limit: EvalLimit = None, imbalance_factor: Imbalance = None, image_size: ImageSize = None,
-    epochs: Annotated[int, typer.Option(help="training epochs")] = 30,
-    batch_size: Annotated[int, typer.Option(help="batch size")] = 64,
-    lr: Annotated[float, typer.Option(help="initial learning rate")] = 0.05,
-    weight_decay: Annotated[float, typer.Option(help="SGD weight decay")] = 5e-4,
-    schedule: Annotated[str, typer.Option(help="step (x0.1 at 62.5/75/87.5% of epochs) or cosine")] = "step",
-    seed: Annotated[int, typer.Option(help="seed for every random choice")] = 0,
-    device: Device = "auto", num_workers: Workers = 0,
-    resume: Annotated[bool, typer.Option("--resume", help="continue from OUT/last.pt")] = False,
-    overwrite: Overwrite = False,
-):
-    """Train a model with cross-entropy: how a teacher is made, and the no-distillation baseline.
+def _register_stages() -> None:
+    from .config import AugmentConfig, DistillConfig, ScoreConfig, SelectConfig, TrainStageConfig
 
-    Example: `energytools train --dataset fashion-mnist --model resnet20 --epochs 15 --out runs/teacher`
-    """
-    from .engine import TrainConfig
-    from .stages.train import train
+    def lazily(module: str, function: str) -> Callable:
+        """The stage function, imported when the command runs (torch loads only then)."""
+        return lambda cfg: getattr(importlib.import_module(f"energytools.stages.{module}"), function)(cfg)
 
-    data = _data_config(dataset, data_root, limit, eval_limit, imbalance_factor, image_size)
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule,
-                      seed=seed, device=device, num_workers=num_workers)
-    train(data, model, cfg, out, resume=resume, overwrite=overwrite)
+    stage_command("train", TrainStageConfig, lazily("train", "train"),
+                  "Train a model with cross-entropy: how a teacher is made, and the no-distillation baseline.\n\n"
+                  "Example: `energytools train --dataset fashion-mnist --model resnet20 --epochs 15 --out runs/teacher`")
+    stage_command("score", ScoreConfig, lazily("score", "score"),
+                  "Score every sample with the teacher: energy, confidence, groups and temperatures to Parquet.\n\n"
+                  "Example: `energytools score --teacher runs/teacher/best.pt --out runs/scores.parquet`")
+    stage_command("distill", DistillConfig, lazily("distill", "distill"),
+                  "Distill a student from the teacher, with per-sample temperatures read from the score table.\n\n"
+                  "Example: `energytools distill --scores runs/scores.parquet --student cnn_small --method energy-kd "
+                  "--shards runs/he-da --out runs/energy-kd`")
+    stage_command("select", SelectConfig, lazily("augment", "select"),
+                  "Select the highest-energy fraction (curation only): prints count, class histogram, energy "
+                  "range.\n\nExample: `energytools select --scores runs/scores.parquet --ratio 0.3 --out "
+                  "runs/selected.parquet`")
+    stage_command("augment", AugmentConfig, lazily("augment", "augment"),
+                  "Materialize HE-DA shards: augment the highest-energy samples and score them with the teacher."
+                  "\n\nExample: `energytools augment --scores runs/scores.parquet --ratio 0.3 --out runs/he-da`")
 
 
-def _optional_data(dataset, data_root, limit, eval_limit, imbalance_factor, image_size):
-    """A DataConfig only when the user named a dataset option; else None (use the recorded one)."""
-    if all(v is None for v in (dataset, data_root, limit, eval_limit, imbalance_factor, image_size)):
-        return None
-    if dataset is None:
-        raise UserError("dataset options need --dataset")
-    return _data_config(dataset, data_root, limit, eval_limit, imbalance_factor, image_size)
-
-
-@command("score")
-def score_command(
-    teacher: Annotated[Path, typer.Option("--teacher", help="teacher checkpoint")],
-    out: Annotated[Path, typer.Option("--out", help="the table to write")] = Path("scores.parquet"),
-    dataset: Dataset = None, data_root: DataRoot = None, limit: Limit = None, eval_limit: EvalLimit = None,
-    imbalance_factor: Imbalance = None, image_size: ImageSize = None,
-    teacher_arch: Annotated[Optional[str], typer.Option(help="architecture, for checkpoints that do not record it")] = None,
-    split: Annotated[str, typer.Option(help="train, val or test")] = "train",
-    energy_temperature: Annotated[float, typer.Option(help="T_E in E = -T_E*logsumexp(z/T_E)")] = 4.0,
-    low_frac: Annotated[float, typer.Option(help="fraction of lowest-energy samples in the low group")] = 0.2,
-    high_frac: Annotated[float, typer.Option(help="fraction of highest-energy samples in the high group")] = 0.2,
-    temperatures: Annotated[str, typer.Option(help="KD temperature of the low,mid,high groups (paper: 6,4,2; reference code: 2,4,6)")] = "6,4,2",
-    temperature_rule: Annotated[str, typer.Option(help="groups, or rank (linear in energy rank)")] = "groups",
-    reference: Annotated[Optional[Path], typer.Option(help="train table whose thresholds group this split")] = None,
-    save_logits: Annotated[bool, typer.Option("--save-logits", help="store float16 logits (and of the flipped image)")] = False,
-    batch_size: Annotated[int, typer.Option(help="images per forward pass")] = 256,
-    part_size: Annotated[int, typer.Option(help="rows per resumable part written to OUT.parts/")] = 8192,
-    device: Device = "auto", num_workers: Workers = 0, overwrite: Overwrite = False,
-):
-    """Score every sample with the teacher: energy, confidence, groups and temperatures to Parquet.
-
-    Example: `energytools score --teacher runs/teacher/best.pt --out runs/scores.parquet`
-    """
-    from .stages.score import ScoreConfig, score
-
-    data = _optional_data(dataset, data_root, limit, eval_limit, imbalance_factor, image_size)
-    score(ScoreConfig(teacher=str(teacher), out=str(out), data=data, teacher_arch=teacher_arch, split=split,
-                      energy_temperature=energy_temperature, low_frac=low_frac, high_frac=high_frac,
-                      temperatures=temperatures, temperature_rule=temperature_rule,
-                      reference=str(reference) if reference else None, save_logits=save_logits,
-                      batch_size=batch_size, part_size=part_size, device=device, num_workers=num_workers,
-                      overwrite=overwrite))
-
-
-@command("distill")
-def distill_command(
-    student: Annotated[str, typer.Option("--student", help="student architecture")],
-    out: Annotated[Path, typer.Option("--out", help="run directory")],
-    scores: Annotated[Path, typer.Option("--scores", help="the train score table")] = Path("scores.parquet"),
-    method: Annotated[str, typer.Option(help="ce, kd, energy-kd, dkd or energy-dkd")] = "energy-kd",
-    shards: Annotated[Optional[list[Path]], typer.Option("--shards", help="HE-DA shard directory (repeatable)")] = None,
-    teacher: Annotated[Optional[Path], typer.Option(help="teacher checkpoint (default: the one that scored the table)")] = None,
-    teacher_arch: Annotated[Optional[str], typer.Option(help="architecture, for checkpoints that do not record it")] = None,
-    temperature_source: Annotated[str, typer.Option(help="table (offline, by sample_id) or online (teacher energy per batch)")] = "table",
-    temperatures: Annotated[Optional[str], typer.Option(help="re-derive: T of low,mid,high groups, e.g. 2,4,6")] = None,
-    low_frac: Annotated[Optional[float], typer.Option(help="re-derive groups with this low fraction")] = None,
-    high_frac: Annotated[Optional[float], typer.Option(help="re-derive groups with this high fraction")] = None,
-    temperature_rule: Annotated[Optional[str], typer.Option(help="groups or rank")] = None,
-    kd_temperature: Annotated[float, typer.Option(help="T of kd and dkd")] = 4.0,
-    cached_logits: Annotated[bool, typer.Option("--cached-logits", help="use the table's stored teacher logits")] = False,
-    eval_limit: EvalLimit = None,
-    epochs: Annotated[int, typer.Option(help="training epochs")] = 30,
-    batch_size: Annotated[int, typer.Option(help="batch size")] = 64,
-    lr: Annotated[float, typer.Option(help="initial learning rate")] = 0.05,
-    schedule: Annotated[str, typer.Option(help="step or cosine")] = "step",
-    seed: Annotated[int, typer.Option(help="seed for every random choice")] = 0,
-    device: Device = "auto", num_workers: Workers = 0,
-    resume: Annotated[bool, typer.Option("--resume", help="continue from OUT/last.pt")] = False,
-    overwrite: Overwrite = False,
-):
-    """Distill a student from the teacher, with per-sample temperatures read from the score table.
-
-    Example: `energytools distill --scores runs/scores.parquet --student cnn_small --method energy-kd --shards runs/he-da --out runs/energy-kd`
-    """
-    from .engine import TrainConfig
-    from .stages.distill import DistillConfig, distill
-
-    cfg = DistillConfig(scores=str(scores), student=student, out=str(out), method=method,
-                        shards=tuple(str(s) for s in shards or ()), teacher=str(teacher) if teacher else None,
-                        teacher_arch=teacher_arch, temperature_source=temperature_source, temperatures=temperatures,
-                        low_frac=low_frac, high_frac=high_frac, temperature_rule=temperature_rule,
-                        kd_temperature=kd_temperature, cached_logits=cached_logits, eval_limit=eval_limit,
-                        train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, seed=seed,
-                                          device=device, num_workers=num_workers),
-                        resume=resume, overwrite=overwrite)
-    distill(cfg)
-
-
-Ratio = Annotated[float, typer.Option(help="fraction of samples to select, in (0, 1]")]
-SelectMode = Annotated[str, typer.Option("--select", help="high (HE-DA), low or random (controls)")]
-PerClass = Annotated[bool, typer.Option("--per-class", help="take the fraction within each class")]
-Seed = Annotated[int, typer.Option(help="seed for every random choice")]
-Scores = Annotated[Path, typer.Option("--scores", help="the train score table")]
-
-
-@command("select")
-def select_command(
-    scores: Scores = Path("scores.parquet"), ratio: Ratio = 0.3, select: SelectMode = "high",
-    per_class: PerClass = False, seed: Seed = 0,
-    out: Annotated[Optional[Path], typer.Option(help="write the selected ids to this Parquet file")] = None,
-    overwrite: Overwrite = False,
-):
-    """Select the highest-energy fraction (curation only): prints count, class histogram, energy range.
-
-    Example: `energytools select --scores runs/scores.parquet --ratio 0.3 --out runs/selected.parquet`
-    """
-    from .stages.augment import select as select_stage
-
-    select_stage(str(scores), str(out) if out else None, ratio, select, per_class, seed, overwrite)
-
-
-@command("augment")
-def augment_command(
-    scores: Scores = Path("scores.parquet"), ratio: Ratio = 0.3,
-    out: Annotated[Path, typer.Option(help="shard directory")] = Path("he-da"),
-    select: SelectMode = "high", per_class: PerClass = False,
-    policy: Annotated[str, typer.Option(help="cutmix, mixup, randaug, light, or an albumentations .json/.yaml file")] = "cutmix",
-    copies: Annotated[int, typer.Option(help="augmented samples per selected sample")] = 1,
-    seed: Seed = 0,
-    workers: Annotated[int, typer.Option(help="processes writing shards")] = 1,
-    shard_size: Annotated[int, typer.Option(help="rows per shard")] = 2048,
-    teacher: Annotated[Optional[Path], typer.Option(help="teacher checkpoint (default: the table's)")] = None,
-    overwrite: Overwrite = False,
-):
-    """Materialize HE-DA shards: augment the highest-energy samples and score them with the teacher.
-
-    Example: `energytools augment --scores runs/scores.parquet --ratio 0.3 --out runs/he-da`
-    """
-    from .stages.augment import AugmentConfig, augment
-
-    augment(AugmentConfig(scores=str(scores), out=str(out), ratio=ratio, select=select, per_class=per_class,
-                          policy=policy, copies=copies, seed=seed, workers=workers, shard_size=shard_size,
-                          teacher=str(teacher) if teacher else None, overwrite=overwrite))
+_register_stages()
 
 
 @command("report")

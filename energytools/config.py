@@ -1,56 +1,366 @@
-"""Stage configs: defaults -> pipeline TOML -> CLI flags, and the resolved dict saved with outputs."""
+"""Stage configs: one dataclass per stage is the single source of its options and defaults.
+
+The Python API, the CLI and the recipe sections all build a stage's config through
+:func:`resolve`, so the same options give the same run whichever way they are written:
+defaults (the dataclass) -> recipe or config values -> CLI flags. Every value is type-checked
+there, with one line naming the key. A field's ``help`` (its metadata) is its CLI help text.
+"""
 from __future__ import annotations
 
 import dataclasses
 import difflib
-from dataclasses import dataclass
+import math
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import build_dataset
 from .errors import UserError
+
+
+def option(default=dataclasses.MISSING, help: str = "", factory=dataclasses.MISSING):
+    """A config field with its CLI help text (``factory`` for a nested config's default)."""
+    return field(default=default, default_factory=factory, metadata={"help": help})
 
 
 @dataclass
 class DataConfig:
     """Which samples: a dataset by name and the options that subset it."""
 
-    dataset: str = "fashion-mnist"
-    data_root: str | None = None
-    limit: int | None = None  # class-stratified subset of the training split
-    eval_limit: int | None = None  # same for the val and test splits
-    imbalance_factor: float | None = None
-    image_size: int | None = None  # imagefolder only
+    dataset: str | None = option(None, "dataset name, see `energytools datasets`")
+    data_root: str | None = option(None, "where the dataset files are")
+    limit: int | None = option(None, "class-stratified subset of N training samples")
+    eval_limit: int | None = option(None, "same, for the val and test splits")
+    imbalance_factor: float | None = option(None, "long-tail the train split (e.g. 100)")
+    image_size: int | None = option(None, "imagefolder: side of the square input")
 
     def build(self, split: str):
+        from .data import build_dataset
+
+        if self.dataset is None:
+            raise UserError("no dataset given: pass --dataset (or `dataset` in the recipe's [data])")
         limit = self.limit if split == "train" else self.eval_limit
         return build_dataset(self.dataset, split, self.data_root, limit, self.imbalance_factor, self.image_size)
 
-    @classmethod
-    def from_options(cls, options: dict) -> "DataConfig":
-        """Rebuild from the ``options`` a dataset records in metadata."""
-        return cls(dataset=options["name"], data_root=options.get("data_root"), limit=options.get("limit"),
-                   imbalance_factor=options.get("imbalance_factor"), image_size=options.get("image_size"))
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings: mdistiller's CIFAR recipe (SGD 0.9, lr 0.05, wd 5e-4, batch 64,
+    lr x0.1 at 150/180/210 of 240 epochs) with the milestones as fractions of ``epochs``."""
+
+    epochs: int = option(30, "training epochs (the reference recipe: 240)")
+    batch_size: int = option(64, "batch size (per process under torchrun)")
+    lr: float = option(0.05, "initial learning rate")
+    momentum: float = option(0.9, "SGD momentum")
+    weight_decay: float = option(5e-4, "SGD weight decay")
+    schedule: str = option("step", "step (x lr_decay at the milestones) or cosine (to zero)")
+    milestones: tuple[float, ...] = option((0.625, 0.75, 0.875), "step schedule: fractions of the epochs")
+    lr_decay: float = option(0.1, "step schedule: lr factor at each milestone")
+    seed: int = option(0, "seed for every random choice")
+    device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1 ...")
+    num_workers: int = option(0, "DataLoader worker processes")
+    amp: bool = option(True, "mixed precision on cuda (no effect elsewhere)")
+    eval_batch_size: int = option(512, "batch size of validation and test passes")
+
+    def check(self) -> None:
+        from .engine import SCHEDULES
+
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UserError(f"lr must be positive, got {self.lr}")
+        if self.momentum < 0 or self.weight_decay < 0 or self.lr_decay <= 0 or self.num_workers < 0:
+            raise UserError("momentum, weight_decay and num_workers must be >= 0 and lr_decay > 0")
+        if not all(0 < m < 1 for m in self.milestones):
+            raise UserError(f"milestones are fractions of the epochs in (0, 1), got {list(self.milestones)}")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
+
+
+@dataclass(kw_only=True)
+class TrainStageConfig:
+    model: str = option(help="architecture, see `energytools models`")
+    out: str = option(help="run directory")
+    data: DataConfig = option(help="the dataset", factory=DataConfig)
+    train: TrainConfig = option(help="optimisation", factory=TrainConfig)
+    resume: bool = option(False, "continue from OUT/last.pt")
+    overwrite: bool = option(False, "replace an existing run")
+
+
+@dataclass
+class ScoreConfig:
+    teacher: str = option(help="teacher checkpoint")
+    out: str = option("scores.parquet", "the table to write")
+    data: DataConfig = option(help="the dataset; unless `dataset` is given, the teacher checkpoint's, with the "
+                              "fields that are given changed", factory=DataConfig)
+    teacher_arch: str | None = option(None, "architecture, for checkpoints that do not record it")
+    split: str = option("train", "train, val or test")
+    energy_temperature: float = option(4.0, "T_E in E = -T_E * logsumexp(z / T_E)")
+    low_frac: float = option(0.2, "fraction of lowest-energy samples in the low group")
+    high_frac: float = option(0.2, "fraction of highest-energy samples in the high group")
+    temperatures: tuple[float, ...] = option((6.0, 4.0, 2.0), "KD temperature of the low,mid,high groups "
+                                             "(paper: 6,4,2; reference code: 2,4,6)")
+    temperature_rule: str = option("groups", "groups, or rank (linear in energy rank)")
+    reference: str | None = option(None, "a train table whose groups (fractions, boundaries) group this split")
+    save_logits: bool = option(False, "store float16 logits (and of the flipped image)")
+    batch_size: int = option(256, "images per forward pass")
+    part_size: int = option(8192, "rows per resumable part written to OUT.parts/")
+    device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1 ...")
+    num_workers: int = option(0, "DataLoader worker processes")
+    amp: bool = option(True, "autocast on cuda")
+    overwrite: bool = option(False, "replace an existing output")
+
+    def rule(self):
+        from .energy import TemperatureRule
+
+        return TemperatureRule(self.temperatures, self.low_frac, self.high_frac, self.temperature_rule)
+
+    def check(self) -> None:
+        self.rule()  # fractions, temperatures and the rule's name
+        if not self.energy_temperature > 0:
+            raise UserError(f"energy_temperature must be positive, got {self.energy_temperature}")
+        if self.batch_size <= 0 or self.part_size <= 0:
+            raise UserError("batch_size and part_size must be positive")
+        self.part_size = max(self.batch_size, self.part_size // self.batch_size * self.batch_size)
+
+
+@dataclass
+class SelectConfig:
+    scores: str = option("scores.parquet", "the train score table")
+    out: str | None = option(None, "write the selected ids to this Parquet file")
+    ratio: float = option(0.3, "fraction of samples to select, in (0, 1]")
+    select: str = option("high", "high (HE-DA), low or random (controls)")
+    per_class: bool = option(False, "take the fraction within each class")
+    seed: int = option(0, "seed for every random choice")
+    overwrite: bool = option(False, "replace an existing output")
+
+
+@dataclass
+class AugmentConfig:
+    scores: str = option("scores.parquet", "the train score table")
+    out: str = option("he-da", "shard directory")
+    ratio: float = option(0.3, "fraction of samples to select, in (0, 1]")
+    select: str = option("high", "high (HE-DA), low or random (controls)")
+    per_class: bool = option(False, "take the fraction within each class")
+    policy: str = option("cutmix", "cutmix, mixup, randaug, light, or an albumentations .json/.yaml file")
+    copies: int = option(1, "augmented samples per selected sample")
+    seed: int = option(0, "seed for every random choice")
+    workers: int = option(1, "processes writing shards")
+    shard_size: int = option(2048, "rows per shard")
+    teacher: str | None = option(None, "teacher checkpoint (default: the one that scored the table)")
+    teacher_arch: str | None = option(None, "architecture, for checkpoints that do not record it")
+    batch_size: int = option(256, "images per teacher forward pass")
+    overwrite: bool = option(False, "replace an existing output")
+
+    def content(self) -> dict:
+        """The options that decide the shards' bytes: not where the input and output live (the
+        table is identified by its sha256) nor how many processes write them."""
+        return {k: v for k, v in as_dict(self).items() if k not in ("scores", "out", "workers", "overwrite")}
+
+    def check(self) -> None:
+        if not 0 < self.ratio <= 1:
+            raise UserError(f"ratio must be in (0, 1], got {self.ratio}")
+        if self.copies < 1:
+            raise UserError(f"copies must be >= 1, got {self.copies}")
+        if self.workers < 1 or self.shard_size < 1 or self.batch_size < 1:
+            raise UserError("workers, shard_size and batch_size must be >= 1")
+        from .policies import make_policy
+
+        make_policy(self.policy)  # fail on an unknown policy before any work
+
+
+TEMPERATURE_SOURCES = ("table", "online")
+
+
+@dataclass(kw_only=True)
+class DistillConfig:
+    scores: str = option("scores.parquet", "the train score table")
+    student: str = option(help="student architecture, see `energytools models`")
+    out: str = option(help="run directory")
+    method: str = option("energy-kd", "ce, kd, energy-kd, dkd or energy-dkd")
+    shards: tuple[str, ...] = option((), "HE-DA shard directory (repeatable)")
+    teacher: str | None = option(None, "teacher checkpoint (default: the one that scored the table)")
+    teacher_arch: str | None = option(None, "architecture, for checkpoints that do not record it")
+    temperature_source: str = option("table", "table (offline, by sample_id) or online (the teacher's energy "
+                                     "on each augmented view, grouped by the table's rule)")
+    temperatures: tuple[float, ...] | None = option(None, "re-derive: T of the low,mid,high groups, e.g. 2,4,6")
+    low_frac: float | None = option(None, "re-derive the groups with this low fraction")
+    high_frac: float | None = option(None, "re-derive the groups with this high fraction")
+    temperature_rule: str | None = option(None, "re-derive with this rule: groups or rank")
+    kd_temperature: float | None = option(None, "T of kd and dkd (method default: 4)")
+    ce_weight: float | None = option(None, "weight of the CE term (method default: 0.1 kd, 1.0 dkd)")
+    kd_weight: float | None = option(None, "weight of the KD term (method default: 0.9)")
+    dkd_alpha: float | None = option(None, "DKD's TCKD weight (method default: 1)")
+    dkd_beta: float | None = option(None, "DKD's NCKD weight (method default: 8; the reference's vgg13->vgg8: 6)")
+    dkd_warmup: int | None = option(None, "DKD's linear warm-up in epochs (method default: 20)")
+    cached_logits: bool = option(False, "use the table's stored teacher logits; the teacher is never run")
+    eval_limit: int | None = option(None, "class-stratified subset of the val and test splits "
+                                    "(default: the table's)")
+    train: TrainConfig = option(help="optimisation", factory=TrainConfig)
+    resume: bool = option(False, "continue from OUT/last.pt")
+    overwrite: bool = option(False, "replace an existing run")
+
+    def check(self) -> None:
+        from .distillers import method_spec
+
+        spec = method_spec(self.method)
+        if self.temperature_source not in TEMPERATURE_SOURCES:
+            raise UserError(f"temperature_source must be one of {', '.join(TEMPERATURE_SOURCES)}, "
+                            f"got {self.temperature_source!r}")
+        for name, value in spec.options(as_dict(self)).items():
+            if name != "dkd_warmup" and not (isinstance(value, (int, float)) and value >= 0):
+                raise UserError(f"{name} must be a non-negative number, got {value!r}")
+        if not spec.options(as_dict(self)).get("kd_temperature", 1) > 0:
+            raise UserError("kd_temperature must be positive")
+        self.train.check()
+
+
+# --- resolving a config from a dict --------------------------------------------------------
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _is_config(hint) -> bool:
+    return isinstance(hint, type) and dataclasses.is_dataclass(hint)
+
+
+def _optional(hint):
+    """``X | None`` -> (X, True); anything else -> (hint, False)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return hint, False
+
+
+def _describe(hint) -> str:
+    hint, _ = _optional(hint)
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {_describe(typing.get_args(hint)[0])}s"
+    return {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))
+
+
+def convert(value, hint, where: str):
+    """``value`` checked against the type ``hint`` (and converted: int -> float, list -> tuple,
+    "6,4,2" -> (6.0, 4.0, 2.0)); a mismatch is one UserError naming ``where``."""
+    base, optional = _optional(hint)
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"{where} must be {_describe(hint)}, got nothing")
+    if _is_config(base):
+        if isinstance(value, base):
+            return value
+        if isinstance(value, dict):
+            return resolve(base, value, where)
+    elif typing.get_origin(base) is tuple:
+        (item,) = [a for a in typing.get_args(base) if a is not Ellipsis]
+        if isinstance(value, str) and item is not str:
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, (list, tuple)):
+            return tuple(convert(_number(v) if item in (int, float) else v, item, where) for v in value)
+    elif base is bool:
+        if isinstance(value, bool):
+            return value
+    elif base is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif base is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif base is str:
+        if isinstance(value, (str, Path)):
+            return str(value)
+    else:
+        return value
+    raise UserError(f"{where} must be {_describe(hint)}, got {value!r}")
+
+
+def _number(text):
+    """A comma-list item: a number when it reads as one (convert() then checks the type)."""
+    if not isinstance(text, str):
+        return text
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def resolve(cls, values: dict, where: str = "config"):
-    """Build dataclass ``cls`` from a dict, refusing unknown keys with the nearest valid one."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in values:
-        if key not in names:
-            near = difflib.get_close_matches(key, sorted(names), n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise UserError(f"{where}: unknown key {key!r}{hint}")
-    try:
-        return cls(**values)
-    except TypeError as exc:
-        raise UserError(f"{where}: {exc}") from None
+    """Build dataclass ``cls`` from ``values``.
+
+    Keys of nested config fields may be given flat (``epochs`` for ``train.epochs``), as the CLI
+    and the API do, or as a nested dict, as a recipe may. Unknown keys are refused with the
+    nearest valid one; every value is type-checked.
+    """
+    hints = _hints(cls)
+    own = {f.name: f for f in dataclasses.fields(cls)}
+    nested = {name: _optional(hints[name])[0] for name in own if _is_config(_optional(hints[name])[0])}
+    routed: dict[str, dict] = {name: {} for name in nested}
+    kwargs = {}
+    for key, value in values.items():
+        if key in own:
+            if key in nested and isinstance(value, dict):
+                routed[key].update(value)
+            else:
+                kwargs[key] = convert(value, hints[key], f"{where}: {key}")
+            continue
+        owner = next((name for name, sub in nested.items() if key in flat_names(sub)), None)
+        if owner is None:
+            near = difflib.get_close_matches(key, sorted(flat_names(cls)), n=1)
+            raise UserError(f"{where}: unknown key {key!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+        routed[owner][key] = value
+    for name, sub_values in routed.items():
+        if sub_values:
+            base = kwargs.get(name)
+            start = as_dict(base) if base is not None else {}
+            kwargs[name] = resolve(nested[name], {**start, **sub_values}, where)
+    missing = [f.name for f in own.values() if f.name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise UserError(f"{where}: {missing[0]} is required")
+    return cls(**kwargs)
 
 
-def overrides(**flags) -> dict:
-    """The CLI flags the user actually set (typer passes None for the rest)."""
-    return {k: v for k, v in flags.items() if v is not None}
+def flat_names(cls) -> list[str]:
+    """Every key :func:`resolve` accepts for ``cls`` at the top level."""
+    hints = _hints(cls)
+    names = []
+    for f in dataclasses.fields(cls):
+        base = _optional(hints[f.name])[0]
+        names += flat_names(base) if _is_config(base) else [f.name]
+    return names
+
+
+def flat_fields(cls) -> list[tuple[dataclasses.Field, object]]:
+    """``(field, type hint)`` of every leaf option of ``cls``, nested configs flattened."""
+    hints = _hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        base = _optional(hints[f.name])[0]
+        out += flat_fields(base) if _is_config(base) else [(f, hints[f.name])]
+    return out
 
 
 def as_dict(obj) -> dict:
-    out = dataclasses.asdict(obj)
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items()}
+    """A config as plain JSON-able values (nested configs as dicts, tuples as lists)."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            value = as_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        elif isinstance(value, Path):
+            value = str(value)
+        out[f.name] = value
+    return out
+
+
+def overrides(**flags) -> dict:
+    """The values the user actually set (None means "not given")."""
+    return {k: v for k, v in flags.items() if v is not None}

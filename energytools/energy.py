@@ -52,68 +52,52 @@ def _count(fraction: float, total: int) -> int:
     return int(math.floor(round(fraction * total, 9)))
 
 
-@dataclass(frozen=True)
-class Thresholds:
-    """Energy cut points of a reference set: ``low`` = E <= low_max, ``high`` = E >= high_min."""
-
-    low_frac: float
-    high_frac: float
-    low_max: float
-    high_min: float
-
-    def to_dict(self) -> dict:
-        return {"low_frac": self.low_frac, "high_frac": self.high_frac,
-                "low_max": self.low_max, "high_min": self.high_min}
-
-
 def check_fractions(low_frac: float, high_frac: float) -> None:
-    for name, value in (("--low-frac", low_frac), ("--high-frac", high_frac)):
+    for name, value in (("low_frac", low_frac), ("high_frac", high_frac)):
         if not 0 <= value < 1:
             raise UserError(f"{name} must be in [0, 1), got {value}")
     if low_frac + high_frac >= 1:
-        raise UserError(f"--low-frac + --high-frac must be < 1, got {low_frac} + {high_frac}")
+        raise UserError(f"low_frac + high_frac must be < 1, got {low_frac} + {high_frac}")
 
 
-def rank_groups(energies: np.ndarray, sample_ids: np.ndarray, low_frac: float, high_frac: float):
-    """Assign groups by rank so counts are exact, ties broken by ``sample_id``.
+def parse_temperatures(text) -> tuple[float, float, float]:
+    """'6,4,2' -> (6.0, 4.0, 2.0), the temperatures of the low, mid and high groups."""
+    if isinstance(text, dict):
+        text = [text.get(g) for g in GROUPS]
+    parts = list(text) if isinstance(text, (list, tuple)) else [p for p in str(text).split(",") if p.strip()]
+    try:
+        values = tuple(float(p) for p in parts)
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) != 3:
+        raise UserError(f"temperatures take three numbers low,mid,high such as 6,4,2; got {text!r}")
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise UserError(f"temperatures must be positive, got {text!r}")
+    return values
 
-    The lowest ``floor(low_frac * N)`` samples in (energy, sample_id) order are "low",
-    the highest ``floor(high_frac * N)`` are "high", the rest "mid". Returns
-    ``(groups as an array of str, Thresholds, ranks)`` where ``ranks`` is each sample's
-    position in (energy, sample_id) order scaled to [0, 1] (the ``rank`` rule's input).
+
+def keys_below(ref_energies: np.ndarray, ref_ids: np.ndarray, energies: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """For each ``(energy, sample_id)`` key, how many reference keys are strictly smaller.
+
+    Keys compare by energy, then by sample_id: the one tie-break of every grouping. For a
+    reference sample this is its own position in (energy, sample_id) order.
     """
-    check_fractions(low_frac, high_frac)
-    total = len(energies)
-    if total == 0:
-        raise UserError("cannot compute energy groups of an empty set")
-    order = np.lexsort((sample_ids, energies))
-    n_low, n_high = _count(low_frac, total), _count(high_frac, total)
-    groups = np.full(total, "mid", dtype=object)
-    groups[order[:n_low]] = "low"
-    groups[order[total - n_high:]] = "high"
-    ranks = np.empty(total)
-    ranks[order] = np.arange(total) / max(total - 1, 1)
-    sorted_e = energies[order]
-    thresholds = Thresholds(low_frac, high_frac,
-                            low_max=float(sorted_e[n_low - 1]) if n_low else float("-inf"),
-                            high_min=float(sorted_e[total - n_high]) if n_high else float("inf"))
-    return groups, thresholds, ranks
-
-
-def groups_from_thresholds(energies, thresholds: Thresholds | dict) -> np.ndarray:
-    """Groups of new samples (test split, augmented images) against reference thresholds."""
-    if isinstance(thresholds, dict):
-        thresholds = Thresholds(**thresholds)
     energies = np.asarray(energies, dtype=np.float64)
-    groups = np.full(len(energies), "mid", dtype=object)
-    groups[energies <= thresholds.low_max] = "low"
-    groups[energies >= thresholds.high_min] = "high"
-    return groups
+    all_energies = np.concatenate([energies, np.asarray(ref_energies, dtype=np.float64)])
+    all_ids = np.concatenate([np.asarray(ids, dtype=np.int64), np.asarray(ref_ids, dtype=np.int64)])
+    is_ref = np.concatenate([np.zeros(len(energies), bool), np.ones(len(ref_energies), bool)])
+    # on an equal key the query sorts first, so only strictly smaller reference keys precede it
+    order = np.lexsort((is_ref, all_ids, all_energies))
+    ref_sorted = is_ref[order]
+    refs_before = np.cumsum(ref_sorted) - ref_sorted
+    below = np.empty(len(energies), dtype=np.int64)
+    below[order[~ref_sorted]] = refs_before[~ref_sorted]
+    return below
 
 
-# --- temperature rules: energy -> per-sample KD temperature ------------------------------
+# --- temperature rules: energy rank -> per-sample KD temperature -------------------------
 
-#: name -> rule(energies, groups, ranks in [0, 1], temperatures (low, mid, high)) -> T per sample
+#: name -> rule(groups, ranks in [0, 1], temperatures (low, mid, high)) -> T per sample
 TEMPERATURE_RULES: dict[str, Callable] = {}
 
 
@@ -138,34 +122,70 @@ def _rank_rule(groups: np.ndarray, ranks: np.ndarray, temperatures: tuple[float,
     return (low + (high - low) * ranks).astype(np.float32)
 
 
-def parse_temperatures(text) -> tuple[float, float, float]:
-    """'6,4,2' -> (6.0, 4.0, 2.0), the temperatures of the low, mid and high groups."""
-    if isinstance(text, (list, tuple)):
-        parts = list(text)
-    else:
-        parts = [p for p in str(text).split(",") if p.strip()]
-    try:
-        values = tuple(float(p) for p in parts)
-    except ValueError:
-        raise UserError(f"--temperatures takes three numbers low,mid,high such as 6,4,2; got {text!r}") from None
-    if len(values) != 3:
-        raise UserError(f"--temperatures takes three numbers low,mid,high such as 6,4,2; got {text!r}")
-    if not all(math.isfinite(v) and v > 0 for v in values):
-        raise UserError(f"temperatures must be positive, got {text!r}")
-    return values
+@dataclass(frozen=True)
+class TemperatureRule:
+    """How energies become groups and KD temperatures: the one rule of score, augment and distill.
+
+    ``low`` is the lowest ``floor(low_frac * N)`` of a reference set of N samples in
+    (energy, sample_id) order, ``high`` the highest ``floor(high_frac * N)``, ``mid`` the rest.
+    ``rule`` maps a sample's group (``groups``) or its rank (``rank``) to a temperature.
+    """
+
+    temperatures: tuple[float, float, float] = (6.0, 4.0, 2.0)
+    low_frac: float = 0.2
+    high_frac: float = 0.2
+    rule: str = "groups"
+
+    def __post_init__(self) -> None:
+        check_fractions(self.low_frac, self.high_frac)
+        object.__setattr__(self, "temperatures", parse_temperatures(self.temperatures))
+        if self.rule not in TEMPERATURE_RULES:
+            raise UserError(f"unknown temperature rule {self.rule!r}; choose from {', '.join(TEMPERATURE_RULES)}")
+
+    def fit(self, energies: np.ndarray, sample_ids: np.ndarray) -> "EnergyGroups":
+        """Fix the group boundaries on a reference set (the training split's energies)."""
+        if len(energies) == 0:
+            raise UserError("cannot compute energy groups of an empty set")
+        order = np.lexsort((sample_ids, energies))
+        return EnergyGroups(self, np.asarray(energies, dtype=np.float64)[order],
+                            np.asarray(sample_ids, dtype=np.int64)[order])
+
+    def to_dict(self) -> dict:
+        return {"temperatures": dict(zip(GROUPS, self.temperatures)), "low_frac": self.low_frac,
+                "high_frac": self.high_frac, "rule": self.rule}
 
 
-def assign_temperatures(groups: np.ndarray, ranks: np.ndarray, temperatures, rule: str = "groups") -> np.ndarray:
-    """Per-sample temperatures from groups (and energy ranks in [0, 1] for ``rank``)."""
-    if rule not in TEMPERATURE_RULES:
-        raise UserError(f"unknown temperature rule {rule!r}; choose from {', '.join(TEMPERATURE_RULES)}")
-    return TEMPERATURE_RULES[rule](np.asarray(groups), np.asarray(ranks, dtype=np.float64),
-                                   parse_temperatures(temperatures))
+@dataclass(frozen=True)
+class EnergyGroups:
+    """A :class:`TemperatureRule` fitted on a reference set: assigns groups and temperatures to
+    any samples (the reference itself, augmented images, test samples, online views)."""
 
+    rule: TemperatureRule
+    ref_energies: np.ndarray  # sorted by (energy, sample_id)
+    ref_ids: np.ndarray
 
-def energy_ranks(energies: np.ndarray, reference_sorted: np.ndarray) -> np.ndarray:
-    """Rank of each energy within a sorted reference set, scaled to [0, 1]."""
-    if len(reference_sorted) <= 1:
-        return np.zeros(len(energies))
-    return np.searchsorted(reference_sorted, energies, side="left").clip(0, len(reference_sorted) - 1) / (
-        len(reference_sorted) - 1)
+    @property
+    def counts(self) -> tuple[int, int]:
+        """(low count, high count) of the reference set."""
+        total = len(self.ref_energies)
+        return _count(self.rule.low_frac, total), _count(self.rule.high_frac, total)
+
+    @property
+    def thresholds(self) -> dict:
+        """The boundary energies, for people and plots: low <= low_max, high >= high_min."""
+        n_low, n_high = self.counts
+        total = len(self.ref_energies)
+        return {"low_max": float(self.ref_energies[n_low - 1]) if n_low else float("-inf"),
+                "high_min": float(self.ref_energies[total - n_high]) if n_high else float("inf")}
+
+    def assign(self, energies: np.ndarray, sample_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(groups as str array, float32 temperatures)`` of samples keyed by (energy, sample_id)."""
+        below = keys_below(self.ref_energies, self.ref_ids, energies, sample_ids)
+        total = len(self.ref_energies)
+        n_low, n_high = self.counts
+        groups = np.full(len(below), "mid", dtype=object)
+        groups[below < n_low] = "low"
+        groups[below >= total - n_high] = "high"
+        ranks = np.minimum(below, total - 1) / max(total - 1, 1)
+        temperatures = TEMPERATURE_RULES[self.rule.rule](groups, ranks, self.rule.temperatures)
+        return groups, temperatures

@@ -17,9 +17,9 @@ from typing import Callable
 import polars as pl
 import torch
 import torch.nn as nn
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from .config import TrainConfig, as_dict
+from .console import console, progress_bar
 from .data import ImageSet
 from .data.base import collate
 from .data.transforms import normalize, train_augment
@@ -28,36 +28,12 @@ from .errors import UserError
 from .models import load_checkpoint, save_checkpoint
 from .table import write_parquet
 
-console = Console(stderr=True)
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings; defaults are mdistiller's CIFAR recipe scaled to ``epochs``."""
-
-    epochs: int = 240
-    batch_size: int = 64
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "step"  # step: x lr_decay at milestones; cosine: to zero
-    milestones: tuple[float, ...] = (0.625, 0.75, 0.875)  # 150/180/210 of 240, as fractions
-    lr_decay: float = 0.1
-    seed: int = 0
-    device: str = "auto"
-    num_workers: int = 0
-    amp: bool = True  # only takes effect on cuda
-    eval_batch_size: int = 512
-
-    def check(self) -> None:
-        if self.epochs <= 0:
-            raise UserError(f"--epochs must be positive, got {self.epochs}")
-        if self.batch_size <= 0:
-            raise UserError(f"--batch-size must be positive, got {self.batch_size}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise UserError(f"--lr must be positive, got {self.lr}")
-        if self.schedule not in SCHEDULES:
-            raise UserError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
+def model_meta(arch: str, dataset, data_cfg) -> dict:
+    """What a checkpoint records so that later stages can rebuild the model and its dataset."""
+    info = dataset.info
+    return {"arch": arch, "num_classes": info.num_classes, "in_channels": info.in_channels,
+            "image_size": info.image_size, "dataset": dataset.describe(), "dataset_info": info.to_dict(),
+            "data": as_dict(data_cfg), "normalization": {"mean": info.mean, "std": info.std}}
 
 
 def seed_everything(seed: int) -> None:
@@ -114,11 +90,6 @@ def make_loader(dataset, batch_size: int, device: torch.device, num_workers: int
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
                                        num_workers=num_workers, pin_memory=device.type == "cuda",
                                        collate_fn=collate)
-
-
-def progress_bar() -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console, transient=True)
 
 
 @torch.no_grad()

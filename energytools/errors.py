@@ -7,9 +7,3 @@ exception is a bug and gets a traceback file instead.
 
 class UserError(Exception):
     """Bad input: a missing file, an unknown name, a number out of range."""
-
-
-def require(condition: bool, message: str) -> None:
-    """Raise :class:`UserError` with ``message`` unless ``condition`` holds."""
-    if not condition:
-        raise UserError(message)

@@ -64,9 +64,23 @@ def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def check_output_free(path: Path, overwrite: bool) -> None:
-    """Refuse to replace an existing output unless asked to."""
-    if path.exists() and not overwrite:
+def check_output_path(path: Path | str, directory: bool = False) -> None:
+    """Refuse an output path that cannot be written: under a file, or a file where a folder
+    is wanted (and the reverse)."""
+    path = Path(path)
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"cannot write {path}: {parent} is a file, not a folder")
+    if directory and path.exists() and not path.is_dir():
+        raise UserError(f"{path} is a file; the output here is a folder")
+    if not directory and path.is_dir():
+        raise UserError(f"{path} is a folder; the output here is a file")
+
+
+def check_output_free(path: Path | str, overwrite: bool) -> None:
+    """Refuse an output file that cannot be written, or that exists, unless asked to replace it."""
+    check_output_path(path)
+    if Path(path).exists() and not overwrite:
         raise UserError(f"{path} already exists (pass --overwrite to replace it)")
 
 

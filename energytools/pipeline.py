@@ -1,9 +1,15 @@
 """`energytools run RECIPE.toml`: train? -> score -> augment -> distill (several) -> report.
 
-Each stage records a stamp (a hash of its config and of its inputs' stamps) in
-``<run>/.stamps/``. A stage whose stamp matches and whose outputs exist is skipped, so
-re-running a finished pipeline does nothing and changing the ratio re-runs augment and the
-runs that use its shards, not score.
+A recipe's sections are the stage configs (:mod:`energytools.config`): ``[data]`` is a
+DataConfig, ``[teacher]`` a TrainStageConfig (or ``checkpoint`` and ``arch`` of an existing
+teacher), ``[score]``, ``[augment]`` and ``[distill]`` the stage configs without the paths the
+runner fills in; each of ``[distill]``'s ``runs`` may change any distill option.
+
+Each step records a stamp in ``<run>/.stamps/``: a hash of its config and of the content of
+its input files (the teacher checkpoint, the score table, the shard manifest). A step whose
+stamp matches and whose outputs exist is skipped. So a finished pipeline re-runs nothing, a
+changed ratio re-runs augment and the runs that use its shards, and a teacher checkpoint
+replaced at the same path re-runs score and everything after it.
 """
 from __future__ import annotations
 
@@ -11,75 +17,41 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import shutil
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .config import DataConfig, as_dict, resolve
-from .engine import TrainConfig, console
+from .config import (AugmentConfig, DataConfig, DistillConfig, ScoreConfig, TrainStageConfig, as_dict, convert,
+                     resolve)
+from .console import console
 from .errors import UserError
-from .stages.augment import AugmentConfig
-from .io import write_json
+from .io import check_output_path, sha256_file, write_json
 
 STAGES = ("train", "score", "augment", "distill", "report")
 SECTIONS = {"name", "data", "teacher", "score", "augment", "distill", "report"}
+#: keys of each section that the runner sets itself
+RUNNER_KEYS = {"teacher": {"out", "data", "resume", "overwrite"}, "score": {"teacher", "out", "data", "overwrite"},
+               "augment": {"scores", "out", "overwrite"},
+               "distill": {"scores", "out", "shards", "resume", "overwrite"}}
 
 
 @dataclass
-class TrainingSection:
-    """The optimiser settings a recipe section may set; the rest are TrainConfig's defaults."""
+class TeacherSection:
+    """``[teacher]``: an existing ``checkpoint`` (``arch`` when it does not record it), or the
+    ``train`` config of one to train."""
 
-    epochs: int = 10
-    lr: float = 0.05
-    batch_size: int = 64
-    schedule: str = "step"
-    seed: int = 0
-
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, schedule=self.schedule,
-                           seed=self.seed)
-
-
-@dataclass
-class TeacherSection(TrainingSection):
-    checkpoint: str | None = None  # an existing teacher; otherwise one is trained
-    arch: str | None = None  # for checkpoints that do not record it
-    model: str = "resnet20"
-    epochs: int = 15
-
-
-@dataclass
-class ScoreSection:
-    energy_temperature: float = 4.0
-    low_frac: float = 0.2
-    high_frac: float = 0.2
-    temperatures: list = field(default_factory=lambda: [6.0, 4.0, 2.0])
-    temperature_rule: str = "groups"
-    save_logits: bool = True
-    batch_size: int = 256
+    checkpoint: str | None = None
+    arch: str | None = None
+    train: TrainStageConfig | None = None
 
 
 @dataclass
 class DistillRun:
-    name: str = ""
-    method: str = "energy-kd"
-    shards: bool = False  # train on the augment stage's shards too
-    temperatures: list | None = None
-    temperature_source: str = "table"
-    kd_temperature: float = 4.0
-
-
-@dataclass
-class DistillSection(TrainingSection):
-    student: str = "cnn_small"
-    cached_logits: bool = False
-    runs: list = field(default_factory=lambda: [{"method": "kd"}, {"method": "energy-kd"}])
-
-
-@dataclass
-class ReportSection:
-    enabled: bool = True
+    name: str
+    shards: bool  # train on the augment stage's shards too
+    config: DistillConfig
 
 
 @dataclass
@@ -87,188 +59,228 @@ class Recipe:
     name: str
     data: DataConfig
     teacher: TeacherSection
-    score: ScoreSection
-    augment: "AugmentConfig | None"  # its scores/out are filled in by the runner
-    distill: DistillSection | None
+    score: ScoreConfig
+    augment: AugmentConfig | None
     runs: list[DistillRun]
-    report: ReportSection
+    report: bool = True
     path: str = ""
+
+    def resolved(self) -> dict:
+        """The recipe with every default filled in, as recipe.json records it."""
+        return {"recipe": self.path, "name": self.name, "data": as_dict(self.data),
+                "teacher": {"checkpoint": self.teacher.checkpoint, "arch": self.teacher.arch,
+                            "train": _content(self.teacher.train) if self.teacher.train else None},
+                "score": _content(self.score), "augment": self.augment and self.augment.content(),
+                "runs": [{"name": r.name, "shards": r.shards, **_content(r.config)} for r in self.runs],
+                "report": self.report}
+
+
+def _section(raw: dict, key: str, path: Path) -> dict | None:
+    if key not in raw:
+        return None
+    if not isinstance(raw[key], dict):
+        raise UserError(f"{path}: [{key}] must be a table")
+    section = dict(raw[key])
+    for name in RUNNER_KEYS.get(key, ()):
+        if name in section:
+            raise UserError(f"{path} [{key}]: {name!r} is set by the pipeline, not the recipe")
+    return section
 
 
 def load_recipe(path: Path | str) -> Recipe:
-    """Parse and check a recipe; unknown keys are refused with the nearest valid key."""
+    """Parse and check a recipe; unknown keys are refused with the nearest valid key, and every
+    value is type-checked, each with one line naming the file, section and key."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"recipe {path} does not exist")
     try:
         raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: not valid TOML: {exc}") from None
     for key in raw:
         if key not in SECTIONS:
             near = difflib.get_close_matches(key, sorted(SECTIONS), n=1)
             raise UserError(f"{path}: unknown section {key!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
-
-    def section(cls, key, default_none=False):
-        if key not in raw:
-            return None if default_none else cls()
-        if not isinstance(raw[key], dict):
-            raise UserError(f"{path}: [{key}] must be a table")
-        return resolve(cls, raw[key], f"{path} [{key}]")
-
-    distill = section(DistillSection, "distill", default_none=True)
-    runs = []
-    if distill is not None:
-        for i, run in enumerate(distill.runs):
-            if not isinstance(run, dict):
-                raise UserError(f"{path} [distill] runs[{i}] must be a table")
-            item = resolve(DistillRun, run, f"{path} [distill.runs][{i}]")
-            item.name = item.name or item.method + ("+he-da" if item.shards else "")
-            runs.append(item)
-    recipe = Recipe(raw.get("name", path.stem), section(DataConfig, "data"), section(TeacherSection, "teacher"),
-                    section(ScoreSection, "score"), section(AugmentConfig, "augment", default_none=True), distill,
-                    runs, section(ReportSection, "report"), str(path))
-    _check_types(recipe, path)
+    name = convert(raw.get("name", path.stem), str, f"{path}: name")
+    data = resolve(DataConfig, _section(raw, "data", path) or {}, f"{path} [data]")
+    teacher_raw = _section(raw, "teacher", path) or {}
+    checkpoint = convert(teacher_raw.pop("checkpoint", None), str | None, f"{path} [teacher]: checkpoint")
+    arch = convert(teacher_raw.pop("arch", None), str | None, f"{path} [teacher]: arch")
+    placeholder = {"out": "", "data": data}
+    teacher = TeacherSection(checkpoint, arch, None if checkpoint else
+                             resolve(TrainStageConfig, {**placeholder, **teacher_raw}, f"{path} [teacher]"))
+    if checkpoint and teacher_raw:
+        raise UserError(f"{path} [teacher]: {sorted(teacher_raw)[0]!r} trains a teacher, but checkpoint is given")
+    score = resolve(ScoreConfig, {"teacher": "", "out": "", "data": data, "teacher_arch": arch,
+                                  **(_section(raw, "score", path) or {})}, f"{path} [score]")
+    augment_raw = _section(raw, "augment", path)
+    augment = None if augment_raw is None else resolve(AugmentConfig, augment_raw, f"{path} [augment]")
+    runs = _distill_runs(_section(raw, "distill", path), augment is not None, path)
+    report_raw = _section(raw, "report", path) or {}
+    unknown = set(report_raw) - {"enabled"}
+    if unknown:
+        raise UserError(f"{path} [report]: unknown key {sorted(unknown)[0]!r} (the only key is 'enabled')")
+    report = convert(report_raw.get("enabled", True), bool, f"{path} [report]: enabled")
+    recipe = Recipe(name, data, teacher, score, augment, runs, report, str(path))
+    for config in [score, augment, *(r.config for r in runs), teacher.train]:
+        if config is not None and hasattr(config, "check"):
+            _checked(config, path)
     return recipe
 
 
-def _check_types(recipe: Recipe, path: Path) -> None:
-    from .distillers import METHODS
-    from .models import MODELS
-    from .data import DATASETS
+def _checked(config, path: Path) -> None:
+    try:
+        config.check()
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
 
-    checks = [(recipe.data.dataset in DATASETS, f"[data] dataset {recipe.data.dataset!r} is not a known dataset"),
-              (recipe.teacher.checkpoint or recipe.teacher.model in MODELS,
-               f"[teacher] model {recipe.teacher.model!r} is not a known model")]
-    if recipe.distill:
-        checks.append((recipe.distill.student in MODELS, f"[distill] student {recipe.distill.student!r} is not a known model"))
-        checks += [(r.method in METHODS, f"[distill.runs] method {r.method!r} is not one of {', '.join(METHODS)}")
-                   for r in recipe.runs]
-        checks += [(not r.shards or recipe.augment is not None, f"[distill.runs] {r.name} uses shards but there is no [augment]")
-                   for r in recipe.runs]
-    for section_name, obj in (("teacher", recipe.teacher), ("score", recipe.score), ("distill", recipe.distill),
-                              ("augment", recipe.augment)):
-        if obj is None:
-            continue
-        for name, spec in obj.__dataclass_fields__.items():
-            value, default = getattr(obj, name), spec.default
-            if isinstance(default, (int, float)) and not isinstance(default, bool) and value is not None:
-                checks.append((isinstance(value, (int, float)) and not isinstance(value, bool),
-                               f"[{section_name}] {name} must be a number, got {value!r}"))
-    for ok, message in checks:
-        if not ok:
-            raise UserError(f"{path}: {message}")
+
+def _distill_runs(section: dict | None, has_augment: bool, path: Path) -> list[DistillRun]:
+    if section is None:
+        return []
+    runs = section.pop("runs", [{"method": "kd"}, {"method": "energy-kd"}])
+    if not isinstance(runs, list) or not runs:
+        raise UserError(f"{path} [distill]: runs must be a list of tables such as [{{ method = \"kd\" }}]")
+    shared = {"scores": "", "out": "", **section}
+    resolve(DistillConfig, {**shared}, f"{path} [distill]")  # the shared options alone are checked too
+    out, names = [], set()
+    for i, run in enumerate(runs):
+        where = f"{path} [distill] runs[{i}]"
+        if not isinstance(run, dict):
+            raise UserError(f"{where} must be a table")
+        run = dict(run)
+        shards = convert(run.pop("shards", False), bool, f"{where}: shards")
+        name = convert(run.pop("name", None), str | None, f"{where}: name")
+        for key in RUNNER_KEYS["distill"] - {"shards"}:
+            if key in run:
+                raise UserError(f"{where}: {key!r} is set by the pipeline, not the recipe")
+        config = resolve(DistillConfig, {**shared, **run}, where)
+        name = name or config.method + ("+he-da" if shards else "")
+        if shards and not has_augment:
+            raise UserError(f"{where}: {name} uses shards but there is no [augment]")
+        if name in names:
+            raise UserError(f"{where}: two runs are named {name!r}; give one a `name`")
+        names.add(name)
+        out.append(DistillRun(name, shards, config))
+    return out
 
 
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def content_digest(path: Path) -> str | None:
+    """sha256 of a file (None when absent): what a step's freshness depends on."""
+    return sha256_file(path) if path.is_file() else None
+
+
 @dataclass
 class Step:
     stage: str
     name: str
-    key: str
+    config: dict  # what the output depends on besides the input files
+    inputs: list[Path]  # files whose content the output depends on
     outputs: list[Path]
     action: Callable[[], object]
 
+    def key(self) -> str:
+        return _digest([self.stage, self.config, {str(p): content_digest(p) for p in self.inputs}])
+
 
 def plan(recipe: Recipe, out: Path) -> list[Step]:
-    """The ordered steps, each with its stamp key (config + upstream keys)."""
+    """The ordered steps, each with the config and input files its stamp covers."""
     from .stages.augment import augment
-    from .stages.distill import DistillConfig, distill
+    from .stages.distill import distill
     from .stages.report import report
-    from .stages.score import ScoreConfig, score
+    from .stages.score import score
     from .stages.train import train
 
     steps: list[Step] = []
-    data = recipe.data
     t = recipe.teacher
     if t.checkpoint:
         teacher_path = Path(t.checkpoint)
-        teacher_key = _digest(["checkpoint", str(teacher_path)])
     else:
+        train_cfg = dataclasses.replace(t.train, out=str(out / "teacher"), overwrite=True)
         teacher_path = out / "teacher" / "best.pt"
-        train_cfg = t.train_config()
-        teacher_key = _digest(["train", t.model, as_dict(data), as_dict(train_cfg)])
-        steps.append(Step("train", "teacher", teacher_key, [teacher_path],
-                          lambda: train(data, t.model, train_cfg, out / "teacher", overwrite=True)))
-    s = recipe.score
+        steps.append(Step("train", "teacher", _content(train_cfg), [], [teacher_path], lambda: train(train_cfg)))
     scores = out / "scores.parquet"
-    score_cfg = ScoreConfig(teacher=str(teacher_path), out=str(scores), data=data, teacher_arch=t.arch,
-                            energy_temperature=s.energy_temperature, low_frac=s.low_frac, high_frac=s.high_frac,
-                            temperatures=tuple(s.temperatures), temperature_rule=s.temperature_rule,
-                            save_logits=s.save_logits, batch_size=s.batch_size, overwrite=True)
-    score_key = _digest(["score", teacher_key, as_dict(score_cfg)])
-    steps.append(Step("score", "scores", score_key, [scores], lambda: score(score_cfg)))
-    shards = out / "he-da"
-    augment_key = None
+    score_cfg = dataclasses.replace(recipe.score, teacher=str(teacher_path), out=str(scores), overwrite=True)
+    steps.append(Step("score", "scores", _content(score_cfg), [teacher_path], [scores], lambda: score(score_cfg)))
+    manifest = out / "he-da" / "manifest.json"
     if recipe.augment:
-        aug_cfg = dataclasses.replace(recipe.augment, scores=str(scores), out=str(shards), overwrite=True)
-        augment_key = _digest(["augment", score_key, aug_cfg.content()])
-        steps.append(Step("augment", "he-da", augment_key, [shards / "manifest.json"], lambda: augment(aug_cfg)))
-    run_dirs = []
-    if recipe.distill:
-        d = recipe.distill
-        for run in recipe.runs:
-            run_dir = out / "runs" / run.name
-            run_dirs.append(run_dir)
-            cfg = DistillConfig(scores=str(scores), student=d.student, out=str(run_dir), method=run.method,
-                                shards=(str(shards),) if run.shards else (), cached_logits=d.cached_logits,
-                                temperatures=tuple(run.temperatures) if run.temperatures else None,
-                                temperature_source=run.temperature_source, kd_temperature=run.kd_temperature,
-                                eval_limit=data.eval_limit,
-                                train=d.train_config(), overwrite=True)
-            key = _digest(["distill", score_key, augment_key if run.shards else None, as_dict(run),
-                           {k: v for k, v in as_dict(d).items() if k != "runs"}])
-            steps.append(Step("distill", run.name, key, [run_dir / "summary.json"],
-                              lambda cfg=cfg: distill(cfg)))
-    if recipe.report.enabled:
-        report_key = _digest(["report"] + [s.key for s in steps])
-        steps.append(Step("report", "report", report_key, [out / "report.html"],
+        aug_cfg = dataclasses.replace(recipe.augment, scores=str(scores), out=str(manifest.parent), overwrite=True)
+        steps.append(Step("augment", "he-da", aug_cfg.content(), [scores], [manifest], lambda: augment(aug_cfg)))
+    summaries = []
+    for run in recipe.runs:
+        run_dir = out / "runs" / run.name
+        cfg = dataclasses.replace(run.config, scores=str(scores), out=str(run_dir), overwrite=True,
+                                  shards=(str(manifest.parent),) if run.shards else ())
+        summaries.append(run_dir / "summary.json")
+        inputs = [scores, teacher_path] + ([manifest] if run.shards else [])
+        steps.append(Step("distill", run.name, _content(cfg), inputs, [summaries[-1]], lambda cfg=cfg: distill(cfg)))
+    if recipe.report:
+        inputs = [scores] + ([manifest] if recipe.augment else []) + summaries
+        steps.append(Step("report", "report", {}, inputs, [out / "report.html"],
                           lambda: report([out], out / "report.html", overwrite=True)))
     return steps
 
 
+def _content(config) -> dict:
+    """A config without the options that do not change what a step writes."""
+    return {k: v for k, v in as_dict(config).items() if k not in ("out", "overwrite", "resume")}
+
+
 def run_pipeline(recipe_path: Path | str, out: Path | str, start: str | None = None, force: bool = False,
                  dry_run: bool = False) -> list[tuple[str, str]]:
-    """Run a recipe into ``out``; returns (step name, "ran" | "up to date" | "planned") per step."""
+    """Run a recipe into ``out``; returns (step name, "ran" | "up to date" | "planned") per step.
+
+    A run refused before its first step finishes leaves no directory behind."""
     recipe = load_recipe(recipe_path)
     out = Path(out)
     if start is not None and start not in STAGES:
         raise UserError(f"--from must be one of {', '.join(STAGES)}, got {start!r}")
+    check_output_path(out, directory=True)
+    if recipe.teacher.checkpoint and not dry_run and not Path(recipe.teacher.checkpoint).is_file():
+        raise UserError(f"{recipe_path} [teacher]: checkpoint {recipe.teacher.checkpoint} does not exist")
     steps = plan(recipe, out)
-    stamps = out / ".stamps"
-    results = []
-    forced = force
-    if not dry_run:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "recipe.json", {"recipe": recipe_path and str(recipe_path),
-                                         **{k: (as_dict(v) if hasattr(v, "__dataclass_fields__") else v)
-                                            for k, v in recipe.__dict__.items() if k != "runs"},
-                                         "runs": [as_dict(r) for r in recipe.runs]})
-    for step in steps:
-        if start is not None and step.stage == start:
-            forced = True
-        stamp = stamps / f"{step.stage}-{step.name}.json"
-        fresh = (stamp.exists() and json.loads(stamp.read_text()).get("key") == step.key
-                 and all(p.exists() for p in step.outputs))
-        if dry_run:
-            status = "up to date" if fresh and not forced else "planned"
-            console.print(f"  {step.stage:<8} {step.name:<24} {status}")
-            results.append((step.name, status))
-            continue
-        if fresh and not forced:
-            console.print(f"[dim]{step.stage} {step.name}: up to date[/]")
-            results.append((step.name, "up to date"))
-            continue
-        console.rule(f"{step.stage}: {step.name}")
-        stamp.unlink(missing_ok=True)
-        step.action()
-        write_json(stamp, {"key": step.key})
-        results.append((step.name, "ran"))
+    created = None if out.exists() or dry_run else out
+    try:
+        results = _run_steps(steps, out, recipe, start, force, dry_run)
+    except BaseException:
+        if created is not None and not (created / ".stamps").exists():
+            shutil.rmtree(created, ignore_errors=True)  # nothing finished: leave nothing behind
+        raise
     if not dry_run:
         ran = sum(r[1] == "ran" for r in results)
         console.print(f"[bold]pipeline {recipe.name}[/]: {ran} step(s) ran, {len(results) - ran} up to date; "
                       f"outputs in {out}")
+    return results
+
+
+def _run_steps(steps: list[Step], out: Path, recipe: Recipe, start: str | None, force: bool,
+               dry_run: bool) -> list[tuple[str, str]]:
+    stamps = out / ".stamps"
+    if not dry_run:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "recipe.json", recipe.resolved())
+    results, forced, pending = [], force, set()  # pending: outputs a dry run would rewrite
+    for step in steps:
+        forced = forced or step.stage == start
+        stamp = stamps / f"{step.stage}-{step.name}.json"
+        fresh = (not forced and not pending & set(step.inputs) and stamp.exists()
+                 and all(p.exists() for p in step.outputs) and json.loads(stamp.read_text()).get("key") == step.key())
+        if dry_run:
+            status = "up to date" if fresh else "planned"
+            pending |= set() if fresh else set(step.outputs)
+            console.print(f"  {step.stage:<8} {step.name:<24} {status}")
+        elif fresh:
+            status = "up to date"
+            console.print(f"[dim]{step.stage} {step.name}: up to date[/]")
+        else:
+            status = "ran"
+            console.rule(f"{step.stage}: {step.name}")
+            stamp.unlink(missing_ok=True)
+            step.action()
+            write_json(stamp, {"key": step.key()})
+        results.append((step.name, status))
     return results

@@ -48,7 +48,7 @@ def cutmix_box(rng: np.random.Generator, height: int, width: int, alpha: float =
 
 
 class CutMix:
-    name, pairs = "cutmix", True
+    name = "cutmix"
 
     def __init__(self, alpha: float = 1.0):
         self.alpha = alpha
@@ -62,7 +62,7 @@ class CutMix:
 
 
 class MixUp:
-    name, pairs = "mixup", True
+    name = "mixup"
 
     def __init__(self, alpha: float = 0.2):
         self.alpha = alpha
@@ -76,8 +76,6 @@ class MixUp:
 
 class Albumentations:
     """A per-image albumentations pipeline, re-seeded for every sample."""
-
-    pairs = False
 
     def __init__(self, name: str, transform):
         self.name, self.transform = name, transform

@@ -1,12 +1,14 @@
 """Parquet files with energytools metadata: write atomically, read back, validate.
 
 Every file energytools writes carries one schema-level metadata key, ``energytools``, a
-JSON object with the provenance (versions, dataset, teacher) and the resolved config.
+JSON object with the provenance (versions, dataset, teacher) and the resolved config. The
+score table's is typed: :class:`TableMeta` writes, reads and validates it.
 """
 from __future__ import annotations
 
 import json
 import platform
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .config import DataConfig, resolve
+from .energy import GROUPS, SIGN_CONVENTION, EnergyGroups, TemperatureRule
 from .errors import UserError
 from .io import atomic_path
 
@@ -55,17 +59,32 @@ def write_parquet(table: pa.Table | pl.DataFrame, path: Path | str, metadata: di
     return Path(path)
 
 
-def read_metadata(path: Path | str) -> dict:
-    """The energytools metadata of a Parquet file (an empty dict when absent)."""
+def read_schema(path: Path | str) -> pa.Schema:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} does not exist")
     try:
-        schema = pq.read_schema(path)
+        return pq.read_schema(path)
     except Exception as exc:  # noqa: BLE001 - corrupt or not Parquet
         raise UserError(f"{path} is not a readable Parquet file: {str(exc).splitlines()[0][:200]}") from None
+
+
+def _metadata_of(schema: pa.Schema, path) -> dict:
     raw = (schema.metadata or {}).get(METADATA_KEY)
-    return json.loads(raw) if raw else {}
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise UserError(f"{path}: the energytools metadata is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: the energytools metadata is not a JSON object")
+    return meta
+
+
+def read_metadata(path: Path | str) -> dict:
+    """The energytools metadata of a Parquet file as a dict (empty when absent)."""
+    return _metadata_of(read_schema(path), path)
 
 
 def read_parquet(path: Path | str, columns: list[str] | None = None) -> pl.DataFrame:
@@ -75,25 +94,165 @@ def read_parquet(path: Path | str, columns: list[str] | None = None) -> pl.DataF
         raise UserError(f"{path} is not a readable Parquet file: {str(exc).splitlines()[0][:200]}") from None
 
 
-def load_table(path: Path | str, columns: list[str] | None = None) -> tuple[pl.DataFrame, dict]:
-    """Load a score table as a polars DataFrame plus its metadata, checking its contract.
+#: the score table metadata's layout; a reader refuses versions it does not know
+SCHEMA_VERSION = 2
+KNOWN_SCHEMA_VERSIONS = (1, 2)  # 1: before the version was recorded (it reads the same fields)
 
-    Raises :class:`UserError` when the file is not a score table, lacks columns, or has
-    duplicate, null or unsorted sample ids.
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """Which split was scored: enough to rebuild it (with ``TableMeta.data``) and to check it."""
+
+    name: str
+    split: str
+    size: int
+    fingerprint: str
+    num_classes: int
+    classes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TeacherRecord:
+    """The checkpoint that scored the table; ``sha256`` identifies it wherever it is moved."""
+
+    arch: str
+    sha256: str
+    path: str
+    num_classes: int
+    in_channels: int
+
+
+@dataclass(frozen=True)
+class TableMeta:
+    """The score table's ``energytools`` metadata (schema :data:`SCHEMA_VERSION`).
+
+    ``data`` rebuilds the dataset; ``dataset`` identifies the scored split; ``rule`` is the
+    temperature rule and ``thresholds`` its boundary energies on the table (for people and
+    plots: the rule itself ranks by (energy, sample_id), see :class:`EnergyGroups`).
+    ``columns`` is read from the file's schema, not stored in the metadata.
     """
-    meta = read_metadata(path)
-    if meta.get("kind") != "scores":
-        raise UserError(f"{path} is not an energytools score table (no score metadata)")
+
+    data: DataConfig
+    dataset: DatasetRecord
+    teacher: TeacherRecord
+    energy_temperature: float
+    rule: TemperatureRule
+    thresholds: dict
+    group_source: str
+    config: dict
+    summary: dict
+    versions: dict
+    schema_version: int = SCHEMA_VERSION
+    columns: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def split(self) -> str:
+        return self.dataset.split
+
+    @property
+    def has_logits(self) -> bool:
+        return "logits" in self.columns
+
+    def fit_groups(self, frame: pl.DataFrame, rule: TemperatureRule | None = None) -> EnergyGroups:
+        """The table's rule (or ``rule``) fitted on the table's own energies."""
+        return (rule or self.rule).fit(frame["energy"].to_numpy(), frame["sample_id"].to_numpy())
+
+    def require_train(self, path, stage: str) -> None:
+        if self.split != "train":
+            raise UserError(f"{path} scores the {self.split} split; {stage} needs a train table")
+
+    def to_json(self) -> dict:
+        return {"kind": "scores", "schema_version": SCHEMA_VERSION, "versions": self.versions,
+                "data": asdict(self.data), "dataset": {**asdict(self.dataset), "classes": list(self.dataset.classes)},
+                "teacher": asdict(self.teacher),
+                "energy": {"temperature": self.energy_temperature, "sign": SIGN_CONVENTION},
+                "groups": {"low_frac": self.rule.low_frac, "high_frac": self.rule.high_frac,
+                           "thresholds": self.thresholds, "source": self.group_source},
+                "temperatures": dict(zip(GROUPS, self.rule.temperatures)), "temperature_rule": self.rule.rule,
+                "config": self.config, "summary": self.summary}
+
+    @classmethod
+    def from_json(cls, raw: dict, path, columns: tuple[str, ...] = ()) -> "TableMeta":
+        """Validate ``raw``; a missing or mistyped field is one UserError naming the file and field."""
+        if raw.get("kind") != "scores":
+            raise UserError(f"{path} is not an energytools score table (no score metadata)")
+        version = raw.get("schema_version", 1)
+        if version not in KNOWN_SCHEMA_VERSIONS:
+            raise UserError(f"{path} has score-table schema version {version!r}; this energytools reads "
+                            f"{', '.join(map(str, KNOWN_SCHEMA_VERSIONS))}: upgrade energytools or re-run score")
+        reader = _FieldReader(raw, path)
+        try:
+            data = resolve(DataConfig, reader.get("data", dict), f"{path}: metadata field 'data'")
+            dataset = DatasetRecord(reader.get("dataset.name", str), reader.get("dataset.split", str),
+                                    reader.get("dataset.size", int), reader.get("dataset.fingerprint", str),
+                                    reader.get("dataset.num_classes", int),
+                                    tuple(reader.get("dataset.classes", list, [])))
+            teacher = TeacherRecord(reader.get("teacher.arch", str), reader.get("teacher.sha256", str),
+                                    reader.get("teacher.path", str), reader.get("teacher.num_classes", int),
+                                    reader.get("teacher.in_channels", int))
+            rule = TemperatureRule(reader.get("temperatures", dict), reader.get("groups.low_frac", float),
+                                   reader.get("groups.high_frac", float), reader.get("temperature_rule", str))
+        except UserError as exc:
+            raise UserError(f"{path}: metadata: {exc}") from None
+        return cls(data, dataset, teacher, reader.get("energy.temperature", float), rule,
+                   {k: reader.get(f"groups.thresholds.{k}", float) for k in ("low_max", "high_min")},
+                   reader.get("groups.source", str, ""), reader.get("config", dict), reader.get("summary", dict),
+                   reader.get("versions", dict), version, tuple(columns))
+
+    @classmethod
+    def read(cls, path: Path | str) -> "TableMeta":
+        schema = read_schema(path)
+        return cls.from_json(_metadata_of(schema, path), path, tuple(schema.names))
+
+
+class _FieldReader:
+    """Reads dotted fields of a JSON dict with type checks; errors name the field."""
+
+    _REQUIRED = object()
+
+    def __init__(self, raw: dict, path):
+        self.raw, self.path = raw, path
+
+    def get(self, dotted: str, kind: type, default=_REQUIRED):
+        value = self.raw
+        for part in dotted.split("."):
+            if not isinstance(value, dict) or part not in value:
+                if default is self._REQUIRED:
+                    raise UserError(f"{self.path}: metadata field {dotted!r} is missing")
+                return default
+            value = value[part]
+        numeric = kind in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind is not object and not isinstance(value, kind) and not (kind is float and numeric):
+            raise UserError(f"{self.path}: metadata field {dotted!r} should be {kind.__name__}, got {value!r}")
+        return value
+
+
+#: arrow type checks of the score columns: a column of another type is refused
+_TYPE_CHECKS = {pa.int64(): pa.types.is_integer, pa.float32(): pa.types.is_floating, pa.bool_(): pa.types.is_boolean,
+                pa.string(): lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)}
+
+
+def load_table(path: Path | str, columns: list[str] | None = None) -> tuple[pl.DataFrame, TableMeta]:
+    """Load a score table as a polars DataFrame plus its :class:`TableMeta`, checking its contract.
+
+    Raises :class:`UserError` when the file is not a score table, its metadata is missing,
+    unreadable or of an unknown schema version, a required column is missing or of the wrong
+    type, or the sample ids are null or duplicated.
+    """
+    meta = TableMeta.read(path)
+    schema = read_schema(path)
+    for name in columns if columns is not None else list(SCORE_COLUMNS):
+        if name not in schema.names:
+            raise UserError(f"{path} lacks column {name!r}")
+        expected = SCORE_COLUMNS.get(name)
+        if expected is not None and not _TYPE_CHECKS[expected](schema.field(name).type):
+            raise UserError(f"{path}: column {name!r} is {schema.field(name).type}, expected {expected}")
     frame = read_parquet(path, columns)
-    validate_scores(frame, path, required=columns)
+    validate_scores(frame, path)
     return frame, meta
 
 
-def validate_scores(frame: pl.DataFrame, path, required: list[str] | None = None) -> None:
-    wanted = required if required is not None else list(SCORE_COLUMNS)
-    missing = [c for c in wanted if c not in frame.columns]
-    if missing:
-        raise UserError(f"{path} lacks column(s) {', '.join(missing)}")
+def validate_scores(frame: pl.DataFrame, path) -> None:
     if "sample_id" in frame.columns:
         ids = frame["sample_id"]
         if ids.null_count():

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from energytools.config import DataConfig
+from energytools.config import DataConfig, DistillConfig, ScoreConfig, TrainConfig, TrainStageConfig
 from energytools.data import DatasetInfo, register_dataset
 from energytools.data.base import ArrayImages
-from energytools.engine import TrainConfig
-from energytools.stages.distill import DistillConfig, distill
-from energytools.stages.score import ScoreConfig, score
+from energytools.stages.distill import distill
+from energytools.stages.score import score
 from energytools.stages.train import train
 
 
@@ -35,7 +34,8 @@ def load_my_digits(root, part, **_):
 if __name__ == "__main__":
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/example")
     data = DataConfig(dataset="my-digits")
-    train(data, "resnet8", TrainConfig(epochs=3), out / "teacher", overwrite=True)
+    train(TrainStageConfig(model="resnet8", out=str(out / "teacher"), data=data, train=TrainConfig(epochs=3),
+                           overwrite=True))
     table = score(ScoreConfig(teacher=str(out / "teacher" / "best.pt"), data=data, out=str(out / "scores.parquet"),
                               overwrite=True))
     distill(DistillConfig(scores=str(table), student="cnn_tiny", method="energy-kd", out=str(out / "student"),

@@ -9,8 +9,8 @@ import polars as pl
 import energytools
 
 scores, meta = energytools.load_table(sys.argv[1] if len(sys.argv) > 1 else "runs/quickstart/scores.parquet")
-print(f"{meta['dataset']['name']} {meta['split']}: {scores.height} rows, teacher {meta['teacher']['arch']}, "
-      f"T_E = {meta['energy']['temperature']} ({meta['energy']['sign']})")
+print(f"{meta.dataset.name} {meta.split}: {scores.height} rows, teacher {meta.teacher.arch}, "
+      f"T_E = {meta.energy_temperature}, temperatures {meta.rule.temperatures} (low, mid, high)")
 
 hardest = (scores.sort(["energy", "sample_id"], descending=[True, False])
            .group_by("label", maintain_order=True).head(3)

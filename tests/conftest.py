@@ -70,15 +70,15 @@ def invoke(runner, *args):
 @pytest.fixture(scope="session")
 def digits_run(tmp_path_factory):
     """A teacher trained on digits, its train table (with logits) and HE-DA shards: shared by tests."""
-    from energytools.config import DataConfig
-    from energytools.engine import TrainConfig
-    from energytools.stages.augment import AugmentConfig, augment
-    from energytools.stages.score import ScoreConfig, score
+    from energytools.config import AugmentConfig, DataConfig, ScoreConfig, TrainConfig, TrainStageConfig
+    from energytools.stages.augment import augment
+    from energytools.stages.score import score
     from energytools.stages.train import train
 
     root = tmp_path_factory.mktemp("digits")
     data = DataConfig(dataset="digits")
-    train(data, "cnn_small", TrainConfig(epochs=3, lr=0.05, seed=0), root / "teacher")
+    train(TrainStageConfig(model="cnn_small", out=str(root / "teacher"), data=data,
+                           train=TrainConfig(epochs=3, lr=0.05, seed=0)))
     scores = score(ScoreConfig(teacher=str(root / "teacher" / "best.pt"), out=str(root / "scores.parquet"),
                                save_logits=True))
     shards = augment(AugmentConfig(scores=str(scores), out=str(root / "he-da"), ratio=0.3, shard_size=200))

@@ -27,7 +27,7 @@ def test_two_process_score_equals_one_process(digits_run, tmp_path):
     assert a["energy_group"].to_list() == b["energy_group"].to_list()
     assert a["temperature"].to_list() == b["temperature"].to_list()
     assert (a["energy"] - b["energy"]).abs().max() < 1e-5
-    assert meta_a["groups"] == meta_b["groups"]
+    assert meta_a.rule == meta_b.rule and meta_a.thresholds == meta_b.thresholds
     assert not (tmp_path / "double.parquet.parts").exists()
 
 

@@ -20,11 +20,11 @@ def test_every_recipe_parses_and_plans(recipe, tmp_path):
 
 def test_recipe_errors_name_file_and_key(tmp_path):
     recipe = tmp_path / "r.toml"
-    recipe.write_text("[augment]\nratoi = 0.3\n")
+    recipe.write_text("[teacher]\nmodel = 'cnn_tiny'\n[augment]\nratoi = 0.3\n")
     with pytest.raises(UserError, match=r"r.toml \[augment\]: unknown key 'ratoi' \(did you mean 'ratio'\?\)"):
         load_recipe(recipe)
-    recipe.write_text("[distill]\nepochs = 'ten'\n")
-    with pytest.raises(UserError, match="epochs must be a number"):
+    recipe.write_text("[teacher]\nmodel = 'cnn_tiny'\n[distill]\nstudent = 's'\nepochs = 'ten'\n")
+    with pytest.raises(UserError, match="epochs must be a whole number"):
         load_recipe(recipe)
     recipe.write_text("[data\n")
     with pytest.raises(UserError, match="not valid TOML"):

@@ -20,7 +20,7 @@ def test_figures_hold_the_tables_numbers(digits_run):
         assert np.asarray(trace.y).tolist() == expected.tolist()
         assert int(np.sum(trace.y)) == frame.filter(pl.col("energy_group") == trace.name).height
     lines = sorted(shape.x0 for shape in energy.layout.shapes)
-    thresholds = meta["groups"]["thresholds"]
+    thresholds = meta.thresholds
     assert lines == pytest.approx(sorted([thresholds["low_max"], thresholds["high_min"]]))
     assert "Spearman" in figures["density"].layout.title.text
 
@@ -70,5 +70,12 @@ def test_train_and_test_tables_side_by_side(digits_run, tmp_path):
     assert [t.name for t in figures["split_density"].data] == ["scores.parquet (train)", "test.parquet (test)"]
     for trace in figures["split_density"].data:
         assert abs(float(np.sum(trace.y)) - 1.0) < 1e-9
-    _, meta = load_table(test_table)
-    assert meta["groups"]["source"].startswith("reference train table")
+    frame, meta = load_table(test_table)
+    assert meta.group_source.startswith("reference train table")
+    # the test rows are grouped by the train table's rule (its boundaries), not by their own quantiles
+    train_frame, train_meta = load_table(digits_run["scores"])
+    groups, temps = train_meta.fit_groups(train_frame).assign(frame["energy"].to_numpy(), frame["sample_id"].to_numpy())
+    assert frame["energy_group"].to_list() == list(groups) and frame["temperature"].to_list() == temps.tolist()
+    own, _ = meta.rule.fit(frame["energy"].to_numpy(), frame["sample_id"].to_numpy()).assign(
+        frame["energy"].to_numpy(), frame["sample_id"].to_numpy())
+    assert list(own) != list(groups)  # the reference made a difference, so the check above can fail

@@ -13,13 +13,7 @@ from .subsets import VAL_FRACTION, carve_validation, long_tail, long_tail_counts
 SPLITS = ("train", "val", "test")
 
 __all__ = ["DATASETS", "DatasetInfo", "ImageSet", "SPLITS", "VAL_FRACTION", "build_dataset",
-           "long_tail_counts", "register_dataset", "dataset_options"]
-
-
-def dataset_options(name: str, data_root=None, limit=None, imbalance_factor=None, image_size=None) -> dict:
-    """The options that identify a dataset build; stored in metadata to rebuild it later."""
-    return {"name": name, "data_root": str(data_root) if data_root else None, "limit": limit,
-            "imbalance_factor": imbalance_factor, "image_size": image_size}
+           "long_tail_counts", "register_dataset"]
 
 
 def build_dataset(name: str, split: str = "train", data_root: str | Path | None = None,
@@ -45,8 +39,7 @@ def build_dataset(name: str, split: str = "train", data_root: str | Path | None 
         raise UserError(f"--data-root {root} does not exist")
     info, images, labels, ids = DATASETS[name](root, "test" if split == "test" else "train", image_size=image_size)
     ids = np.arange(len(labels)) if ids is None else ids
-    options = dataset_options(name, data_root, limit, imbalance_factor, image_size)
-    dataset = ImageSet(info, split, images, labels, ids, options=options)
+    dataset = ImageSet(info, split, images, labels, ids)
     if split != "test":
         train_positions, val_positions = carve_validation(labels, info.num_classes)
         dataset = dataset.subset(train_positions if split == "train" else val_positions)

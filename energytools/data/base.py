@@ -115,12 +115,11 @@ class ImageSet(torch.utils.data.Dataset):
     """
 
     def __init__(self, info: DatasetInfo, split: str, images, labels: np.ndarray,
-                 sample_ids: np.ndarray, positions: np.ndarray | None = None, options: dict | None = None):
+                 sample_ids: np.ndarray, positions: np.ndarray | None = None):
         self.info, self.split, self.images = info, split, images
         self._all_labels = np.asarray(labels, dtype=np.int64)
         self._all_ids = np.asarray(sample_ids, dtype=np.int64)
         self.positions = np.arange(len(images)) if positions is None else np.asarray(positions, dtype=np.int64)
-        self.options = dict(options or {})
         self._fingerprint: str | None = None
 
     @property
@@ -131,10 +130,10 @@ class ImageSet(torch.utils.data.Dataset):
     def sample_ids(self) -> np.ndarray:
         return self._all_ids[self.positions]
 
-    def subset(self, keep: np.ndarray, **options) -> "ImageSet":
+    def subset(self, keep: np.ndarray) -> "ImageSet":
         """A view holding the samples at ``keep`` (positions within this view)."""
         return ImageSet(self.info, self.split, self.images, self._all_labels, self._all_ids,
-                        self.positions[np.asarray(keep, dtype=np.int64)], {**self.options, **options})
+                        self.positions[np.asarray(keep, dtype=np.int64)])
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -175,7 +174,7 @@ class ImageSet(torch.utils.data.Dataset):
         return self._fingerprint
 
     def describe(self) -> dict:
-        """Provenance for metadata: enough to rebuild and to check this exact split."""
-        return {"name": self.info.name, "split": self.split, "size": len(self),
-                "fingerprint": self.fingerprint(), "options": self.options,
-                "num_classes": self.info.num_classes}
+        """Provenance for metadata: which split this is, checkable by its fingerprint (the
+        DataConfig that built it is recorded beside it to rebuild it)."""
+        return {"name": self.info.name, "split": self.split, "size": len(self), "fingerprint": self.fingerprint(),
+                "num_classes": self.info.num_classes, "classes": list(self.info.classes)}

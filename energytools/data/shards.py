@@ -79,6 +79,5 @@ def shard_dataset(directory: Path | str, info: DatasetInfo) -> tuple[ImageSet, p
     frame = read_shards(directory)
     images = np.stack([decode_png(row["bytes"], info.in_channels) for row in frame["image"].to_list()]) \
         if frame.height else np.zeros((0, info.image_size, info.image_size, info.in_channels), np.uint8)
-    dataset = ImageSet(info, "he-da", ArrayImages(images), frame["label"].to_numpy(), frame["sample_id"].to_numpy(),
-                       options={"shards": str(directory)})
+    dataset = ImageSet(info, "he-da", ArrayImages(images), frame["label"].to_numpy(), frame["sample_id"].to_numpy())
     return dataset, frame.drop("image")

@@ -1,25 +1,47 @@
-"""The distiller interface and the per-sample information a step needs."""
+"""The distiller interface, the method registry and the per-sample information a step needs."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn as nn
 
-#: name -> factory(student, teacher_logits_fn, options) -> Distiller
-METHODS: dict[str, Callable] = {}
-#: methods that need teacher logits
-NEEDS_TEACHER: set[str] = set()
+from ..errors import UserError
 
 
-def register_method(name: str, needs_teacher: bool = True):
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method and what it needs from the distill stage."""
+
+    name: str
+    distiller: type["Distiller"]
+    teacher_logits: bool  # the step must supply teacher logits (cached or online)
+    per_sample_temperature: bool  # the step must supply each sample's T_i (Energy KD)
+
+    def options(self, given: dict) -> dict:
+        """The method's options: its defaults, overridden by the values in ``given`` that are not None."""
+        return {name: given[name] if given.get(name) is not None else default
+                for name, default in self.distiller.defaults.items()}
+
+    def build(self, student: nn.Module, given: dict) -> "Distiller":
+        return self.distiller(student, **self.options(given))
+
+
+#: name -> MethodSpec
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(name: str, teacher_logits: bool = True, per_sample_temperature: bool = False):
     def decorator(cls):
-        METHODS[name] = cls
-        if needs_teacher:
-            NEEDS_TEACHER.add(name)
+        METHODS[name] = MethodSpec(name, cls, teacher_logits, per_sample_temperature)
         return cls
     return decorator
+
+
+def method_spec(name: str) -> MethodSpec:
+    if name not in METHODS:
+        raise UserError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    return METHODS[name]
 
 
 @dataclass
@@ -35,7 +57,10 @@ class SampleInfo:
 
 
 class Distiller(nn.Module):
-    """Holds the student; subclasses define ``losses``."""
+    """Holds the student; subclasses define ``losses`` and the ``defaults`` of their options."""
+
+    #: option name -> default; the distill config's value replaces it when set
+    defaults: dict = {}
 
     def __init__(self, student: nn.Module, **options):
         super().__init__()

@@ -5,16 +5,17 @@ from .base import Distiller, register_method
 
 @register_method("dkd")
 class DKD(Distiller):
+    defaults = {"kd_temperature": 4.0, "ce_weight": 1.0, "dkd_alpha": 1.0, "dkd_beta": 8.0, "dkd_warmup": 20}
+
     def losses(self, logits, info):
         opts = self.options
-        warmup = max(opts.get("dkd_warmup", 20), 1)
-        temperature = info.temperature if info.temperature is not None else opts.get("kd_temperature", 4.0)
-        weight = min((info.epoch + 1) / warmup, 1.0)
-        return {"ce": opts.get("ce_weight", 1.0) * mixed_cross_entropy(logits, info.labels, info.partner_labels, info.lam),
-                "dkd": weight * dkd_loss(logits, info.teacher_logits, info.labels, opts.get("dkd_alpha", 1.0),
-                                         opts.get("dkd_beta", 8.0), temperature)}
+        temperature = info.temperature if info.temperature is not None else opts["kd_temperature"]
+        weight = min((info.epoch + 1) / max(opts["dkd_warmup"], 1), 1.0)
+        return {"ce": opts["ce_weight"] * mixed_cross_entropy(logits, info.labels, info.partner_labels, info.lam),
+                "dkd": weight * dkd_loss(logits, info.teacher_logits, info.labels, opts["dkd_alpha"],
+                                         opts["dkd_beta"], temperature)}
 
 
-@register_method("energy-dkd")
+@register_method("energy-dkd", per_sample_temperature=True)
 class EnergyDKD(DKD):
     """DKD with each sample's T_i scaling both terms."""

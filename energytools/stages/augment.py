@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import signal
 import sys
 import time
@@ -28,85 +27,62 @@ import polars as pl
 import pyarrow as pa
 import torch
 
-from ..config import DataConfig, as_dict
+from ..config import AugmentConfig, SelectConfig
+from ..console import console, progress_bar
 from ..data.base import ImageSet
 from ..data.shards import LOGITS_FIELD, MANIFEST, SHARD_SCHEMA, encode_png
 from ..distributed import context
-from ..energy import assign_temperatures, energy_ranks, groups_from_thresholds, logit_statistics
-from ..engine import console, progress_bar
+from ..energy import logit_statistics
 from ..errors import UserError
-from ..io import remove_partial_files, run_lock, sha256_file, write_json
+from ..io import check_output_free, check_output_path, sha256_file, write_json
 from ..policies import make_policy
+from ..resume import resumable_parts
 from ..selection import describe_selection, select_samples
-from ..table import load_table, versions, write_parquet
-from .score import check_logits, open_teacher
+from ..table import TableMeta, load_table, versions, write_parquet
+from ..teacher import check_logits, open_table_teacher
 
-#: augmented sample ids start here, far above any dataset's own ids
-AUG_ID_BASE = 1 << 40
+#: an augmented sample's id: this bit set (far above any dataset's own ids), a namespace drawn
+#: from the shard directory's content key, and (source_id * copies + copy) in the low bits, so
+#: two shard directories made from one table with other options have disjoint ids
+AUG_ID_FLAG = 1 << 62
+NAMESPACE_BITS, INDEX_BITS = 21, 41
+
+
+def augmented_ids(namespace: int, source_ids: np.ndarray, copies: int, copy: np.ndarray) -> np.ndarray:
+    index = np.asarray(source_ids, dtype=np.int64) * copies + np.asarray(copy, dtype=np.int64)
+    if len(index) and index.max() >= 1 << INDEX_BITS:
+        raise UserError(f"sample ids up to {int(np.max(source_ids))} with {copies} copies do not fit HE-DA's ids")
+    return AUG_ID_FLAG | (namespace << INDEX_BITS) | index
 #: the score table's columns this stage reads
 TABLE_COLUMNS = ["sample_id", "label", "energy"]
-
-
-@dataclass
-class AugmentConfig:
-    scores: str = "scores.parquet"
-    out: str = "he-da"
-    ratio: float = 0.3
-    select: str = "high"
-    per_class: bool = False
-    policy: str = "cutmix"
-    copies: int = 1
-    seed: int = 0
-    workers: int = 1
-    shard_size: int = 2048
-    teacher: str | None = None  # default: the checkpoint that scored the table
-    teacher_arch: str | None = None
-    batch_size: int = 256
-    overwrite: bool = False
-
-    def content(self) -> dict:
-        """The options that decide the shards' bytes: not where the input and output live (the
-        table is identified by its sha256) nor how many processes write them."""
-        return {k: v for k, v in as_dict(self).items() if k not in ("scores", "out", "workers", "overwrite")}
-
-    def check(self) -> None:
-        if not 0 < self.ratio <= 1:
-            raise UserError(f"--ratio must be in (0, 1], got {self.ratio}")
-        if self.copies < 1:
-            raise UserError(f"--copies must be >= 1, got {self.copies}")
-        if self.workers < 1 or self.shard_size < 1:
-            raise UserError("--workers and shard size must be >= 1")
-        make_policy(self.policy)  # fail on an unknown policy before any work
 
 
 class Augmenter:
     """Builds augmented, scored rows; one per process (dataset, teacher and policy load once)."""
 
-    def __init__(self, cfg: AugmentConfig, dataset: ImageSet, table: pl.DataFrame, meta: dict):
+    def __init__(self, cfg: AugmentConfig, dataset: ImageSet, table: pl.DataFrame, meta: TableMeta, namespace: int):
         try:
             import cv2
 
             cv2.setNumThreads(0)  # one process per core: OpenCV's own threads would only compete
         except ImportError:
             pass
-        self.cfg, self.dataset, self.meta = cfg, dataset, meta
+        self.cfg, self.dataset, self.meta, self.namespace = cfg, dataset, meta, namespace
         self.selection = select_samples(table, cfg.ratio, cfg.select, cfg.per_class, cfg.seed)
         self.selected_ids = self.selection["sample_id"].to_numpy()
-        self.reference = np.sort(table["energy"].to_numpy().astype(np.float64))
+        self.groups = meta.fit_groups(table)
         position_of = {int(s): i for i, s in enumerate(dataset.sample_ids)}
         self.positions = np.array([position_of[int(s)] for s in self.selected_ids], dtype=np.int64)
         self.labels = dataset.labels[self.positions]
         self.policy = make_policy(cfg.policy)
-        self.teacher = open_teacher(cfg.teacher or meta["teacher"]["path"], dataset,
-                                    cfg.teacher_arch or meta["teacher"]["arch"], "cpu")
-        self.save_logits = bool(meta["config"].get("save_logits"))
+        self.teacher = open_table_teacher(meta, dataset, cfg.teacher, cfg.teacher_arch, "cpu")
 
     @classmethod
-    def open(cls, cfg: AugmentConfig) -> "Augmenter":
+    def open(cls, cfg: AugmentConfig, namespace: int) -> "Augmenter":
         """What a spawned worker does: load ``cfg.scores`` and its dataset itself (the selection
         is a pure function of the table, so recomputing it keeps the start-up arguments small)."""
         table, meta = load_table(cfg.scores, TABLE_COLUMNS)
-        return cls(cfg, DataConfig.from_options(meta["dataset"]["options"]).build("train"), table, meta)
+        return cls(cfg, meta.data.build("train"), table, meta, namespace)
 
     def image(self, index: int) -> np.ndarray:
         return self.dataset.image(self.positions[index])
@@ -121,7 +97,7 @@ class Augmenter:
             pixels.append(result.image)
             partner = result.partner_index
             rows["image"].append({"bytes": encode_png(result.image), "path": f"{source_id}-{copy}.png"})
-            rows["sample_id"].append(AUG_ID_BASE + source_id * self.cfg.copies + copy)
+            rows["sample_id"].append(int(augmented_ids(self.namespace, [source_id], self.cfg.copies, [copy])[0]))
             rows["source_id"].append(source_id)
             rows["partner_id"].append(None if partner is None else int(self.selected_ids[partner]))
             rows["lam"].append(result.lam)
@@ -130,10 +106,7 @@ class Augmenter:
             rows["aug"].append(self.policy.name)
             rows["aug_params"].append(json.dumps(result.params, sort_keys=True))
         stats, logits = self._score(np.stack(pixels), np.array(rows["label"]), np.array(rows["sample_id"]))
-        groups = groups_from_thresholds(stats["energy"], self.meta["groups"]["thresholds"])
-        ranks = energy_ranks(stats["energy"].astype(np.float64), self.reference)
-        temps = assign_temperatures(groups, ranks, [self.meta["temperatures"][g] for g in ("low", "mid", "high")],
-                                    self.meta.get("temperature_rule", "groups"))
+        groups, temps = self.groups.assign(stats["energy"], np.array(rows["sample_id"]))
         rows.update(energy=stats["energy"], confidence=stats["confidence"], energy_group=list(groups),
                     temperature=temps)
         table = pa.table({field.name: pa.array(rows[field.name], type=field.type) for field in SHARD_SCHEMA})
@@ -149,13 +122,13 @@ class Augmenter:
         for start in range(0, len(batch), self.cfg.batch_size):
             part = batch[start:start + self.cfg.batch_size]
             chunks.append(self.teacher.logits(part, info).cpu())
-            if self.save_logits and info.train_flip:
+            if self.meta.has_logits and info.train_flip:
                 flipped.append(self.teacher.logits(part.flip(-1), info).cpu())
         logits = torch.cat(chunks)
         check_logits(logits, torch.from_numpy(ids))
-        stats = logit_statistics(logits, torch.from_numpy(labels), self.meta["energy"]["temperature"])
+        stats = logit_statistics(logits, torch.from_numpy(labels), self.meta.energy_temperature)
         saved = {}
-        if self.save_logits:
+        if self.meta.has_logits:
             saved["logits"] = logits.half().numpy()
             if flipped:
                 saved["logits_flipped"] = torch.cat(flipped).half().numpy()
@@ -195,11 +168,11 @@ _WORKER: Augmenter | None = None  # the Augmenter a worker process builds chunks
 SCORING_THREADS = 1
 
 
-def _init_worker(cfg: AugmentConfig, parent: int) -> None:
+def _init_worker(cfg: AugmentConfig, namespace: int, parent: int) -> None:
     global _WORKER
     torch.set_num_threads(SCORING_THREADS)
     if _WORKER is None:  # spawned
-        _WORKER = Augmenter.open(cfg)
+        _WORKER = Augmenter.open(cfg, namespace)
     else:
         _die_with(parent)
 
@@ -231,7 +204,7 @@ def start_workers(count: int, builder: Augmenter) -> Iterator[ProcessPoolExecuto
         return
     _WORKER = builder  # what a forked worker inherits
     pool = ProcessPoolExecutor(count, mp_context=get_context(START_METHOD), initializer=_init_worker,
-                               initargs=(builder.cfg, os.getpid()))
+                               initargs=(builder.cfg, builder.namespace, os.getpid()))
     try:
         for _ in range(count):
             pool.submit(int)  # the pool starts its processes on submitted calls
@@ -306,60 +279,49 @@ def augment(cfg: AugmentConfig) -> Path:
     """Write HE-DA shards for the selected samples; returns the shard directory."""
     cfg.check()
     out = Path(cfg.out)
-    if (out / MANIFEST).exists() and not cfg.overwrite:
+    check_output_path(out, directory=True)
+    finished = (out / MANIFEST).exists()
+    if finished and not cfg.overwrite:
         raise UserError(f"{out} already holds HE-DA shards (pass --overwrite to replace them)")
     table, meta = load_table(cfg.scores, TABLE_COLUMNS)
-    if meta.get("split") != "train":
-        raise UserError(f"{cfg.scores} scores the {meta.get('split')} split; augment needs a train table")
-    data = DataConfig.from_options(meta["dataset"]["options"])
-    dataset = data.build("train")
-    if dataset.fingerprint() != meta["dataset"]["fingerprint"]:
-        raise UserError(f"{cfg.scores} was computed on another dataset than {data.dataset} as it is on this "
+    meta.require_train(cfg.scores, "augment")
+    dataset = meta.data.build("train")
+    if dataset.fingerprint() != meta.dataset.fingerprint:
+        raise UserError(f"{cfg.scores} was computed on another dataset than {meta.data.dataset} as it is on this "
                         "machine (fingerprints differ)")
-    builder = Augmenter(cfg, dataset, table, meta)
+    table_sha = sha256_file(cfg.scores)
+    resolved = cfg.content()
+    plan_key = hashlib.sha256(json.dumps([resolved, table_sha], sort_keys=True).encode()).hexdigest()
+    builder = Augmenter(cfg, dataset, table, meta, namespace=int(plan_key[:8], 16) % (1 << NAMESPACE_BITS))
     chosen, selected_ids = builder.selection, builder.selected_ids
     console.print(describe_selection(chosen, table.height))
     jobs = [(i, c) for i in range(len(selected_ids)) for c in range(cfg.copies)]
     n_shards = (len(jobs) + cfg.shard_size - 1) // cfg.shard_size
     names = [f"shard-{k:05d}-of-{n_shards:05d}.parquet" for k in range(n_shards)]
-    table_sha = sha256_file(cfg.scores)
-    resolved = cfg.content()
-    plan_key = hashlib.sha256(json.dumps([resolved, table_sha], sort_keys=True).encode()).hexdigest()
+    shard_jobs = {name: jobs[k * cfg.shard_size:(k + 1) * cfg.shard_size] for k, name in enumerate(names)}
+    recorded = meta.to_json()
     metadata = {"kind": "he-da", "config": resolved, "versions": {**versions(), "torch_threads": SCORING_THREADS},
                 # the table's hash, not its path: where files live does not change the shards' bytes
-                "scores": {"sha256": table_sha, "dataset": meta["dataset"]},
-                "teacher": meta["teacher"], "groups": meta["groups"], "temperatures": meta["temperatures"]}
+                "scores": {"sha256": table_sha, "dataset": recorded["dataset"]},
+                **{key: recorded[key] for key in ("teacher", "groups", "temperatures", "temperature_rule")}}
     started = time.perf_counter()
     ctx = context()
     ctx.check_same(resolved, "augment config")
     if n_shards < ctx.world:
         raise UserError(f"{len(jobs)} augmented samples make {n_shards} shard(s), fewer than the {ctx.world} ranks")
-    # under torchrun rank r writes shards r, r + world, ...; rank 0 alone locks and writes the manifest
-    with run_lock(out) if ctx.is_main else contextlib.nullcontext():
-        plan_file = out / ".plan"
-        if ctx.is_main:
-            if out.exists() and (cfg.overwrite or not plan_file.exists() or plan_file.read_text() != plan_key):
-                if any(out.iterdir()) and not cfg.overwrite and not plan_file.exists():
-                    raise UserError(f"{out} exists and is not an energytools shard directory")
-                shutil.rmtree(out)
-            out.mkdir(parents=True, exist_ok=True)
-            remove_partial_files(out)  # a killed run's half-written shard; this process holds the lock
-            plan_file.write_text(plan_key)
-        ctx.barrier()
-        mine = [k for k in range(n_shards) if k % ctx.world == ctx.rank]
-        todo = [ShardPlan.make(out / names[k], jobs[k * cfg.shard_size:(k + 1) * cfg.shard_size], cfg.batch_size)
-                for k in mine if not (out / names[k]).exists()]
-        if len(todo) < len(mine):
-            console.print(f"resuming: {len(mine) - len(todo)} of {len(mine)} shards already written")
+    # under torchrun rank r writes shards r, r + world, ...; rank 0 alone writes the manifest
+    with resumable_parts(out, out, plan_key, names, restart=finished and cfg.overwrite) as work:
+        todo = [ShardPlan.make(out / name, shard_jobs[name], cfg.batch_size) for name in work.todo]
+        if len(work.todo) < len(work.mine):
+            console.print(f"resuming: {len(work.mine) - len(work.todo)} of {len(work.mine)} shards already written")
         # the pool before the progress bar, whose refresh thread must not exist when workers fork
         with start_workers(cfg.workers - 1 if todo else 0, builder) as pool, progress_bar() as progress:
-            total = sum(len(jobs[k * cfg.shard_size:(k + 1) * cfg.shard_size]) for k in mine)
+            total = sum(len(shard_jobs[name]) for name in work.mine)
             task = progress.add_task(f"augment ({cfg.policy})", total=total,
                                      completed=total - sum(plan.rows for plan in todo), info="")
             for count in write_shards(todo, metadata, builder, pool):
                 progress.update(task, advance=count)
-        ctx.barrier()
-        if not ctx.is_main:
+        if not work.gather():
             return out
         manifest = {**metadata, "shards": names, "rows": len(jobs),
                     "selection": {"ratio": cfg.ratio, "select": cfg.select, "per_class": cfg.per_class,
@@ -369,21 +331,20 @@ def augment(cfg: AugmentConfig) -> Path:
         write_parquet(chosen.select("sample_id", "label", "energy"), out / "selection.parquet",
                       {"kind": "selection", **manifest["selection"], "scores": metadata["scores"]})
         write_json(out / MANIFEST, manifest)
-        plan_file.unlink()
     console.print(f"[bold]done[/]: wrote {len(jobs)} augmented samples in {n_shards} shard(s) to {out} "
                   f"in {time.perf_counter() - started:.1f}s")
     return out
 
 
-def select(scores: str, out: str | None, ratio: float, mode: str = "high", per_class: bool = False,
-           seed: int = 0, overwrite: bool = False) -> pl.DataFrame:
+def select(cfg: SelectConfig) -> pl.DataFrame:
     """`energytools select`: the selection alone, optionally written as a Parquet file of ids."""
-    table, meta = load_table(scores, ["sample_id", "label", "energy"])
-    chosen = select_samples(table, ratio, mode, per_class, seed)
+    if cfg.out:
+        check_output_free(cfg.out, cfg.overwrite)
+    table, _ = load_table(cfg.scores, ["sample_id", "label", "energy"])
+    chosen = select_samples(table, cfg.ratio, cfg.select, cfg.per_class, cfg.seed)
     console.print(describe_selection(chosen, table.height))
-    if out:
-        if Path(out).exists() and not overwrite:
-            raise UserError(f"{out} already exists (pass --overwrite to replace it)")
-        write_parquet(chosen, out, {"kind": "selection", "ratio": ratio, "select": mode, "per_class": per_class,
-                                    "seed": seed, "count": chosen.height, "scores": {"path": scores}})
+    if cfg.out:
+        write_parquet(chosen, cfg.out, {"kind": "selection", "ratio": cfg.ratio, "select": cfg.select,
+                                        "per_class": cfg.per_class, "seed": cfg.seed, "count": chosen.height,
+                                        "scores": {"sha256": sha256_file(cfg.scores)}})
     return chosen

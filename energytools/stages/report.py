@@ -18,10 +18,10 @@ from plotly.offline import get_plotlyjs
 
 from ..data.shards import MANIFEST, read_manifest, read_shards
 from ..energy import GROUPS
-from ..engine import console
+from ..console import console
 from ..errors import UserError
-from ..io import atomic_path
-from ..table import load_table, read_metadata, read_parquet
+from ..io import atomic_path, check_output_free
+from ..table import TableMeta, load_table, read_metadata, read_parquet
 
 GROUP_COLORS = {"low": "#2b8cbe", "mid": "#969696", "high": "#e34a33"}
 BINS = 60
@@ -84,11 +84,11 @@ def grouped_histogram(frame: pl.DataFrame, column: str, by: str, title: str, lev
     return fig
 
 
-def score_figures(frame: pl.DataFrame, meta: dict, label: str) -> dict[str, go.Figure]:
+def score_figures(frame: pl.DataFrame, meta: TableMeta, label: str) -> dict[str, go.Figure]:
     figures = {}
-    thresholds = meta["groups"]["thresholds"]
+    thresholds = meta.thresholds
     fig = grouped_histogram(frame, "energy", "energy_group", f"{label}: energy by group (T_E = "
-                            f"{meta['energy']['temperature']})", levels=[g for g in GROUPS
+                            f"{meta.energy_temperature})", levels=[g for g in GROUPS
                                                                         if g in frame["energy_group"].unique()])
     for name in ("low_max", "high_min"):
         if np.isfinite(thresholds[name]):
@@ -128,14 +128,13 @@ def score_figures(frame: pl.DataFrame, meta: dict, label: str) -> dict[str, go.F
     return figures
 
 
-def _thumbnails(frame: pl.DataFrame, meta: dict, count: int = 12) -> str:
+def _thumbnails(frame: pl.DataFrame, meta: TableMeta, count: int = 12) -> str:
     """PNG strips of the lowest- and highest-energy images (empty when the dataset is unavailable)."""
-    from ..config import DataConfig
     from ..data.shards import encode_png
 
     try:
-        dataset = DataConfig.from_options(meta["dataset"]["options"]).build(meta.get("split", "train"))
-    except (UserError, KeyError):
+        dataset = meta.data.build(meta.split)
+    except UserError:
         return "<p>(images unavailable: the dataset is not on this machine)</p>"
     position = {int(s): i for i, s in enumerate(dataset.sample_ids)}
     ordered = frame.sort(["energy", "sample_id"])
@@ -202,9 +201,9 @@ def run_figures(runs: list[Path]) -> dict[str, go.Figure]:
     return {"runs_table": table, "curves": curves}
 
 
-def split_comparison(tables: dict[Path, pl.DataFrame], metas: dict[Path, dict]) -> dict[str, go.Figure]:
+def split_comparison(tables: dict[Path, pl.DataFrame], metas: dict[Path, TableMeta]) -> dict[str, go.Figure]:
     """Train and test (or any two splits) side by side: energy densities and per-group numbers."""
-    frames = {f"{p.name} ({metas[p].get('split')})": f for p, f in tables.items()}
+    frames = {f"{p.name} ({metas[p].split})": f for p, f in tables.items()}
     energies = np.concatenate([f["energy"].to_numpy() for f in frames.values()])
     edges = _edges(energies)
     centers = (edges[:-1] + edges[1:]) / 2
@@ -227,23 +226,23 @@ def split_comparison(tables: dict[Path, pl.DataFrame], metas: dict[Path, dict]) 
 def build_report(inputs: Inputs, thumbnails: bool = True) -> list[tuple[str, dict[str, go.Figure], str]]:
     """Sections of the report: (title, figures by name, extra HTML)."""
     sections = []
-    tables = {}
+    tables, metas = {}, {}
     for path in inputs.scores:
         frame, meta = load_table(path, ["sample_id", "label", "pred", "correct", "energy", "confidence",
                                         "energy_group"])
         tables[path] = frame
-        label = f"{path.name} ({meta.get('split')})"
-        s = meta["summary"]
-        text = (f"<p>{s['samples']} samples, teacher {meta['teacher']['arch']} accuracy {s['accuracy']:.2f}%, "
-                f"T_E {meta['energy']['temperature']}, thresholds low &le; {meta['groups']['thresholds']['low_max']:.4f},"
-                f" high &ge; {meta['groups']['thresholds']['high_min']:.4f}, temperatures "
-                f"{html.escape(json.dumps(meta['temperatures']))}</p>")
+        metas[path] = meta
+        label = f"{path.name} ({meta.split})"
+        s = meta.summary
+        text = (f"<p>{s['samples']} samples, teacher {html.escape(meta.teacher.arch)} accuracy {s['accuracy']:.2f}%, "
+                f"T_E {meta.energy_temperature}, groups low &le; {meta.thresholds['low_max']:.4f},"
+                f" high &ge; {meta.thresholds['high_min']:.4f}, temperatures "
+                f"{html.escape(json.dumps(meta.rule.to_dict()['temperatures']))}</p>")
         extra = _thumbnails(frame, meta) if thumbnails else ""
         sections.append((f"Scores: {label}", score_figures(frame, meta, label), text + extra))
-    metas = {p: read_metadata(p) for p in inputs.scores}
-    if len({m.get("split") for m in metas.values()}) > 1:
+    if len({m.split for m in metas.values()}) > 1:
         sections.append(("Splits side by side", split_comparison(tables, metas), ""))
-    train_table = next((tables[p] for p in inputs.scores if metas[p].get("split") == "train"), None)
+    train_table = next((tables[p] for p in inputs.scores if metas[p].split == "train"), None)
     for directory in inputs.shards:
         manifest = read_manifest(directory)
         sel = manifest["selection"]
@@ -276,8 +275,7 @@ def report(paths: list[Path | str], out: Path | str = "report.html", overwrite: 
            thumbnails: bool = True) -> Path:
     """Write the HTML report for run directories or files; returns its path."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists (pass --overwrite to replace it)")
+    check_output_free(out, overwrite)
     inputs = discover([Path(p) for p in paths])
     html_text = render(build_report(inputs, thumbnails))
     with atomic_path(out) as tmp:

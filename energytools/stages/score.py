@@ -7,12 +7,11 @@ written atomically under its final name.
 """
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import hashlib
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,102 +20,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ..config import DataConfig, as_dict
-from ..data.transforms import normalize
-from ..energy import (GROUPS, SIGN_CONVENTION, Thresholds, assign_temperatures, energy_ranks,
-                      groups_from_thresholds, logit_statistics, parse_temperatures, rank_groups, check_fractions)
-from ..engine import autocast, console, make_loader, progress_bar, resolve_device
+from ..config import DataConfig, ScoreConfig, as_dict
+from ..console import console, progress_bar
 from ..distributed import context
+from ..energy import GROUPS, TemperatureRule, logit_statistics
+from ..engine import make_loader
 from ..errors import UserError
-from ..io import check_output_free, run_lock, write_json
-from ..models import load_model
-from ..table import SCORE_COLUMNS, load_table, versions, write_parquet
+from ..io import check_output_free, write_json
+from ..resume import resumable_parts
+from ..table import SCORE_COLUMNS, DatasetRecord, TableMeta, TeacherRecord, load_table, versions, write_parquet
+from ..teacher import TeacherRun, check_logits, open_teacher, teacher_data_config
 
 
-@dataclass
-class ScoreConfig:
-    teacher: str
-    out: str = "scores.parquet"
-    data: DataConfig | None = None  # None: the dataset the teacher was trained on
-    teacher_arch: str | None = None  # for checkpoints that do not record it (mdistiller's)
-    split: str = "train"
-    energy_temperature: float = 4.0
-    low_frac: float = 0.2
-    high_frac: float = 0.2
-    temperatures: tuple[float, float, float] = (6.0, 4.0, 2.0)  # low, mid, high: the paper's text
-    temperature_rule: str = "groups"
-    reference: str | None = None  # a train table whose thresholds group this split
-    save_logits: bool = False
-    batch_size: int = 256
-    part_size: int = 8192
-    device: str = "auto"
-    num_workers: int = 0
-    amp: bool = True
-    overwrite: bool = False
-
-    def check(self) -> None:
-        check_fractions(self.low_frac, self.high_frac)
-        self.temperatures = parse_temperatures(self.temperatures)
-        if not self.energy_temperature > 0:
-            raise UserError(f"--energy-temperature must be positive, got {self.energy_temperature}")
-        if self.batch_size <= 0 or self.part_size <= 0:
-            raise UserError("--batch-size must be positive")
-        self.part_size = max(self.batch_size, self.part_size // self.batch_size * self.batch_size)
-
-
-@dataclass
-class TeacherRun:
-    """A teacher ready to score a dataset: the model, its metadata and the device."""
-
-    model: torch.nn.Module
-    meta: dict
-    device: torch.device
-    amp: bool = True
-    extras: dict = field(default_factory=dict)
-
-    @torch.no_grad()
-    def logits(self, images_uint8: torch.Tensor, info) -> torch.Tensor:
-        x = normalize(images_uint8.to(self.device, non_blocking=True), info)
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(self.device, self.amp):
-            return self.model(x).float()
-
-
-def open_teacher(path, dataset, arch: str | None = None, device: str = "auto", amp: bool = True) -> TeacherRun:
-    """Load a teacher checkpoint for ``dataset`` and check it fits (classes, channels)."""
-    info = dataset.info
-    model, meta = load_model(path, arch, info.num_classes, info.in_channels, info.image_size)
-    if meta["num_classes"] != info.num_classes:
-        raise UserError(f"teacher {path} predicts {meta['num_classes']} classes but {info.name} has "
-                        f"{info.num_classes}")
-    if meta["in_channels"] != info.in_channels:
-        raise UserError(f"teacher {path} takes {meta['in_channels']}-channel input but {info.name} has "
-                        f"{info.in_channels}")
-    run_device = resolve_device(device)
-    model.to(run_device).eval()
-    if run_device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    return TeacherRun(model, meta, run_device, amp)
-
-
-def teacher_data_config(teacher_path, data: DataConfig | None) -> DataConfig:
-    """The dataset to score: given explicitly, or the one the teacher checkpoint records."""
-    if data is not None:
-        return data
-    from ..models import load_checkpoint
-
-    recorded = (load_checkpoint(teacher_path).get("energytools") or {}).get("data")
-    if not recorded:
-        raise UserError(f"{teacher_path} does not record its dataset: pass --dataset")
-    return DataConfig(**{k: v for k, v in recorded.items() if k in DataConfig.__dataclass_fields__})
-
-
-def check_logits(logits: torch.Tensor, sample_ids: torch.Tensor) -> None:
-    bad = ~torch.isfinite(logits).all(dim=1)
-    if bad.any():
-        first = int(sample_ids[bad.nonzero()[0, 0]].item())
-        raise UserError(f"teacher produced NaN/Inf logits, first at sample_id {first}")
+def resolve_data(cfg: ScoreConfig) -> DataConfig:
+    """The dataset to score: the checkpoint's recorded one, with the fields set in ``cfg.data``."""
+    if cfg.data.dataset is not None:
+        return cfg.data
+    given = {k: v for k, v in as_dict(cfg.data).items() if v is not None}
+    return dataclasses.replace(teacher_data_config(cfg.teacher), **given)
 
 
 def score_rows(teacher: TeacherRun, images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, info,
@@ -156,23 +77,23 @@ def _parts_key(cfg: ScoreConfig, dataset, teacher_sha: str) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def group_table(frame: pl.DataFrame, cfg: ScoreConfig, reference: tuple[pl.DataFrame, dict] | None):
-    """Add energy_group and temperature; returns (frame, thresholds dict, source)."""
-    energies = frame["energy"].to_numpy().astype(np.float64)
-    ids = frame["sample_id"].to_numpy()
+def group_table(frame: pl.DataFrame, rule: TemperatureRule, reference: tuple[pl.DataFrame, TableMeta] | None):
+    """Add energy_group and temperature; returns ``(frame, rule, thresholds, source)``.
+
+    The groups are fitted on this table, or with ``reference`` on that train table (its
+    fractions, this config's temperatures), by the one rule of :class:`EnergyGroups`.
+    """
     if reference is None:
-        groups, thresholds, ranks = rank_groups(energies, ids, cfg.low_frac, cfg.high_frac)
-        source = "this table"
+        fitted, source = rule.fit(frame["energy"].to_numpy(), frame["sample_id"].to_numpy()), "this table"
     else:
         ref_frame, ref_meta = reference
-        thresholds = Thresholds(**ref_meta["groups"]["thresholds"])
-        groups = groups_from_thresholds(energies, thresholds)
-        ranks = energy_ranks(energies, np.sort(ref_frame["energy"].to_numpy().astype(np.float64)))
-        source = f"reference {ref_meta['dataset']['split']} table {ref_meta['dataset']['fingerprint'][:12]}"
-    temps = assign_temperatures(groups, ranks, cfg.temperatures, cfg.temperature_rule)
+        rule = dataclasses.replace(rule, low_frac=ref_meta.rule.low_frac, high_frac=ref_meta.rule.high_frac)
+        fitted = ref_meta.fit_groups(ref_frame, rule)
+        source = f"reference {ref_meta.split} table {ref_meta.dataset.fingerprint[:12]}"
+    groups, temps = fitted.assign(frame["energy"].to_numpy(), frame["sample_id"].to_numpy())
     frame = frame.with_columns(pl.Series("energy_group", groups.astype(str)),
                                pl.Series("temperature", temps, dtype=pl.Float32))
-    return frame, thresholds.to_dict(), source
+    return frame, rule, fitted.thresholds, source
 
 
 def summarize(frame: pl.DataFrame) -> dict:
@@ -191,7 +112,7 @@ def summarize(frame: pl.DataFrame) -> dict:
 
 def format_summary(summary: dict, thresholds: dict) -> str:
     lines = [f"{summary['samples']} samples, teacher accuracy {summary['accuracy']:.2f}%, "
-             f"thresholds: low <= {thresholds['low_max']:.4f}, high >= {thresholds['high_min']:.4f}, "
+             f"groups: low <= {thresholds['low_max']:.4f}, high >= {thresholds['high_min']:.4f}, "
              f"Spearman(energy, confidence) = {summary['spearman_energy_confidence']:.3f}"]
     for g in summary["groups"]:
         lines.append(f"  {g['energy_group']:<4} {g['count']:>7} samples  mean energy {g['mean_energy']:9.3f}  "
@@ -199,89 +120,76 @@ def format_summary(summary: dict, thresholds: dict) -> str:
     return "\n".join(lines)
 
 
+def _load_reference(cfg: ScoreConfig, teacher: TeacherRun):
+    if not cfg.reference:
+        if cfg.split != "train":
+            console.print(f"note: grouping the {cfg.split} split by its own quantiles; pass --reference "
+                          "TRAIN_TABLE to use the train groups")
+        return None
+    frame, meta = load_table(cfg.reference, ["sample_id", "energy"])
+    meta.require_train(cfg.reference, "--reference")
+    if meta.energy_temperature != cfg.energy_temperature:
+        raise UserError(f"--reference {cfg.reference} used T_E={meta.energy_temperature}, not {cfg.energy_temperature}")
+    if meta.teacher.sha256 != teacher.sha256:
+        raise UserError(f"--reference {cfg.reference} was scored by another teacher")
+    return frame, meta
+
+
 def score(cfg: ScoreConfig) -> Path:
     """Score every sample of a split with the teacher; returns the table's path."""
     cfg.check()
-    context()  # under torchrun: join the process group (and pick this rank's GPU) first
+    ctx = context()  # under torchrun: join the process group (and pick this rank's GPU) first
     out = Path(cfg.out)
     check_output_free(out, cfg.overwrite)
-    data = teacher_data_config(cfg.teacher, cfg.data)
+    data = resolve_data(cfg)
     dataset = data.build(cfg.split)
-    reference = None
-    if cfg.reference:
-        reference = load_table(cfg.reference, ["sample_id", "energy"])
-        ref_meta = reference[1]
-        if ref_meta["energy"]["temperature"] != cfg.energy_temperature:
-            raise UserError(f"--reference {cfg.reference} used T_E={ref_meta['energy']['temperature']}, "
-                            f"not {cfg.energy_temperature}")
-    elif cfg.split != "train":
-        console.print(f"note: grouping the {cfg.split} split by its own quantiles; pass --reference "
-                      "TRAIN_TABLE to use the train thresholds")
     teacher = open_teacher(cfg.teacher, dataset, cfg.teacher_arch, cfg.device, cfg.amp)
-    if reference and reference[1]["teacher"]["sha256"] != teacher.meta["sha256"]:
-        raise UserError(f"--reference {cfg.reference} was scored by another teacher")
+    reference = _load_reference(cfg, teacher)
     info = dataset.info
     started = time.perf_counter()
-    ctx = context()
     ctx.check_same(as_dict(cfg), "score config")
-    parts_dir = out.parent / f"{out.name}.parts"
-    key = _parts_key(cfg, dataset, teacher.meta["sha256"])
     n_parts = (len(dataset) + cfg.part_size - 1) // cfg.part_size
     if n_parts < ctx.world:
-        raise UserError(f"{len(dataset)} samples make {n_parts} part(s) of --part-size {cfg.part_size}, fewer than "
-                        f"the {ctx.world} ranks: lower --part-size or the number of processes")
-    # rank 0 alone holds the lock and writes the final table; every rank writes its own parts
-    with run_lock(out) if ctx.is_main else contextlib.nullcontext():
-        if ctx.is_main:
-            if parts_dir.exists() and (parts_dir / "KEY").exists() and (parts_dir / "KEY").read_text() != key:
-                shutil.rmtree(parts_dir)  # parts of another configuration are useless here
-            parts_dir.mkdir(parents=True, exist_ok=True)
-            (parts_dir / "KEY").write_text(key)
-        ctx.barrier()
-        mine = [k for k in range(n_parts) if k % ctx.world == ctx.rank]
-        todo = [k for k in mine if not (parts_dir / f"part-{k:05d}.parquet").exists()]
-        if len(todo) < len(mine):
-            console.print(f"resuming: {len(mine) - len(todo)} of {len(mine)} parts already scored")
+        raise UserError(f"{len(dataset)} samples make {n_parts} part(s) of part_size {cfg.part_size}, fewer than "
+                        f"the {ctx.world} ranks: lower part_size or the number of processes")
+    names = [f"part-{k:05d}.parquet" for k in range(n_parts)]
+
+    def rows_in(name: str) -> range:
+        k = names.index(name)
+        return range(k * cfg.part_size, min((k + 1) * cfg.part_size, len(dataset)))
+
+    parts_dir = out.parent / f"{out.name}.parts"
+    with resumable_parts(out, parts_dir, _parts_key(cfg, dataset, teacher.sha256), names) as work:
+        if len(work.todo) < len(work.mine):
+            console.print(f"resuming: {len(work.mine) - len(work.todo)} of {len(work.mine)} parts already scored")
         with progress_bar() as progress:
             task = progress.add_task(f"score {info.name}/{cfg.split}" + (f" rank {ctx.rank}" if ctx.distributed else ""),
-                                     total=sum(min(cfg.part_size, len(dataset) - k * cfg.part_size) for k in mine),
-                                     completed=sum(min(cfg.part_size, len(dataset) - k * cfg.part_size)
-                                                   for k in mine if k not in todo), info="")
-            for k in todo:
-                start, stop = k * cfg.part_size, min((k + 1) * cfg.part_size, len(dataset))
-                part = dataset.subset(np.arange(start, stop))
+                                     total=sum(len(rows_in(n)) for n in work.mine),
+                                     completed=sum(len(rows_in(n)) for n in work.mine if n not in work.todo), info="")
+            for name in work.todo:
+                part = dataset.subset(np.array(rows_in(name)))
                 chunks = []
                 for images, labels, ids in make_loader(part, cfg.batch_size, teacher.device, cfg.num_workers):
                     chunks.append(score_rows(teacher, images, labels, ids, info, cfg.energy_temperature,
                                              cfg.save_logits))
                     progress.update(task, advance=len(labels))
-                rows = {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
+                rows = {column: np.concatenate([c[column] for c in chunks]) for column in chunks[0]}
                 paths = [part.path(i) for i in range(len(part))] if part.path(0) is not None else None
-                write_parquet(_rows_to_arrow(rows, paths), parts_dir / f"part-{k:05d}.parquet", {"kind": "score-part"})
-        ctx.barrier()
-        if not ctx.is_main:
-            ctx.barrier()  # wait for rank 0's final table
+                write_parquet(_rows_to_arrow(rows, paths), parts_dir / name, {"kind": "score-part"})
+        if not work.gather():
             return out
-        table = pa.concat_tables([pq.read_table(parts_dir / f"part-{k:05d}.parquet") for k in range(n_parts)])
+        table = pa.concat_tables([pq.read_table(parts_dir / name) for name in names])
         frame = pl.from_arrow(table.replace_schema_metadata(None)).sort("sample_id")
-        frame, thresholds, source = group_table(frame, cfg, reference)
+        frame, rule, thresholds, source = group_table(frame, cfg.rule(), reference)
         summary = summarize(frame)
-        meta = {
-            "kind": "scores", "versions": versions(), "dataset": dataset.describe(), "data": as_dict(data),
-            "split": cfg.split,
-            "teacher": {k: teacher.meta.get(k) for k in ("arch", "sha256", "path", "num_classes", "in_channels")},
-            "energy": {"temperature": cfg.energy_temperature, "sign": SIGN_CONVENTION},
-            "groups": {"low_frac": cfg.low_frac, "high_frac": cfg.high_frac, "thresholds": thresholds,
-                       "source": source},
-            "temperatures": dict(zip(GROUPS, cfg.temperatures)), "temperature_rule": cfg.temperature_rule,
-            # where the table goes does not change its content, so it stays out of the bytes
-            "config": {k: v for k, v in as_dict(cfg).items() if k not in ("out", "overwrite")}, "summary": summary,
-        }
+        # where the table goes does not change its content, so out stays out of the bytes
+        config = {k: v for k, v in as_dict(cfg).items() if k not in ("out", "overwrite", "data")}
+        meta = TableMeta(data, DatasetRecord(**dataset.describe()), TeacherRecord(**teacher.record()),
+                         cfg.energy_temperature, rule, thresholds, source, config, summary, versions())
         ordered = list(SCORE_COLUMNS) + [c for c in ("path", "logits", "logits_flipped") if c in frame.columns]
-        write_parquet(frame.select(ordered), out, meta, row_group_size=65536)
-        write_json(out.parent / f"{out.stem}.config.json", meta["config"])
+        write_parquet(frame.select(ordered), out, meta.to_json(), row_group_size=65536)
+        write_json(out.parent / f"{out.stem}.config.json", {**config, "data": as_dict(data)})
         shutil.rmtree(parts_dir)
-        ctx.barrier()
     console.print(format_summary(summary, thresholds))
     console.print(f"[bold]done[/]: wrote {out} ({frame.height} rows) in {time.perf_counter() - started:.1f}s")
     return out

@@ -17,7 +17,8 @@ import torch
 from energytools.config import DataConfig
 from energytools.data.loaders import SYSTEM_FASHION_MNIST
 from energytools.models import create_model, save_checkpoint
-from energytools.stages.train import model_meta
+from energytools.resume import KEY_FILE
+from energytools.engine import model_meta
 
 pytestmark = pytest.mark.skipif(not SYSTEM_FASHION_MNIST.exists(),
                                 reason="Fashion-MNIST is not installed (make test installs dataset-fashion-mnist)")
@@ -73,7 +74,7 @@ def test_score_survives_sigkill(teacher, clean_scores, tmp_path, kill_after_part
     out = tmp_path / "scores.parquet"
     args = ("score", "--teacher", teacher, "--out", out, "--part-size", 1024, "--save-logits")
     if kill_after_parts == 0:
-        run_and_kill(args, lambda: (out.parent / f"{out.name}.parts" / "KEY").exists())
+        run_and_kill(args, lambda: (out.parent / f"{out.name}.parts" / KEY_FILE).exists())
     else:
         run_and_kill(args, lambda: len(parts(out)) >= kill_after_parts)
     assert not out.exists()  # never a partial file under the final name

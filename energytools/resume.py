@@ -1,0 +1,107 @@
+"""Outputs that survive a kill: run directories (train, distill) and outputs written as parts
+across torchrun ranks (score's parts, augment's shards), resumed where they stopped."""
+from __future__ import annotations
+
+import contextlib
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .distributed import Context, context
+from .errors import UserError
+from .io import check_output_path, remove_partial_files, run_lock, write_json
+
+#: the file that says which configuration a directory's parts belong to, while they are written
+KEY_FILE = ".key"
+
+
+@dataclass
+class PartsWork:
+    """This rank's share of a resumable output: the part files it owns and those still missing."""
+
+    directory: Path
+    mine: list[str]
+    todo: list[str]
+    ctx: Context
+
+    def gather(self) -> bool:
+        """Wait until every rank has written its parts; True on the rank that finishes the output."""
+        self.ctx.barrier()
+        return self.ctx.is_main
+
+
+@contextlib.contextmanager
+def resumable_parts(output: Path, directory: Path, key: str, names: list[str],
+                    restart: bool = False) -> Iterator[PartsWork]:
+    """Lock ``output`` and yield what this rank still has to write of the part files ``names``.
+
+    ``directory`` holds the parts; ``key`` names what their content depends on, so parts left
+    by a run with another key (or all of them, with ``restart``) are deleted first, and so are
+    half-written files. A non-empty directory without a key file is not energytools' and is
+    refused unless ``restart`` (the caller has checked it is its own finished output). Rank r
+    writes names r, r + world, ... Leaving the block removes the key file (the output is
+    complete) and waits for every rank, so no rank returns before rank 0 has finished.
+    """
+    ctx = context()
+    with run_lock(output) if ctx.is_main else contextlib.nullcontext():
+        if ctx.is_main:
+            key_file = directory / KEY_FILE
+            if directory.exists():
+                ours = key_file.is_file()
+                if not ours and not restart and any(directory.iterdir()):
+                    raise UserError(f"{directory} exists and was not written by energytools; move it away or "
+                                    "choose another --out")
+                if restart or not ours or key_file.read_text() != key:
+                    shutil.rmtree(directory)
+            directory.mkdir(parents=True, exist_ok=True)
+            remove_partial_files(directory)
+            key_file.write_text(key)
+        ctx.barrier()
+        mine = names[ctx.rank::ctx.world]
+        yield PartsWork(directory, mine, [n for n in mine if not (directory / n).exists()], ctx)
+        if ctx.is_main and directory.exists():
+            (directory / KEY_FILE).unlink(missing_ok=True)
+        ctx.barrier()
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost of ``path`` and its parents that does not exist yet."""
+    missing = None
+    for candidate in [path, *path.parents]:
+        if candidate.exists():
+            break
+        missing = candidate
+    return missing
+
+
+@contextlib.contextmanager
+def run_directory(out: Path, resume: bool, overwrite: bool, config: dict) -> Iterator[bool]:
+    """Lock and prepare a training run directory; yields whether this rank writes files.
+
+    Refuses an ``out`` that is a file or lies under one, ``resume`` with no run to resume and
+    a finished run without ``overwrite``. A run that fails before its first checkpoint leaves
+    nothing behind: the folders it created are removed.
+    """
+    ctx = context()
+    ctx.check_same(config, "run config")
+    check_output_path(out, directory=True)
+    checkpoint = out / "last.pt"
+    if resume and not checkpoint.exists():
+        raise UserError(f"--resume: {out} holds no run to resume (no last.pt)")
+    if checkpoint.exists() and not resume and not overwrite:
+        raise UserError(f"{out} already holds a run (pass --resume to continue it or --overwrite to replace it)")
+    created = _first_missing(out) if ctx.is_main else None
+    try:
+        with run_lock(out) if ctx.is_main else contextlib.nullcontext():
+            if ctx.is_main:
+                if checkpoint.exists() and not resume:
+                    shutil.rmtree(out)
+                out.mkdir(parents=True, exist_ok=True)
+                write_json(out / "config.json", config)
+            ctx.barrier()
+            yield ctx.is_main
+    except BaseException:
+        if created is not None and not checkpoint.exists():
+            shutil.rmtree(created, ignore_errors=True)
+        raise
