@@ -127,8 +127,8 @@ def test_train_resume_gives_the_same_weights(tmp_path, monkeypatch):
         train(data, "cnn_tiny", TrainConfig(epochs=3, seed=1), tmp_path / "part")
     monkeypatch.setattr(engine, "evaluate", real)
     resumed = train(data, "cnn_tiny", TrainConfig(epochs=3, seed=1), tmp_path / "part", resume=True)
-    a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "part" / "last.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "part" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.metrics.height == 3 and full.last_test_acc == resumed.last_test_acc
     metrics = pl.read_parquet(tmp_path / "full" / "metrics.parquet")
