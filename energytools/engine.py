@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.text import Text
 
 from .data import ImageSet
 from .data.base import collate
@@ -28,7 +29,14 @@ from .errors import UserError
 from .models import load_checkpoint, save_checkpoint
 from .table import write_parquet
 
-console = Console(stderr=True)
+# Names from data (class folders, run names, paths) reach this console: with markup and emoji
+# codes off, "[red]" or ":warning:" in a name prints as it is. Styles go through style= or Text.
+console = Console(stderr=True, markup=False, emoji=False)
+
+
+def headline(head: str, rest: str) -> Text:
+    """``head`` in bold followed by ``rest``, both printed literally."""
+    return Text.assemble((head, "bold"), rest)
 
 
 @dataclass
@@ -117,8 +125,9 @@ def make_loader(dataset, batch_size: int, device: torch.device, num_workers: int
 
 
 def progress_bar() -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console, transient=True)
+    return Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}", markup=False), TimeRemainingColumn(), console=console,
+                    transient=True)
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import DataConfig, as_dict, resolve
-from .engine import TrainConfig, console
+from .engine import TrainConfig, console, headline
 from .errors import UserError
 from .stages.augment import AugmentConfig
 from .io import write_json
@@ -259,7 +259,7 @@ def run_pipeline(recipe_path: Path | str, out: Path | str, start: str | None = N
             results.append((step.name, status))
             continue
         if fresh and not forced:
-            console.print(f"[dim]{step.stage} {step.name}: up to date[/]")
+            console.print(f"{step.stage} {step.name}: up to date", style="dim")
             results.append((step.name, "up to date"))
             continue
         console.rule(f"{step.stage}: {step.name}")
@@ -269,6 +269,6 @@ def run_pipeline(recipe_path: Path | str, out: Path | str, start: str | None = N
         results.append((step.name, "ran"))
     if not dry_run:
         ran = sum(r[1] == "ran" for r in results)
-        console.print(f"[bold]pipeline {recipe.name}[/]: {ran} step(s) ran, {len(results) - ran} up to date; "
-                      f"outputs in {out}")
+        console.print(headline(f"pipeline {recipe.name}", f": {ran} step(s) ran, {len(results) - ran} up to date; "
+                                                          f"outputs in {out}"))
     return results

@@ -33,7 +33,7 @@ from ..data.base import ImageSet
 from ..data.shards import LOGITS_FIELD, MANIFEST, SHARD_SCHEMA, encode_png
 from ..distributed import context
 from ..energy import assign_temperatures, energy_ranks, groups_from_thresholds, logit_statistics
-from ..engine import console, progress_bar
+from ..engine import console, headline, progress_bar
 from ..errors import UserError
 from ..io import remove_partial_files, run_lock, sha256_file, write_json
 from ..policies import make_policy
@@ -370,8 +370,8 @@ def augment(cfg: AugmentConfig) -> Path:
                       {"kind": "selection", **manifest["selection"], "scores": metadata["scores"]})
         write_json(out / MANIFEST, manifest)
         plan_file.unlink()
-    console.print(f"[bold]done[/]: wrote {len(jobs)} augmented samples in {n_shards} shard(s) to {out} "
-                  f"in {time.perf_counter() - started:.1f}s")
+    console.print(headline("done", f": wrote {len(jobs)} augmented samples in {n_shards} shard(s) to {out} "
+                                    f"in {time.perf_counter() - started:.1f}s"))
     return out
 
 

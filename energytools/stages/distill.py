@@ -22,7 +22,7 @@ from ..distillers import METHODS, SampleInfo
 from ..distillers.base import NEEDS_TEACHER
 from ..energy import (GROUPS, assign_temperatures, energy, energy_ranks, groups_from_thresholds, parse_temperatures,
                       rank_groups)
-from ..engine import seed_everything, Batch, FitResult, TrainConfig, console, fit
+from ..engine import seed_everything, Batch, FitResult, TrainConfig, console, fit, headline
 from ..errors import UserError
 from ..io import sha256_file, write_json
 from ..models import create_model
@@ -274,5 +274,5 @@ def distill(cfg: DistillConfig) -> FitResult:
                 "best_val_acc": result.best_val_acc, "best_test_acc": result.best_test_acc,
                 "last_test_acc": result.last_test_acc, "seconds": result.seconds,
                 "temperatures": plan.to_dict()["temperatures"], "shards": list(cfg.shards), "augmented_samples": n_aug})
-    console.print(f"[bold]done[/]: {out}: {result.summary()}")
+    console.print(headline("done", f": {out}: {result.summary()}"))
     return result

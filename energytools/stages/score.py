@@ -25,7 +25,7 @@ from ..config import DataConfig, as_dict
 from ..data.transforms import normalize
 from ..energy import (GROUPS, SIGN_CONVENTION, Thresholds, assign_temperatures, energy_ranks,
                       groups_from_thresholds, logit_statistics, parse_temperatures, rank_groups, check_fractions)
-from ..engine import autocast, console, make_loader, progress_bar, resolve_device
+from ..engine import autocast, console, headline, make_loader, progress_bar, resolve_device
 from ..distributed import context
 from ..errors import UserError
 from ..io import check_output_free, run_lock, write_json
@@ -268,7 +268,7 @@ def score(cfg: ScoreConfig) -> Path:
         summary = summarize(frame)
         meta = {
             "kind": "scores", "versions": versions(), "dataset": dataset.describe(), "data": as_dict(data),
-            "split": cfg.split,
+            "split": cfg.split, "classes": list(info.classes),
             "teacher": {k: teacher.meta.get(k) for k in ("arch", "sha256", "path", "num_classes", "in_channels")},
             "energy": {"temperature": cfg.energy_temperature, "sign": SIGN_CONVENTION},
             "groups": {"low_frac": cfg.low_frac, "high_frac": cfg.high_frac, "thresholds": thresholds,
@@ -283,5 +283,5 @@ def score(cfg: ScoreConfig) -> Path:
         shutil.rmtree(parts_dir)
         ctx.barrier()
     console.print(format_summary(summary, thresholds))
-    console.print(f"[bold]done[/]: wrote {out} ({frame.height} rows) in {time.perf_counter() - started:.1f}s")
+    console.print(headline("done", f": wrote {out} ({frame.height} rows) in {time.perf_counter() - started:.1f}s"))
     return out

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch.nn.functional as F
 
 from ..config import DataConfig, as_dict
-from ..engine import seed_everything, Batch, FitResult, TrainConfig, console, fit
+from ..engine import seed_everything, Batch, FitResult, TrainConfig, console, fit, headline
 from ..distributed import context
 from ..errors import UserError
 from ..io import run_lock, write_json
@@ -65,5 +65,5 @@ def train(data: DataConfig, model: str, cfg: TrainConfig, out: Path | str, resum
         console.print(f"train {model} on {info.name} ({len(train_set)} train / {len(val_set)} val / "
                       f"{len(test_set)} test) for {cfg.epochs} epochs")
         result = fit(net, step, train_set, val_set, test_set, cfg, out, meta, resume=resume)
-    console.print(f"[bold]done[/]: {out}: {result.summary()}")
+    console.print(headline("done", f": {out}: {result.summary()}"))
     return result
