@@ -102,6 +102,15 @@ def test_energytools_checkpoints_need_no_allowed_globals(tmp_path, digits_run):
     assert state["optimizer"]["state"] and state["metrics"][-1]["epoch"] == state["epoch"]
 
 
+def test_checkpoints_from_earlier_energytools_still_load(tmp_path):
+    """Before, the metadata kept torch.__version__ as torch's own str subclass."""
+    model = create_model("cnn_tiny", 10, 1)
+    meta = {"arch": "cnn_tiny", "num_classes": 10, "in_channels": 1, "versions": {"torch": torch.__version__}}
+    torch.save({"model": model.state_dict(), "energytools": meta, "epoch": 1}, tmp_path / "last.pt")
+    loaded, loaded_meta = load_model(tmp_path / "last.pt")
+    assert loaded_meta["versions"]["torch"] == str(torch.__version__)
+
+
 @pytest.mark.parametrize("best_acc", [torch.tensor(75.31), 75.31, np.float64(75.31)],
                          ids=["tensor", "float", "numpy"])
 def test_mdistiller_checkpoint_still_loads(tmp_path, best_acc):

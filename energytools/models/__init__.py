@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.torch_version import TorchVersion
 
 from ..errors import UserError
 from ..io import atomic_path, sha256_file
@@ -36,14 +37,16 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: 
     return builder(**kwargs)
 
 
-#: what a third-party checkpoint may hold besides tensors and plain values: numpy scalars
-#: (a ``best_acc`` saved as ``np.float64``), which rebuild a number from bytes and run no code.
-#: numpy 1.x pickles them under ``numpy.core``, numpy 2 under ``numpy._core``; the dtype
-#: classes (Float64DType ...) are the numeric ones only, never the object dtype.
+#: what a checkpoint may hold besides tensors and plain values, none of which runs code:
+#: numpy scalars (third-party files save a ``best_acc`` as ``np.float64``: a number rebuilt
+#: from bytes; numpy 1.x names them ``numpy.core``, numpy 2 ``numpy._core``; numeric dtype
+#: classes only, never the object dtype), and torch's version string (a str subclass that
+#: checkpoints written before energytools stored plain values carry in their metadata).
 CHECKPOINT_SAFE_GLOBALS = [np.dtype, (np_scalar, "numpy.core.multiarray.scalar"),
                            (np_scalar, "numpy._core.multiarray.scalar"),
                            *sorted({type(np.dtype(code)) for code in "?" + np.typecodes["AllInteger"]
-                                    + np.typecodes["AllFloat"]}, key=str)]
+                                    + np.typecodes["AllFloat"]}, key=str),
+                           TorchVersion]
 
 
 def plain(value):
