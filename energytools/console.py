@@ -1,12 +1,24 @@
-"""Where energytools talks to a person: one stderr console and the progress bar style."""
+"""Where energytools talks to a person: one stderr console and the progress bar style.
+
+Names from data (class folders, run names, paths) reach this console: with markup and emoji
+codes off, "[red]" or ":warning:" in a name prints as it is. Styles go through ``style=`` or
+:func:`headline`, never through markup in a string.
+"""
 from __future__ import annotations
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.text import Text
 
-console = Console(stderr=True)
+console = Console(stderr=True, markup=False, emoji=False)
+
+
+def headline(head: str, rest: str) -> Text:
+    """``head`` in bold followed by ``rest``, both printed literally."""
+    return Text.assemble((head, "bold"), rest)
 
 
 def progress_bar() -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console, transient=True)
+    return Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}", markup=False), TimeRemainingColumn(), console=console,
+                    transient=True)

@@ -25,7 +25,7 @@ from typing import Callable
 
 from .config import (AugmentConfig, DataConfig, DistillConfig, ScoreConfig, TrainStageConfig, as_dict, convert,
                      resolve)
-from .console import console
+from .console import console, headline
 from .errors import UserError
 from .io import check_output_path, sha256_file, write_json
 
@@ -252,8 +252,8 @@ def run_pipeline(recipe_path: Path | str, out: Path | str, start: str | None = N
         raise
     if not dry_run:
         ran = sum(r[1] == "ran" for r in results)
-        console.print(f"[bold]pipeline {recipe.name}[/]: {ran} step(s) ran, {len(results) - ran} up to date; "
-                      f"outputs in {out}")
+        console.print(headline(f"pipeline {recipe.name}", f": {ran} step(s) ran, {len(results) - ran} up to date; "
+                                                          f"outputs in {out}"))
     return results
 
 
@@ -275,7 +275,7 @@ def _run_steps(steps: list[Step], out: Path, recipe: Recipe, start: str | None, 
             console.print(f"  {step.stage:<8} {step.name:<24} {status}")
         elif fresh:
             status = "up to date"
-            console.print(f"[dim]{step.stage} {step.name}: up to date[/]")
+            console.print(f"{step.stage} {step.name}: up to date", style="dim")
         else:
             status = "ran"
             console.rule(f"{step.stage}: {step.name}")

@@ -128,9 +128,18 @@ def make_policy(name_or_file: str):
         if not path.is_file():
             raise UserError(f"policy file {path} does not exist")
         import albumentations as A
+        import yaml
 
         try:
-            transform = A.load(str(path), data_format="yaml" if path.suffix.lower() != ".json" else "json")
+            with open(path) as handle:  # safe_load: YAML tags cannot build Python objects
+                data = json.load(handle) if path.suffix.lower() == ".json" else yaml.safe_load(handle)
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"cannot read albumentations pipeline {path}: {str(exc).splitlines()[0][:200]}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("transform"), dict):
+            raise UserError(f"{path} is not an albumentations pipeline (albumentations.save writes one)")
+        check_albumentations_only(data["transform"], path)
+        try:
+            transform = A.from_dict(data)
         except Exception as exc:  # noqa: BLE001
             raise UserError(f"cannot load albumentations pipeline {path}: {str(exc).splitlines()[0][:200]}") from None
         if not isinstance(transform, A.Compose):
@@ -139,3 +148,24 @@ def make_policy(name_or_file: str):
         return Albumentations(path.name, transform)
     raise UserError(f"unknown policy {name_or_file!r}; choose from {', '.join(POLICIES)} or an albumentations "
                     ".json/.yaml file")
+
+
+def check_albumentations_only(node, path: Path) -> None:
+    """Refuse a pipeline that names anything but albumentations' own serializable transforms.
+
+    albumentations builds each ``__class_fullname__`` from its registry, which also holds any
+    other package's subclasses imported in this process, and Lambda transforms that take
+    code. Only classes defined in albumentations pass, at every level of Compose/OneOf/SomeOf.
+    """
+    from albumentations.core.serialization import SERIALIZABLE_REGISTRY, shorten_class_name
+
+    name = node.get("__class_fullname__") if isinstance(node, dict) else None
+    cls = SERIALIZABLE_REGISTRY.get(shorten_class_name(name)) if isinstance(name, str) else None
+    if cls is None or not cls.__module__.startswith("albumentations."):
+        raise UserError(f"refusing policy file {path}: {str(name)[:100]!r} is not an albumentations transform "
+                        "(policy files may name albumentations transforms only)")
+    children = node.get("transforms", [])
+    if not isinstance(children, list):
+        raise UserError(f"refusing policy file {path}: {name}'s transforms must be a list")
+    for child in children:
+        check_albumentations_only(child, path)

@@ -130,8 +130,8 @@ def test_train_resume_gives_the_same_weights(tmp_path, monkeypatch):
         run("part")
     monkeypatch.setattr(engine, "evaluate", real)
     resumed = run("part", resume=True)
-    a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "part" / "last.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "part" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.metrics.height == 3 and full.last_test_acc == resumed.last_test_acc
     metrics = pl.read_parquet(tmp_path / "full" / "metrics.parquet")

@@ -90,12 +90,54 @@ def load_fashion_mnist(root: Path | None, part: str, **_):
     return info, ArrayImages(images), labels, None
 
 
+class Refused(pickle.UnpicklingError):
+    """A pickle asked for something a CIFAR file never holds."""
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Reads CIFAR's python-format files: dicts, lists, bytes, numbers and numpy arrays.
+
+    A pickle names the functions it calls to rebuild objects; any name outside the few
+    numpy builds below (a payload's ``os.system``, a class) is refused before it runs.
+    """
+
+    #: numpy's array and scalar builders: numpy 1.x wrote ``numpy.core``, numpy 2 writes
+    #: ``numpy._core``; pickle protocol 5 stores arrays as buffers (``_frombuffer``); scalars
+    #: are labels saved as numpy integers.
+    ALLOWED = {(f"numpy{core}.{module}", name) for core in (".core", "._core")
+               for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"),
+                                    ("numeric", "_frombuffer"))} | {("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise Refused(f"it names {module}.{name}")
+        if name == "dtype":
+            return _plain_dtype
+        return super().find_class(module, name)
+
+
+def _plain_dtype(*args):
+    """np.dtype, but not for Python objects: an object array would rebuild pointers from bytes."""
+    dtype = np.dtype(*args)
+    if dtype.hasobject:
+        raise Refused("it holds an array of Python objects")
+    return dtype
+
+
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as handle:
-            return pickle.load(handle, encoding="bytes")
-    except (OSError, pickle.UnpicklingError, EOFError) as exc:
+            data = CifarUnpickler(handle, encoding="bytes").load()
+    except OSError as exc:
         raise UserError(f"cannot read CIFAR file {path}: {exc}") from None
+    except Refused as exc:
+        raise UserError(f"refusing CIFAR file {path}: {exc}; a CIFAR file holds only dicts, lists, bytes, "
+                        "numbers and numpy arrays (see docs/security.md)") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError) as exc:  # garbled
+        raise UserError(f"cannot read CIFAR file {path}: {type(exc).__name__}: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a CIFAR file: it holds a {type(data).__name__}, not a dict")
+    return data
 
 
 def _load_cifar(root: Path | None, part: str, num_classes: int):

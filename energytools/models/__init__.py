@@ -2,15 +2,25 @@
 from __future__ import annotations
 
 import inspect
+import json
+import pickle
+import re
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
+from torch.torch_version import TorchVersion
 
 from ..errors import UserError
 from ..io import atomic_path, sha256_file
 from . import cifar_resnet, imagenet, mobile, small, vgg, wrn  # noqa: F401  (fill the registry)
 from .registry import DESCRIPTIONS, MODELS, register_model
+
+try:  # numpy >= 2
+    from numpy._core.multiarray import scalar as np_scalar
+except ImportError:  # numpy 1.x
+    from numpy.core.multiarray import scalar as np_scalar
 
 __all__ = ["MODELS", "DESCRIPTIONS", "register_model", "create_model", "save_checkpoint", "load_checkpoint",
            "load_model"]
@@ -27,30 +37,112 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: 
     return builder(**kwargs)
 
 
+#: what a checkpoint may hold besides tensors and plain values, none of which runs code:
+#: numpy scalars (third-party files save a ``best_acc`` as ``np.float64``: a number rebuilt
+#: from bytes; numpy 1.x names them ``numpy.core``, numpy 2 ``numpy._core``; numeric dtype
+#: classes only, never the object dtype), and torch's version string (a str subclass that
+#: checkpoints written before energytools stored plain values carry in their metadata).
+CHECKPOINT_SAFE_GLOBALS = [np.dtype, (np_scalar, "numpy.core.multiarray.scalar"),
+                           (np_scalar, "numpy._core.multiarray.scalar"),
+                           *sorted({type(np.dtype(code)) for code in "?" + np.typecodes["AllInteger"]
+                                    + np.typecodes["AllFloat"]}, key=str),
+                           TorchVersion]
+
+
+def plain(value):
+    """``value`` with numpy scalars as Python numbers and paths as text, so that
+    ``torch.load(weights_only=True)`` reads it with no allow-listed globals."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(v) for v in value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or type(value) in (bool, int, float, str, bytes) or isinstance(value, torch.Tensor):
+        return value
+    for base in (bool, int, float, str):  # subclasses (torch.__version__, an IntEnum) would need their class
+        if isinstance(value, base):
+            return base(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"a checkpoint cannot carry a {type(value).__name__} and still load with weights_only=True")
+
+
 def save_checkpoint(path: Path | str, model: nn.Module, meta: dict, **state) -> None:
     """Write ``{"model": state_dict, "energytools": meta, **state}`` atomically.
 
     ``meta`` carries arch, num_classes, in_channels, image_size and the dataset, so
     :func:`load_model` can rebuild the model from the file alone. The "model" key is the
-    layout mdistiller uses, so its tools read these files too.
+    layout mdistiller uses, so its tools read these files too. Everything is stored as
+    tensors and plain values, so ``torch.load(weights_only=True)`` reads it.
+
+    A path ending in ``.safetensors`` gets the weights in that format, with ``meta`` and
+    ``state`` as JSON in its metadata (state must then hold no tensors: no optimizer).
     """
+    payload = {"model": model.state_dict(), **plain({"energytools": meta, **state})}
     with atomic_path(path) as tmp:
-        torch.save({"model": model.state_dict(), "energytools": meta, **state}, tmp)
+        if Path(path).suffix == ".safetensors":
+            _save_safetensors(tmp, payload)
+        else:
+            torch.save(payload, tmp)
+
+
+def _save_safetensors(path: Path, payload: dict) -> None:
+    from safetensors.torch import save_file
+
+    extra = {k: v for k, v in payload.items() if k != "model"}
+    try:
+        text = json.dumps(extra, sort_keys=True)
+    except TypeError:
+        raise TypeError(".safetensors checkpoints hold the weights and JSON values only") from None
+    weights = {k: v.detach().contiguous() for k, v in payload["model"].items()}
+    save_file(weights, str(path), metadata={"energytools_checkpoint": text})
+
+
+def _load_safetensors(path: Path) -> dict:
+    from safetensors import safe_open
+
+    weights = {}
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        extra = json.loads((handle.metadata() or {}).get("energytools_checkpoint") or "{}")
+        for key in handle.keys():
+            weights[key] = handle.get_tensor(key)
+    return {**extra, "model": weights}
 
 
 def load_checkpoint(path: Path | str) -> dict:
+    """Read a checkpoint without running code from it: ``.safetensors``, or a torch file
+    through ``torch.load(weights_only=True)``. A file that needs code to load is refused."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        if path.suffix == ".safetensors":
+            payload = _load_safetensors(path)
+        else:
+            with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
+                payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # the weights-only unpickler names the first global it refused (posix.system, a class ...)
+        needed = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if needed:
+            raise UserError(f"refusing checkpoint {path}: loading it would run code ({needed.group(1)}); "
+                            "energytools loads only tensors and plain values (see docs/security.md)") from None
+        raise UserError(f"cannot read checkpoint {path}: {_first_line(exc)}") from None
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input
-        raise UserError(f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+        raise UserError(f"cannot read checkpoint {path}: {type(exc).__name__}: {_first_line(exc)}") from None
     if isinstance(payload, dict) and "model" in payload and isinstance(payload["model"], dict):
         return payload
     if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
         return {"model": payload}  # a bare state dict (torchvision weights files)
     raise UserError(f"{path} is not a model checkpoint (expected a state dict or a dict with a 'model' entry)")
+
+
+def _first_line(exc: Exception) -> str:
+    """What is wrong, from a library's message: torch wraps it in paragraphs of advice."""
+    message = str(exc).split("WeightsUnpickler error:", 1)[-1]
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:200]
 
 
 def load_model(path: Path | str, arch: str | None = None, num_classes: int | None = None,

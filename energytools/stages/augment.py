@@ -28,7 +28,7 @@ import pyarrow as pa
 import torch
 
 from ..config import AugmentConfig, SelectConfig
-from ..console import console, progress_bar
+from ..console import console, headline, progress_bar
 from ..data.base import ImageSet
 from ..data.shards import LOGITS_FIELD, MANIFEST, SHARD_SCHEMA, encode_png
 from ..distributed import context
@@ -331,8 +331,8 @@ def augment(cfg: AugmentConfig) -> Path:
         write_parquet(chosen.select("sample_id", "label", "energy"), out / "selection.parquet",
                       {"kind": "selection", **manifest["selection"], "scores": metadata["scores"]})
         write_json(out / MANIFEST, manifest)
-    console.print(f"[bold]done[/]: wrote {len(jobs)} augmented samples in {n_shards} shard(s) to {out} "
-                  f"in {time.perf_counter() - started:.1f}s")
+    console.print(headline("done", f": wrote {len(jobs)} augmented samples in {n_shards} shard(s) to {out} "
+                                    f"in {time.perf_counter() - started:.1f}s"))
     return out
 
 

@@ -18,7 +18,7 @@ import polars as pl
 import torch
 
 from ..config import DataConfig, DistillConfig, as_dict
-from ..console import console
+from ..console import console, headline
 from ..data.base import Collated, ImageSet
 from ..data.shards import read_manifest, shard_dataset
 from ..distillers import MethodSpec, SampleInfo, method_spec
@@ -261,5 +261,5 @@ def distill(cfg: DistillConfig) -> FitResult:
                 "best_val_acc": result.best_val_acc, "best_test_acc": result.best_test_acc,
                 "last_test_acc": result.last_test_acc, "seconds": result.seconds,
                 "temperatures": plan.to_dict()["temperatures"], "shards": list(cfg.shards), "augmented_samples": n_aug})
-    console.print(f"[bold]done[/]: {out}: {result.summary()}")
+    console.print(headline("done", f": {out}: {result.summary()}"))
     return result

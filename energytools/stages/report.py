@@ -2,6 +2,9 @@
 
 Every plot is drawn from aggregates (histogram counts computed here with numpy/polars), so a
 1.28M-row table makes a report of a few MB in seconds. plotly.js is embedded once.
+
+Every name that comes from data (class names, run and directory names, paths, metadata of
+the tables read) goes through :func:`text` on its way into the HTML or a figure.
 """
 from __future__ import annotations
 
@@ -18,13 +21,26 @@ from plotly.offline import get_plotlyjs
 
 from ..data.shards import MANIFEST, read_manifest, read_shards
 from ..energy import GROUPS
-from ..console import console
+from ..console import console, headline
 from ..errors import UserError
 from ..io import atomic_path, check_output_free
 from ..table import TableMeta, load_table, read_metadata, read_parquet
 
 GROUP_COLORS = {"low": "#2b8cbe", "mid": "#969696", "high": "#e34a33"}
 BINS = 60
+
+
+def text(value) -> str:
+    """``value`` as literal text for HTML and for plotly.js, which renders tags such as <a>,
+    <b> and <span> in titles, legends, tick labels and table cells but decodes &lt; &gt; &amp;."""
+    return html.escape(str(value), quote=False)
+
+
+def class_names(labels, meta: TableMeta | None) -> list[str]:
+    """"3 cat" for label 3 when the table records the dataset's class names, else "3"."""
+    names = meta.dataset.classes if meta is not None else ()
+    return [text(f"{label} {names[label]}" if isinstance(label, int) and 0 <= label < len(names) else label)
+            for label in labels]
 
 
 @dataclass
@@ -78,9 +94,9 @@ def grouped_histogram(frame: pl.DataFrame, column: str, by: str, title: str, lev
     for level in levels if levels is not None else sorted(frame[by].unique().to_list()):
         subset = frame.filter(pl.col(by) == level)[column].to_numpy().astype(np.float64)
         counts, _ = np.histogram(subset, bins=edges)
-        fig.add_bar(x=centers, y=counts, name=str(level), width=float(edges[1] - edges[0]),
+        fig.add_bar(x=centers, y=counts, name=text(level), width=float(edges[1] - edges[0]),
                     marker_color=GROUP_COLORS.get(str(level)), opacity=0.75)
-    fig.update_layout(barmode="overlay", title=title, xaxis_title=column, yaxis_title="samples", height=380)
+    fig.update_layout(barmode="overlay", title=text(title), xaxis_title=column, yaxis_title="samples", height=380)
     return fig
 
 
@@ -102,7 +118,7 @@ def score_figures(frame: pl.DataFrame, meta: TableMeta, label: str) -> dict[str,
     rho = frame.select(pl.corr("energy", "confidence", method="spearman")).item()
     heat = go.Figure(go.Heatmap(x=(e_edges[:-1] + e_edges[1:]) / 2, y=(c_edges[:-1] + c_edges[1:]) / 2,
                                 z=np.log1p(counts.T), colorscale="Viridis", colorbar_title="log(1+n)", name="density"))
-    heat.update_layout(title=f"{label}: energy vs confidence (Spearman {rho:.3f})", xaxis_title="energy",
+    heat.update_layout(title=text(f"{label}: energy vs confidence (Spearman {rho:.3f})"), xaxis_title="energy",
                        yaxis_title="confidence", height=420)
     figures["density"] = heat
     figures["correct"] = grouped_histogram(frame.with_columns(pl.when(pl.col("correct")).then(pl.lit("correct"))
@@ -113,18 +129,18 @@ def score_figures(frame: pl.DataFrame, meta: TableMeta, label: str) -> dict[str,
                                              (pl.col("correct").mean() * 100).alias("accuracy"),
                                              *[(pl.col("energy_group") == g).mean().alias(f"share_{g}") for g in GROUPS])
                  .sort("label"))
-    classes = [str(x) for x in per_class["label"].to_list()]
+    classes = class_names(per_class["label"].to_list(), meta)
     bars = go.Figure()
     for g in GROUPS:
         bars.add_bar(x=classes, y=per_class[f"share_{g}"].to_numpy(), name=g, marker_color=GROUP_COLORS[g])
-    bars.update_layout(barmode="stack", title=f"{label}: energy-group share per class", xaxis_title="class",
+    bars.update_layout(barmode="stack", title=text(f"{label}: energy-group share per class"), xaxis_title="class",
                        yaxis_title="share", height=360)
     figures["class_groups"] = bars
     figures["class_table"] = go.Figure(go.Table(
         header={"values": ["class", "mean energy", "teacher accuracy %", "low", "mid", "high"]},
         cells={"values": [classes, per_class["mean_energy"].round(3).to_list(), per_class["accuracy"].round(2).to_list(),
                           *[per_class[f"share_{g}"].round(3).to_list() for g in GROUPS]]}))
-    figures["class_table"].update_layout(title=f"{label}: per class", height=80 + 28 * len(classes))
+    figures["class_table"].update_layout(title=text(f"{label}: per class"), height=80 + 28 * len(classes))
     return figures
 
 
@@ -146,12 +162,13 @@ def _thumbnails(frame: pl.DataFrame, meta: TableMeta, count: int = 12) -> str:
                 continue
             png = base64.b64encode(encode_png(dataset.image(position[row["sample_id"]]))).decode()
             cells.append(f'<figure><img src="data:image/png;base64,{png}" width="64" height="64">'
-                         f'<figcaption>y={row["label"]} p={row["pred"]}<br>E={row["energy"]:.2f}</figcaption></figure>')
+                         f'<figcaption>y={text(row["label"])} p={text(row["pred"])}<br>E={row["energy"]:.2f}'
+                         '</figcaption></figure>')
         parts.append(f"<h4>{title}</h4><div class='strip'>{''.join(cells)}</div>")
     return "".join(parts)
 
 
-def curation_figures(directory: Path, scores: pl.DataFrame | None) -> dict[str, go.Figure]:
+def curation_figures(directory: Path, scores: pl.DataFrame | None, meta: TableMeta | None = None) -> dict[str, go.Figure]:
     manifest = read_manifest(directory)
     rows = read_shards(directory).drop("image")
     figures = {}
@@ -163,17 +180,17 @@ def curation_figures(directory: Path, scores: pl.DataFrame | None) -> dict[str, 
         figures["selection_energy"] = grouped_histogram(marked, "energy", "selection",
                                                         f"{directory.name}: energy of selected vs not selected")
         hist = marked.filter(pl.col("selected")).group_by("label").len().sort("label")
-        figures["selection_classes"] = go.Figure(go.Bar(x=[str(x) for x in hist["label"].to_list()],
+        figures["selection_classes"] = go.Figure(go.Bar(x=class_names(hist["label"].to_list(), meta),
                                                         y=hist["len"].to_numpy(), name="selected"))
-        figures["selection_classes"].update_layout(title=f"{directory.name}: selected samples per class",
+        figures["selection_classes"].update_layout(title=text(f"{directory.name}: selected samples per class"),
                                                    xaxis_title="class", height=340)
         joined = rows.join(scores.select("sample_id", pl.col("energy").alias("source_energy")),
                            left_on="source_id", right_on="sample_id", how="left", validate="m:1")
         sample = joined.sample(min(joined.height, 3000), seed=0) if joined.height else joined
         scatter = go.Figure(go.Scattergl(x=sample["source_energy"].to_numpy(), y=sample["energy"].to_numpy(),
                                          mode="markers", marker={"size": 4, "opacity": 0.5}, name="augmented"))
-        scatter.update_layout(title=f"{directory.name}: energy of augmented samples vs their sources "
-                              f"({manifest['config']['policy']}, {sample.height} of {joined.height} shown)",
+        scatter.update_layout(title=text(f"{directory.name}: energy of augmented samples vs their sources "
+                                         f"({manifest['config']['policy']}, {sample.height} of {joined.height} shown)"),
                               xaxis_title="source energy", yaxis_title="augmented energy", height=420)
         figures["augmented_vs_source"] = scatter
     return figures
@@ -187,7 +204,7 @@ def run_figures(runs: list[Path]) -> dict[str, go.Figure]:
         summary = json.loads((run / "summary.json").read_text())
         for column, dash in (("val_acc", "solid"), ("test_acc", "dot")):
             curves.add_scatter(x=metrics["epoch"].to_numpy(), y=metrics[column].to_numpy(), mode="lines+markers",
-                               name=f"{run.name} {column}", line={"dash": dash})
+                               name=text(f"{run.name} {column}"), line={"dash": dash})
         temps = summary.get("temperatures") or {}
         rows.append([run.name, summary["method"], ",".join(str(temps.get(g)) for g in GROUPS) if temps else "",
                      summary.get("augmented_samples", 0), f"{summary['best_test_acc']:.2f}",
@@ -196,7 +213,7 @@ def run_figures(runs: list[Path]) -> dict[str, go.Figure]:
                          yaxis_title="accuracy %", height=440)
     table = go.Figure(go.Table(header={"values": ["run", "method", "T low,mid,high", "HE-DA samples",
                                                   "test acc (val-selected)", "test acc (last)", "seconds"]},
-                               cells={"values": [list(col) for col in zip(*rows)] if rows else []}))
+                               cells={"values": [[text(v) for v in col] for col in zip(*rows)] if rows else []}))
     table.update_layout(title="distillation runs", height=120 + 30 * len(rows))
     return {"runs_table": table, "curves": curves}
 
@@ -211,14 +228,15 @@ def split_comparison(tables: dict[Path, pl.DataFrame], metas: dict[Path, TableMe
     rows = []
     for label, frame in frames.items():
         counts, _ = np.histogram(frame["energy"].to_numpy(), bins=edges)
-        density.add_scatter(x=centers, y=counts / max(frame.height, 1), mode="lines", name=label, line_shape="hv")
+        density.add_scatter(x=centers, y=counts / max(frame.height, 1), mode="lines", name=text(label),
+                            line_shape="hv")
         for g in frame.group_by("energy_group").agg(pl.len().alias("n"), pl.col("confidence").mean().alias("c"),
                                                     (pl.col("correct").mean() * 100).alias("a")).sort("energy_group").iter_rows():
             rows.append([label, g[0], g[1], f"{g[2]:.3f}", f"{g[3]:.2f}"])
     density.update_layout(title="energy distribution per split (fraction of samples)", xaxis_title="energy",
                           yaxis_title="fraction", height=380)
     table = go.Figure(go.Table(header={"values": ["table", "group", "samples", "mean confidence", "teacher acc %"]},
-                               cells={"values": [list(col) for col in zip(*rows)]}))
+                               cells={"values": [[text(v) for v in col] for col in zip(*rows)]}))
     table.update_layout(title="per-group confidence and accuracy per split", height=120 + 26 * len(rows))
     return {"split_density": density, "split_groups": table}
 
@@ -234,22 +252,24 @@ def build_report(inputs: Inputs, thumbnails: bool = True) -> list[tuple[str, dic
         metas[path] = meta
         label = f"{path.name} ({meta.split})"
         s = meta.summary
-        text = (f"<p>{s['samples']} samples, teacher {html.escape(meta.teacher.arch)} accuracy {s['accuracy']:.2f}%, "
-                f"T_E {meta.energy_temperature}, groups low &le; {meta.thresholds['low_max']:.4f},"
-                f" high &ge; {meta.thresholds['high_min']:.4f}, temperatures "
-                f"{html.escape(json.dumps(meta.rule.to_dict()['temperatures']))}</p>")
+        summary = (f"<p>{text(s['samples'])} samples, teacher {text(meta.teacher.arch)} accuracy "
+                   f"{s['accuracy']:.2f}%, T_E {text(meta.energy_temperature)}, groups low &le; "
+                   f"{meta.thresholds['low_max']:.4f}, high &ge; {meta.thresholds['high_min']:.4f}, temperatures "
+                   f"{text(json.dumps(meta.rule.to_dict()['temperatures']))}</p>")
         extra = _thumbnails(frame, meta) if thumbnails else ""
-        sections.append((f"Scores: {label}", score_figures(frame, meta, label), text + extra))
+        sections.append((f"Scores: {label}", score_figures(frame, meta, label), summary + extra))
     if len({m.split for m in metas.values()}) > 1:
         sections.append(("Splits side by side", split_comparison(tables, metas), ""))
-    train_table = next((tables[p] for p in inputs.scores if metas[p].split == "train"), None)
+    train_path = next((p for p in inputs.scores if metas[p].split == "train"), None)
+    train_table, train_meta = (tables[train_path], metas[train_path]) if train_path else (None, None)
     for directory in inputs.shards:
         manifest = read_manifest(directory)
         sel = manifest["selection"]
-        text = (f"<p>{manifest['rows']} augmented samples from {sel['count']} selected ({sel['select']}, ratio "
-                f"{sel['ratio']}, energy {sel['energy_min']:.3f} .. {sel['energy_max']:.3f}), policy "
-                f"{html.escape(str(manifest['config']['policy']))}</p>")
-        sections.append((f"Curation: {directory.name}", curation_figures(directory, train_table), text))
+        summary = (f"<p>{text(manifest['rows'])} augmented samples from {text(sel['count'])} selected "
+                   f"({text(sel['select'])}, ratio {text(sel['ratio'])}, energy {sel['energy_min']:.3f} .. "
+                   f"{sel['energy_max']:.3f}), policy {text(manifest['config']['policy'])}</p>")
+        sections.append((f"Curation: {directory.name}", curation_figures(directory, train_table, train_meta),
+                         summary))
     if inputs.runs:
         sections.append(("Distillation", run_figures(inputs.runs), ""))
     return sections
@@ -258,7 +278,7 @@ def build_report(inputs: Inputs, thumbnails: bool = True) -> list[tuple[str, dic
 def render(sections, title: str = "energytools report") -> str:
     body = []
     for heading, figures, extra in sections:
-        body.append(f"<section><h2>{html.escape(heading)}</h2>{extra}")
+        body.append(f"<section><h2>{text(heading)}</h2>{extra}")
         for name, fig in figures.items():
             body.append(f"<div class='fig' data-name='{name}'>"
                         + fig.to_html(include_plotlyjs=False, full_html=False, config={"displaylogo": False})
@@ -280,6 +300,6 @@ def report(paths: list[Path | str], out: Path | str = "report.html", overwrite: 
     html_text = render(build_report(inputs, thumbnails))
     with atomic_path(out) as tmp:
         tmp.write_text(html_text)
-    console.print(f"[bold]done[/]: wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {len(inputs.scores)} table(s), "
-                  f"{len(inputs.shards)} shard set(s), {len(inputs.runs)} run(s)")
+    console.print(headline("done", f": wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {len(inputs.scores)} "
+                                   f"table(s), {len(inputs.shards)} shard set(s), {len(inputs.runs)} run(s)"))
     return out

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ..config import DataConfig, ScoreConfig, as_dict
-from ..console import console, progress_bar
+from ..console import console, headline, progress_bar
 from ..distributed import context
 from ..energy import GROUPS, TemperatureRule, logit_statistics
 from ..engine import make_loader
@@ -191,5 +191,5 @@ def score(cfg: ScoreConfig) -> Path:
         write_json(out.parent / f"{out.stem}.config.json", {**config, "data": as_dict(data)})
         shutil.rmtree(parts_dir)
     console.print(format_summary(summary, thresholds))
-    console.print(f"[bold]done[/]: wrote {out} ({frame.height} rows) in {time.perf_counter() - started:.1f}s")
+    console.print(headline("done", f": wrote {out} ({frame.height} rows) in {time.perf_counter() - started:.1f}s"))
     return out

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch.nn.functional as F
 
 from ..config import TrainStageConfig, as_dict
-from ..console import console
+from ..console import console, headline
 from ..engine import Batch, FitResult, fit, model_meta, seed_everything
 from ..models import create_model
 from ..resume import run_directory
@@ -34,5 +34,5 @@ def train(cfg: TrainStageConfig) -> FitResult:
         console.print(f"train {cfg.model} on {info.name} ({len(train_set)} train / {len(val_set)} val / "
                       f"{len(test_set)} test) for {cfg.train.epochs} epochs")
         result = fit(net, step, train_set, val_set, test_set, cfg.train, out, meta, resume=cfg.resume)
-    console.print(f"[bold]done[/]: {out}: {result.summary()}")
+    console.print(headline("done", f": {out}: {result.summary()}"))
     return result

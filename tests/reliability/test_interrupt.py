@@ -115,8 +115,8 @@ def test_distill_resumes_to_the_same_weights(clean_scores, tmp_path):
     out = tmp_path / "killed"
     run_and_kill(args(out), lambda: (out / "metrics.parquet").exists())
     run(*args(out, "--resume"))
-    a = torch.load(tmp_path / "clean" / "last.pt", weights_only=False)["model"]
-    b = torch.load(out / "last.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "clean" / "last.pt", weights_only=True)["model"]
+    b = torch.load(out / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
