@@ -13,3 +13,13 @@ def require(condition: bool, message: str) -> None:
     """Raise :class:`UserError` with ``message`` unless ``condition`` holds."""
     if not condition:
         raise UserError(message)
+
+
+def import_optional(module: str, extra: str):
+    """Import an optional dependency, or raise :class:`UserError` naming the extra that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"this needs {module.split('.')[0]}: pip install 'energytools[{extra}]'") from None

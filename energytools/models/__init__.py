@@ -7,17 +7,29 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..errors import UserError
+from ..data.transforms import with_preprocessing
+from ..errors import UserError, import_optional
 from ..io import atomic_path, sha256_file
-from . import cifar_resnet, imagenet, mobile, small, vgg, wrn  # noqa: F401  (fill the registry)
-from .registry import DESCRIPTIONS, MODELS, register_model
+from . import cifar_resnet, hf_source, imagenet, mobile, small, timm_source, vgg, wrn  # noqa: F401  (fill the registries)
+from .registry import DESCRIPTIONS, MODELS, SOURCES, register_model
 
-__all__ = ["MODELS", "DESCRIPTIONS", "register_model", "create_model", "save_checkpoint", "load_checkpoint",
-           "load_model"]
+__all__ = ["MODELS", "DESCRIPTIONS", "SOURCES", "register_model", "create_model", "model_preprocessing",
+           "save_checkpoint", "load_checkpoint", "load_model", "checkpoint_meta", "adapt_to_dataset"]
+
+
+def _source(name: str):
+    """``(source, name within it)`` for ``<prefix>:<name>`` names; ``(None, name)`` for the zoo's own."""
+    prefix, colon, rest = name.partition(":")
+    if colon and prefix in SOURCES:
+        return SOURCES[prefix], rest
+    return None, name
 
 
 def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: int | None = None) -> nn.Module:
-    """Build a registered model adapted to the dataset's class count and channels."""
+    """Build a registered model (or ``timm:<name>``, ``hf:<dir>``) for the dataset's class count and channels."""
+    source, rest = _source(name)
+    if source is not None:
+        return source.build(rest, num_classes, in_channels, image_size)
     if name not in MODELS:
         raise UserError(f"unknown model {name!r}; run `energytools models` to list them")
     builder = MODELS[name]
@@ -25,6 +37,18 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: 
     if image_size is not None and "image_size" in inspect.signature(builder).parameters:
         kwargs["image_size"] = image_size
     return builder(**kwargs)
+
+
+def model_preprocessing(name: str) -> dict | None:
+    """The preprocessing weights of model ``name`` published elsewhere expect.
+
+    ``{"mean": [...], "std": [...], "input_size": [H, W] or None, "interpolation": str,
+    "source": where it was read}`` from timm's pretrained_cfg for ``timm:<name>`` and from
+    preprocessor_config.json for ``hf:<dir>``; None for the zoo's own models, which
+    energytools trains on the dataset's normalisation.
+    """
+    source, rest = _source(name)
+    return None if source is None else source.preprocessing(rest)
 
 
 def save_checkpoint(path: Path | str, model: nn.Module, meta: dict, **state) -> None:
@@ -61,7 +85,13 @@ def load_model(path: Path | str, arch: str | None = None, num_classes: int | Non
     weights) pass ``arch`` and the dataset's ``num_classes``/``in_channels``. Loading is
     strict: a checkpoint for another class count is refused with a clear message.
     """
-    payload = load_checkpoint(path)
+    if hf_source.is_hf_folder(path):
+        if arch is not None and _source(arch)[0] is not SOURCES["hf"]:
+            raise UserError(f"{path} is a Hugging Face model folder; it is not a {arch}")
+        model, meta = hf_source.load_folder(path)
+        meta["preprocessing"] = model_preprocessing(meta["arch"])
+        return model, meta
+    payload = read_weights(path)
     meta = dict(payload.get("energytools") or {})
     arch = arch or meta.get("arch")
     if arch is None:
@@ -79,6 +109,44 @@ def load_model(path: Path | str, arch: str | None = None, num_classes: int | Non
         detail = first or str(exc).splitlines()[0]
         raise UserError(f"{path} does not fit {arch} with {num_classes} classes and {in_channels} input "
                         f"channel(s): {detail[:300]}") from None
+    # energytools trained its own checkpoints on the dataset's normalisation; other files
+    # were trained with the preprocessing their architecture publishes
+    preprocessing = None if payload.get("energytools") else model_preprocessing(arch)
     meta.update(arch=arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
-                sha256=sha256_file(path), path=str(path))
+                sha256=sha256_file(path), path=str(path), preprocessing=preprocessing,
+                class_names=getattr(model, "class_names", None))
     return model.eval(), meta
+
+
+def read_weights(path: Path | str) -> dict:
+    """A checkpoint as :func:`load_checkpoint` returns it; a .safetensors file is a bare state dict."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return load_checkpoint(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    safetensors = import_optional("safetensors.torch", "timm")
+    try:
+        return {"model": safetensors.load_file(path, device="cpu")}
+    except Exception as exc:  # noqa: BLE001 - safetensors' own error types; the file is the user's input
+        raise UserError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0][:200]}") from None
+
+
+def checkpoint_meta(path: Path | str) -> dict:
+    """What a checkpoint records about itself (energytools' own); {} for weights from elsewhere."""
+    if hf_source.is_hf_folder(path):
+        return {}
+    return dict(read_weights(path).get("energytools") or {})
+
+
+def adapt_to_dataset(model: nn.Module, meta: dict, info) -> nn.Module:
+    """A loaded model as the stages call it: on batches normalised for dataset ``info``.
+
+    A model with its own preprocessing (``meta["preprocessing"]``) is wrapped to receive it.
+    A model that names its classes must name the dataset's in the same order: the same names
+    in another order would silently mislabel every prediction.
+    """
+    names, classes = meta.get("class_names"), list(info.classes)
+    if names and sorted(names) == sorted(classes) and list(names) != classes:
+        raise UserError(f"the teacher orders its classes {names} but {info.name} orders them {classes}")
+    return with_preprocessing(model, info, meta.get("preprocessing"))
