@@ -29,7 +29,7 @@ from ..engine import autocast, console, make_loader, progress_bar, resolve_devic
 from ..distributed import context
 from ..errors import UserError
 from ..io import check_output_free, run_lock, write_json
-from ..models import load_model
+from ..models import adapt_to_dataset, checkpoint_meta, load_model
 from ..table import SCORE_COLUMNS, load_table, versions, write_parquet
 
 
@@ -93,6 +93,7 @@ def open_teacher(path, dataset, arch: str | None = None, device: str = "auto", a
     if meta["in_channels"] != info.in_channels:
         raise UserError(f"teacher {path} takes {meta['in_channels']}-channel input but {info.name} has "
                         f"{info.in_channels}")
+    model = adapt_to_dataset(model, meta, info)  # a model trained elsewhere gets its own preprocessing
     run_device = resolve_device(device)
     model.to(run_device).eval()
     if run_device.type == "cuda":
@@ -104,9 +105,7 @@ def teacher_data_config(teacher_path, data: DataConfig | None) -> DataConfig:
     """The dataset to score: given explicitly, or the one the teacher checkpoint records."""
     if data is not None:
         return data
-    from ..models import load_checkpoint
-
-    recorded = (load_checkpoint(teacher_path).get("energytools") or {}).get("data")
+    recorded = checkpoint_meta(teacher_path).get("data")
     if not recorded:
         raise UserError(f"{teacher_path} does not record its dataset: pass --dataset")
     return DataConfig(**{k: v for k, v in recorded.items() if k in DataConfig.__dataclass_fields__})
@@ -269,7 +268,8 @@ def score(cfg: ScoreConfig) -> Path:
         meta = {
             "kind": "scores", "versions": versions(), "dataset": dataset.describe(), "data": as_dict(data),
             "split": cfg.split,
-            "teacher": {k: teacher.meta.get(k) for k in ("arch", "sha256", "path", "num_classes", "in_channels")},
+            "teacher": {k: teacher.meta.get(k) for k in ("arch", "sha256", "path", "num_classes", "in_channels",
+                                                         "preprocessing", "class_names")},
             "energy": {"temperature": cfg.energy_temperature, "sign": SIGN_CONVENTION},
             "groups": {"low_frac": cfg.low_frac, "high_frac": cfg.high_frac, "thresholds": thresholds,
                        "source": source},
