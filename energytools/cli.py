@@ -66,12 +66,12 @@ def command(name: str | None = None, **kwargs):
 
 
 # --- shared options -----------------------------------------------------------------------
-Dataset = Annotated[Optional[str], typer.Option("--dataset", help="fashion-mnist, cifar10, cifar100, imagefolder, digits")]
+Dataset = Annotated[Optional[str], typer.Option("--dataset", help="fashion-mnist, cifar10, cifar100, imagefolder, parquet, digits")]
 DataRoot = Annotated[Optional[Path], typer.Option("--data-root", help="where the dataset files are")]
 Limit = Annotated[Optional[int], typer.Option("--limit", help="class-stratified subset of N training samples")]
 EvalLimit = Annotated[Optional[int], typer.Option("--eval-limit", help="same, for the val and test splits")]
 Imbalance = Annotated[Optional[float], typer.Option("--imbalance-factor", help="long-tail the train split (e.g. 100)")]
-ImageSize = Annotated[Optional[int], typer.Option("--image-size", help="imagefolder: side of the square input")]
+ImageSize = Annotated[Optional[int], typer.Option("--image-size", help="imagefolder, parquet: side of the square input")]
 Device = Annotated[str, typer.Option("--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1 ...")]
 Workers = Annotated[int, typer.Option("--num-workers", help="DataLoader worker processes")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace an existing output")]
@@ -88,14 +88,15 @@ def _data_config(dataset, data_root, limit, eval_limit, imbalance_factor, image_
 
 @command("models")
 def models_command():
-    """List the registered models.
+    """List the registered models, and the names other libraries' models go by (timm:<name>, hf:<dir>).
 
     Example: `energytools models`
     """
-    from .models import DESCRIPTIONS
+    from .models import DESCRIPTIONS, SOURCES
 
-    width = max(map(len, DESCRIPTIONS))
-    for name, text in DESCRIPTIONS.items():
+    rows = {**DESCRIPTIONS, **{source.usage: source.description for source in SOURCES.values()}}
+    width = max(map(len, rows))
+    for name, text in rows.items():
         typer.echo(f"{name:<{width}}  {text}")
 
 
@@ -151,7 +152,7 @@ def _optional_data(dataset, data_root, limit, eval_limit, imbalance_factor, imag
 
 @command("score")
 def score_command(
-    teacher: Annotated[Path, typer.Option("--teacher", help="teacher checkpoint")],
+    teacher: Annotated[Path, typer.Option("--teacher", help="teacher checkpoint (.pt, .pth, .safetensors) or save_pretrained folder")],
     out: Annotated[Path, typer.Option("--out", help="the table to write")] = Path("scores.parquet"),
     dataset: Dataset = None, data_root: DataRoot = None, limit: Limit = None, eval_limit: EvalLimit = None,
     imbalance_factor: Imbalance = None, image_size: ImageSize = None,

@@ -19,7 +19,7 @@ class DataConfig:
     limit: int | None = None  # class-stratified subset of the training split
     eval_limit: int | None = None  # same for the val and test splits
     imbalance_factor: float | None = None
-    image_size: int | None = None  # imagefolder only
+    image_size: int | None = None  # imagefolder and parquet only
 
     def build(self, split: str):
         limit = self.limit if split == "train" else self.eval_limit
