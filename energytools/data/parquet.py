@@ -93,7 +93,8 @@ def find_columns(file: Path) -> Columns:
                         f"{', '.join(schema.names)}")
     if not pa.types.is_integer(schema.field(label).type):
         raise UserError(f"{file}: label column {label!r} is {schema.field(label).type}, not integer")
-    names = features.get(label, {}).get("names")
+    feature = features.get(label)
+    names = feature.get("names") if isinstance(feature, dict) else None
     return Columns(image, label, tuple(str(n) for n in names) if names else None)
 
 
@@ -152,15 +153,18 @@ def read_split(root: Path | None, part: str, image_size: int | None = None):
         modes.add(image.mode)
         sizes.add(image.size)
         max_label = max(max_label, label)
+    if max_label < 0:
+        raise UserError(f"the train Parquet files in {root} hold no rows")
     channels = 1 if modes <= GRAY_MODES else 3
     names = columns.names or tuple(str(i) for i in range(max_label + 1))
-    if image_size is None:
-        width, height = sorted(sizes)[0]
-        if len(sizes) > 1 or width != height:
+    size = image_size
+    if size is None:
+        (width, height), *others = sorted(sizes)
+        if others or width != height:
             shown = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:4])
             raise UserError(f"the train images in {root} are {shown}{' ...' if len(sizes) > 4 else ''}: "
                             "pass --image-size N to resize and centre-crop them to N x N")
-    size = image_size or width
+        size = width
     files = train_files if part == "train" else split_files(root, "test")
     if not files:
         raise UserError(f"no test Parquet files in {root} (looked for data/test-*.parquet and the like, "
@@ -175,6 +179,8 @@ def read_split(root: Path | None, part: str, image_size: int | None = None):
                             f"{size}x{size}: pass --image-size N to resize them all")
         arrays.append(array)
         labels.append(label)
+    if not arrays:
+        raise UserError(f"the {part} Parquet files in {root} hold no rows")
     mean, std = imagenet_stats(channels)
     info = DatasetInfo("parquet", len(names), channels, size, mean, std, train_flip=True, classes=names)
     return info, ArrayImages(np.stack(arrays)), np.asarray(labels, dtype=np.int64), None

@@ -84,13 +84,14 @@ def build(directory: str, num_classes: int, in_channels: int, image_size: int | 
             config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
             if config.num_labels != num_classes:  # new labels: id2label resets to placeholders
                 config.num_labels = num_classes
-            if getattr(config, "num_channels", in_channels) != in_channels:
+            if getattr(config, "num_channels", 3) != in_channels:
+                if not hasattr(config, "num_channels"):
+                    raise UserError(f"hf:{path}: a {config.model_type} model takes 3 channels; the data has "
+                                    f"{in_channels}")
                 config.num_channels = in_channels
             model = transformers.AutoModelForImageClassification.from_config(config)
         except (OSError, ValueError, KeyError) as exc:
             raise UserError(f"hf:{path}: {str(exc).splitlines()[0][:300]}") from None
-    if getattr(model.config, "num_channels", in_channels) != in_channels:
-        raise UserError(f"hf:{path}: {model.config.model_type} takes no num_channels; the data has {in_channels}")
     return HFClassifier(model)
 
 
