@@ -230,6 +230,18 @@ def test_timm_teacher_file_and_parquet_data_through_the_cli(runner, tmp_path, pa
     assert "timm:test_resnet" in (tmp_path / "report.html").read_text()
 
 
+@pytest.mark.parametrize("teacher,needle", [("broken.safetensors", "cannot read checkpoint"),
+                                             ("teacher.safetensors", "does not record its dataset: pass --dataset")])
+def test_weights_files_from_elsewhere_fail_with_one_line(runner, tmp_path, teacher, needle):
+    save_file(timm.create_model("test_resnet", pretrained=False, num_classes=3).state_dict(),
+              tmp_path / "teacher.safetensors")
+    (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    result = invoke(runner, "score", "--teacher", tmp_path / teacher, "--teacher-arch", "timm:test_resnet",
+                    "--out", tmp_path / "s.parquet", *(["--dataset", "digits"] if teacher.startswith("broken") else []))
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and needle in lines[0], result.stderr
+
+
 # --- Hugging Face models -------------------------------------------------------------------
 
 
