@@ -28,8 +28,9 @@ browser:
 	  ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium) >/dev/null \
 	  || echo "could not install chromium; the browser test will be skipped"; fi
 
+# nothing is downloaded from the Hugging Face Hub: fail at once if something tries
 test: setup data browser
-	$(PY) -m pytest
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest
 
 quickstart: setup data
 	$(VENV)/bin/energytools run pipelines/quickstart.toml --out runs/quickstart

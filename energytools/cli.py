@@ -139,14 +139,15 @@ def _read_config_file(path: Path) -> dict:
 
 @command("models")
 def models_command():
-    """List the registered models.
+    """List the registered models, and the names other libraries' models go by (timm:<name>, hf:<dir>).
 
     Example: `energytools models`
     """
-    from .models import DESCRIPTIONS
+    from .models import DESCRIPTIONS, SOURCES
 
-    width = max(map(len, DESCRIPTIONS))
-    for name, text in DESCRIPTIONS.items():
+    rows = {**DESCRIPTIONS, **{source.usage: source.description for source in SOURCES.values()}}
+    width = max(map(len, rows))
+    for name, text in rows.items():
         typer.echo(f"{name:<{width}}  {text}")
 
 

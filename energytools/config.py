@@ -32,7 +32,7 @@ class DataConfig:
     limit: int | None = option(None, "class-stratified subset of N training samples")
     eval_limit: int | None = option(None, "same, for the val and test splits")
     imbalance_factor: float | None = option(None, "long-tail the train split (e.g. 100)")
-    image_size: int | None = option(None, "imagefolder: side of the square input")
+    image_size: int | None = option(None, "imagefolder and parquet: side of the square input")
 
     def build(self, split: str):
         from .data import build_dataset
@@ -90,7 +90,7 @@ class TrainStageConfig:
 
 @dataclass
 class ScoreConfig:
-    teacher: str = option(help="teacher checkpoint")
+    teacher: str = option(help="teacher checkpoint (.pt, .pth, .safetensors) or save_pretrained folder")
     out: str = option("scores.parquet", "the table to write")
     data: DataConfig = option(help="the dataset; unless `dataset` is given, the teacher checkpoint's, with the "
                               "fields that are given changed", factory=DataConfig)

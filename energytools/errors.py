@@ -7,3 +7,13 @@ exception is a bug and gets a traceback file instead.
 
 class UserError(Exception):
     """Bad input: a missing file, an unknown name, a number out of range."""
+
+
+def import_optional(module: str, extra: str):
+    """Import an optional dependency, or raise :class:`UserError` naming the extra that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"this needs {module.split('.')[0]}: pip install 'energytools[{extra}]'") from None

@@ -120,6 +120,8 @@ class TeacherRecord:
     path: str
     num_classes: int
     in_channels: int
+    preprocessing: dict | None = None  # what a timm or Hugging Face teacher was fed (mean, std, size)
+    class_names: list | None = None  # the teacher's own (id2label), when it has them
 
 
 @dataclass(frozen=True)
@@ -189,7 +191,8 @@ class TableMeta:
                                     tuple(reader.get("dataset.classes", list, [])))
             teacher = TeacherRecord(reader.get("teacher.arch", str), reader.get("teacher.sha256", str),
                                     reader.get("teacher.path", str), reader.get("teacher.num_classes", int),
-                                    reader.get("teacher.in_channels", int))
+                                    reader.get("teacher.in_channels", int), reader.get("teacher.preprocessing", dict, None),
+                                    reader.get("teacher.class_names", list, None))
             rule = TemperatureRule(reader.get("temperatures", dict), reader.get("groups.low_frac", float),
                                    reader.get("groups.high_frac", float), reader.get("temperature_rule", str))
         except UserError as exc:
@@ -221,6 +224,8 @@ class _FieldReader:
                     raise UserError(f"{self.path}: metadata field {dotted!r} is missing")
                 return default
             value = value[part]
+        if value is None and default is None:  # an optional field recorded as null
+            return None
         numeric = kind in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool)
         if kind is not object and not isinstance(value, kind) and not (kind is float and numeric):
             raise UserError(f"{self.path}: metadata field {dotted!r} should be {kind.__name__}, got {value!r}")

@@ -10,7 +10,7 @@ from .config import DataConfig, resolve
 from .data.transforms import normalize
 from .engine import autocast, resolve_device
 from .errors import UserError
-from .models import load_checkpoint, load_model
+from .models import adapt_to_dataset, checkpoint_meta, load_model
 
 
 @dataclass
@@ -36,7 +36,8 @@ class TeacherRun:
 
     def record(self) -> dict:
         """What a score table records of the teacher (see table.TeacherRecord)."""
-        return {k: self.meta[k] for k in ("arch", "sha256", "path", "num_classes", "in_channels")}
+        return {k: self.meta.get(k) for k in ("arch", "sha256", "path", "num_classes", "in_channels",
+                                              "preprocessing", "class_names")}
 
 
 def open_teacher(path, dataset, arch: str | None = None, device: str = "auto", amp: bool = True) -> TeacherRun:
@@ -49,6 +50,7 @@ def open_teacher(path, dataset, arch: str | None = None, device: str = "auto", a
     if meta["in_channels"] != info.in_channels:
         raise UserError(f"teacher {path} takes {meta['in_channels']}-channel input but {info.name} has "
                         f"{info.in_channels}")
+    model = adapt_to_dataset(model, meta, info)  # a teacher from timm or transformers gets its own preprocessing
     run_device = resolve_device(device)
     model.to(run_device).eval()
     if run_device.type == "cuda":
@@ -68,7 +70,7 @@ def open_table_teacher(meta, dataset, path: str | None = None, arch: str | None 
 
 def teacher_data_config(teacher_path) -> DataConfig:
     """The dataset the teacher checkpoint records it was trained on."""
-    recorded = (load_checkpoint(teacher_path).get("energytools") or {}).get("data")
+    recorded = checkpoint_meta(teacher_path).get("data")
     if not recorded:
         raise UserError(f"{teacher_path} does not record its dataset: pass --dataset")
     return resolve(DataConfig, recorded, f"{teacher_path}: recorded dataset")

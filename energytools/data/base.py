@@ -53,6 +53,31 @@ class ArrayImages:
         hasher.update(np.ascontiguousarray(self.array[positions]).tobytes())
 
 
+def imagenet_stats(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) for image files of unknown statistics: ImageNet's for RGB, a generic pair for gray."""
+    return ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if channels == 3 else ((0.5,), (0.25,))
+
+
+def square(image: Image.Image, size: int) -> Image.Image:
+    """``image`` resized so its shorter side is ``size`` (bilinear), then centre-cropped to a square."""
+    width, height = image.size
+    scale = size / min(width, height)
+    image = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.BILINEAR)
+    width, height = image.size
+    left, top = (width - size) // 2, (height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def to_array(image: Image.Image, channels: int, size: int | None = None) -> np.ndarray:
+    """``image`` as an HxWxC uint8 array with ``channels`` 1 (gray) or 3 (RGB), made :func:`square`
+    of side ``size`` when given (after the conversion: PIL resizes palette images without filtering)."""
+    image = image.convert("L" if channels == 1 else "RGB")
+    if size is not None:
+        image = square(image, size)
+    array = np.array(image, dtype=np.uint8)
+    return array[..., None] if array.ndim == 2 else array
+
+
 class FileImages:
     """Images read from files, resized to a square of ``size`` (shorter side, centre crop)."""
 
@@ -66,18 +91,9 @@ class FileImages:
         path = self.root / self.paths[position]
         try:
             with Image.open(path) as image:
-                image = image.convert("L" if self.channels == 1 else "RGB")
-                width, height = image.size
-                scale = self.size / min(width, height)
-                image = image.resize((max(self.size, round(width * scale)), max(self.size, round(height * scale))),
-                                     Image.BILINEAR)
-                width, height = image.size
-                left, top = (width - self.size) // 2, (height - self.size) // 2
-                image = image.crop((left, top, left + self.size, top + self.size))
-                array = np.array(image, dtype=np.uint8)
+                return to_array(image, self.channels, self.size)
         except (OSError, ValueError) as exc:
             raise UserError(f"cannot read image {path}: {exc}") from None
-        return array[..., None] if array.ndim == 2 else array
 
     def path(self, position: int) -> str | None:
         return self.paths[position]

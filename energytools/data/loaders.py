@@ -14,7 +14,8 @@ from typing import Callable
 import numpy as np
 
 from ..errors import UserError
-from .base import ArrayImages, DatasetInfo, FileImages
+from .base import ArrayImages, DatasetInfo, FileImages, imagenet_stats
+from .parquet import read_split as read_parquet_split
 
 #: name -> loader(root, part) with part in {"train", "test"}
 DATASETS: dict[str, Callable] = {}
@@ -211,10 +212,20 @@ def load_imagefolder(root: Path | None, part: str, image_size: int | None = None
                 labels.append(label)
     if not paths:
         raise UserError(f"{folder} holds no images")
-    mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if channels == 3 else ((0.5,), (0.25,))
+    mean, std = imagenet_stats(channels)
     info = DatasetInfo("imagefolder", len(classes), channels, image_size, mean, std, train_flip=True,
                        classes=tuple(classes))
     return info, FileImages(paths, root, image_size, channels), np.asarray(labels, dtype=np.int64), None
+
+
+@register_dataset("parquet")
+def load_parquet(root: Path | None, part: str, image_size: int | None = None, **_):
+    """Parquet as Hugging Face `datasets` writes it: root/data/{train,test}-*.parquet, image + label columns.
+
+    See :mod:`energytools.data.parquet`: ClassLabel names become the classes; --image-size
+    resizes images of mixed sizes.
+    """
+    return read_parquet_split(root, part, image_size)
 
 
 @register_dataset("digits")

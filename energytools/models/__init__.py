@@ -12,22 +12,34 @@ import torch
 import torch.nn as nn
 from torch.torch_version import TorchVersion
 
+from ..data.transforms import with_preprocessing
 from ..errors import UserError
 from ..io import atomic_path, sha256_file
-from . import cifar_resnet, imagenet, mobile, small, vgg, wrn  # noqa: F401  (fill the registry)
-from .registry import DESCRIPTIONS, MODELS, register_model
+from . import cifar_resnet, hf_source, imagenet, mobile, small, timm_source, vgg, wrn  # noqa: F401  (fill the registries)
+from .registry import DESCRIPTIONS, MODELS, SOURCES, register_model
 
 try:  # numpy >= 2
     from numpy._core.multiarray import scalar as np_scalar
 except ImportError:  # numpy 1.x
     from numpy.core.multiarray import scalar as np_scalar
 
-__all__ = ["MODELS", "DESCRIPTIONS", "register_model", "create_model", "save_checkpoint", "load_checkpoint",
-           "load_model"]
+__all__ = ["MODELS", "DESCRIPTIONS", "SOURCES", "register_model", "create_model", "model_preprocessing",
+           "save_checkpoint", "load_checkpoint", "load_model", "checkpoint_meta", "adapt_to_dataset"]
+
+
+def _source(name: str):
+    """``(source, name within it)`` for ``<prefix>:<name>`` names; ``(None, name)`` for the zoo's own."""
+    prefix, colon, rest = name.partition(":")
+    if colon and prefix in SOURCES:
+        return SOURCES[prefix], rest
+    return None, name
 
 
 def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: int | None = None) -> nn.Module:
-    """Build a registered model adapted to the dataset's class count and channels."""
+    """Build a registered model (or ``timm:<name>``, ``hf:<dir>``) for the dataset's class count and channels."""
+    source, rest = _source(name)
+    if source is not None:
+        return source.build(rest, num_classes, in_channels, image_size)
     if name not in MODELS:
         raise UserError(f"unknown model {name!r}; run `energytools models` to list them")
     builder = MODELS[name]
@@ -66,6 +78,16 @@ def plain(value):
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"a checkpoint cannot carry a {type(value).__name__} and still load with weights_only=True")
+def model_preprocessing(name: str) -> dict | None:
+    """The preprocessing weights of model ``name`` published elsewhere expect.
+
+    ``{"mean": [...], "std": [...], "input_size": [H, W] or None, "interpolation": str,
+    "source": where it was read}`` from timm's pretrained_cfg for ``timm:<name>`` and from
+    preprocessor_config.json for ``hf:<dir>``; None for the zoo's own models, which
+    energytools trains on the dataset's normalisation.
+    """
+    source, rest = _source(name)
+    return None if source is None else source.preprocessing(rest)
 
 
 def save_checkpoint(path: Path | str, model: nn.Module, meta: dict, **state) -> None:
@@ -153,6 +175,12 @@ def load_model(path: Path | str, arch: str | None = None, num_classes: int | Non
     weights) pass ``arch`` and the dataset's ``num_classes``/``in_channels``. Loading is
     strict: a checkpoint for another class count is refused with a clear message.
     """
+    if hf_source.is_hf_folder(path):
+        if arch is not None and _source(arch)[0] is not SOURCES["hf"]:
+            raise UserError(f"{path} is a Hugging Face model folder; it is not a {arch}")
+        model, meta = hf_source.load_folder(path)
+        meta["preprocessing"] = model_preprocessing(meta["arch"])
+        return model, meta
     payload = load_checkpoint(path)
     meta = dict(payload.get("energytools") or {})
     arch = arch or meta.get("arch")
@@ -171,6 +199,30 @@ def load_model(path: Path | str, arch: str | None = None, num_classes: int | Non
         detail = first or str(exc).splitlines()[0]
         raise UserError(f"{path} does not fit {arch} with {num_classes} classes and {in_channels} input "
                         f"channel(s): {detail[:300]}") from None
+    # energytools trained its own checkpoints on the dataset's normalisation; other files
+    # were trained with the preprocessing their architecture publishes
+    preprocessing = None if payload.get("energytools") else model_preprocessing(arch)
     meta.update(arch=arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
-                sha256=sha256_file(path), path=str(path))
+                sha256=sha256_file(path), path=str(path), preprocessing=preprocessing,
+                class_names=getattr(model, "class_names", None))
     return model.eval(), meta
+
+
+def checkpoint_meta(path: Path | str) -> dict:
+    """What a checkpoint records about itself (energytools' own); {} for weights from elsewhere."""
+    if hf_source.is_hf_folder(path):
+        return {}
+    return dict(load_checkpoint(path).get("energytools") or {})
+
+
+def adapt_to_dataset(model: nn.Module, meta: dict, info) -> nn.Module:
+    """A loaded model as the stages call it: on batches normalised for dataset ``info``.
+
+    A model with its own preprocessing (``meta["preprocessing"]``) is wrapped to receive it.
+    A model that names its classes must name the dataset's in the same order: the same names
+    in another order would silently mislabel every prediction.
+    """
+    names, classes = meta.get("class_names"), list(info.classes)
+    if names and sorted(names) == sorted(classes) and list(names) != classes:
+        raise UserError(f"the teacher orders its classes {names} but {info.name} orders them {classes}")
+    return with_preprocessing(model, info, meta.get("preprocessing"))
