@@ -56,8 +56,13 @@ def select_samples(table: pl.DataFrame, ratio: float, mode: str = "high", per_cl
     return chosen.drop("_key").sort("sample_id")
 
 
-def describe_selection(chosen: pl.DataFrame, total: int) -> str:
+def describe_selection(chosen: pl.DataFrame, total: int, class_names: tuple[str, ...] = ()) -> str:
+    """One line: how many were selected, their energy range and the count per class (by name)."""
     hist = chosen.group_by("label").len().sort("label")
-    classes = ", ".join(f"{r['label']}:{r['len']}" for r in hist.iter_rows(named=True))
+
+    def name(label: int) -> str:
+        return class_names[label] if 0 <= label < len(class_names) else str(label)
+
+    classes = ", ".join(f"{name(r['label'])}: {r['len']}" for r in hist.iter_rows(named=True))
     return (f"selected {chosen.height} of {total} samples ({100 * chosen.height / total:.1f}%), energy "
             f"{chosen['energy'].min():.4f} .. {chosen['energy'].max():.4f}; per class {classes}")

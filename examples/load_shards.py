@@ -18,7 +18,7 @@ first = rows.row(0, named=True)
 image = Image.open(io.BytesIO(first["image"]["bytes"]))  # the Hugging Face datasets image struct
 print(f"first augmented sample: {image.size} {image.mode}, source {first['source_id']} + partner "
       f"{first['partner_id']} (lam {first['lam']:.3f}), energy {first['energy']:.3f}")
-# `datasets.load_dataset("parquet", data_files=str(directory / "shard-*.parquet"))` reads the same files.
+# `datasets.load_dataset(str(directory))` reads the directory as it is: images as PIL, labels with class names.
 
 from energytools.data import build_dataset  # noqa: E402
 from energytools.data.shards import shard_dataset  # noqa: E402

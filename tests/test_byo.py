@@ -211,7 +211,7 @@ def test_timm_teacher_file_and_parquet_data_through_the_cli(runner, tmp_path, pa
 
     result = invoke(runner, "augment", "--scores", scores, "--out", shards, "--ratio", "0.3")
     assert result.exit_code == 0, result.output
-    shard_rows = pl.read_parquet(shards / "shard-*.parquet")
+    shard_rows = pl.read_parquet(shards / "train-*.parquet")
     assert 0 < shard_rows.height <= 0.3 * table.height + 1
     # augment scores its images with the same preprocessing
     augmented = torch.stack([torch.from_numpy(np.array(Image.open(io.BytesIO(row["bytes"])))).permute(2, 0, 1)
@@ -323,3 +323,23 @@ def test_missing_transformers_is_one_clear_error(monkeypatch, tmp_path):
 def test_models_command_mentions_other_libraries(runner):
     result = invoke(runner, "models")
     assert result.exit_code == 0 and "timm:<name>" in result.output and "hf:<dir>" in result.output
+
+
+def test_a_shard_directory_is_a_hugging_face_dataset(digits_run):
+    """load_dataset reads the directory as it is (images decoded, labels named), and a glob over
+    it reads the shards alone."""
+    import datasets
+    import polars as pl
+
+    from energytools.data.shards import read_shards
+
+    shards = digits_run["shards"]
+    rows = read_shards(shards)
+    loaded = datasets.load_dataset(str(shards), cache_dir=str(shards.parent / "hf-cache"))
+    train = loaded["train"]
+    assert list(loaded) == ["train"] and train.num_rows == rows.height
+    assert isinstance(train.features["image"], datasets.Image)
+    assert train.features["label"].names == [str(d) for d in range(10)]
+    first = train[0]
+    assert first["image"].size == (8, 8) and first["sample_id"] == rows["sample_id"][0]
+    assert pl.read_parquet(shards / "*.parquet").height == rows.height  # nothing but shards matches

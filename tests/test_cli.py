@@ -137,3 +137,14 @@ def test_internal_errors_point_to_the_traceback(runner, monkeypatch, tmp_path):
     assert result.exit_code == 1 and "full traceback in" in result.stderr
     crash = result.stderr.split("full traceback in ")[1].strip().rstrip(")")
     assert "RuntimeError: something broke" in open(crash).read()
+
+
+def test_summaries_name_the_classes(runner, fashion_root, tmp_path):
+    """Per-class counts print Fashion-MNIST's class names, not indices."""
+    result = invoke(runner, "train", "--model", "cnn_tiny", "--dataset", "fashion-mnist", "--data-root", fashion_root,
+                    "--epochs", "1", "--out", tmp_path / "t")
+    assert result.exit_code == 0, result.output
+    result = invoke(runner, "score", "--teacher", tmp_path / "t" / "best.pt", "--out", tmp_path / "s.parquet")
+    assert result.exit_code == 0, result.output
+    result = invoke(runner, "select", "--scores", tmp_path / "s.parquet", "--ratio", "0.5")
+    assert result.exit_code == 0 and "Trouser: " in result.stderr and "Ankle boot: " in result.stderr, result.stderr

@@ -42,7 +42,7 @@ def test_shards_record_the_thread_count_they_were_scored_with(digits_run, tmp_pa
         out = augment(AugmentConfig(scores=str(digits_run["scores"]), out=str(tmp_path / "a"), ratio=0.05))
     finally:
         torch.set_num_threads(threads)
-    assert read_metadata(next(out.glob("shard-*")))["versions"]["torch_threads"] == 1
+    assert read_metadata(next(out.glob("train-*")))["versions"]["torch_threads"] == 1
 
 
 def test_score_resumes_from_existing_parts(digits_run, tmp_path, monkeypatch):
@@ -194,7 +194,7 @@ def test_augment_is_byte_identical_across_runs_and_workers(digits_run, tmp_path)
     moved.parent.mkdir()
     shutil.copy(digits_run["scores"], moved)
     three = augment(AugmentConfig(scores=str(moved), out=str(tmp_path / "three"), ratio=0.3, shard_size=200))
-    assert all((three / n).read_bytes() == (one / n).read_bytes() for n in files if n.startswith("shard-"))
+    assert all((three / n).read_bytes() == (one / n).read_bytes() for n in files if n.startswith("train-"))
 
 
 def test_augment_chunks_are_the_shards_scoring_batches(digits_run):
@@ -225,9 +225,9 @@ def test_augment_multi_chunk_shards_identical_across_workers(digits_run, tmp_pat
     monkeypatch.setattr(stage.Augmenter, "build",
                         lambda self, jobs: (time.sleep(0.5), built_here.append(jobs[0][0]), build(self, jobs))[-1])
     two = run(2)
-    shards = sorted(p.name for p in one.glob("shard-*"))
+    shards = sorted(p.name for p in one.glob("train-*"))
     assert len(shards) == 4  # 388 rows in shards of 100, each of up to four chunks
-    assert sorted(p.name for p in two.glob("shard-*")) == shards
+    assert sorted(p.name for p in two.glob("train-*")) == shards
     assert all((two / n).read_bytes() == (one / n).read_bytes() for n in shards)
     assert 0 < len(built_here) < 13 and built_here == sorted(built_here, reverse=True)
 
@@ -239,7 +239,7 @@ def test_augment_spawned_workers_write_the_same_shards(digits_run, tmp_path, mon
     monkeypatch.setattr(stage, "START_METHOD", "spawn")
     out = augment(AugmentConfig(scores=str(digits_run["scores"]), out=str(tmp_path / "a"), ratio=0.3, shard_size=200,
                                 workers=2))
-    names = sorted(p.name for p in digits_run["shards"].glob("shard-*"))
+    names = sorted(p.name for p in digits_run["shards"].glob("train-*"))
     assert names and all((out / n).read_bytes() == (digits_run["shards"] / n).read_bytes() for n in names)
 
 

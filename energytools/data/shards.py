@@ -1,8 +1,12 @@
-"""The HE-DA shard format: Parquet with Hugging Face datasets' image struct.
+"""The HE-DA shard format: a directory laid out as a Hugging Face dataset.
 
-Columns: ``image`` struct{bytes: PNG, path}, ``sample_id`` (disjoint from the dataset's),
-``source_id``, ``partner_id``, ``lam``, ``label``, ``partner_label``, ``aug``, ``aug_params``
-(JSON), ``energy``, ``confidence``, ``energy_group``, ``temperature`` and optional ``logits``.
+``train-00000-of-0000N.parquet`` files (the Hub's names, so ``datasets.load_dataset(DIR)``
+takes them as the train split) beside ``manifest.json``; no other Parquet file, so a polars
+or duckdb glob ``DIR/*.parquet`` reads the shards alone. Columns: ``image`` struct{bytes:
+PNG, path} (decoded as ``Image``), ``sample_id`` (disjoint from the dataset's), ``source_id``,
+``partner_id``, ``lam``, ``label`` and ``partner_label`` (``ClassLabel`` with the dataset's
+class names), ``aug``, ``aug_params`` (JSON), ``energy``, ``confidence``, ``energy_group``,
+``temperature`` and optional ``logits``.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from ..errors import UserError
 from .base import ArrayImages, DatasetInfo, ImageSet
 
 MANIFEST = "manifest.json"
+SHARD_GLOB = "train-*.parquet"
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 SHARD_SCHEMA = pa.schema([
     ("image", IMAGE_TYPE), ("sample_id", pa.int64()), ("source_id", pa.int64()), ("partner_id", pa.int64()),
@@ -28,6 +33,20 @@ SHARD_SCHEMA = pa.schema([
     ("energy_group", pa.string()), ("temperature", pa.float32()),
 ])
 LOGITS_FIELD = pa.field("logits", pa.list_(pa.float16()))
+
+
+def shard_name(index: int, count: int) -> str:
+    return f"train-{index:05d}-of-{count:05d}.parquet"
+
+
+def huggingface_metadata(class_names: tuple[str, ...]) -> dict[bytes, bytes]:
+    """The schema metadata key ``datasets`` reads column types from: images decode as ``Image``
+    and labels carry the class names; the other columns' types come from Arrow."""
+    features = {"image": {"_type": "Image"}}
+    if class_names:
+        label = {"_type": "ClassLabel", "names": list(class_names)}
+        features.update(label=label, partner_label=label)
+    return {b"huggingface": json.dumps({"info": {"features": features}}, sort_keys=True).encode()}
 
 
 def encode_png(image: np.ndarray) -> bytes:

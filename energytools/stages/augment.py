@@ -30,7 +30,7 @@ import torch
 from ..config import AugmentConfig, SelectConfig
 from ..console import console, headline, progress_bar
 from ..data.base import ImageSet
-from ..data.shards import LOGITS_FIELD, MANIFEST, SHARD_SCHEMA, encode_png
+from ..data.shards import LOGITS_FIELD, MANIFEST, SHARD_SCHEMA, encode_png, huggingface_metadata, shard_name
 from ..distributed import context
 from ..energy import logit_statistics
 from ..errors import UserError
@@ -112,7 +112,7 @@ class Augmenter:
         table = pa.table({field.name: pa.array(rows[field.name], type=field.type) for field in SHARD_SCHEMA})
         for name, values in logits.items():
             table = table.append_column(pa.field(name, LOGITS_FIELD.type), pa.array(list(values), LOGITS_FIELD.type))
-        return table
+        return table.replace_schema_metadata(huggingface_metadata(self.dataset.info.classes))
 
     @torch.no_grad()
     def _score(self, images: np.ndarray, labels: np.ndarray, ids: np.ndarray):
@@ -294,10 +294,10 @@ def augment(cfg: AugmentConfig) -> Path:
     plan_key = hashlib.sha256(json.dumps([resolved, table_sha], sort_keys=True).encode()).hexdigest()
     builder = Augmenter(cfg, dataset, table, meta, namespace=int(plan_key[:8], 16) % (1 << NAMESPACE_BITS))
     chosen, selected_ids = builder.selection, builder.selected_ids
-    console.print(describe_selection(chosen, table.height))
+    console.print(describe_selection(chosen, table.height, meta.dataset.classes))
     jobs = [(i, c) for i in range(len(selected_ids)) for c in range(cfg.copies)]
     n_shards = (len(jobs) + cfg.shard_size - 1) // cfg.shard_size
-    names = [f"shard-{k:05d}-of-{n_shards:05d}.parquet" for k in range(n_shards)]
+    names = [shard_name(k, n_shards) for k in range(n_shards)]
     shard_jobs = {name: jobs[k * cfg.shard_size:(k + 1) * cfg.shard_size] for k, name in enumerate(names)}
     recorded = meta.to_json()
     metadata = {"kind": "he-da", "config": resolved, "versions": {**versions(), "torch_threads": SCORING_THREADS},
@@ -328,8 +328,6 @@ def augment(cfg: AugmentConfig) -> Path:
                                   "count": len(selected_ids), "seed": cfg.seed,
                                   "energy_min": float(chosen["energy"].min()),
                                   "energy_max": float(chosen["energy"].max())}}
-        write_parquet(chosen.select("sample_id", "label", "energy"), out / "selection.parquet",
-                      {"kind": "selection", **manifest["selection"], "scores": metadata["scores"]})
         write_json(out / MANIFEST, manifest)
     console.print(headline("done", f": wrote {len(jobs)} augmented samples in {n_shards} shard(s) to {out} "
                                     f"in {time.perf_counter() - started:.1f}s"))
@@ -340,9 +338,9 @@ def select(cfg: SelectConfig) -> pl.DataFrame:
     """`energytools select`: the selection alone, optionally written as a Parquet file of ids."""
     if cfg.out:
         check_output_free(cfg.out, cfg.overwrite)
-    table, _ = load_table(cfg.scores, ["sample_id", "label", "energy"])
+    table, meta = load_table(cfg.scores, ["sample_id", "label", "energy"])
     chosen = select_samples(table, cfg.ratio, cfg.select, cfg.per_class, cfg.seed)
-    console.print(describe_selection(chosen, table.height))
+    console.print(describe_selection(chosen, table.height, meta.dataset.classes))
     if cfg.out:
         write_parquet(chosen, cfg.out, {"kind": "selection", "ratio": cfg.ratio, "select": cfg.select,
                                         "per_class": cfg.per_class, "seed": cfg.seed, "count": chosen.height,

@@ -93,12 +93,12 @@ def test_augment_survives_sigkill(clean_scores, tmp_path, workers):
 
     run(*args(tmp_path / "clean"))
     out = tmp_path / "killed"
-    run_and_kill(args(out), lambda: len(list(out.glob("shard-*.parquet"))) >= 3)
+    run_and_kill(args(out), lambda: len(list(out.glob("train-*.parquet"))) >= 3)
     assert not (out / "manifest.json").exists()
-    for shard in out.glob("shard-*.parquet"):
+    for shard in out.glob("train-*.parquet"):
         pq.read_table(shard)  # every file under a final name is whole
     # what a kill in the middle of writing a shard leaves (this run's kill may or may not have)
-    (out / ".tmp-shard-00000-of-00012.parquet.x1y2z3").write_bytes(b"half a shard")
+    (out / ".tmp-train-00000-of-00012.parquet.x1y2z3").write_bytes(b"half a shard")
     run(*args(out))
     names = sorted(p.name for p in (tmp_path / "clean").iterdir())
     assert names == sorted(p.name for p in out.iterdir())
