@@ -128,9 +128,10 @@ class ScoreConfig:
 @dataclass
 class SelectConfig:
     scores: str = option("scores.parquet", "the train score table")
-    out: str | None = option(None, "write the selected ids to this Parquet file")
+    out: str | None = option(None, "write the selected ids to this Parquet file (for distill --exclude/--keep)")
     ratio: float = option(0.3, "fraction of samples to select, in (0, 1]")
-    select: str = option("high", "high (HE-DA), low or random (controls)")
+    mode: str = option("high", "high (the hardest: HE-DA), low (the easiest: pruning) or random (a control)")
+    by: str = option("energy", "the score to rank by: energy, margin, confidence, true_prob or entropy")
     per_class: bool = option(False, "take the fraction within each class")
     seed: int = option(0, "seed for every random choice")
     overwrite: bool = option(False, "replace an existing output")
@@ -197,6 +198,8 @@ class DistillConfig:
     cached_logits: bool = option(False, "use the table's stored teacher logits; the teacher is never run")
     eval_limit: int | None = option(None, "class-stratified subset of the val and test splits "
                                     "(default: the table's)")
+    exclude: str | None = option(None, "train without the sample ids in this Parquet file (`energytools select --out`)")
+    keep: str | None = option(None, "train only on the sample ids in this Parquet file")
     train: TrainConfig = option(help="optimisation", factory=TrainConfig)
     resume: bool = option(False, "continue from OUT/last.pt")
     overwrite: bool = option(False, "replace an existing run")

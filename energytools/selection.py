@@ -1,4 +1,6 @@
-"""Which samples HE-DA augments: the highest-energy fraction (or controls), with polars."""
+"""Which samples a curation step takes: the highest-energy fraction that HE-DA augments, the
+lowest-energy (easiest) fraction that pruning drops, by another difficulty score, or at
+random as a control; with polars."""
 from __future__ import annotations
 
 import math
@@ -9,6 +11,9 @@ import polars as pl
 
 from .errors import UserError
 
+#: score-table columns a selection may rank by (all from the same teacher pass)
+SELECT_BY = ("energy", "margin", "confidence", "true_prob", "entropy")
+
 def _random_key(table: pl.DataFrame, seed: int) -> pl.Series:
     # a seeded permutation over sample_id order, so the key does not depend on row order
     order = np.argsort(table["sample_id"].to_numpy(), kind="stable")
@@ -17,11 +22,11 @@ def _random_key(table: pl.DataFrame, seed: int) -> pl.Series:
     return pl.Series(key)
 
 
-#: mode -> (table, seed) -> key to sort by (ascending); ties always broken by sample_id
-SELECT_MODES: dict[str, Callable[[pl.DataFrame, int], pl.Series | pl.Expr]] = {
-    "high": lambda table, seed: -pl.col("energy"),
-    "low": lambda table, seed: pl.col("energy"),
-    "random": _random_key,
+#: mode -> (table, seed, column) -> key to sort by (ascending); ties always broken by sample_id
+SELECT_MODES: dict[str, Callable[[pl.DataFrame, int, str], pl.Series | pl.Expr]] = {
+    "high": lambda table, seed, by: -pl.col(by),
+    "low": lambda table, seed, by: pl.col(by),
+    "random": lambda table, seed, by: _random_key(table, seed),
 }
 
 
@@ -30,25 +35,28 @@ def selection_count(ratio: float, total: int) -> int:
 
 
 def select_samples(table: pl.DataFrame, ratio: float, mode: str = "high", per_class: bool = False,
-                   seed: int = 0) -> pl.DataFrame:
-    """Rows of ``table`` chosen for augmentation, sorted by sample_id.
+                   seed: int = 0, by: str = "energy") -> pl.DataFrame:
+    """Rows of ``table`` chosen, sorted by sample_id.
 
-    ``high`` takes the ``floor(ratio * N)`` highest-energy samples, ``low`` the lowest,
-    ``random`` a seeded random subset of the same size; with ``per_class`` the count is
-    ``floor(ratio * N_c)`` within each class. Ties are broken by sample_id, so the selection
-    is exact and reproducible.
+    ``high`` takes the ``floor(ratio * N)`` samples with the highest ``by`` (energy by default:
+    the teacher's hardest), ``low`` the lowest, ``random`` a seeded random subset of the same
+    size; with ``per_class`` the count is ``floor(ratio * N_c)`` within each class. Ties are
+    broken by sample_id, so the selection is exact and reproducible.
     """
     if not 0 < ratio <= 1:
-        raise UserError(f"--ratio must be in (0, 1], got {ratio}")
+        raise UserError(f"ratio must be in (0, 1], got {ratio}")
     if mode not in SELECT_MODES:
-        raise UserError(f"unknown selection {mode!r}; choose from {', '.join(SELECT_MODES)}")
-    if "energy" not in table.columns:
-        raise UserError("the score table has no energy column")
-    ranked = table.with_columns(SELECT_MODES[mode](table, seed).alias("_key")).sort(["_key", "sample_id"])
+        raise UserError(f"unknown selection mode {mode!r}; choose from {', '.join(SELECT_MODES)}")
+    if by not in SELECT_BY:
+        raise UserError(f"cannot select by {by!r}; choose from {', '.join(SELECT_BY)}")
+    if by not in table.columns:
+        raise UserError(f"the score table has no {by} column")
+    ranked = table.with_columns(SELECT_MODES[mode](table, seed, by).alias("_key")).sort(["_key", "sample_id"])
     if per_class:
         ranked = ranked.with_columns(pl.int_range(pl.len()).over("label").alias("_rank"),
                                      pl.len().over("label").alias("_n"))
-        chosen = ranked.filter(pl.col("_rank") < (pl.col("_n") * ratio + 1e-9).floor()).drop("_rank", "_n")
+        # the same rounding as selection_count: 0.29 * 100 counts 29
+        chosen = ranked.filter(pl.col("_rank") < (pl.col("_n") * ratio).round(9).floor()).drop("_rank", "_n")
     else:
         chosen = ranked.head(selection_count(ratio, table.height))
     if chosen.height == 0:
@@ -56,13 +64,14 @@ def select_samples(table: pl.DataFrame, ratio: float, mode: str = "high", per_cl
     return chosen.drop("_key").sort("sample_id")
 
 
-def describe_selection(chosen: pl.DataFrame, total: int, class_names: tuple[str, ...] = ()) -> str:
-    """One line: how many were selected, their energy range and the count per class (by name)."""
+def describe_selection(chosen: pl.DataFrame, total: int, class_names: tuple[str, ...] = (), by: str = "energy") -> str:
+    """One line: how many were selected, the range of the score they were ranked by and the count
+    per class (by name)."""
     hist = chosen.group_by("label").len().sort("label")
 
     def name(label: int) -> str:
         return class_names[label] if 0 <= label < len(class_names) else str(label)
 
     classes = ", ".join(f"{name(r['label'])}: {r['len']}" for r in hist.iter_rows(named=True))
-    return (f"selected {chosen.height} of {total} samples ({100 * chosen.height / total:.1f}%), energy "
-            f"{chosen['energy'].min():.4f} .. {chosen['energy'].max():.4f}; per class {classes}")
+    return (f"selected {chosen.height} of {total} samples ({100 * chosen.height / total:.1f}%), {by} "
+            f"{chosen[by].min():.4f} .. {chosen[by].max():.4f}; per class {classes}")

@@ -27,7 +27,7 @@ import polars as pl
 import pyarrow as pa
 import torch
 
-from ..config import AugmentConfig, SelectConfig
+from ..config import AugmentConfig, SelectConfig, as_dict
 from ..console import console, headline, progress_bar
 from ..data.base import ImageSet
 from ..data.shards import LOGITS_FIELD, MANIFEST, SHARD_SCHEMA, encode_png, huggingface_metadata, shard_name
@@ -338,11 +338,11 @@ def select(cfg: SelectConfig) -> pl.DataFrame:
     """`energytools select`: the selection alone, optionally written as a Parquet file of ids."""
     if cfg.out:
         check_output_free(cfg.out, cfg.overwrite)
-    table, meta = load_table(cfg.scores, ["sample_id", "label", "energy"])
-    chosen = select_samples(table, cfg.ratio, cfg.select, cfg.per_class, cfg.seed)
-    console.print(describe_selection(chosen, table.height, meta.dataset.classes))
+    table, meta = load_table(cfg.scores, list(dict.fromkeys(["sample_id", "label", "energy", cfg.by])))
+    chosen = select_samples(table, cfg.ratio, cfg.mode, cfg.per_class, cfg.seed, cfg.by)
+    console.print(describe_selection(chosen, table.height, meta.dataset.classes, cfg.by))
     if cfg.out:
-        write_parquet(chosen, cfg.out, {"kind": "selection", "ratio": cfg.ratio, "select": cfg.select,
-                                        "per_class": cfg.per_class, "seed": cfg.seed, "count": chosen.height,
+        config = {k: v for k, v in as_dict(cfg).items() if k not in ("out", "overwrite")}
+        write_parquet(chosen, cfg.out, {"kind": "selection", "config": config, "count": chosen.height,
                                         "scores": {"sha256": sha256_file(cfg.scores)}})
     return chosen

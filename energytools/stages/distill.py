@@ -28,7 +28,7 @@ from ..errors import UserError
 from ..io import sha256_file, write_json
 from ..models import create_model
 from ..resume import run_directory
-from ..table import TableMeta, load_table, versions
+from ..table import TableMeta, load_table, read_parquet, versions
 from ..teacher import open_table_teacher
 
 class SampleLookup:
@@ -112,7 +112,25 @@ def open_training_set(cfg: DistillConfig, meta: TableMeta) -> tuple[DataConfig, 
     if train_set.fingerprint() != meta.dataset.fingerprint:
         raise UserError(f"{cfg.scores} was computed on another dataset than {data.dataset} "
                         "as it is on this machine (fingerprints differ)")
+    for path, keep in ((cfg.exclude, False), (cfg.keep, True)):
+        if path:
+            chosen = np.isin(train_set.sample_ids, read_sample_ids(path))
+            if not chosen.any():
+                raise UserError(f"{path} names none of the training set's samples")
+            train_set = train_set.subset(np.flatnonzero(chosen == keep))
+            if len(train_set) == 0:
+                raise UserError(f"--exclude {path} leaves no training samples")
     return data, train_set
+
+
+def read_sample_ids(path: str) -> np.ndarray:
+    """The ``sample_id`` column of a Parquet file (a selection written by `energytools select`)."""
+    if not Path(path).is_file():
+        raise UserError(f"{path} does not exist")
+    frame = read_parquet(path, None)
+    if "sample_id" not in frame.columns or not frame["sample_id"].dtype.is_integer():
+        raise UserError(f"{path} has no integer sample_id column")
+    return frame["sample_id"].to_numpy()
 
 
 def _logit_columns(rows: pl.DataFrame, names: list[str], where) -> dict:
@@ -245,6 +263,9 @@ def distill(cfg: DistillConfig) -> FitResult:
 
     resolved = {"stage": "distill", **{k: v for k, v in as_dict(cfg).items() if k not in ("out", "resume", "overwrite")},
                 "scores_sha256": sha256_file(cfg.scores), "method_options": distiller.options,
+                "subset": {"samples": len(train_set), **{f"{name}_sha256": sha256_file(path)
+                                                         for name, path in (("exclude", cfg.exclude), ("keep", cfg.keep))
+                                                         if path}},
                 "temperature_plan": plan.to_dict(), "teacher": dataclasses.asdict(meta.teacher), "data": as_dict(data)}
     val_set, test_set = data.build("val"), data.build("test")
     n_aug = len(training_set) - len(train_set)
