@@ -226,8 +226,9 @@ def plan(recipe: Recipe, out: Path) -> list[Step]:
 
 
 def _content(config) -> dict:
-    """A config without the options that do not change what a step writes."""
-    return {k: v for k, v in as_dict(config).items() if k not in ("out", "overwrite", "resume")}
+    """A config without the options that do not change what a step writes. Unset (None)
+    options stay out too, so that a version adding an option leaves finished steps fresh."""
+    return {k: v for k, v in as_dict(config).items() if k not in ("out", "overwrite", "resume") and v is not None}
 
 
 def run_pipeline(recipe_path: Path | str, out: Path | str, start: str | None = None, force: bool = False,

@@ -53,3 +53,17 @@ def test_reduced_quickstart_runs_skips_and_reruns_what_changed(tmp_path):
     assert json.loads((out / "he-da" / "manifest.json").read_text())["selection"]["ratio"] == 0.2
     again = dict(run_pipeline(recipe, out, start="augment"))
     assert again["scores"] == "up to date" and again["he-da"] == "ran" and again["kd"] == "ran"
+
+
+def test_a_new_unset_option_leaves_finished_steps_fresh(monkeypatch):
+    """Adding an option (default None) to a stage config must not make every stamp stale."""
+    import dataclasses
+
+    from energytools.config import DistillConfig
+    from energytools.pipeline import _content
+
+    before = _content(DistillConfig(student="s", out="o"))
+    Extended = dataclasses.make_dataclass("Extended", [("new_option", "str | None", dataclasses.field(default=None))],
+                                          bases=(DistillConfig,), kw_only=True)
+    assert _content(Extended(student="s", out="o")) == before
+    assert _content(Extended(student="s", out="o", new_option="x")) != before
