@@ -22,6 +22,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import numpy as np
 import plotly.graph_objects as go
 import polars as pl
@@ -159,10 +160,10 @@ def score_figures(frame: pl.DataFrame, meta: TableMeta, label: str) -> dict[str,
                                                               .otherwise(pl.lit("incorrect")).alias("prediction")),
                                            "energy", "prediction", f"{label}: energy of correct vs incorrect "
                                            "predictions")
-    per_class = per_class_accuracy(frame, pl.col("correct")).join(
-        frame.group_by("label").agg(pl.col("energy").mean().alias("mean_energy"),
-                                    *[(pl.col("energy_group") == g).mean().alias(g) for g in GROUPS]),
-        on="label", validate="1:1", maintain_order="left")
+    per_class = (frame.group_by("label").agg(pl.len().alias("samples"), pl.col("energy").mean().alias("mean_energy"),
+                                             (pl.col("correct").mean() * 100).alias("accuracy"),
+                                             *[(pl.col("energy_group") == g).mean().alias(g) for g in GROUPS])
+                 .sort("label"))
     per_class = per_class.with_columns(pl.Series("class", label_names(per_class["label"].to_list(),
                                                                       meta.dataset.classes)))
     bars = go.Figure()
