@@ -24,6 +24,8 @@ BENCHMARKS = [
     ("scale_score.py", [], "score: 2 processes / 1 process (torchrun)", "speedup", ">= 1.7"),
     ("report_scale.py", [], "report of a 1.28M-row table: seconds", "seconds", "seconds"),
     ("report_scale.py", [], "report of a 1.28M-row table: HTML MB", "html_mb", "a few MB"),
+    ("report_scale.py", [], "report of two 1.28M-row tables compared: seconds", "two_tables_seconds", "seconds"),
+    ("report_scale.py", [], "report of two 1.28M-row tables compared: HTML MB", "two_tables_html_mb", "a few MB"),
 ]
 
 

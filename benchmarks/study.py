@@ -27,7 +27,6 @@ import json
 from datetime import date
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 import torch
 
@@ -35,6 +34,7 @@ from energytools.config import AugmentConfig, DataConfig, DistillConfig, ScoreCo
 from energytools.stages.augment import augment
 from energytools.stages.distill import distill
 from energytools.stages.score import score
+from energytools.summaries import VERDICT_RULE, aggregate_runs, markdown_table, summary_cells
 from energytools.table import TableMeta
 
 # name -> (method, temperatures or None, HE-DA (ratio, select) or None)
@@ -93,48 +93,25 @@ def run_setting(setting: str, data: DataConfig, teacher: Path, out: Path, seeds,
     return pl.DataFrame(rows)
 
 
-def paired_table(results: pl.DataFrame) -> pl.DataFrame:
-    """Mean ± std per config, and the paired difference to kd over the same seeds."""
-    kd = results.filter(pl.col("config") == "kd").select("setting", "seed", pl.col("best").alias("kd_best"),
-                                                          pl.col("last").alias("kd_last"))
-    joined = results.join(kd, on=["setting", "seed"], how="left", validate="m:1")
-    return (joined.group_by("setting", "config", maintain_order=True)
-            .agg(pl.len().alias("seeds"), pl.col("best").mean().alias("best_mean"), pl.col("best").std().alias("best_std"),
-                 pl.col("last").mean().alias("last_mean"), pl.col("last").std().alias("last_std"),
-                 (pl.col("best") - pl.col("kd_best")).mean().alias("delta_mean"),
-                 (pl.col("best") - pl.col("kd_best")).std().alias("delta_std"),
-                 (pl.col("best") > pl.col("kd_best")).sum().alias("wins"),
-                 pl.col("seconds").mean().alias("seconds")))
+#: the doc's columns: header -> column of summaries.summary_cells' frame
+COLUMNS = {"config": "config", "seeds": "seeds", "best": "best", "last": "last", "Δ kd (best)": "delta_best",
+           "wins": "wins", "verdict": "verdict", "s/run": "seconds"}
 
 
-def verdict(delta_mean, delta_std, seeds) -> str:
-    if seeds < 2 or delta_std is None or np.isnan(delta_std):
-        return "one seed"
-    se = delta_std / np.sqrt(seeds)
-    return "better" if delta_mean > 2 * se else "worse" if delta_mean < -2 * se else "inside noise"
+def summary_table(results: pl.DataFrame) -> pl.DataFrame:
+    """Mean ± std per config and the paired difference to kd on the same seeds, as the report shows them."""
+    return summary_cells(aggregate_runs(results, "kd", by=["setting"]))
 
 
 def markdown(summary: pl.DataFrame, checks: dict, command: str, args) -> str:
     lines = ["# Results: the accuracy study", "",
              f"Command: `{command}`  ", f"Machine: 2-core x86_64 CPU, 24 GiB, no GPU; date {date.today()}.", "",
              "Test accuracy (%) of the validation-selected checkpoint (`best`) and of the last epoch, mean ± std over "
-             "seeds. Δ kd is the paired difference to kd on the same seed (mean ± std of the differences); "
-             "`wins` counts seeds where the config beat kd; the verdict says whether |Δ| exceeds two standard "
-             "errors of the paired difference.", ""]
+             "seeds; the baseline is kd. " + VERDICT_RULE, ""]
     for setting, frame in summary.group_by("setting", maintain_order=True):
         name = setting[0]
         lines += [f"## {name}", "", f"Energy/confidence check of the teacher on this training set: {checks[name]}", "",
-                  "| config | seeds | best | last | Δ kd (best) | wins | verdict | s/run |", "|---|---|---|---|---|---|---|---|"]
-        for r in frame.iter_rows(named=True):
-            def pm(m, s):
-                return f"{m:.2f} ± {s:.2f}" if s is not None and not np.isnan(s) else f"{m:.2f}"
-            delta = "—" if r["config"] == "kd" else pm(r["delta_mean"], r["delta_std"])
-            v = "—" if r["config"] == "kd" else verdict(r["delta_mean"], r["delta_std"], r["seeds"])
-            wins = "—" if r["config"] == "kd" else f"{r['wins']}/{r['seeds']}"
-            lines.append(f"| {r['config']} | {r['seeds']} | {pm(r['best_mean'], r['best_std'])} | "
-                         f"{pm(r['last_mean'], r['last_std'])} | {delta} | {wins} | {v} | "
-                         f"{r['seconds']:.0f} |")
-        lines.append("")
+                  markdown_table(frame, COLUMNS, decimals={"seconds": 0}), ""]
     return "\n".join(lines)
 
 
@@ -203,7 +180,7 @@ def main():
                                       args.seeds or seeds, configs, args.epochs, args.student))
             checks[setting] = energy_check(args.out / setting / "scores.parquet")
     results = pl.concat(frames)
-    summary = paired_table(results)
+    summary = summary_table(results)
     results.write_csv(args.out / "results.csv")
     flags = ([f"--teacher {args.teacher}"] * bool(args.teacher) + [f"--out {args.out}"]
              + ([f"--seeds {' '.join(map(str, args.seeds))}"] if args.seeds else [])

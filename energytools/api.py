@@ -58,8 +58,10 @@ def distill(scores: str | Path, student: str, out: str | Path, **kwargs) -> FitR
     return run(resolve(DistillConfig, {"scores": scores, "student": student, "out": out, **kwargs}, "distill"))
 
 
-def report(*paths: str | Path, out: str | Path = "report.html", thumbnails: bool = True) -> Path:
-    """Write the HTML report for run directories or files."""
+def report(*paths: str | Path, out: str | Path = "report.html", thumbnails: bool = True,
+           baseline: str | None = None) -> Path:
+    """Write the HTML report for run directories or files; ``baseline`` names the configuration,
+    run or method the runs are compared with (default: kd)."""
     from .stages.report import report as run
 
-    return run(list(paths), out, thumbnails=thumbnails)
+    return run(list(paths), out, thumbnails=thumbnails, baseline=baseline)

@@ -198,14 +198,18 @@ def report_command(
     out: Annotated[Path, typer.Option(help="the HTML file")] = Path("report.html"),
     no_images: Annotated[bool, typer.Option("--no-images", help="skip the image strips")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite/--no-overwrite", help="replace an existing report")] = True,
+    baseline: Annotated[Optional[str], typer.Option(help="configuration, run or method the runs are compared "
+                                                         "with (default: kd)")] = None,
 ):
-    """Write one self-contained HTML report: energy/confidence histograms, curation, training curves.
+    """Write one self-contained HTML report: runs compared (mean ± std over seeds, paired Δ), energy/confidence
+    histograms, score tables compared, curation, training curves.
 
-    Example: `energytools report runs/quickstart --out runs/quickstart/report.html`
+    Example: `energytools report runs/quickstart --out runs/quickstart/report.html`;
+    `energytools report teacher-a.parquet teacher-b.parquet` compares two score tables.
     """
     from .stages.report import report
 
-    report(paths, out, overwrite=overwrite, thumbnails=not no_images)
+    report(paths, out, overwrite=overwrite, thumbnails=not no_images, baseline=baseline)
 
 
 @command("run")

@@ -341,7 +341,8 @@ def test_class_folder_named_like_a_tag_is_text_in_the_report(hostile_folder_run,
     figures = sections[0][1]
     escaped = "0 " + HOSTILE.replace("<", "&lt;").replace(">", "&gt;")  # "<" sorts before "cat"
     assert list(figures["class_groups"].data[0].x) == [escaped, "1 cat"]
-    assert list(figures["class_table"].data[0].cells.values[0]) == [escaped, "1 cat"]
+    assert f"<td>{escaped}</td>" in figures["class_table"] and "<td>1 cat</td>" in figures["class_table"]
+    assert "<img src=x" not in figures["class_table"]
     out = report([hostile_folder_run["scores"]], tmp_path / "report.html")
     assert "<img src=x" not in out.read_text()
 
@@ -364,7 +365,7 @@ def test_names_from_table_metadata_are_text_in_the_report(digits_run, tmp_path):
 def test_run_names_are_text_in_the_report(tmp_path):
     import polars as pl
 
-    from energytools.stages.report import run_figures
+    from energytools.stages.report import Inputs, run_parts
     from energytools.table import write_parquet
 
     run = tmp_path / "<b onmouseover=alert(1)>kd"
@@ -373,9 +374,11 @@ def test_run_names_are_text_in_the_report(tmp_path):
                   {"kind": "metrics"})
     (run / "summary.json").write_text(json.dumps({"method": "<i>kd</i>", "best_test_acc": 49.0,
                                                   "last_test_acc": 49.0, "seconds": 1.0}))
-    figures = run_figures([run])
-    assert figures["curves"].data[0].name == "&lt;b onmouseover=alert(1)&gt;kd val_acc"
-    assert list(figures["runs_table"].data[0].cells.values[1]) == ["&lt;i&gt;kd&lt;/i&gt;"]
+    parts, intro = run_parts(Inputs(runs=[run]), {}, {})
+    assert parts["curves"].data[0].name == "&lt;b onmouseover=alert(1)&gt;kd val_acc"
+    comparison = parts["comparison"]
+    assert "<td>&lt;b onmouseover=alert(1)&gt;kd</td><td>&lt;i&gt;kd&lt;/i&gt;</td>" in comparison
+    assert "<b onmouseover" not in comparison + intro and "<i>kd" not in comparison + intro
 
 
 def _chromium():

@@ -23,7 +23,7 @@ from ..data.base import Collated, ImageSet
 from ..data.shards import read_manifest, shard_dataset
 from ..distillers import MethodSpec, SampleInfo, method_spec
 from ..energy import EnergyGroups, energy
-from ..engine import Batch, FitResult, fit, model_meta, seed_everything
+from ..engine import Batch, FitResult, fit, model_meta, seed_everything, write_test_predictions
 from ..errors import UserError
 from ..io import sha256_file, write_json
 from ..models import create_model
@@ -277,6 +277,7 @@ def distill(cfg: DistillConfig) -> FitResult:
                       f"({plan.groups.rule.rule}, {cfg.temperature_source})")
         result = fit(student, step, training_set, val_set, test_set, cfg.train, out, run_meta, resume=cfg.resume)
         if writes_files:
+            write_test_predictions(student, test_set, out, cfg.train)  # before summary.json: a run with one has both
             write_json(out / "summary.json", {
                 "method": cfg.method, "student": cfg.student, "best_epoch": result.best_epoch,
                 "best_val_acc": result.best_val_acc, "best_test_acc": result.best_test_acc,

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from ..config import TrainStageConfig, as_dict
 from ..console import console, headline
-from ..engine import Batch, FitResult, fit, model_meta, seed_everything
+from ..engine import Batch, FitResult, fit, model_meta, seed_everything, write_test_predictions
 from ..models import create_model
 from ..resume import run_directory
 from ..table import versions
@@ -23,7 +23,7 @@ def train(cfg: TrainStageConfig) -> FitResult:
     seed_everything(cfg.train.seed)  # the model's initial weights come from the seed
     net = create_model(cfg.model, info.num_classes, info.in_channels, info.image_size)
     config = {"stage": "train", **{k: v for k, v in as_dict(cfg).items() if k not in ("out", "resume", "overwrite")}}
-    with run_directory(out, cfg.resume, cfg.overwrite, config):
+    with run_directory(out, cfg.resume, cfg.overwrite, config) as writes_files:
         meta = {**model_meta(cfg.model, train_set, data), "method": "ce", "train": as_dict(cfg.train),
                 "versions": versions()}
 
@@ -34,5 +34,7 @@ def train(cfg: TrainStageConfig) -> FitResult:
         console.print(f"train {cfg.model} on {info.name} ({len(train_set)} train / {len(val_set)} val / "
                       f"{len(test_set)} test) for {cfg.train.epochs} epochs")
         result = fit(net, step, train_set, val_set, test_set, cfg.train, out, meta, resume=cfg.resume)
+        if writes_files:
+            write_test_predictions(net, test_set, out, cfg.train)
     console.print(headline("done", f": {out}: {result.summary()}"))
     return result
