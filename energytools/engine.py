@@ -86,6 +86,16 @@ def autocast(device: torch.device, enabled: bool = True):
     return torch.autocast("cuda", dtype=dtype)
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``; a CPU tensor goes to cuda through pinned memory with a
+    non-blocking copy, so the host does not wait for the device's queue."""
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 @contextlib.contextmanager
 def float32_exact(device: torch.device, enabled: bool = True):
     """On cuda, float32 convolutions and matmuls in full precision inside the block: PyTorch lets
@@ -275,14 +285,14 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
             for step_index, fetched in enumerate(loader, 1):
                 if views is None:
                     images, labels, ids = fetched
-                    images, flipped = train_augment(images, info, generator)
+                    images, flipped = train_augment(images, info, generator)  # on the CPU: its draws as ever
                     chosen = None
                 else:
                     images, labels, ids, flipped, chosen = fetched
-                images = normalize(images.to(device, non_blocking=True), info)
+                images = normalize(to_device(images, device), info)
                 if cfg.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
-                batch = Batch(images, labels.to(device, non_blocking=True), ids, flipped, epoch, chosen)
+                batch = Batch(images, to_device(labels, device), ids, flipped, epoch, chosen)
                 with autocast(device, cfg.amp):
                     _, losses = step(batch, forward)
                 loss = sum(losses.values())

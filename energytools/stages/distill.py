@@ -30,7 +30,7 @@ from ..data.shards import read_manifest, shard_dataset
 from ..data.views import ReplayViews, TrainTransform
 from ..distillers import MethodSpec, SampleInfo, method_spec
 from ..energy import EnergyGroups, energy
-from ..engine import Batch, FitResult, fit, model_meta, seed_everything
+from ..engine import Batch, FitResult, fit, model_meta, resolve_device, seed_everything, to_device
 from ..errors import UserError
 from ..io import sha256_file, write_json
 from ..models import create_model
@@ -38,6 +38,10 @@ from ..resume import run_directory
 from ..table import SCORE_COLUMNS, VIEW_COLUMNS, TableMeta, load_table, read_schema, versions
 from ..teacher import open_table_teacher
 from ..view_logits import fit_view_groups, read_views, topk_expand
+
+#: per-sample columns up to this size live on the GPU during distill (ImageNet-1k: top-k views fit, full ones not)
+DEVICE_BUDGET = 2 << 30
+
 
 class SampleLookup:
     """Per-sample values keyed by sample_id (originals and shard rows alike)."""
@@ -49,6 +53,7 @@ class SampleLookup:
             dup = self.ids[1:][np.diff(self.ids) == 0][0]
             raise UserError(f"sample_id {dup} appears twice among the training samples and shards")
         self.columns = {name: torch.as_tensor(values[order]) for name, values in columns.items()}
+        self._copies: dict = {}
 
     def positions(self, sample_ids: torch.Tensor) -> torch.Tensor:
         ids = sample_ids.numpy()
@@ -58,12 +63,34 @@ class SampleLookup:
             raise UserError(f"sample_id {missing} is not in the score table")
         return torch.from_numpy(pos)
 
+    def to(self, device: torch.device, budget: int = DEVICE_BUDGET) -> "SampleLookup":
+        """Keep the columns on ``device`` (cuda) when they fit in ``budget`` bytes, so that a
+        step gathers its rows there: one small non-blocking copy of the positions per step
+        instead of one host-to-device copy per column."""
+        size = sum(c.element_size() * c.nelement() for c in self.columns.values())
+        if device.type == "cuda" and size <= budget:
+            self.columns = {name: column.to(device) for name, column in self.columns.items()}
+        return self
+
+    def _on(self, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``index`` (positions or views, on the CPU) on ``device``, copied once per step."""
+        if index.device == device:
+            return index
+        cached = self._copies.get(id(index))
+        if cached is None or cached[0] is not index:
+            cached = (index, to_device(index, device))
+            self._copies = {id(index): cached, **dict(list(self._copies.items())[:3])}
+        return cached[1]
+
     def get(self, name: str, positions: torch.Tensor, device) -> torch.Tensor:
-        return self.columns[name][positions].to(device, non_blocking=True)
+        column = self.columns[name]
+        return to_device(column[self._on(positions, column.device)], torch.device(device))
 
     def view(self, name: str, positions: torch.Tensor, views: torch.Tensor, device) -> torch.Tensor:
         """Per-view column ``name`` (rows of shape (K, ...)) at each sample's view ``views``."""
-        return self.columns[name][positions, views].to(device, non_blocking=True)
+        column = self.columns[name]
+        return to_device(column[self._on(positions, column.device), self._on(views, column.device)],
+                         torch.device(device))
 
 
 @dataclass
@@ -224,7 +251,7 @@ class CachedLogits:
         logits = self.lookup.get("logits", positions, device)
         if "logits_flipped" in self.lookup.columns:
             flipped = self.lookup.get("logits_flipped", positions, device)
-            logits = torch.where(batch.flipped.to(device).unsqueeze(1), flipped, logits)
+            logits = torch.where(to_device(batch.flipped, device).unsqueeze(1), flipped, logits)
         return logits
 
 
@@ -309,6 +336,7 @@ def distill(cfg: DistillConfig) -> FitResult:
     replay = plan_views(cfg, spec, meta, train_set)
     logit_names = [] if replay is not None else cached_logit_names(cfg, spec, meta, train_set)
     training_set, lookup = collect_samples(cfg, table, plan, train_set, logit_names, replay)
+    lookup.to(resolve_device(cfg.train.device))
     teacher_logits_of = open_logits_source(cfg, spec, meta, lookup, train_set, replay)
     temperature_of = temperature_source(cfg, spec, plan, lookup)
     info = train_set.info
