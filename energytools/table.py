@@ -269,12 +269,17 @@ _TYPE_CHECKS = {pa.int64(): pa.types.is_integer, pa.float32(): pa.types.is_float
 def load_table(path: Path | str, columns: list[str] | None = None) -> tuple[pl.DataFrame, TableMeta]:
     """Load a score table as a polars DataFrame plus its :class:`TableMeta`, checking its contract.
 
+    ``columns`` None reads every column but the per-view ones (:data:`VIEW_COLUMNS`, K values
+    or K x C logits per row): energytools.view_logits.read_views reads those into arrays.
+
     Raises :class:`UserError` when the file is not a score table, its metadata is missing,
     unreadable or of an unknown schema version, a required column is missing or of the wrong
     type, or the sample ids are null or duplicated.
     """
     meta = TableMeta.read(path)
     schema = read_schema(path)
+    if columns is None and any(name in VIEW_COLUMNS for name in schema.names):
+        columns = list(SCORE_COLUMNS) + [n for n in schema.names if n not in SCORE_COLUMNS and n not in VIEW_COLUMNS]
     for name in columns if columns is not None else list(SCORE_COLUMNS):
         if name not in schema.names:
             raise UserError(f"{path} lacks column {name!r}")

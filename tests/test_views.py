@@ -80,7 +80,9 @@ def test_crop_flip_is_pad_crop_then_mirror():
     for i in range(20):
         expected = padded[i, :, params.top[i]:params.top[i] + 6, params.left[i]:params.left[i] + 6]
         assert torch.equal(out[i], expected.flip(-1) if params.flip[i] else expected)
-    assert out.is_contiguous()
+    assert out.stride() == (36 * 3, 36, 6, 1)  # NCHW strides, whatever the gather made
+    gray = crop_flip(images[:, :1].contiguous(), params, transform)
+    assert gray.stride() == (36, 36, 6, 1)  # not the (36, 1, 6, 1) that also counts as contiguous for C = 1
 
 
 def test_train_augment_crops_as_before():
@@ -99,6 +101,9 @@ def test_train_augment_crops_as_before():
     old_flipped = torch.rand(16, generator=generator) < 0.5
     old[old_flipped] = old[old_flipped].flip(-1)
     assert torch.equal(out, old) and torch.equal(flipped, old_flipped)
+    assert out.stride() == old.stride()  # the memory format picks the conv kernel, hence the last bits
+    gray = DatasetInfo("g", 10, 1, 8, (0.5,), (0.2,), train_flip=False, train_crop_pad=2)
+    assert train_augment(images[:, :1], gray, torch.Generator())[0].stride() == (64, 64, 8, 1)
 
 
 def test_resized_crop_boxes_and_pixels_follow_torchvision():

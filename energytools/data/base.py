@@ -250,7 +250,7 @@ class ImageSet(torch.utils.data.Dataset):
                 params = draw_views(transform, seed, ids[b], views[b], image.height, image.width)
                 out.append(np.stack([resized_crop(image, params, k, transform.size) for k in range(count)]))
                 flips.append(params.flip)
-            images = torch.from_numpy(np.stack(out)).permute(0, 1, 4, 2, 3).contiguous()
+            images = torch.from_numpy(np.stack(out)).permute(0, 1, 4, 2, 3).clone(memory_format=torch.contiguous_format)
             flips = np.stack(flips)
         else:
             clean = self.__getitems__(indices)[0]

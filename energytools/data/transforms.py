@@ -50,7 +50,8 @@ def train_augment(images: torch.Tensor, info: DatasetInfo, generator: torch.Gene
         rows = offsets[:, :1] + torch.arange(height)
         cols = offsets[:, 1:] + torch.arange(width)
         index = torch.arange(batch)[:, None, None]
-        out = padded.permute(0, 2, 3, 1)[index, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+        out = padded.permute(0, 2, 3, 1)[index, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).clone(
+            memory_format=torch.contiguous_format)  # NCHW strides, as the old torch.stack gave: they pick the kernel
     if info.train_flip:
         flipped = torch.rand(batch, generator=generator) < 0.5
         if flipped.any():

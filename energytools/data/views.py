@@ -205,7 +205,7 @@ def crop_flip(images: torch.Tensor, params: ViewParams, transform: TrainTransfor
     cols = torch.where(flip, cols.flip(1), cols)
     batch = torch.arange(images.shape[0], device=device)[:, None, None]
     out = images.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (B, S, S, C)
-    return out.permute(0, 3, 1, 2).contiguous()
+    return out.permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format)  # NCHW strides, as stacking gives
 
 
 def resized_crop(image: Image.Image, params: ViewParams, i: int, size: int) -> np.ndarray:

@@ -35,7 +35,7 @@ from ..errors import UserError
 from ..io import sha256_file, write_json
 from ..models import create_model
 from ..resume import run_directory
-from ..table import SCORE_COLUMNS, VIEW_COLUMNS, TableMeta, load_table, read_schema, versions
+from ..table import TableMeta, load_table, versions
 from ..teacher import open_table_teacher
 from ..view_logits import fit_view_groups, read_views, topk_expand
 
@@ -133,6 +133,8 @@ class TrainingSet(torch.utils.data.ConcatDataset):
 
     def __getitems__(self, indices) -> Collated:
         """Fetch each part's share of the batch in one call, then restore the sampler's order."""
+        if len(self.datasets) == 1:
+            return self.datasets[0].__getitems__(indices)
         indices = np.asarray(indices, dtype=np.int64)
         which = np.searchsorted(self.cumulative_sizes, indices, side="right")
         starts = np.concatenate([[0], self.cumulative_sizes[:-1]])
@@ -146,12 +148,6 @@ class TrainingSet(torch.utils.data.ConcatDataset):
             selector = torch.from_numpy(mask)
             images[selector], labels[selector], ids[selector] = got
         return Collated((images, labels, ids))
-
-
-def table_columns(path) -> list[str]:
-    """The score table's columns but the per-view ones (read apart, straight into arrays)."""
-    names = read_schema(path).names
-    return list(SCORE_COLUMNS) + [n for n in names if n not in SCORE_COLUMNS and n not in VIEW_COLUMNS]
 
 
 def open_training_set(cfg: DistillConfig, meta: TableMeta) -> tuple[DataConfig, ImageSet]:
@@ -329,7 +325,7 @@ def distill(cfg: DistillConfig) -> FitResult:
     cfg.check()
     spec = method_spec(cfg.method)
     out = Path(cfg.out)
-    table, meta = load_table(cfg.scores, table_columns(cfg.scores))
+    table, meta = load_table(cfg.scores)  # the per-view columns are read apart (plan_views)
     meta.require_train(cfg.scores, "distill")
     data, train_set = open_training_set(cfg, meta)
     plan = plan_temperatures(cfg, table, meta)
@@ -344,13 +340,16 @@ def distill(cfg: DistillConfig) -> FitResult:
     student = create_model(cfg.student, info.num_classes, info.in_channels, info.image_size)
     distiller = spec.build(student, as_dict(cfg))
 
+    mixed = bool((lookup.columns["lam"] < 1).any())  # any CutMix/MixUp rows: else CE needs no partner
+
     def step(batch: Batch, forward):
         device = batch.images.device
-        positions = lookup.positions(batch.sample_ids)
+        positions = lookup.positions(batch.sample_ids) if (teacher_logits_of or temperature_of or mixed) else None
         teacher_logits = teacher_logits_of(batch, positions) if teacher_logits_of else None
         temperature = temperature_of(batch, positions, teacher_logits) if temperature_of else None
-        sample_info = SampleInfo(batch.labels, lookup.get("partner_label", positions, device),
-                                 lookup.get("lam", positions, device), temperature, teacher_logits, batch.epoch)
+        partner, lam = ((lookup.get("partner_label", positions, device), lookup.get("lam", positions, device))
+                        if mixed else (None, None))
+        sample_info = SampleInfo(batch.labels, partner, lam, temperature, teacher_logits, batch.epoch)
         return distiller.forward_train(batch.images, sample_info, forward)
 
     resolved = {"stage": "distill", **{k: v for k, v in as_dict(cfg).items() if k not in ("out", "resume", "overwrite")},
