@@ -49,9 +49,10 @@ def train_augment(images: torch.Tensor, info: DatasetInfo, generator: torch.Gene
         offsets = torch.randint(0, 2 * pad + 1, (batch, 2), generator=generator)
         rows = offsets[:, :1] + torch.arange(height)
         cols = offsets[:, 1:] + torch.arange(width)
-        index = torch.arange(batch)[:, None, None]
-        out = padded.permute(0, 2, 3, 1)[index, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).clone(
-            memory_format=torch.contiguous_format)  # NCHW strides, as the old torch.stack gave: they pick the kernel
+        full = width + 2 * pad
+        index = (rows[:, :, None] * full + cols[:, None, :]).view(batch, 1, -1).expand(-1, images.shape[1], -1)
+        # one gather, with NCHW strides as the old torch.stack gave (the strides pick the conv kernel)
+        out = padded.reshape(batch, images.shape[1], -1).gather(2, index).view(images.shape)
     if info.train_flip:
         flipped = torch.rand(batch, generator=generator) < 0.5
         if flipped.any():

@@ -94,18 +94,22 @@ def _mix(x: np.ndarray) -> np.ndarray:
 
 
 def hash_keys(*keys) -> np.ndarray:
-    """One uint64 per element of the broadcast ``keys`` (integers or integer arrays)."""
-    arrays = np.broadcast_arrays(*[np.asarray(k, dtype=np.int64) for k in keys])
-    h = np.zeros(arrays[0].shape, dtype=np.uint64)
+    """One uint64 per element of the broadcast ``keys`` (integers or integer arrays), folded left
+    to right: ``h = mix(h ^ key)`` from ``h = 0``."""
+    h = np.zeros((), dtype=np.uint64)
     with np.errstate(over="ignore"):
-        for key in arrays:
+        for key in keys:
             h = _mix(h ^ np.array(key, dtype=np.int64, copy=True).view(np.uint64))
     return h
 
 
+def _to_unit(h: np.ndarray) -> np.ndarray:
+    return (h >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
 def uniform(*keys) -> np.ndarray:
     """Floats in [0, 1) with 53 random bits, one per element of the broadcast ``keys``."""
-    return (hash_keys(*keys) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+    return _to_unit(hash_keys(*keys))
 
 
 def _below(u: np.ndarray, n) -> np.ndarray:
@@ -144,9 +148,11 @@ def draw_views(transform: TrainTransform, seed: int, sample_ids, views, heights=
     of ``(seed, sample_id, view)`` and, for ``resized-crop``, of the original image's
     ``heights`` and ``widths``."""
     ids, views = np.broadcast_arrays(np.asarray(sample_ids, dtype=np.int64), np.asarray(views, dtype=np.int64))
+    base = hash_keys(DRAW, seed, ids, views)
 
-    def u(stream: int) -> np.ndarray:
-        return uniform(DRAW, seed, ids, views, stream)
+    def u(stream: int) -> np.ndarray:  # = uniform(DRAW, seed, id, view, stream)
+        with np.errstate(over="ignore"):
+            return _to_unit(_mix(base ^ np.uint64(stream)))
 
     n, size = ids.shape, transform.size
     flip = (u(0) < 0.5) if transform.flip else np.zeros(n, dtype=bool)
@@ -194,18 +200,16 @@ def crop_flip(images: torch.Tensor, params: ViewParams, transform: TrainTransfor
     pad = transform.pad if transform.kind == "pad-crop" else 0
     if pad:
         images = F.pad(images, (pad, pad, pad, pad))
+    batch, channels, height, width = images.shape
+    size = height - 2 * pad
     device = images.device
-    size = images.shape[-1] - 2 * pad
     steps = torch.arange(size, device=device)
-    top = torch.as_tensor(params.top, device=device)
-    left = torch.as_tensor(params.left, device=device)
-    rows = top[:, None] + steps
-    cols = left[:, None] + steps
-    flip = torch.as_tensor(params.flip, device=device)[:, None]
-    cols = torch.where(flip, cols.flip(1), cols)
-    batch = torch.arange(images.shape[0], device=device)[:, None, None]
-    out = images.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (B, S, S, C)
-    return out.permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format)  # NCHW strides, as stacking gives
+    rows = torch.as_tensor(params.top, device=device)[:, None] + steps
+    cols = torch.as_tensor(params.left, device=device)[:, None] + steps
+    cols = torch.where(torch.as_tensor(params.flip, device=device)[:, None], cols.flip(1), cols)
+    index = (rows[:, :, None] * width + cols[:, None, :]).view(batch, 1, size * size).expand(batch, channels, -1)
+    # one gather over each flattened image; the output has NCHW strides, as stacking gives
+    return images.reshape(batch, channels, height * width).gather(2, index).view(batch, channels, size, size)
 
 
 def resized_crop(image: Image.Image, params: ViewParams, i: int, size: int) -> np.ndarray:

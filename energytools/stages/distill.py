@@ -47,12 +47,14 @@ class SampleLookup:
     """Per-sample values keyed by sample_id (originals and shard rows alike)."""
 
     def __init__(self, ids: np.ndarray, **columns: np.ndarray):
-        order = np.argsort(ids, kind="stable")
-        self.ids = ids[order]
+        ordered = len(ids) < 2 or bool((np.diff(ids) > 0).all())  # a score table alone is sorted: no copies
+        order = None if ordered else np.argsort(ids, kind="stable")
+        self.ids = ids if ordered else ids[order]
         if len(self.ids) > 1 and (np.diff(self.ids) == 0).any():
             dup = self.ids[1:][np.diff(self.ids) == 0][0]
             raise UserError(f"sample_id {dup} appears twice among the training samples and shards")
-        self.columns = {name: torch.as_tensor(values[order]) for name, values in columns.items()}
+        self.columns = {name: torch.as_tensor(np.require(values if ordered else values[order], requirements="W"))
+                        for name, values in columns.items()}
         self._copies: dict = {}
 
     def positions(self, sample_ids: torch.Tensor) -> torch.Tensor:
@@ -224,7 +226,8 @@ def collect_samples(cfg: DistillConfig, table: pl.DataFrame, plan: TemperaturePl
                         "partner_label": rows["partner_label"].to_numpy(),
                         "lam": rows["lam"].fill_null(1.0).to_numpy().astype(np.float32),
                         **_logit_columns(rows, logit_names, f"shards in {directory}")})
-    merged = {name: np.concatenate([c[name] for c in columns]) for name in columns[0]}
+    merged = {name: columns[0][name] if len(columns) == 1 else np.concatenate([c[name] for c in columns])
+              for name in columns[0]}
     lookup = SampleLookup(merged.pop("sample_id"), **merged)
     missing = np.setdiff1d(train_set.sample_ids, lookup.ids)
     if len(missing):
