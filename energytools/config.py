@@ -33,6 +33,8 @@ class DataConfig:
     eval_limit: int | None = option(None, "same, for the val and test splits")
     imbalance_factor: float | None = option(None, "long-tail the train split (e.g. 100)")
     image_size: int | None = option(None, "imagefolder and parquet: side of the square input")
+    crop_pad: int | None = option(None, "train transform: zero-pad by N pixels, crop back, then flip (cifar: 4; "
+                                  "fashion-mnist: none unless set)")
 
     def build(self, split: str):
         from .data import build_dataset
@@ -40,7 +42,8 @@ class DataConfig:
         if self.dataset is None:
             raise UserError("no dataset given: pass --dataset (or `dataset` in the recipe's [data])")
         limit = self.limit if split == "train" else self.eval_limit
-        return build_dataset(self.dataset, split, self.data_root, limit, self.imbalance_factor, self.image_size)
+        return build_dataset(self.dataset, split, self.data_root, limit, self.imbalance_factor, self.image_size,
+                             self.crop_pad)
 
 
 @dataclass
@@ -59,7 +62,12 @@ class TrainConfig:
     seed: int = option(0, "seed for every random choice")
     device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1 ...")
     num_workers: int = option(0, "DataLoader worker processes")
+    prefetch: int = option(4, "batches each DataLoader worker loads ahead (with --num-workers)")
     amp: bool = option(True, "mixed precision on cuda (no effect elsewhere)")
+    channels_last: bool = option(False, "channels-last memory format for the model and batches (faster "
+                                 "convolutions on cuda with AMP)")
+    sync_every: int = option(100, "read the loss from the device every N steps (progress and divergence "
+                             "check); 0: once per epoch")
     eval_batch_size: int = option(512, "batch size of validation and test passes")
 
     def check(self) -> None:
@@ -72,6 +80,8 @@ class TrainConfig:
             raise UserError(f"lr must be positive, got {self.lr}")
         if self.momentum < 0 or self.weight_decay < 0 or self.lr_decay <= 0 or self.num_workers < 0:
             raise UserError("momentum, weight_decay and num_workers must be >= 0 and lr_decay > 0")
+        if self.prefetch < 1 or self.sync_every < 0:
+            raise UserError("prefetch must be >= 1 and sync_every >= 0")
         if not all(0 < m < 1 for m in self.milestones):
             raise UserError(f"milestones are fractions of the epochs in (0, 1), got {list(self.milestones)}")
         if self.schedule not in SCHEDULES:
@@ -104,11 +114,17 @@ class ScoreConfig:
     temperature_rule: str = option("groups", "groups, or rank (linear in energy rank)")
     reference: str | None = option(None, "a train table whose groups (fractions, boundaries) group this split")
     save_logits: bool = option(False, "store float16 logits (and of the flipped image)")
+    views: int = option(0, "also score K training views per sample, drawn from the dataset's train transform "
+                        "(crop, flip): their float16 logits and energies, for distill --cached-logits")
+    top_k: int | None = option(None, "with --views: store the N largest logits of each view and one value "
+                               "that rebuilds the rest of the softmax (many-class datasets)")
+    seed: int = option(0, "seed of the views: view v of sample i is drawn from (seed, i, v)")
     batch_size: int = option(256, "images per forward pass")
     part_size: int = option(8192, "rows per resumable part written to OUT.parts/")
     device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1 ...")
     num_workers: int = option(0, "DataLoader worker processes")
-    amp: bool = option(True, "autocast on cuda")
+    amp: bool = option(False, "bf16/fp16 autocast on cuda: faster, but energies from low-precision logits "
+                       "(docs/benchmarks.md); default float32 (no TF32)")
     overwrite: bool = option(False, "replace an existing output")
 
     def rule(self):
@@ -122,6 +138,10 @@ class ScoreConfig:
             raise UserError(f"energy_temperature must be positive, got {self.energy_temperature}")
         if self.batch_size <= 0 or self.part_size <= 0:
             raise UserError("batch_size and part_size must be positive")
+        if self.views < 0:
+            raise UserError(f"views must be >= 0, got {self.views}")
+        if self.top_k is not None and (self.top_k < 1 or not self.views):
+            raise UserError("--top-k takes a positive N and needs --views K")
         self.part_size = max(self.batch_size, self.part_size // self.batch_size * self.batch_size)
 
 
@@ -171,7 +191,7 @@ class AugmentConfig:
         make_policy(self.policy)  # fail on an unknown policy before any work
 
 
-TEMPERATURE_SOURCES = ("table", "online")
+TEMPERATURE_SOURCES = ("table", "online", "views")
 
 
 @dataclass(kw_only=True)
@@ -183,8 +203,9 @@ class DistillConfig:
     shards: tuple[str, ...] = option((), "HE-DA shard directory (repeatable)")
     teacher: str | None = option(None, "teacher checkpoint (default: the one that scored the table)")
     teacher_arch: str | None = option(None, "architecture, for checkpoints that do not record it")
-    temperature_source: str = option("table", "table (offline, by sample_id) or online (the teacher's energy "
-                                     "on each augmented view, grouped by the table's rule)")
+    temperature_source: str = option("table", "table (the clean image's energy, by sample_id), views (each "
+                                     "stored view's energy against thresholds over all views; needs score "
+                                     "--views) or online (the teacher's energy on each augmented view)")
     temperatures: tuple[float, ...] | None = option(None, "re-derive: T of the low,mid,high groups, e.g. 2,4,6")
     low_frac: float | None = option(None, "re-derive the groups with this low fraction")
     high_frac: float | None = option(None, "re-derive the groups with this high fraction")
@@ -195,7 +216,8 @@ class DistillConfig:
     dkd_alpha: float | None = option(None, "DKD's TCKD weight (method default: 1)")
     dkd_beta: float | None = option(None, "DKD's NCKD weight (method default: 8; the reference's vgg13->vgg8: 6)")
     dkd_warmup: int | None = option(None, "DKD's linear warm-up in epochs (method default: 20)")
-    cached_logits: bool = option(False, "use the table's stored teacher logits; the teacher is never run")
+    cached_logits: bool = option(False, "use the table's stored teacher logits (per view with score --views): "
+                                 "the teacher is never run")
     eval_limit: int | None = option(None, "class-stratified subset of the val and test splits "
                                     "(default: the table's)")
     exclude: str | None = option(None, "train without the sample ids in this Parquet file (`energytools select --out`)")

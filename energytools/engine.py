@@ -24,6 +24,7 @@ from .console import console, progress_bar
 from .data import ImageSet
 from .data.base import collate
 from .data.transforms import normalize, train_augment
+from .data.views import EpochKeys, FreshViews, ViewedSet
 from .distributed import context
 from .errors import UserError
 from .models import load_checkpoint, save_checkpoint
@@ -86,28 +87,77 @@ def autocast(device: torch.device, enabled: bool = True):
     return torch.autocast("cuda", dtype=dtype)
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``; a CPU tensor goes to cuda through pinned memory with a
+    non-blocking copy, so the host does not wait for the device's queue."""
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+@contextlib.contextmanager
+def float32_exact(device: torch.device, enabled: bool = True):
+    """On cuda, float32 convolutions and matmuls in full precision inside the block: PyTorch lets
+    cuDNN use TF32 (10-bit mantissa) for float32 convolutions by default, which is not what a
+    float32 energy table promises. Restores the previous settings; a no-op elsewhere."""
+    if device.type != "cuda" or not enabled:
+        yield
+        return
+    cudnn_conv = getattr(torch.backends.cudnn, "conv", None)
+    matmul = torch.backends.cuda.matmul
+    if cudnn_conv is not None and hasattr(cudnn_conv, "fp32_precision"):  # torch >= 2.9
+        saved = cudnn_conv.fp32_precision, matmul.fp32_precision
+        cudnn_conv.fp32_precision, matmul.fp32_precision = "ieee", "ieee"
+        try:
+            yield
+        finally:
+            cudnn_conv.fp32_precision, matmul.fp32_precision = saved
+    else:
+        saved = torch.backends.cudnn.allow_tf32, matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32, matmul.allow_tf32 = saved
+
+
+def loader_options(device: torch.device, num_workers: int, prefetch: int = 2, persistent: bool = False) -> dict:
+    """DataLoader settings that keep a device fed: pinned memory on cuda (so ``non_blocking``
+    copies overlap compute), and with workers, batches loaded ahead and workers kept alive
+    across epochs."""
+    options = {"num_workers": num_workers, "pin_memory": device.type == "cuda", "collate_fn": collate}
+    if num_workers > 0:
+        options.update(prefetch_factor=prefetch, persistent_workers=persistent)
+    return options
+
+
 def make_loader(dataset, batch_size: int, device: torch.device, num_workers: int = 0,
-                shuffle: bool = False, generator: torch.Generator | None = None):
+                shuffle: bool = False, generator: torch.Generator | None = None, prefetch: int = 2,
+                persistent: bool = False):
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                                       num_workers=num_workers, pin_memory=device.type == "cuda",
-                                       collate_fn=collate)
+                                       **loader_options(device, num_workers, prefetch, persistent))
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: ImageSet | None, device: torch.device, batch_size: int = 512,
-             num_workers: int = 0, amp: bool = True) -> float:
+             num_workers: int = 0, amp: bool = True, channels_last: bool = False) -> float:
     """Top-1 accuracy (percent) of ``model`` on ``dataset`` with the evaluation transform."""
     if dataset is None or len(dataset) == 0:
         return float("nan")
     was_training = model.training
     model.eval()
-    correct = 0
+    correct = torch.zeros((), dtype=torch.int64, device=device)  # counted on the device: one read at the end
     for images, labels, _ in make_loader(dataset, batch_size, device, num_workers):
+        images = normalize(images.to(device, non_blocking=True), dataset.info)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
-            logits = model(normalize(images.to(device, non_blocking=True), dataset.info))
-        correct += (logits.argmax(1).cpu() == labels).sum().item()
+            logits = model(images)
+        correct += (logits.argmax(1) == labels.to(device, non_blocking=True)).sum()
     model.train(was_training)
-    return 100.0 * correct / len(dataset)
+    return 100.0 * int(correct.item()) / len(dataset)
 
 
 PREDICTION_SCHEMA = {"sample_id": pl.Int64, "label": pl.Int64, "pred": pl.Int64}
@@ -156,6 +206,7 @@ class Batch:
     sample_ids: torch.Tensor
     flipped: torch.Tensor
     epoch: int
+    views: torch.Tensor | None = None  # which stored view each sample is (replayed views), on the CPU
 
 
 #: step(batch, forward) -> (logits, {loss name: value}); ``forward`` runs the trained model
@@ -178,25 +229,68 @@ class FitResult:
                 f"last.pt: test {self.last_test_acc:.2f}% | {self.seconds:.0f}s")
 
 
+def _train_loader(train_set, cfg: TrainConfig, device: torch.device, ctx, views):
+    """One DataLoader for the whole run (workers persist across epochs) and what to set per
+    epoch: ``(loader, generator, sampler, keys)``. Without ``views`` it is the loader the run
+    always had (shuffled by ``generator``); with them it hands out ``(index, epoch)`` keys so
+    the workers render each sample's view for the epoch."""
+    generator = torch.Generator()
+    if ctx.distributed:  # each rank takes its share; cfg.batch_size is per rank
+        sampler = torch.utils.data.DistributedSampler(train_set, ctx.world, ctx.rank, shuffle=True, seed=cfg.seed)
+    else:
+        sampler = torch.utils.data.RandomSampler(train_set, generator=generator)
+    keys = None
+    if views is not None:
+        keys = EpochKeys(sampler)
+        dataset, batches = ViewedSet(train_set, views), torch.utils.data.BatchSampler(keys, cfg.batch_size, False)
+    else:
+        dataset, batches = train_set, torch.utils.data.BatchSampler(sampler, cfg.batch_size, False)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches,
+                                         **loader_options(device, cfg.num_workers, cfg.prefetch, persistent=True))
+    return loader, generator, sampler, keys
+
+
+def _check_finite(total: torch.Tensor, epoch: int) -> float:
+    """The summed loss read from the device (the one synchronisation); raises when it is not finite."""
+    value = float(total)
+    if not math.isfinite(value):
+        raise UserError(f"training diverged at epoch {epoch + 1} (loss {value}); lower --lr")
+    return value
+
+
 def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, test_set: ImageSet | None,
-        cfg: TrainConfig, out_dir: Path, meta: dict, resume: bool = True) -> FitResult:
+        cfg: TrainConfig, out_dir: Path, meta: dict, resume: bool = True, views=None) -> FitResult:
     """Train ``model`` with ``step`` and write best.pt, last.pt and metrics.parquet to ``out_dir``.
 
     ``step(batch) -> (logits, {name: loss})``; the losses are summed. ``train_set`` yields
-    ``(uint8 image, label, sample_id)``; its ``info`` gives the train augmentation.
+    ``(uint8 image, label, sample_id)``; its ``info`` gives the train augmentation, applied to
+    each batch here by :func:`train_augment` with a generator seeded by (seed, epoch). With
+    ``views`` (energytools.data.views.ReplayViews or FreshViews) the loader renders each
+    sample as the view the schedule picks for the epoch instead, a pure function of
+    (seed, sample_id, view) wherever it runs; datasets whose train transform needs the
+    original image (RandomResizedCrop) always train that way.
     ``meta`` is stored in every checkpoint and in the metrics file.
+
+    The loss terms are summed on the device and read every ``cfg.sync_every`` steps and at the
+    end of the epoch (no per-step host synchronisation); a non-finite sum ends the run.
     """
     cfg.check()
     ctx = context()
     device = resolve_device(cfg.device)
     info = train_set.info
+    if views is None and info.train_transform.kind == "resized-crop":
+        views = FreshViews(info.train_transform, cfg.seed)
     model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
     forward = model
     if ctx.distributed:
         forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if device.type == "cuda" else None)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp
                                   and not torch.cuda.is_bf16_supported())
+    # float64 sums reproduce the per-step Python-float sums exactly; mps has no float64
+    sum_dtype = torch.float32 if device.type == "mps" else torch.float64
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     start_epoch, best_val, best_epoch = 0, -1.0, 0
@@ -208,36 +302,38 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
         start_epoch, best_val, best_epoch = state["epoch"], state["best_val_acc"], state["best_epoch"]
         rows = list(state["metrics"])
         console.print(f"resuming {out_dir} from epoch {start_epoch}")
+    loader, generator, sampler, keys = _train_loader(train_set, cfg, device, ctx, views)
     with progress_bar() as progress:
         for epoch in range(start_epoch, cfg.epochs):
             started = time.perf_counter()
             lr = cfg.lr * SCHEDULES[cfg.schedule](epoch, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 1_009 + ctx.rank)
+            generator.manual_seed(cfg.seed * 1_000_003 + epoch * 1_009 + ctx.rank)
             torch.manual_seed(cfg.seed * 1_000_003 + epoch)
-            if ctx.distributed:  # each rank takes its share; cfg.batch_size is per rank
-                sampler = torch.utils.data.DistributedSampler(train_set, ctx.world, ctx.rank, shuffle=True, seed=cfg.seed)
+            if ctx.distributed:
                 sampler.set_epoch(epoch)
-                loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler,
-                                                     num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-                                                     collate_fn=collate)
-            else:
-                loader = make_loader(train_set, cfg.batch_size, device, cfg.num_workers, shuffle=True, generator=generator)
+            if keys is not None:
+                keys.epoch = epoch
             task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(loader), info="",
                                      visible=ctx.is_main)
             model.train()
-            totals: dict[str, float] = {}
+            sums: dict[str, torch.Tensor] = {}  # per loss term: sum over samples, on the device
             seen = 0
-            for images, labels, ids in loader:
-                images, flipped = train_augment(images, info, generator)
-                batch = Batch(normalize(images.to(device, non_blocking=True), info), labels.to(device), ids,
-                              flipped, epoch)
+            for step_index, fetched in enumerate(loader, 1):
+                if views is None:
+                    images, labels, ids = fetched
+                    images, flipped = train_augment(images, info, generator)  # on the CPU: its draws as ever
+                    chosen = None
+                else:
+                    images, labels, ids, flipped, chosen = fetched
+                images = normalize(to_device(images, device), info)
+                if cfg.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                batch = Batch(images, to_device(labels, device), ids, flipped, epoch, chosen)
                 with autocast(device, cfg.amp):
                     _, losses = step(batch, forward)
                 loss = sum(losses.values())
-                if not torch.isfinite(loss):
-                    raise UserError(f"training diverged at epoch {epoch + 1} (loss {loss.item()}); lower --lr")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -245,14 +341,23 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
                 count = len(labels)
                 seen += count
                 for name, value in losses.items():
-                    totals[name] = totals.get(name, 0.0) + value.item() * count
-                progress.update(task, advance=1, info=f"loss {loss.item():.3f}")
+                    term = value.detach().to(sum_dtype) * count
+                    sums[name] = sums[name] + term if name in sums else term
+                if cfg.sync_every and step_index % cfg.sync_every == 0:
+                    total = _check_finite(sum(sums.values()), epoch)
+                    progress.update(task, advance=1, info=f"loss {total / seen:.3f}")
+                else:
+                    progress.update(task, advance=1)
             progress.remove_task(task)
-            names = sorted(totals)
-            summed = ctx.all_sum([totals[n] for n in names] + [seen])
+            names = sorted(sums)
+            if names:
+                _check_finite(sum(sums.values()), epoch)
+            values = torch.stack([sums[n] for n in names]).tolist() if names else []  # one read per epoch
+            summed = ctx.all_sum(values + [seen])
             totals, seen = dict(zip(names, summed[:-1])), int(summed[-1])
-            val_acc = evaluate(model, val_set, device, cfg.eval_batch_size, cfg.num_workers, cfg.amp)
-            test_acc = evaluate(model, test_set, device, cfg.eval_batch_size, cfg.num_workers, cfg.amp)
+            val_acc = evaluate(model, val_set, device, cfg.eval_batch_size, cfg.num_workers, cfg.amp, cfg.channels_last)
+            test_acc = evaluate(model, test_set, device, cfg.eval_batch_size, cfg.num_workers, cfg.amp,
+                                cfg.channels_last)
             row = {"epoch": epoch + 1, "lr": lr, "loss": sum(totals.values()) / max(seen, 1),
                    **{f"loss_{k}": v / max(seen, 1) for k, v in totals.items()},
                    "val_acc": val_acc, "test_acc": test_acc, "seconds": time.perf_counter() - started}

@@ -15,6 +15,8 @@ def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
 
 
 def _per_sample_t(temperature, logits: torch.Tensor) -> torch.Tensor:
+    if isinstance(temperature, (int, float)):  # filled on the device: no host-to-device copy per step
+        return torch.full((logits.shape[0],), float(temperature), dtype=logits.dtype, device=logits.device)
     t = torch.as_tensor(temperature, dtype=logits.dtype, device=logits.device)
     return t.expand(logits.shape[0]) if t.ndim == 0 else t
 

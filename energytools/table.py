@@ -124,6 +124,24 @@ class TeacherRecord:
     class_names: list | None = None  # the teacher's own (id2label), when it has them
 
 
+#: the per-view columns score --views writes (list per row, one entry per view): ``view_energy``
+#: always; ``view_logits`` (K x C float16) or, with --top-k N, ``view_topk_index`` (K x N),
+#: ``view_topk_logit`` (K x N float16) and ``view_fill`` (K float32, see energytools.views)
+VIEW_COLUMNS = ("view_energy", "view_logits", "view_topk_index", "view_topk_logit", "view_fill")
+
+
+@dataclass(frozen=True)
+class ViewsRecord:
+    """What score --views stored: ``count`` views per sample drawn with ``seed`` from the train
+    ``transform`` (a TrainTransform as a dict), full logits or the ``top_k`` largest."""
+
+    count: int
+    seed: int
+    transform: dict
+    top_k: int | None = None
+    description: str = ""
+
+
 @dataclass(frozen=True)
 class TableMeta:
     """The score table's ``energytools`` metadata (schema :data:`SCHEMA_VERSION`).
@@ -146,6 +164,7 @@ class TableMeta:
     versions: dict
     schema_version: int = SCHEMA_VERSION
     columns: tuple[str, ...] = field(default=(), compare=False)
+    views: ViewsRecord | None = None
 
     @property
     def split(self) -> str:
@@ -154,6 +173,10 @@ class TableMeta:
     @property
     def has_logits(self) -> bool:
         return "logits" in self.columns
+
+    @property
+    def has_views(self) -> bool:
+        return self.views is not None and "view_energy" in self.columns
 
     def fit_groups(self, frame: pl.DataFrame, rule: TemperatureRule | None = None) -> EnergyGroups:
         """The table's rule (or ``rule``) fitted on the table's own energies."""
@@ -171,7 +194,8 @@ class TableMeta:
                 "groups": {"low_frac": self.rule.low_frac, "high_frac": self.rule.high_frac,
                            "thresholds": self.thresholds, "source": self.group_source},
                 "temperatures": dict(zip(GROUPS, self.rule.temperatures)), "temperature_rule": self.rule.rule,
-                "config": self.config, "summary": self.summary}
+                "config": self.config, "summary": self.summary,
+                **({"views": asdict(self.views)} if self.views is not None else {})}
 
     @classmethod
     def from_json(cls, raw: dict, path, columns: tuple[str, ...] = ()) -> "TableMeta":
@@ -195,12 +219,17 @@ class TableMeta:
                                     reader.get("teacher.class_names", list, None))
             rule = TemperatureRule(reader.get("temperatures", dict), reader.get("groups.low_frac", float),
                                    reader.get("groups.high_frac", float), reader.get("temperature_rule", str))
+            views = None
+            if reader.get("views", dict, None) is not None:
+                views = ViewsRecord(reader.get("views.count", int), reader.get("views.seed", int),
+                                    reader.get("views.transform", dict), reader.get("views.top_k", int, None),
+                                    reader.get("views.description", str, ""))
         except UserError as exc:
             raise UserError(f"{path}: metadata: {exc}") from None
         return cls(data, dataset, teacher, reader.get("energy.temperature", float), rule,
                    {k: reader.get(f"groups.thresholds.{k}", float) for k in ("low_max", "high_min")},
                    reader.get("groups.source", str, ""), reader.get("config", dict), reader.get("summary", dict),
-                   reader.get("versions", dict), version, tuple(columns))
+                   reader.get("versions", dict), version, tuple(columns), views)
 
     @classmethod
     def read(cls, path: Path | str) -> "TableMeta":
@@ -240,12 +269,17 @@ _TYPE_CHECKS = {pa.int64(): pa.types.is_integer, pa.float32(): pa.types.is_float
 def load_table(path: Path | str, columns: list[str] | None = None) -> tuple[pl.DataFrame, TableMeta]:
     """Load a score table as a polars DataFrame plus its :class:`TableMeta`, checking its contract.
 
+    ``columns`` None reads every column but the per-view ones (:data:`VIEW_COLUMNS`, K values
+    or K x C logits per row): energytools.view_logits.read_views reads those into arrays.
+
     Raises :class:`UserError` when the file is not a score table, its metadata is missing,
     unreadable or of an unknown schema version, a required column is missing or of the wrong
     type, or the sample ids are null or duplicated.
     """
     meta = TableMeta.read(path)
     schema = read_schema(path)
+    if columns is None and any(name in VIEW_COLUMNS for name in schema.names):
+        columns = list(SCORE_COLUMNS) + [n for n in schema.names if n not in SCORE_COLUMNS and n not in VIEW_COLUMNS]
     for name in columns if columns is not None else list(SCORE_COLUMNS):
         if name not in schema.names:
             raise UserError(f"{path} lacks column {name!r}")

@@ -1,6 +1,7 @@
 """Datasets by name, splits, subsets and the batch transforms."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +19,15 @@ __all__ = ["DATASETS", "DatasetInfo", "ImageSet", "SPLITS", "VAL_FRACTION", "bui
 
 def build_dataset(name: str, split: str = "train", data_root: str | Path | None = None,
                   limit: int | None = None, imbalance_factor: float | None = None,
-                  image_size: int | None = None) -> ImageSet:
+                  image_size: int | None = None, crop_pad: int | None = None) -> ImageSet:
     """Load one split of a dataset by name.
 
     ``train`` and ``val`` both come from the training file: ``val`` is a fixed, stratified
     ``VAL_FRACTION`` of it and ``train`` is the rest. ``imbalance_factor`` applies the
     long-tail recipe to ``train`` only (val and test stay balanced, as in CIFAR-100-LT).
     ``limit`` then keeps a class-stratified subset of exactly ``limit`` samples.
+    ``crop_pad`` sets the train transform's pad-and-crop (0: none), for datasets of same-size
+    images (not imagefolder, whose train transform is a RandomResizedCrop).
     """
     if name not in DATASETS:
         raise UserError(f"unknown dataset {name!r}; choose from {', '.join(sorted(DATASETS))}")
@@ -37,7 +40,13 @@ def build_dataset(name: str, split: str = "train", data_root: str | Path | None 
     root = Path(data_root).expanduser() if data_root else None
     if root is not None and not root.exists():
         raise UserError(f"--data-root {root} does not exist")
+    if crop_pad is not None and crop_pad < 0:
+        raise UserError(f"--crop-pad must be >= 0, got {crop_pad}")
     info, images, labels, ids = DATASETS[name](root, "test" if split == "test" else "train", image_size=image_size)
+    if crop_pad is not None:
+        if info.train_resized_crop:
+            raise UserError(f"--crop-pad does not apply to {name}: it trains with a RandomResizedCrop")
+        info = dataclasses.replace(info, train_crop_pad=crop_pad)
     ids = np.arange(len(labels)) if ids is None else ids
     dataset = ImageSet(info, split, images, labels, ids)
     if split != "test":

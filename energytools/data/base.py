@@ -25,9 +25,21 @@ class DatasetInfo:
     train_flip: bool = True
     train_crop_pad: int = 0
     classes: tuple[str, ...] = field(default_factory=tuple)
+    train_resized_crop: bool = False  # RandomResizedCrop(image_size) of the original image (imagefolder)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def train_transform(self):
+        """The train transform as data (:class:`energytools.data.views.TrainTransform`)."""
+        from .views import TrainTransform
+
+        if self.train_resized_crop:
+            return TrainTransform("resized-crop", self.image_size, self.train_flip)
+        if self.train_crop_pad:
+            return TrainTransform("pad-crop", self.image_size, self.train_flip, self.train_crop_pad)
+        return TrainTransform("flip" if self.train_flip else "none", self.image_size, self.train_flip)
 
 
 class ArrayImages:
@@ -49,6 +61,11 @@ class ArrayImages:
     def path(self, position: int) -> str | None:
         return None
 
+    def open(self, position: int) -> Image.Image:
+        """The image as PIL sees it (what a resized-crop view is cut from)."""
+        array = self.array[position]
+        return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+
     def digest(self, positions: np.ndarray, hasher) -> None:
         hasher.update(np.ascontiguousarray(self.array[positions]).tobytes())
 
@@ -68,6 +85,24 @@ def square(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
+def resize_center_crop(image: Image.Image, size: int, resize: int) -> Image.Image:
+    """torchvision's evaluation transform: Resize(``resize``) (the shorter side, bilinear with
+    antialiasing as PIL does) then CenterCrop(``size``), with torchvision's rounding."""
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = resize, int(resize * long / short)
+    new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), Image.BILINEAR)
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
+def as_array(image: Image.Image) -> np.ndarray:
+    array = np.array(image, dtype=np.uint8)
+    return array[..., None] if array.ndim == 2 else array
+
+
 def to_array(image: Image.Image, channels: int, size: int | None = None) -> np.ndarray:
     """``image`` as an HxWxC uint8 array with ``channels`` 1 (gray) or 3 (RGB), made :func:`square`
     of side ``size`` when given (after the conversion: PIL resizes palette images without filtering)."""
@@ -79,15 +114,30 @@ def to_array(image: Image.Image, channels: int, size: int | None = None) -> np.n
 
 
 class FileImages:
-    """Images read from files, resized to a square of ``size`` (shorter side, centre crop)."""
+    """Images read from files, made a square of ``size``: by :func:`square` (shorter side to
+    ``size``, centre crop), or with ``resize`` by :func:`resize_center_crop` (torchvision's
+    Resize(resize) + CenterCrop(size) evaluation transform)."""
 
-    def __init__(self, paths: list[str], root: Path, size: int, channels: int):
-        self.paths, self.root, self.size, self.channels = paths, root, size, channels
+    def __init__(self, paths: list[str], root: Path, size: int, channels: int, resize: int | None = None):
+        self.paths, self.root, self.size, self.channels, self.resize = paths, root, size, channels, resize
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def open(self, position: int) -> Image.Image:
+        """The whole image, in the dataset's mode (what a resized-crop view is cut from)."""
+        path = self.root / self.paths[position]
+        try:
+            with Image.open(path) as image:
+                image = image.convert("L" if self.channels == 1 else "RGB")
+                image.load()
+                return image
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot read image {path}: {exc}") from None
+
     def load(self, position: int) -> np.ndarray:
+        if self.resize is not None:
+            return as_array(resize_center_crop(self.open(position), self.size, self.resize))
         path = self.root / self.paths[position]
         try:
             with Image.open(path) as image:
@@ -177,6 +227,37 @@ class ImageSet(torch.utils.data.Dataset):
             memory_format=torch.contiguous_format)
         return Collated((images, torch.from_numpy(self._all_labels[positions]),
                          torch.from_numpy(self._all_ids[positions])))
+
+    def ids_at(self, indices) -> np.ndarray:
+        return self._all_ids[self.positions[np.asarray(indices, dtype=np.int64)]]
+
+    def render_views(self, indices, views: np.ndarray, seed: int):
+        """Views ``views[b, k]`` (drawn with ``seed``) of the samples at ``indices``, rendered
+        from the train transform: ``(uint8 (B, K, C, S, S), flips (B, K), labels, sample_ids)``.
+        The pixels depend on nothing but the images, the keys and the transform."""
+        from .views import crop_flip, draw_views, resized_crop
+
+        indices = np.asarray(indices, dtype=np.int64)
+        views = np.asarray(views, dtype=np.int64).reshape(len(indices), -1)
+        count = views.shape[1]
+        transform = self.info.train_transform
+        positions = self.positions[indices]
+        ids, labels = self._all_ids[positions], self._all_labels[positions]
+        if transform.kind == "resized-crop":
+            out, flips = [], []
+            for b, position in enumerate(positions):
+                image = self.images.open(position)
+                params = draw_views(transform, seed, ids[b], views[b], image.height, image.width)
+                out.append(np.stack([resized_crop(image, params, k, transform.size) for k in range(count)]))
+                flips.append(params.flip)
+            images = torch.from_numpy(np.stack(out)).permute(0, 1, 4, 2, 3).clone(memory_format=torch.contiguous_format)
+            flips = np.stack(flips)
+        else:
+            clean = self.__getitems__(indices)[0]
+            params = draw_views(transform, seed, np.repeat(ids, count), views.reshape(-1))
+            rendered = crop_flip(clean.repeat_interleave(count, dim=0), params, transform)
+            images, flips = rendered.view(len(indices), count, *rendered.shape[1:]), params.flip.reshape(-1, count)
+        return images, torch.from_numpy(flips), torch.from_numpy(labels), torch.from_numpy(ids)
 
     def fingerprint(self) -> str:
         """sha256 over the split's ids, labels and image content (file sizes for files)."""

@@ -182,6 +182,8 @@ def load_cifar100(root: Path | None, part: str, **_):
     return _load_cifar(root, part, 100)
 
 
+#: imagefolder's evaluation crop: the centre ``size`` of the image resized to ``size / 0.875``
+EVAL_CROP_FRACTION = 0.875
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
 
 
@@ -189,7 +191,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tif
 def load_imagefolder(root: Path | None, part: str, image_size: int | None = None, channels: int = 3, **_):
     """``root/train/<class>/*`` and ``root/val/<class>/*``, as ImageNet is laid out.
 
-    Canonical order is (class name, file name), as torchvision's ImageFolder sorts. The
+    Trains with RandomResizedCrop + flip and evaluates with Resize + CenterCrop, as
+    torchvision's reference scripts do. Canonical order is (class name, file name), as torchvision's ImageFolder sorts. The
     ``val/`` folder is energytools' ``test`` split; ``val`` is carved from ``train/``.
     """
     image_size = image_size or 224
@@ -213,9 +216,12 @@ def load_imagefolder(root: Path | None, part: str, image_size: int | None = None
     if not paths:
         raise UserError(f"{folder} holds no images")
     mean, std = imagenet_stats(channels)
+    # torchvision's reference recipe: RandomResizedCrop + flip to train, Resize(size / 0.875) +
+    # CenterCrop(size) to evaluate (256 -> 224)
     info = DatasetInfo("imagefolder", len(classes), channels, image_size, mean, std, train_flip=True,
-                       classes=tuple(classes))
-    return info, FileImages(paths, root, image_size, channels), np.asarray(labels, dtype=np.int64), None
+                       classes=tuple(classes), train_resized_crop=True)
+    images = FileImages(paths, root, image_size, channels, resize=round(image_size / EVAL_CROP_FRACTION))
+    return info, images, np.asarray(labels, dtype=np.int64), None
 
 
 @register_dataset("parquet")

@@ -14,10 +14,21 @@ from ..errors import UserError
 from .base import DatasetInfo
 
 
+#: (mean, std, device) -> the two (1, C, 1, 1) tensors: made once per device, not copied to it every batch
+_STATISTICS: dict = {}
+
+
+def _statistics(info: DatasetInfo, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (info.mean, info.std, str(device))
+    if key not in _STATISTICS:
+        _STATISTICS[key] = (torch.tensor(info.mean, device=device).view(1, -1, 1, 1),
+                            torch.tensor(info.std, device=device).view(1, -1, 1, 1))
+    return _STATISTICS[key]
+
+
 def normalize(images: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
     """uint8 (B, C, H, W) -> float32, scaled to [0, 1] and standardised per channel."""
-    mean = torch.tensor(info.mean, device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(info.std, device=images.device).view(1, -1, 1, 1)
+    mean, std = _statistics(info, images.device)
     return (images.float().div_(255.0) - mean) / std
 
 
@@ -25,7 +36,8 @@ def train_augment(images: torch.Tensor, info: DatasetInfo, generator: torch.Gene
     """The dataset's train-time augmentation on a uint8 batch.
 
     Returns ``(augmented, flipped)`` where ``flipped`` is a bool per sample (used to pick
-    the matching cached teacher logits). Crop with zero padding, then horizontal flip.
+    the matching cached teacher logits). Crop with zero padding, then horizontal flip. Runs
+    that replay stored views render them with energytools.data.views instead.
     """
     batch = images.shape[0]
     flipped = torch.zeros(batch, dtype=torch.bool)
@@ -35,8 +47,12 @@ def train_augment(images: torch.Tensor, info: DatasetInfo, generator: torch.Gene
         height, width = images.shape[-2:]
         padded = F.pad(images, (pad, pad, pad, pad))
         offsets = torch.randint(0, 2 * pad + 1, (batch, 2), generator=generator)
-        out = torch.stack([padded[i, :, y:y + height, x:x + width]
-                           for i, (y, x) in enumerate(offsets.tolist())])
+        rows = offsets[:, :1] + torch.arange(height)
+        cols = offsets[:, 1:] + torch.arange(width)
+        full = width + 2 * pad
+        index = (rows[:, :, None] * full + cols[:, None, :]).view(batch, 1, -1).expand(-1, images.shape[1], -1)
+        # one gather, with NCHW strides as the old torch.stack gave (the strides pick the conv kernel)
+        out = padded.reshape(batch, images.shape[1], -1).gather(2, index).view(images.shape)
     if info.train_flip:
         flipped = torch.rand(batch, generator=generator) < 0.5
         if flipped.any():

@@ -49,8 +49,8 @@ class SampleInfo:
     """Per-sample inputs of the losses for one batch, already on the device."""
 
     labels: torch.Tensor
-    partner_labels: torch.Tensor  # equals labels for unmixed samples
-    lam: torch.Tensor  # 1 for unmixed samples
+    partner_labels: torch.Tensor | None  # equals labels for unmixed samples; None when no sample of the run is mixed
+    lam: torch.Tensor | None  # 1 for unmixed samples; None when no sample of the run is mixed
     temperature: torch.Tensor | None  # per-sample T_i (Energy KD); None for constant-T methods
     teacher_logits: torch.Tensor | None
     epoch: int

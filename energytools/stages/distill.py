@@ -1,8 +1,14 @@
 """`energytools distill`: train a student with ce, kd, energy-kd, dkd or energy-dkd.
 
 Per-sample temperatures are read from the score table by sample_id (the default,
-"offline" design) or recomputed every batch from the teacher's energy on the augmented view
-("online", as the reference code does), by the table's rule either way. HE-DA shard rows join
+"offline" design), from the energy of the stored view a sample trains on ("views", against
+thresholds over all stored views), or recomputed every batch from the teacher's energy on the
+augmented view ("online", as the reference code does), by the table's rule each way.
+
+Teacher logits come from the teacher run on each batch, or with --cached-logits from the
+table: per stored view for a table scored with --views K (each epoch a sample trains on one
+of its K views, chosen from (seed, epoch, sample_id), and the loader renders exactly that
+view), or the clean and mirrored image's logits for flip-only datasets (--save-logits). HE-DA shard rows join
 the training set as extra samples: every batch is a uniform draw from originals + shard rows,
 so a ratio-0.3 shard directory makes about 23% of each batch augmented (0.3 / 1.3).
 """
@@ -21,26 +27,36 @@ from ..config import DataConfig, DistillConfig, as_dict
 from ..console import console, headline
 from ..data.base import Collated, ImageSet
 from ..data.shards import read_manifest, shard_dataset
+from ..data.views import ReplayViews, TrainTransform
 from ..distillers import MethodSpec, SampleInfo, method_spec
 from ..energy import EnergyGroups, energy
-from ..engine import Batch, FitResult, fit, model_meta, seed_everything, write_test_predictions
+from ..engine import (Batch, FitResult, fit, model_meta, resolve_device, seed_everything, to_device,
+                      write_test_predictions)
 from ..errors import UserError
 from ..io import sha256_file, write_json
 from ..models import create_model
 from ..resume import run_directory
 from ..table import TableMeta, load_table, read_parquet, versions
 from ..teacher import open_table_teacher
+from ..view_logits import fit_view_groups, read_views, topk_expand
+
+#: per-sample columns up to this size live on the GPU during distill (ImageNet-1k: top-k views fit, full ones not)
+DEVICE_BUDGET = 2 << 30
+
 
 class SampleLookup:
     """Per-sample values keyed by sample_id (originals and shard rows alike)."""
 
     def __init__(self, ids: np.ndarray, **columns: np.ndarray):
-        order = np.argsort(ids, kind="stable")
-        self.ids = ids[order]
+        ordered = len(ids) < 2 or bool((np.diff(ids) > 0).all())  # a score table alone is sorted: no copies
+        order = None if ordered else np.argsort(ids, kind="stable")
+        self.ids = ids if ordered else ids[order]
         if len(self.ids) > 1 and (np.diff(self.ids) == 0).any():
             dup = self.ids[1:][np.diff(self.ids) == 0][0]
             raise UserError(f"sample_id {dup} appears twice among the training samples and shards")
-        self.columns = {name: torch.as_tensor(values[order]) for name, values in columns.items()}
+        self.columns = {name: torch.as_tensor(np.require(values if ordered else values[order], requirements="W"))
+                        for name, values in columns.items()}
+        self._copies: dict = {}
 
     def positions(self, sample_ids: torch.Tensor) -> torch.Tensor:
         ids = sample_ids.numpy()
@@ -50,8 +66,34 @@ class SampleLookup:
             raise UserError(f"sample_id {missing} is not in the score table")
         return torch.from_numpy(pos)
 
+    def to(self, device: torch.device, budget: int = DEVICE_BUDGET) -> "SampleLookup":
+        """Keep the columns on ``device`` (cuda) when they fit in ``budget`` bytes, so that a
+        step gathers its rows there: one small non-blocking copy of the positions per step
+        instead of one host-to-device copy per column."""
+        size = sum(c.element_size() * c.nelement() for c in self.columns.values())
+        if device.type == "cuda" and size <= budget:
+            self.columns = {name: column.to(device) for name, column in self.columns.items()}
+        return self
+
+    def _on(self, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``index`` (positions or views, on the CPU) on ``device``, copied once per step."""
+        if index.device == device:
+            return index
+        cached = self._copies.get(id(index))
+        if cached is None or cached[0] is not index:
+            cached = (index, to_device(index, device))
+            self._copies = {id(index): cached, **dict(list(self._copies.items())[:3])}
+        return cached[1]
+
     def get(self, name: str, positions: torch.Tensor, device) -> torch.Tensor:
-        return self.columns[name][positions].to(device, non_blocking=True)
+        column = self.columns[name]
+        return to_device(column[self._on(positions, column.device)], torch.device(device))
+
+    def view(self, name: str, positions: torch.Tensor, views: torch.Tensor, device) -> torch.Tensor:
+        """Per-view column ``name`` (rows of shape (K, ...)) at each sample's view ``views``."""
+        column = self.columns[name]
+        return to_device(column[self._on(positions, column.device), self._on(views, column.device)],
+                         torch.device(device))
 
 
 @dataclass
@@ -61,6 +103,7 @@ class TemperaturePlan:
     groups: EnergyGroups
     rederived: bool
     energy_temperature: float
+    view_groups: EnergyGroups | None = None  # the rule fitted over every stored view (--temperature-source views)
 
     def temperatures(self, rows: pl.DataFrame) -> np.ndarray:
         """Per-sample T of table or shard rows: their own column, or by the re-derived rule."""
@@ -69,8 +112,11 @@ class TemperaturePlan:
         return self.groups.assign(rows["energy"].to_numpy(), rows["sample_id"].to_numpy())[1]
 
     def to_dict(self) -> dict:
-        return {**self.groups.rule.to_dict(), "thresholds": self.groups.thresholds,
-                "rederived_from_table_energies": self.rederived, "energy_temperature": self.energy_temperature}
+        out = {**self.groups.rule.to_dict(), "thresholds": self.groups.thresholds,
+               "rederived_from_table_energies": self.rederived, "energy_temperature": self.energy_temperature}
+        if self.view_groups is not None:
+            out["view_thresholds"] = self.view_groups.thresholds
+        return out
 
 
 def plan_temperatures(cfg: DistillConfig, table: pl.DataFrame, meta: TableMeta) -> TemperaturePlan:
@@ -90,6 +136,8 @@ class TrainingSet(torch.utils.data.ConcatDataset):
 
     def __getitems__(self, indices) -> Collated:
         """Fetch each part's share of the batch in one call, then restore the sampler's order."""
+        if len(self.datasets) == 1:
+            return self.datasets[0].__getitems__(indices)
         indices = np.asarray(indices, dtype=np.int64)
         which = np.searchsorted(self.cumulative_sizes, indices, side="right")
         starts = np.concatenate([[0], self.cumulative_sizes[:-1]])
@@ -140,14 +188,52 @@ def _logit_columns(rows: pl.DataFrame, names: list[str], where) -> dict:
     return {name: np.stack(rows[name].to_numpy()).astype(np.float32) for name in names}
 
 
+@dataclass
+class ViewReplay:
+    """Training on the views score stored: the schedule that picks each epoch's view, and the
+    per-view columns (aligned with the table's rows; see energytools.view_logits)."""
+
+    schedule: ReplayViews
+    columns: dict
+    top_k: int | None
+    num_classes: int
+
+
+def plan_views(cfg: DistillConfig, spec: MethodSpec, meta: TableMeta, train_set: ImageSet) -> ViewReplay | None:
+    """Replay stored views when the run reads their logits (--cached-logits on a table scored
+    with --views) or their energies (--temperature-source views); None otherwise. Refuses a
+    table whose views were drawn from another train transform than the dataset's."""
+    by_views = spec.per_sample_temperature and cfg.temperature_source == "views"
+    cached = cfg.cached_logits and needs_teacher_logits(cfg, spec)
+    if by_views and not meta.has_views:
+        raise UserError(f"--temperature-source views needs a table scored with --views K; {cfg.scores} has no views")
+    if not (by_views or (cached and meta.has_views)):
+        return None
+    info = train_set.info
+    recorded, transform = TrainTransform.from_dict(meta.views.transform), info.train_transform
+    if recorded != transform:
+        raise UserError(f"{cfg.scores} holds views of {recorded.describe()}, but {info.name} trains with "
+                        f"{transform.describe()}: re-score with --views {meta.views.count}")
+    if cfg.shards:
+        raise UserError("replayed views do not take --shards yet (HE-DA shards store no per-view logits): drop "
+                        "--shards, or --cached-logits and --temperature-source views to run the teacher online")
+    return ViewReplay(ReplayViews(transform, meta.views.seed, meta.views.count, cfg.train.seed),
+                      read_views(cfg.scores, meta, info.num_classes), meta.views.top_k, info.num_classes)
+
+
 def collect_samples(cfg: DistillConfig, table: pl.DataFrame, plan: TemperaturePlan, train_set: ImageSet,
-                    logit_names: list[str]) -> tuple[TrainingSet, SampleLookup]:
+                    logit_names: list[str], replay: ViewReplay | None = None) -> tuple[TrainingSet, SampleLookup]:
     """Originals plus every shard directory's rows, and their per-sample values by sample_id."""
     table_sha = sha256_file(cfg.scores)
     parts = [train_set]
     columns = [{"sample_id": table["sample_id"].to_numpy(), "temperature": plan.temperatures(table),
                 "partner_label": table["label"].to_numpy(), "lam": np.ones(table.height, dtype=np.float32),
                 **_logit_columns(table, logit_names, cfg.scores)}]
+    if replay is not None:
+        columns[0].update(replay.columns)
+        if cfg.temperature_source == "views":
+            plan.view_groups, columns[0]["view_temperature"] = fit_view_groups(
+                plan.groups.rule, replay.columns["view_energy"], table["sample_id"].to_numpy())
     if len({Path(d).resolve() for d in cfg.shards}) < len(cfg.shards):
         raise UserError("the same shard directory is given twice")
     for directory in cfg.shards:
@@ -159,7 +245,8 @@ def collect_samples(cfg: DistillConfig, table: pl.DataFrame, plan: TemperaturePl
                         "partner_label": rows["partner_label"].to_numpy(),
                         "lam": rows["lam"].fill_null(1.0).to_numpy().astype(np.float32),
                         **_logit_columns(rows, logit_names, f"shards in {directory}")})
-    merged = {name: np.concatenate([c[name] for c in columns]) for name in columns[0]}
+    merged = {name: columns[0][name] if len(columns) == 1 else np.concatenate([c[name] for c in columns])
+              for name in columns[0]}
     lookup = SampleLookup(merged.pop("sample_id"), **merged)
     missing = np.setdiff1d(train_set.sample_ids, lookup.ids)
     if len(missing):
@@ -182,8 +269,24 @@ class CachedLogits:
         logits = self.lookup.get("logits", positions, device)
         if "logits_flipped" in self.lookup.columns:
             flipped = self.lookup.get("logits_flipped", positions, device)
-            logits = torch.where(batch.flipped.to(device).unsqueeze(1), flipped, logits)
+            logits = torch.where(to_device(batch.flipped, device).unsqueeze(1), flipped, logits)
         return logits
+
+
+class CachedViewLogits:
+    """The teacher logits score stored for each sample's view of this epoch (``batch.views``):
+    float16 rows, or rebuilt from the top-k form."""
+
+    def __init__(self, lookup: SampleLookup, replay: ViewReplay):
+        self.lookup, self.top_k, self.num_classes = lookup, replay.top_k, replay.num_classes
+
+    def __call__(self, batch: Batch, positions: torch.Tensor) -> torch.Tensor:
+        device = batch.images.device
+        if not self.top_k:
+            return self.lookup.view("view_logits", positions, batch.views, device).float()
+        return topk_expand(self.lookup.view("view_topk_index", positions, batch.views, device),
+                           self.lookup.view("view_topk_logit", positions, batch.views, device),
+                           self.lookup.view("view_fill", positions, batch.views, device), self.num_classes)
 
 
 class OnlineTeacher:
@@ -201,11 +304,12 @@ def cached_logit_names(cfg: DistillConfig, spec: MethodSpec, meta: TableMeta, tr
     """The logit columns a --cached-logits run reads (none when the method needs no teacher)."""
     if not (cfg.cached_logits and needs_teacher_logits(cfg, spec)):
         return []
+    if train_set.info.train_transform.crops:
+        raise UserError(f"--cached-logits: {train_set.info.name} trains with {train_set.info.train_transform.describe()}, "
+                        f"so the clean image's logits do not match the training views; re-score with --views K")
     if not meta.has_logits:
-        raise UserError(f"--cached-logits needs a table scored with --save-logits; {cfg.scores} has no logits")
-    if train_set.info.train_crop_pad:
-        raise UserError(f"--cached-logits is valid only for flip-only train transforms; {train_set.info.name} also "
-                        "crops, so the stored logits do not match the training views")
+        raise UserError(f"--cached-logits needs a table scored with --save-logits or --views K; {cfg.scores} has "
+                        "no logits")
     return ["logits", "logits_flipped"] if train_set.info.train_flip else ["logits"]
 
 
@@ -214,11 +318,11 @@ def needs_teacher_logits(cfg: DistillConfig, spec: MethodSpec) -> bool:
 
 
 def open_logits_source(cfg: DistillConfig, spec: MethodSpec, meta: TableMeta, lookup: SampleLookup,
-                       train_set: ImageSet) -> LogitsSource | None:
+                       train_set: ImageSet, replay: ViewReplay | None = None) -> LogitsSource | None:
     if not needs_teacher_logits(cfg, spec):
         return None
     if cfg.cached_logits:
-        return CachedLogits(lookup)
+        return CachedViewLogits(lookup, replay) if replay is not None else CachedLogits(lookup)
     return OnlineTeacher(open_table_teacher(meta, train_set, cfg.teacher, cfg.teacher_arch, cfg.train.device).model)
 
 
@@ -232,6 +336,9 @@ def temperature_source(cfg: DistillConfig, spec: MethodSpec, plan: TemperaturePl
             _, temps = plan.groups.assign(energies, batch.sample_ids.numpy())
             return torch.as_tensor(temps, device=teacher_logits.device)
         return online
+    if cfg.temperature_source == "views":
+        return lambda batch, positions, teacher_logits: lookup.view("view_temperature", positions, batch.views,
+                                                                    batch.images.device)
     return lambda batch, positions, teacher_logits: lookup.get("temperature", positions, batch.images.device)
 
 
@@ -240,25 +347,31 @@ def distill(cfg: DistillConfig) -> FitResult:
     cfg.check()
     spec = method_spec(cfg.method)
     out = Path(cfg.out)
-    table, meta = load_table(cfg.scores)
+    table, meta = load_table(cfg.scores)  # the per-view columns are read apart (plan_views)
     meta.require_train(cfg.scores, "distill")
     data, train_set = open_training_set(cfg, meta)
     plan = plan_temperatures(cfg, table, meta)
-    training_set, lookup = collect_samples(cfg, table, plan, train_set, cached_logit_names(cfg, spec, meta, train_set))
-    teacher_logits_of = open_logits_source(cfg, spec, meta, lookup, train_set)
+    replay = plan_views(cfg, spec, meta, train_set)
+    logit_names = [] if replay is not None else cached_logit_names(cfg, spec, meta, train_set)
+    training_set, lookup = collect_samples(cfg, table, plan, train_set, logit_names, replay)
+    lookup.to(resolve_device(cfg.train.device))
+    teacher_logits_of = open_logits_source(cfg, spec, meta, lookup, train_set, replay)
     temperature_of = temperature_source(cfg, spec, plan, lookup)
     info = train_set.info
     seed_everything(cfg.train.seed)  # the model's initial weights come from the seed
     student = create_model(cfg.student, info.num_classes, info.in_channels, info.image_size)
     distiller = spec.build(student, as_dict(cfg))
 
+    mixed = bool((lookup.columns["lam"] < 1).any())  # any CutMix/MixUp rows: else CE needs no partner
+
     def step(batch: Batch, forward):
         device = batch.images.device
-        positions = lookup.positions(batch.sample_ids)
+        positions = lookup.positions(batch.sample_ids) if (teacher_logits_of or temperature_of or mixed) else None
         teacher_logits = teacher_logits_of(batch, positions) if teacher_logits_of else None
         temperature = temperature_of(batch, positions, teacher_logits) if temperature_of else None
-        sample_info = SampleInfo(batch.labels, lookup.get("partner_label", positions, device),
-                                 lookup.get("lam", positions, device), temperature, teacher_logits, batch.epoch)
+        partner, lam = ((lookup.get("partner_label", positions, device), lookup.get("lam", positions, device))
+                        if mixed else (None, None))
+        sample_info = SampleInfo(batch.labels, partner, lam, temperature, teacher_logits, batch.epoch)
         return distiller.forward_train(batch.images, sample_info, forward)
 
     resolved = {"stage": "distill", **{k: v for k, v in as_dict(cfg).items() if k not in ("out", "resume", "overwrite")},
@@ -267,6 +380,8 @@ def distill(cfg: DistillConfig) -> FitResult:
                                                          for name, path in (("exclude", cfg.exclude), ("keep", cfg.keep))
                                                          if path}},
                 "temperature_plan": plan.to_dict(), "teacher": dataclasses.asdict(meta.teacher), "data": as_dict(data)}
+    if replay is not None:
+        resolved["replayed_views"] = dataclasses.asdict(meta.views)
     val_set, test_set = data.build("val"), data.build("test")
     n_aug = len(training_set) - len(train_set)
     with run_directory(out, cfg.resume, cfg.overwrite, resolved) as writes_files:
@@ -275,7 +390,8 @@ def distill(cfg: DistillConfig) -> FitResult:
         console.print(f"distill {cfg.student} with {cfg.method} on {info.name}: {len(train_set)} samples"
                       f"{f' + {n_aug} HE-DA' if n_aug else ''}, temperatures {plan.to_dict()['temperatures']} "
                       f"({plan.groups.rule.rule}, {cfg.temperature_source})")
-        result = fit(student, step, training_set, val_set, test_set, cfg.train, out, run_meta, resume=cfg.resume)
+        result = fit(student, step, training_set, val_set, test_set, cfg.train, out, run_meta, resume=cfg.resume,
+                     views=replay.schedule if replay is not None else None)
         if writes_files:
             write_test_predictions(student, test_set, out, cfg.train)  # before summary.json: a run with one has both
             write_json(out / "summary.json", {

@@ -1,5 +1,9 @@
 """`energytools score`: the teacher's per-sample energy table (scores.parquet).
 
+With ``--views K`` each row also holds K training views' energies and logits (float16, or
+the top-k form of energytools.view_logits), views drawn by energytools.data.views from the
+dataset's own train transform, so that distill can replay them without the teacher.
+
 Rows are computed in parts of ``part_size`` samples, each written atomically to
 ``<out>.parts/``; a killed run re-scores only missing parts. When all parts exist they
 are merged, groups and temperatures are assigned over the whole split, and the table is
@@ -23,13 +27,16 @@ import torch
 from ..config import DataConfig, ScoreConfig, as_dict
 from ..console import console, headline, progress_bar
 from ..distributed import context
-from ..energy import GROUPS, TemperatureRule, logit_statistics
-from ..engine import make_loader
+from ..data.views import ScoredViews
+from ..energy import GROUPS, TemperatureRule, energy, logit_statistics
+from ..engine import float32_exact, make_loader
 from ..errors import UserError
 from ..io import check_output_free, write_json
 from ..resume import resumable_parts
-from ..table import SCORE_COLUMNS, DatasetRecord, TableMeta, TeacherRecord, load_table, versions, write_parquet
+from ..table import (SCORE_COLUMNS, VIEW_COLUMNS, DatasetRecord, TableMeta, TeacherRecord, ViewsRecord, load_table,
+                     versions, write_parquet)
 from ..teacher import TeacherRun, check_logits, open_teacher, teacher_data_config
+from ..view_logits import topk_compress
 
 
 def resolve_data(cfg: ScoreConfig) -> DataConfig:
@@ -57,11 +64,41 @@ def score_rows(teacher: TeacherRun, images: torch.Tensor, labels: torch.Tensor, 
     return row
 
 
+@torch.no_grad()
+def score_views(teacher: TeacherRun, views: torch.Tensor, ids: torch.Tensor, info, energy_temperature: float,
+                top_k: int | None, batch_size: int) -> dict:
+    """Per-view columns for one batch: (B, K) energies and (B, K, C) float16 logits, or the
+    top-k triple (energytools.view_logits). ``views`` is uint8 (B, K, C, S, S)."""
+    count = views.shape[1]
+    flat = views.flatten(0, 1)
+    logits = torch.cat([teacher.logits(flat[i:i + batch_size], info).cpu() for i in range(0, len(flat), batch_size)])
+    check_logits(logits, ids.repeat_interleave(count))
+    rows = {"view_energy": energy(logits, energy_temperature).numpy().reshape(-1, count)}
+    if top_k:
+        index, value, fill = topk_compress(logits, top_k, energy_temperature)
+        rows.update(view_topk_index=index.reshape(-1, count, top_k), view_topk_logit=value.reshape(-1, count, top_k),
+                    view_fill=fill.reshape(-1, count))
+    else:
+        rows["view_logits"] = logits.half().numpy().reshape(-1, count, logits.shape[1])
+    return rows
+
+
+def nested_list_array(values: np.ndarray) -> pa.Array:
+    """A (rows, d1, d2, ...) numpy array as nested Arrow lists (one list level per dimension)."""
+    array = pa.array(values.reshape(-1))
+    for depth in range(values.ndim - 1, 0, -1):
+        rows = int(np.prod(values.shape[:depth]))
+        array = pa.ListArray.from_arrays(pa.array(np.arange(rows + 1, dtype=np.int32) * values.shape[depth]), array)
+    return array
+
+
 def _rows_to_arrow(rows: dict, paths: list | None) -> pa.Table:
     columns = {}
     for name, values in rows.items():
         if name in ("logits", "logits_flipped"):
             columns[name] = pa.array(list(values), type=pa.list_(pa.float16()))
+        elif name in VIEW_COLUMNS:
+            columns[name] = nested_list_array(values)
         else:
             columns[name] = pa.array(values, type=SCORE_COLUMNS.get(name))
     if paths is not None:
@@ -73,7 +110,9 @@ def _parts_key(cfg: ScoreConfig, dataset, teacher_sha: str) -> str:
     """What the parts depend on; a resumed run reuses parts only when this matches."""
     key = {"dataset": dataset.fingerprint(), "teacher": teacher_sha, "T_E": cfg.energy_temperature,
            "save_logits": cfg.save_logits, "part_size": cfg.part_size, "batch_size": cfg.batch_size,
-           "split": cfg.split}
+           "split": cfg.split, "amp": cfg.amp}
+    if cfg.views:
+        key.update(views=cfg.views, top_k=cfg.top_k, seed=cfg.seed, transform=dataset.info.train_transform.to_dict())
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -146,6 +185,8 @@ def score(cfg: ScoreConfig) -> Path:
     teacher = open_teacher(cfg.teacher, dataset, cfg.teacher_arch, cfg.device, cfg.amp)
     reference = _load_reference(cfg, teacher)
     info = dataset.info
+    if cfg.top_k is not None and not cfg.top_k < info.num_classes:
+        raise UserError(f"--top-k must be smaller than the {info.num_classes} classes of {info.name}, got {cfg.top_k}")
     started = time.perf_counter()
     ctx.check_same(as_dict(cfg), "score config")
     n_parts = (len(dataset) + cfg.part_size - 1) // cfg.part_size
@@ -168,11 +209,17 @@ def score(cfg: ScoreConfig) -> Path:
                                      completed=sum(len(rows_in(n)) for n in work.mine if n not in work.todo), info="")
             for name in work.todo:
                 part = dataset.subset(np.array(rows_in(name)))
+                source = ScoredViews(part, cfg.views, cfg.seed) if cfg.views else part
                 chunks = []
-                for images, labels, ids in make_loader(part, cfg.batch_size, teacher.device, cfg.num_workers):
-                    chunks.append(score_rows(teacher, images, labels, ids, info, cfg.energy_temperature,
-                                             cfg.save_logits))
-                    progress.update(task, advance=len(labels))
+                with float32_exact(teacher.device, not cfg.amp):
+                    for images, labels, ids, *views in make_loader(source, cfg.batch_size, teacher.device,
+                                                                   cfg.num_workers):
+                        chunks.append(score_rows(teacher, images, labels, ids, info, cfg.energy_temperature,
+                                                 cfg.save_logits))
+                        if views:
+                            chunks[-1].update(score_views(teacher, views[0], ids, info, cfg.energy_temperature,
+                                                          cfg.top_k, cfg.batch_size))
+                        progress.update(task, advance=len(labels))
                 rows = {column: np.concatenate([c[column] for c in chunks]) for column in chunks[0]}
                 paths = [part.path(i) for i in range(len(part))] if part.path(0) is not None else None
                 write_parquet(_rows_to_arrow(rows, paths), parts_dir / name, {"kind": "score-part"})
@@ -184,9 +231,15 @@ def score(cfg: ScoreConfig) -> Path:
         summary = summarize(frame)
         # where the table goes does not change its content, so out stays out of the bytes
         config = {k: v for k, v in as_dict(cfg).items() if k not in ("out", "overwrite", "data")}
+        views = None
+        if cfg.views:
+            transform = info.train_transform
+            views = ViewsRecord(cfg.views, cfg.seed, transform.to_dict(), cfg.top_k, transform.describe())
         meta = TableMeta(data, DatasetRecord(**dataset.describe()), TeacherRecord(**teacher.record()),
-                         cfg.energy_temperature, rule, thresholds, source, config, summary, versions())
-        ordered = list(SCORE_COLUMNS) + [c for c in ("path", "logits", "logits_flipped") if c in frame.columns]
+                         cfg.energy_temperature, rule, thresholds, source, config, summary, versions(),
+                         views=views)
+        ordered = list(SCORE_COLUMNS) + [c for c in ("path", "logits", "logits_flipped", *VIEW_COLUMNS)
+                                         if c in frame.columns]
         write_parquet(frame.select(ordered), out, meta.to_json(), row_group_size=65536)
         write_json(out.parent / f"{out.stem}.config.json", {**config, "data": as_dict(data)})
         shutil.rmtree(parts_dir)
