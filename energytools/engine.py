@@ -207,7 +207,8 @@ def _train_loader(train_set, cfg: TrainConfig, device: torch.device, ctx, views)
         dataset, batches = ViewedSet(train_set, views), torch.utils.data.BatchSampler(keys, cfg.batch_size, False)
     else:
         dataset, batches = train_set, torch.utils.data.BatchSampler(sampler, cfg.batch_size, False)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, generator=None if ctx.distributed else generator,
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches,
+                                         generator=None if ctx.distributed else generator,
                                          **loader_options(device, cfg.num_workers, cfg.prefetch, persistent=True))
     return loader, generator, sampler, keys
 
