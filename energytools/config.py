@@ -62,7 +62,8 @@ class TrainConfig:
     seed: int = option(0, "seed for every random choice")
     device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1 ...")
     num_workers: int = option(0, "DataLoader worker processes")
-    prefetch: int = option(4, "batches each DataLoader worker loads ahead (with --num-workers)")
+    prefetch: int = option(2, "batches each DataLoader worker loads ahead (with --num-workers; the random "
+                           "augmentation's draws depend on it, so keep it to reproduce a run)")
     amp: bool = option(True, "mixed precision on cuda (no effect elsewhere)")
     channels_last: bool = option(False, "channels-last memory format for the model and batches (faster "
                                  "convolutions on cuda with AMP)")

@@ -246,8 +246,17 @@ def _train_loader(train_set, cfg: TrainConfig, device: torch.device, ctx, views)
     else:
         dataset, batches = train_set, torch.utils.data.BatchSampler(sampler, cfg.batch_size, False)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches,
+                                         generator=None if ctx.distributed else generator,
                                          **loader_options(device, cfg.num_workers, cfg.prefetch, persistent=True))
     return loader, generator, sampler, keys
+
+
+def _as_fresh_iterator(loader) -> None:
+    """What a new DataLoader iterator does before it shuffles: draw its workers' base seed from
+    the loader's generator (the global one when it has none). A loader whose workers persist
+    makes its iterator once, so from the second epoch on this draw is made here: the shuffles
+    stay those of a loader made every epoch, as runs before persistent workers had."""
+    torch.empty((), dtype=torch.int64).random_(generator=loader.generator)
 
 
 def _check_finite(total: torch.Tensor, epoch: int) -> float:
@@ -315,6 +324,8 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
                 sampler.set_epoch(epoch)
             if keys is not None:
                 keys.epoch = epoch
+            if cfg.num_workers > 0 and epoch > start_epoch:
+                _as_fresh_iterator(loader)
             task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(loader), info="",
                                      visible=ctx.is_main)
             model.train()
@@ -362,7 +373,7 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
                    **{f"loss_{k}": v / max(seen, 1) for k, v in totals.items()},
                    "val_acc": val_acc, "test_acc": test_acc, "seconds": time.perf_counter() - started}
             rows.append(row)
-            improved = val_acc > best_val or val_set is None
+            improved = val_acc > best_val or val_set is None or math.isnan(val_acc)  # no val samples: the last
             if improved:
                 best_val, best_epoch = val_acc, epoch + 1
             if ctx.is_main:  # every rank holds the same weights; one writes them

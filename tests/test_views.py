@@ -518,3 +518,31 @@ def test_float32_exact_turns_tf32_off_on_cuda_and_restores_it():
     with float32_exact(torch.device("cpu")):
         assert (conv.fp32_precision, matmul.fp32_precision) == before
     assert ScoreConfig(teacher="t").amp is False  # float32 energies unless autocast is asked for
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_random_path_draws_what_a_loader_made_every_epoch_drew(tmp_path, monkeypatch, workers):
+    """One loader for the run (persistent workers) must not change a run without views: each
+    epoch's order and flips are those of the loader the engine made every epoch before."""
+    import energytools.engine as engine
+    from energytools.data.base import collate
+    from energytools.data.transforms import train_augment
+    from energytools.stages.train import train
+
+    root = _fashion_files(tmp_path / "fm", 200, 20)
+    data = DataConfig(dataset="fashion-mnist", data_root=str(root))
+    batches, real_batch = [], engine.Batch
+    monkeypatch.setattr(engine, "Batch", lambda *a: batches.append(real_batch(*a)) or batches[-1])
+    train(TrainStageConfig(model="cnn_tiny", out=str(tmp_path / "t"), data=data,
+                           train=TrainConfig(epochs=3, batch_size=32, seed=4, num_workers=workers)))
+    train_set = data.build("train")
+    expected = []
+    for epoch in range(3):
+        generator = torch.Generator().manual_seed(4 * 1_000_003 + epoch * 1_009)
+        loader = torch.utils.data.DataLoader(train_set, batch_size=32, shuffle=True, generator=generator,
+                                             num_workers=workers, collate_fn=collate)
+        for images, labels, ids in loader:
+            expected.append((ids, train_augment(images, train_set.info, generator)[1]))
+    assert len(batches) == len(expected)
+    for batch, (ids, flipped) in zip(batches, expected):
+        assert torch.equal(batch.sample_ids, ids) and torch.equal(batch.flipped, flipped)

@@ -192,8 +192,8 @@ def load_imagefolder(root: Path | None, part: str, image_size: int | None = None
     """``root/train/<class>/*`` and ``root/val/<class>/*``, as ImageNet is laid out.
 
     Trains with RandomResizedCrop + flip and evaluates with Resize + CenterCrop, as
-    torchvision's reference scripts do. Canonical order is (class name, file name), as torchvision's ImageFolder sorts. The
-    ``val/`` folder is energytools' ``test`` split; ``val`` is carved from ``train/``.
+    torchvision's reference scripts do. Canonical order is (class name, file name), as
+    torchvision's ImageFolder sorts. The ``val/`` folder is energytools' ``test`` split; ``val`` is carved from ``train/``.
     """
     image_size = image_size or 224
     if root is None:

@@ -305,8 +305,9 @@ def cached_logit_names(cfg: DistillConfig, spec: MethodSpec, meta: TableMeta, tr
     if not (cfg.cached_logits and needs_teacher_logits(cfg, spec)):
         return []
     if train_set.info.train_transform.crops:
-        raise UserError(f"--cached-logits: {train_set.info.name} trains with {train_set.info.train_transform.describe()}, "
-                        f"so the clean image's logits do not match the training views; re-score with --views K")
+        info = train_set.info
+        raise UserError(f"--cached-logits: {info.name} trains with {info.train_transform.describe()}, so the clean "
+                        "image's logits do not match the training views; re-score with --views K")
     if not meta.has_logits:
         raise UserError(f"--cached-logits needs a table scored with --save-logits or --views K; {cfg.scores} has "
                         "no logits")

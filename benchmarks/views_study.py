@@ -1,0 +1,88 @@
+"""Accuracy: KD from cached views against KD with the online teacher, Fashion-MNIST with crops.
+
+    python benchmarks/views_study.py --out runs/views-study [--limit 10000] [--seeds 0,1,2] [--views 1,2,8]
+
+A teacher (resnet8) is trained with the crop regime (--crop-pad 2: pad-2 crop + flip), the
+training split is scored once per K with --views K, and a student (cnn_tiny) is distilled with
+kd (T = 4) on the same seeds: with the teacher run online on every batch, and from each table's
+cached views (--cached-logits: the teacher is never run). Paired differences to the online
+run, per seed; the verdict says whether |mean| exceeds two standard errors. Finished runs are
+kept (re-running the command skips them).
+"""
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import energytools
+
+
+def run_once(path: Path, fn):
+    summary = path / "summary.json"
+    if not summary.exists():
+        fn()
+    return json.loads(summary.read_text())
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--limit", type=int, default=10000)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--views", default="1,2,8")
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--teacher-epochs", type=int, default=6)
+    parser.add_argument("--eval-limit", type=int, default=3000, help="val and test samples (class-stratified)")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    counts = [int(k) for k in args.views.split(",")]
+    out = args.out
+    started = time.perf_counter()
+    data = dict(dataset="fashion-mnist", limit=args.limit, eval_limit=args.eval_limit, crop_pad=2)
+    teacher = out / "teacher"
+    if not (teacher / "metrics.parquet").exists():
+        energytools.train("resnet8", teacher, epochs=args.teacher_epochs, overwrite=True, **data)
+    tables = {}
+    for k in counts:
+        tables[k] = out / f"scores-k{k}.parquet"
+        if not tables[k].exists():
+            energytools.score(teacher / "best.pt", tables[k], views=k)
+    results = {}
+    for seed in seeds:
+        common = dict(method="kd", epochs=args.epochs, seed=seed)
+        results[("online", seed)] = run_once(out / f"online-s{seed}", lambda: energytools.distill(
+            tables[counts[-1]], "cnn_tiny", out / f"online-s{seed}", overwrite=True, **common))
+        for k in counts:
+            results[(f"views K={k}", seed)] = run_once(out / f"views{k}-s{seed}", lambda: energytools.distill(
+                tables[k], "cnn_tiny", out / f"views{k}-s{seed}", cached_logits=True, overwrite=True, **common))
+    lines = ["| run | seeds | best (val-selected) | last | Δ online (best) | Δ online (last) | wins | verdict | s/run |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name in ["online"] + [f"views K={k}" for k in counts]:
+        best = [results[(name, s)]["best_test_acc"] for s in seeds]
+        last = [results[(name, s)]["last_test_acc"] for s in seeds]
+        secs = statistics.mean(results[(name, s)]["seconds"] for s in seeds)
+        row = f"| {name} | {len(seeds)} | {statistics.mean(best):.2f} ± {statistics.stdev(best):.2f} | " \
+              f"{statistics.mean(last):.2f} ± {statistics.stdev(last):.2f} | "
+        if name == "online":
+            row += "— | — | — | — |"
+        else:
+            deltas = [b - results[("online", s)]["best_test_acc"] for b, s in zip(best, seeds)]
+            deltas_last = [b - results[("online", s)]["last_test_acc"] for b, s in zip(last, seeds)]
+            mean, sd = statistics.mean(deltas), statistics.stdev(deltas)
+            se = sd / math.sqrt(len(deltas))
+            verdict = "inside noise" if abs(mean) <= 2 * se else ("better" if mean > 0 else "worse")
+            row += (f"{mean:+.2f} ± {sd:.2f} | {statistics.mean(deltas_last):+.2f} | "
+                    f"{sum(d > 0 for d in deltas)}/{len(deltas)} | {verdict} |")
+        lines.append(row + f" {secs:.0f} |")
+    import polars as pl
+
+    metrics = pl.read_parquet(teacher / "metrics.parquet")
+    print("\n".join(lines))
+    print(f"\nteacher resnet8: test {metrics['test_acc'][-1]:.2f}% after {metrics.height} epochs; "
+          f"wall time of this command {time.perf_counter() - started:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
