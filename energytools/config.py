@@ -152,7 +152,8 @@ class SelectConfig:
     out: str | None = option(None, "write the selected ids to this Parquet file (for distill --exclude/--keep)")
     ratio: float = option(0.3, "fraction of samples to select, in (0, 1]")
     mode: str = option("high", "high (the hardest: HE-DA), low (the easiest: pruning) or random (a control)")
-    by: str = option("energy", "the score to rank by: energy, margin, confidence, true_prob or entropy")
+    by: str = option("energy", "the score to rank by: energy, margin, confidence, true_prob, entropy or el2n "
+                    "(||softmax - onehot||, Paul et al. 2021)")
     per_class: bool = option(False, "take the fraction within each class")
     seed: int = option(0, "seed for every random choice")
     overwrite: bool = option(False, "replace an existing output")
@@ -193,6 +194,8 @@ class AugmentConfig:
 
 
 TEMPERATURE_SOURCES = ("table", "online", "views")
+#: --he-da modes of distill (the materialized form is --shards)
+HE_DA_MODES = ("online",)
 
 
 @dataclass(kw_only=True)
@@ -217,6 +220,11 @@ class DistillConfig:
     dkd_alpha: float | None = option(None, "DKD's TCKD weight (method default: 1)")
     dkd_beta: float | None = option(None, "DKD's NCKD weight (method default: 8; the reference's vgg13->vgg8: 6)")
     dkd_warmup: int | None = option(None, "DKD's linear warm-up in epochs (method default: 20)")
+    he_da: str | None = option(None, "online: the reference's HE-DA, CutMix drawn in every batch among its "
+                               "high-energy samples (by --temperature-source) plus a KD term at T=4 on the mixed "
+                               "images; runs the teacher on them")
+    he_da_weight: float | None = option(None, "weight of --he-da online's KD term (default: the method's KD weight, "
+                                        "0.9)")
     cached_logits: bool = option(False, "use the table's stored teacher logits (per view with score --views): "
                                  "the teacher is never run")
     eval_limit: int | None = option(None, "class-stratified subset of the val and test splits "
@@ -234,6 +242,11 @@ class DistillConfig:
         if self.temperature_source not in TEMPERATURE_SOURCES:
             raise UserError(f"temperature_source must be one of {', '.join(TEMPERATURE_SOURCES)}, "
                             f"got {self.temperature_source!r}")
+        if self.he_da is not None and self.he_da not in HE_DA_MODES:
+            raise UserError(f"he_da must be one of {', '.join(HE_DA_MODES)} (materialized shards: --shards), "
+                            f"got {self.he_da!r}")
+        if self.he_da_weight is not None and not self.he_da_weight >= 0:
+            raise UserError(f"he_da_weight must be a non-negative number, got {self.he_da_weight!r}")
         for name, value in spec.options(as_dict(self)).items():
             if name != "dkd_warmup" and not (isinstance(value, (int, float)) and value >= 0):
                 raise UserError(f"{name} must be a non-negative number, got {value!r}")

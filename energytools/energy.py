@@ -27,8 +27,10 @@ def logit_statistics(logits: torch.Tensor, labels: torch.Tensor, energy_temperat
     """Every per-sample column of the score table that derives from logits.
 
     ``confidence`` is the max softmax probability, ``true_prob`` the softmax probability of
-    the label, ``entropy`` the softmax entropy in nats and ``margin`` the gap between the two
-    largest softmax probabilities. Computed in float32 whatever the logits' dtype.
+    the label, ``entropy`` the softmax entropy in nats, ``margin`` the gap between the two
+    largest softmax probabilities and ``el2n`` the L2 norm of softmax minus the one-hot label
+    (Paul et al. 2021's EL2N, from this one teacher rather than an ensemble of early students).
+    Computed in float32 whatever the logits' dtype.
     """
     logits = logits.float()
     log_probs = torch.log_softmax(logits, dim=1)
@@ -44,6 +46,7 @@ def logit_statistics(logits: torch.Tensor, labels: torch.Tensor, energy_temperat
         "true_prob": probs.gather(1, labels.view(-1, 1)).squeeze(1),
         "entropy": -(probs * log_probs).sum(dim=1),
         "margin": top2[:, 0] - second,
+        "el2n": (probs - torch.nn.functional.one_hot(labels.long(), probs.shape[1])).norm(dim=1),
     }
 
 

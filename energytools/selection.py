@@ -12,7 +12,7 @@ import polars as pl
 from .errors import UserError
 
 #: score-table columns a selection may rank by (all from the same teacher pass)
-SELECT_BY = ("energy", "margin", "confidence", "true_prob", "entropy")
+SELECT_BY = ("energy", "margin", "confidence", "true_prob", "entropy", "el2n")
 
 def _random_key(table: pl.DataFrame, seed: int) -> pl.Series:
     # a seeded permutation over sample_id order, so the key does not depend on row order
@@ -50,7 +50,7 @@ def select_samples(table: pl.DataFrame, ratio: float, mode: str = "high", per_cl
     if by not in SELECT_BY:
         raise UserError(f"cannot select by {by!r}; choose from {', '.join(SELECT_BY)}")
     if by not in table.columns:
-        raise UserError(f"the score table has no {by} column")
+        raise UserError(f"the score table has no {by} column; tables scored before it existed lack it: re-score to add it")
     ranked = table.with_columns(SELECT_MODES[mode](table, seed, by).alias("_key")).sort(["_key", "sample_id"])
     if per_class:
         ranked = ranked.with_columns(pl.int_range(pl.len()).over("label").alias("_rank"),

@@ -29,6 +29,8 @@ SCORE_COLUMNS = {
     "energy": pa.float32(), "confidence": pa.float32(), "true_prob": pa.float32(), "entropy": pa.float32(),
     "margin": pa.float32(), "energy_group": pa.string(), "temperature": pa.float32(),
 }
+#: columns of newer score tables; older ones lack them (select --by names what to re-score)
+OPTIONAL_SCORE_COLUMNS = {"el2n": pa.float32()}
 
 
 def versions() -> dict:
@@ -280,10 +282,12 @@ def load_table(path: Path | str, columns: list[str] | None = None) -> tuple[pl.D
     schema = read_schema(path)
     if columns is None and any(name in VIEW_COLUMNS for name in schema.names):
         columns = list(SCORE_COLUMNS) + [n for n in schema.names if n not in SCORE_COLUMNS and n not in VIEW_COLUMNS]
-    for name in columns if columns is not None else list(SCORE_COLUMNS):
+    present_optional = [n for n in OPTIONAL_SCORE_COLUMNS if n in schema.names]
+    for name in columns if columns is not None else list(SCORE_COLUMNS) + present_optional:
         if name not in schema.names:
-            raise UserError(f"{path} lacks column {name!r}")
-        expected = SCORE_COLUMNS.get(name)
+            newer = " (tables scored before it existed lack it: re-score)" if name in OPTIONAL_SCORE_COLUMNS else ""
+            raise UserError(f"{path} lacks column {name!r}{newer}")
+        expected = SCORE_COLUMNS.get(name, OPTIONAL_SCORE_COLUMNS.get(name))
         if expected is not None and not _TYPE_CHECKS[expected](schema.field(name).type):
             raise UserError(f"{path}: column {name!r} is {schema.field(name).type}, expected {expected}")
     frame = read_parquet(path, columns)

@@ -104,11 +104,12 @@ def view_keys(sample_ids: np.ndarray, count: int) -> np.ndarray:
 
 def fit_view_groups(rule: TemperatureRule, energies: np.ndarray, sample_ids: np.ndarray):
     """The rule fitted over every view's energy (keys: energy, then sample_id, then view), as the
-    reference code's thresholds are percentiles over augmented views; and each view's
-    temperature, (N, K) float32."""
+    reference code's thresholds are percentiles over augmented views; each view's temperature,
+    (N, K) float32; and whether each view is in the high-energy group, (N, K) bool."""
     count = energies.shape[1]
     keys = view_keys(sample_ids, count)
     flat = energies.reshape(-1).astype(np.float64)
     fitted: EnergyGroups = rule.fit(flat, keys)
-    _, temperatures = fitted.assign(flat, keys)
-    return fitted, temperatures.reshape(energies.shape).astype(np.float32)
+    groups, temperatures = fitted.assign(flat, keys)
+    return (fitted, temperatures.reshape(energies.shape).astype(np.float32),
+            (groups == "high").reshape(energies.shape))

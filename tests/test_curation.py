@@ -3,13 +3,14 @@ import json
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import invoke
 from energytools.table import load_table
 
 
-@pytest.mark.parametrize("mode,by", [("low", "energy"), ("high", "margin"), ("random", "energy")])
+@pytest.mark.parametrize("mode,by", [("low", "energy"), ("high", "margin"), ("low", "el2n"), ("random", "energy")])
 def test_select_writes_the_chosen_ids(runner, digits_run, tmp_path, mode, by):
     out = tmp_path / "drop.parquet"
     result = invoke(runner, "select", "--scores", digits_run["scores"], "--mode", mode, "--by", by, "--ratio", "0.25",
@@ -48,3 +49,12 @@ def test_distill_excludes_or_keeps_the_selected_ids(runner, digits_run, tmp_path
     result = invoke(runner, "distill", "--scores", digits_run["scores"], "--student", "cnn_tiny", "--exclude", bad,
                     "--out", tmp_path / "x")
     assert result.exit_code == 2 and "no integer sample_id column" in result.stderr and not (tmp_path / "x").exists()
+
+
+def test_select_by_a_score_an_older_table_lacks_says_to_re_score(runner, digits_run, tmp_path):
+    old = tmp_path / "old.parquet"
+    table = pq.read_table(digits_run["scores"])
+    pq.write_table(table.drop(["el2n"]), old)  # keeps the schema metadata: a table scored before el2n existed
+    assert load_table(old)[0].height == table.num_rows
+    result = invoke(runner, "select", "--scores", old, "--by", "el2n", "--out", tmp_path / "x.parquet")
+    assert result.exit_code == 2 and "lacks column 'el2n'" in result.stderr and "re-score" in result.stderr

@@ -70,3 +70,12 @@ def test_two_process_augment_writes_the_same_shards(digits_run, tmp_path):
     assert names == sorted(p.name for p in out.iterdir())
     for name in names:
         assert (out / name).read_bytes() == (digits_run["shards"] / name).read_bytes(), name
+
+
+def test_two_process_distill_with_online_he_da(digits_run, tmp_path):
+    # one student forward per step (batch and mixed images together), as DDP requires
+    out = tmp_path / "ddp"
+    result = torchrun("distill", "--scores", digits_run["scores"], "--student", "cnn_tiny", "--method", "kd",
+                      "--he-da", "online", "--cached-logits", "--epochs", 1, "--out", out, "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert pl.read_parquet(out / "metrics.parquet")["loss_he_da"][0] > 0

@@ -22,6 +22,7 @@ def test_statistics_match_float64():
     np.testing.assert_allclose(stats["margin"].numpy(), top[:, -1] - top[:, -2], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(stats["entropy"].numpy(), -(p * np.log(p)).sum(1), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(stats["true_prob"].numpy(), p[np.arange(64), y], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["el2n"].numpy(), np.linalg.norm(p - np.eye(10)[y], axis=1), rtol=1e-5, atol=1e-6)
     assert (stats["pred"].numpy() == z.argmax(1)).all()
 
 

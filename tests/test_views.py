@@ -311,7 +311,7 @@ def test_views_temperatures_come_from_each_views_energy(crop_run, tmp_path, monk
 
     frame, meta = load_table(crop_run["full"])
     energies = read_views(crop_run["full"], meta, 10)["view_energy"]
-    fitted, temps = fit_view_groups(meta.rule, energies, frame["sample_id"].to_numpy())
+    fitted, temps, _ = fit_view_groups(meta.rule, energies, frame["sample_id"].to_numpy())
     assert (temps == 6.0).sum() == int(0.2 * temps.size) and (temps == 2.0).sum() == int(0.2 * temps.size)
     expected = {(int(s), v): temps[i, v] for i, s in enumerate(frame["sample_id"]) for v in range(4)}
     steps, batches = _record_steps(monkeypatch)
@@ -546,3 +546,24 @@ def test_the_random_path_draws_what_a_loader_made_every_epoch_drew(tmp_path, mon
     assert len(batches) == len(expected)
     for batch, (ids, flipped) in zip(batches, expected):
         assert torch.equal(batch.sample_ids, ids) and torch.equal(batch.flipped, flipped)
+
+
+def test_online_he_da_takes_high_energy_views_by_view_energy(crop_run, tmp_path, monkeypatch):
+    import energytools.online_heda as online_heda
+    from energytools.stages.distill import distill
+    from energytools.view_logits import fit_view_groups, read_views
+
+    frame, meta = load_table(crop_run["full"])
+    energies = read_views(crop_run["full"], meta, 10)["view_energy"]
+    _, _, high = fit_view_groups(meta.rule, energies, frame["sample_id"].to_numpy())
+    expected = {(int(s), v): bool(high[i, v]) for i, s in enumerate(frame["sample_id"]) for v in range(4)}
+    masks, real = [], online_heda.mix_high_energy
+    monkeypatch.setattr(online_heda, "mix_high_energy", lambda images, mask, rng: masks.append(mask.clone())
+                        or real(images, mask, rng))
+    _, batches = _record_steps(monkeypatch)
+    distill(DistillConfig(scores=str(crop_run["full"]), student="cnn_tiny", out=str(tmp_path / "d"), method="kd",
+                          cached_logits=True, temperature_source="views", he_da="online",
+                          train=TrainConfig(epochs=1, batch_size=64)))
+    assert len(masks) == len(batches) > 0
+    for mask, batch in zip(masks, batches):
+        assert mask.tolist() == [expected[(s, v)] for s, v in zip(batch.sample_ids.tolist(), batch.views.tolist())]

@@ -30,11 +30,13 @@ from ..data.shards import read_manifest, shard_dataset
 from ..data.views import ReplayViews, TrainTransform
 from ..distillers import MethodSpec, SampleInfo, method_spec
 from ..energy import EnergyGroups, energy
+from ..distributed import context
 from ..engine import (Batch, FitResult, fit, model_meta, resolve_device, seed_everything, to_device,
                       write_test_predictions)
 from ..errors import UserError
 from ..io import sha256_file, write_json
 from ..models import create_model
+from ..online_heda import OnlineHEDA
 from ..resume import run_directory
 from ..table import TableMeta, load_table, read_parquet, versions
 from ..teacher import open_table_teacher
@@ -110,6 +112,12 @@ class TemperaturePlan:
         if not self.rederived:
             return rows["temperature"].to_numpy()
         return self.groups.assign(rows["energy"].to_numpy(), rows["sample_id"].to_numpy())[1]
+
+    def high(self, rows: pl.DataFrame) -> np.ndarray:
+        """Whether each table or shard row is in the high-energy group (by the same rule)."""
+        if not self.rederived:
+            return (rows["energy_group"] == "high").to_numpy()
+        return self.groups.assign(rows["energy"].to_numpy(), rows["sample_id"].to_numpy())[0] == "high"
 
     def to_dict(self) -> dict:
         out = {**self.groups.rule.to_dict(), "thresholds": self.groups.thresholds,
@@ -203,10 +211,12 @@ def plan_views(cfg: DistillConfig, spec: MethodSpec, meta: TableMeta, train_set:
     """Replay stored views when the run reads their logits (--cached-logits on a table scored
     with --views) or their energies (--temperature-source views); None otherwise. Refuses a
     table whose views were drawn from another train transform than the dataset's."""
-    by_views = spec.per_sample_temperature and cfg.temperature_source == "views"
+    by_views = uses_energy_groups(cfg, spec) and cfg.temperature_source == "views"
     cached = cfg.cached_logits and needs_teacher_logits(cfg, spec)
     if by_views and not meta.has_views:
         raise UserError(f"--temperature-source views needs a table scored with --views K; {cfg.scores} has no views")
+    if cfg.he_da and cfg.shards:
+        raise UserError("--he-da online and --shards are two forms of HE-DA; use one")
     if not (by_views or (cached and meta.has_views)):
         return None
     info = train_set.info
@@ -227,12 +237,12 @@ def collect_samples(cfg: DistillConfig, table: pl.DataFrame, plan: TemperaturePl
     table_sha = sha256_file(cfg.scores)
     parts = [train_set]
     columns = [{"sample_id": table["sample_id"].to_numpy(), "temperature": plan.temperatures(table),
-                "partner_label": table["label"].to_numpy(), "lam": np.ones(table.height, dtype=np.float32),
+                "high": plan.high(table), "partner_label": table["label"].to_numpy(), "lam": np.ones(table.height, dtype=np.float32),
                 **_logit_columns(table, logit_names, cfg.scores)}]
     if replay is not None:
         columns[0].update(replay.columns)
         if cfg.temperature_source == "views":
-            plan.view_groups, columns[0]["view_temperature"] = fit_view_groups(
+            plan.view_groups, columns[0]["view_temperature"], columns[0]["view_high"] = fit_view_groups(
                 plan.groups.rule, replay.columns["view_energy"], table["sample_id"].to_numpy())
     if len({Path(d).resolve() for d in cfg.shards}) < len(cfg.shards):
         raise UserError("the same shard directory is given twice")
@@ -242,6 +252,7 @@ def collect_samples(cfg: DistillConfig, table: pl.DataFrame, plan: TemperaturePl
         shard_set, rows = shard_dataset(directory, train_set.info)
         parts.append(shard_set)
         columns.append({"sample_id": rows["sample_id"].to_numpy(), "temperature": plan.temperatures(rows),
+                        "high": plan.high(rows),
                         "partner_label": rows["partner_label"].to_numpy(),
                         "lam": rows["lam"].fill_null(1.0).to_numpy().astype(np.float32),
                         **_logit_columns(rows, logit_names, f"shards in {directory}")})
@@ -314,8 +325,13 @@ def cached_logit_names(cfg: DistillConfig, spec: MethodSpec, meta: TableMeta, tr
     return ["logits", "logits_flipped"] if train_set.info.train_flip else ["logits"]
 
 
+def uses_energy_groups(cfg: DistillConfig, spec: MethodSpec) -> bool:
+    """Whether the run reads energy groups per step: Energy KD's temperatures, --he-da's high-energy samples."""
+    return spec.per_sample_temperature or cfg.he_da is not None
+
+
 def needs_teacher_logits(cfg: DistillConfig, spec: MethodSpec) -> bool:
-    return spec.teacher_logits or (spec.per_sample_temperature and cfg.temperature_source == "online")
+    return spec.teacher_logits or (uses_energy_groups(cfg, spec) and cfg.temperature_source == "online")
 
 
 def open_logits_source(cfg: DistillConfig, spec: MethodSpec, meta: TableMeta, lookup: SampleLookup,
@@ -327,20 +343,41 @@ def open_logits_source(cfg: DistillConfig, spec: MethodSpec, meta: TableMeta, lo
     return OnlineTeacher(open_table_teacher(meta, train_set, cfg.teacher, cfg.teacher_arch, cfg.train.device).model)
 
 
-def temperature_source(cfg: DistillConfig, spec: MethodSpec, plan: TemperaturePlan, lookup: SampleLookup):
-    """(batch, positions, teacher logits) -> each sample's T, or None for constant-T methods."""
-    if not spec.per_sample_temperature:
-        return None
+#: (batch, positions, teacher logits) -> one value per sample of the batch, on the device
+PerSample = Callable[[Batch, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def energy_group_source(cfg: DistillConfig, plan: TemperaturePlan, lookup: SampleLookup, column: str) -> PerSample:
+    """Each sample's ``temperature`` (its group's T) or ``high`` (in the high-energy group), by
+    --temperature-source: the table's row, the stored view's, or the teacher's energy on the view."""
     if cfg.temperature_source == "online":
         def online(batch: Batch, positions, teacher_logits):
             energies = energy(teacher_logits.float(), plan.energy_temperature).cpu().numpy()
-            _, temps = plan.groups.assign(energies, batch.sample_ids.numpy())
-            return torch.as_tensor(temps, device=teacher_logits.device)
+            groups, temps = plan.groups.assign(energies, batch.sample_ids.numpy())
+            return torch.as_tensor(temps if column == "temperature" else groups == "high", device=teacher_logits.device)
         return online
     if cfg.temperature_source == "views":
-        return lambda batch, positions, teacher_logits: lookup.view("view_temperature", positions, batch.views,
+        return lambda batch, positions, teacher_logits: lookup.view(f"view_{column}", positions, batch.views,
                                                                     batch.images.device)
-    return lambda batch, positions, teacher_logits: lookup.get("temperature", positions, batch.images.device)
+    return lambda batch, positions, teacher_logits: lookup.get(column, positions, batch.images.device)
+
+
+def temperature_source(cfg: DistillConfig, spec: MethodSpec, plan: TemperaturePlan,
+                       lookup: SampleLookup) -> PerSample | None:
+    """Each sample's T, or None for constant-T methods."""
+    return energy_group_source(cfg, plan, lookup, "temperature") if spec.per_sample_temperature else None
+
+
+def open_online_heda(cfg: DistillConfig, plan: TemperaturePlan, lookup: SampleLookup, meta: TableMeta,
+                     train_set: ImageSet, teacher_logits_of, kd_weight: float) -> OnlineHEDA | None:
+    if cfg.he_da is None:
+        return None
+    if isinstance(teacher_logits_of, OnlineTeacher):
+        teacher = teacher_logits_of.model  # the one already open
+    else:  # cached logits cover the batch, not the mixed images
+        teacher = open_table_teacher(meta, train_set, cfg.teacher, cfg.teacher_arch, cfg.train.device).model.eval()
+    weight = cfg.he_da_weight if cfg.he_da_weight is not None else kd_weight
+    return OnlineHEDA(teacher, energy_group_source(cfg, plan, lookup, "high"), weight, cfg.train.seed, context().rank)
 
 
 def distill(cfg: DistillConfig) -> FitResult:
@@ -362,18 +399,26 @@ def distill(cfg: DistillConfig) -> FitResult:
     seed_everything(cfg.train.seed)  # the model's initial weights come from the seed
     student = create_model(cfg.student, info.num_classes, info.in_channels, info.image_size)
     distiller = spec.build(student, as_dict(cfg))
+    he_da = open_online_heda(cfg, plan, lookup, meta, train_set, teacher_logits_of,
+                             distiller.options.get("kd_weight", 0.9))
 
     mixed = bool((lookup.columns["lam"] < 1).any())  # any CutMix/MixUp rows: else CE needs no partner
 
     def step(batch: Batch, forward):
         device = batch.images.device
-        positions = lookup.positions(batch.sample_ids) if (teacher_logits_of or temperature_of or mixed) else None
+        positions = (lookup.positions(batch.sample_ids) if (teacher_logits_of or temperature_of or mixed or he_da)
+                     else None)
         teacher_logits = teacher_logits_of(batch, positions) if teacher_logits_of else None
         temperature = temperature_of(batch, positions, teacher_logits) if temperature_of else None
         partner, lam = ((lookup.get("partner_label", positions, device), lookup.get("lam", positions, device))
                         if mixed else (None, None))
         sample_info = SampleInfo(batch.labels, partner, lam, temperature, teacher_logits, batch.epoch)
-        return distiller.forward_train(batch.images, sample_info, forward)
+        if he_da is None:
+            return distiller.forward_train(batch.images, sample_info, forward)
+        he_da_images, kept = he_da.mix(batch.images, batch.epoch, batch, positions, teacher_logits), {}
+        logits, losses = distiller.forward_train(batch.images, sample_info,
+                                                 he_da.joint_forward(forward, he_da_images, kept))
+        return logits, {**losses, "he_da": he_da.loss(he_da_images, kept, logits)}
 
     resolved = {"stage": "distill", **{k: v for k, v in as_dict(cfg).items() if k not in ("out", "resume", "overwrite")},
                 "scores_sha256": sha256_file(cfg.scores), "method_options": distiller.options,
@@ -383,13 +428,15 @@ def distill(cfg: DistillConfig) -> FitResult:
                 "temperature_plan": plan.to_dict(), "teacher": dataclasses.asdict(meta.teacher), "data": as_dict(data)}
     if replay is not None:
         resolved["replayed_views"] = dataclasses.asdict(meta.views)
+    if he_da is not None:
+        resolved["he_da_online"] = {**he_da.to_dict(), "high_energy_by": cfg.temperature_source}
     val_set, test_set = data.build("val"), data.build("test")
     n_aug = len(training_set) - len(train_set)
     with run_directory(out, cfg.resume, cfg.overwrite, resolved) as writes_files:
         run_meta = {**model_meta(cfg.student, train_set, data), "method": cfg.method, "config": resolved,
                     "versions": versions()}
         console.print(f"distill {cfg.student} with {cfg.method} on {info.name}: {len(train_set)} samples"
-                      f"{f' + {n_aug} HE-DA' if n_aug else ''}, temperatures {plan.to_dict()['temperatures']} "
+                      f"{f' + {n_aug} HE-DA' if n_aug else ''}{' + online HE-DA' if he_da else ''}, temperatures {plan.to_dict()['temperatures']} "
                       f"({plan.groups.rule.rule}, {cfg.temperature_source})")
         result = fit(student, step, training_set, val_set, test_set, cfg.train, out, run_meta, resume=cfg.resume,
                      views=replay.schedule if replay is not None else None)

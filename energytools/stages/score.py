@@ -33,7 +33,7 @@ from ..engine import float32_exact, make_loader
 from ..errors import UserError
 from ..io import check_output_free, write_json
 from ..resume import resumable_parts
-from ..table import (SCORE_COLUMNS, VIEW_COLUMNS, DatasetRecord, TableMeta, TeacherRecord, ViewsRecord, load_table,
+from ..table import (OPTIONAL_SCORE_COLUMNS, SCORE_COLUMNS, VIEW_COLUMNS, DatasetRecord, TableMeta, TeacherRecord, ViewsRecord, load_table,
                      versions, write_parquet)
 from ..teacher import TeacherRun, check_logits, open_teacher, teacher_data_config
 from ..view_logits import topk_compress
@@ -100,7 +100,7 @@ def _rows_to_arrow(rows: dict, paths: list | None) -> pa.Table:
         elif name in VIEW_COLUMNS:
             columns[name] = nested_list_array(values)
         else:
-            columns[name] = pa.array(values, type=SCORE_COLUMNS.get(name))
+            columns[name] = pa.array(values, type=SCORE_COLUMNS.get(name, OPTIONAL_SCORE_COLUMNS.get(name)))
     if paths is not None:
         columns["path"] = pa.array(paths, type=pa.string())
     return pa.table(columns)
@@ -238,7 +238,8 @@ def score(cfg: ScoreConfig) -> Path:
         meta = TableMeta(data, DatasetRecord(**dataset.describe()), TeacherRecord(**teacher.record()),
                          cfg.energy_temperature, rule, thresholds, source, config, summary, versions(),
                          views=views)
-        ordered = list(SCORE_COLUMNS) + [c for c in ("path", "logits", "logits_flipped", *VIEW_COLUMNS)
+        ordered = list(SCORE_COLUMNS) + [c for c in (*OPTIONAL_SCORE_COLUMNS, "path", "logits", "logits_flipped",
+                                                     *VIEW_COLUMNS)
                                          if c in frame.columns]
         write_parquet(frame.select(ordered), out, meta.to_json(), row_group_size=65536)
         write_json(out.parent / f"{out.stem}.config.json", {**config, "data": as_dict(data)})
