@@ -1,0 +1,259 @@
+"""The evidence study, round 2 (issue 19): equal-compute controls, the reference's online HE-DA,
+a real student, and energy-based pruning. Writes its tables into docs/results.md.
+
+    python benchmarks/evidence.py --teacher runs/teacher-r20/best.pt --out runs/evidence --workers 2
+    python benchmarks/evidence.py --smoke --out /tmp/evidence-smoke        # digits, CI-sized
+
+Resumable: a run whose summary.json exists is skipped and a run with a last.pt continues from
+it, so an interrupted study is re-run with the same command. Runs go to --workers processes
+(one torch thread each: results are bit-reproducible for a fixed thread count). The wall time
+of every invocation is appended to OUT/wall.jsonl and the doc reports their sum.
+
+Design (see docs/results.md for the reasons and what was cut):
+- student cnn_small (about 30k parameters) for 12 epochs; teacher resnet20;
+- Fashion-MNIST with the crop transform (--crop-pad 2: pad-2 crop + flip), cached per-view
+  teacher logits (score --views 4), so distill does not run the teacher unless a row needs it;
+- equal compute = equal optimizer steps: a ratio-r shard run has (1 + r)x the rows, so its
+  baseline is kd for (1 + r)x the epochs ("kd 15 ep" for r = 0.25);
+- materialized HE-DA shards cannot replay stored views (shard rows have none), so shard rows
+  run the teacher online on their crops; so does their random control;
+- pruning: drop the easiest X% by energy (lowest), by EL2N (lowest) or at random, X = 25, 50,
+  at equal epochs (so fewer steps: the point of pruning).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+import polars as pl
+
+from energytools.config import AugmentConfig, DataConfig, ScoreConfig, SelectConfig, TrainConfig, TrainStageConfig
+from energytools.summaries import VERDICT_RULE, aggregate_runs, markdown_table, summary_cells
+
+BEGIN, END = "<!-- evidence round 2: begin -->", "<!-- evidence round 2: end -->"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One configuration of the study: distill options plus what it trains on."""
+
+    method: str = "kd"
+    epochs: int = 12
+    options: dict = field(default_factory=dict)  # DistillConfig fields
+    shards: tuple[float, str] | None = None  # (ratio, select mode) of materialized HE-DA
+    drop: tuple[float, str, str] | None = None  # (ratio, mode, by) of the ids excluded
+    cached: bool = True  # replay the stored views (False: run the teacher on every batch)
+
+
+DKD_WARMUP = 3  # epochs, of 12 (the reference: 20 of 240)
+ROWS = {
+    "ce": Row("ce"),
+    "kd": Row(),
+    "kd 15 ep": Row(epochs=15),
+    "energy-kd 6,4,2": Row("energy-kd", options={"temperatures": "6,4,2"}),
+    "energy-kd 2,4,6": Row("energy-kd", options={"temperatures": "2,4,6"}),
+    "energy-kd 6,4,2 views-T": Row("energy-kd", options={"temperatures": "6,4,2", "temperature_source": "views"}),
+    "dkd": Row("dkd", options={"dkd_warmup": DKD_WARMUP}),
+    "kd + online HE-DA": Row(options={"he_da": "online"}),
+    "kd + online HE-DA 15 ep": Row(epochs=15, options={"he_da": "online"}),
+    "kd + HE-DA shards 0.25": Row(shards=(0.25, "high"), cached=False),
+    "kd + random shards 0.25": Row(shards=(0.25, "random"), cached=False),
+    **{f"kd, drop {name} {int(r * 100)}%": Row(drop=(r, mode, by))
+       for r in (0.25, 0.5) for name, mode, by in (("low-energy", "low", "energy"), ("low-EL2N", "low", "el2n"),
+                                                   ("random", "random", "energy"))},
+}
+BALANCED_ROWS = list(ROWS)
+LT_ROWS = ["ce", "kd", "energy-kd 6,4,2", "energy-kd 2,4,6", "kd + online HE-DA"]
+# name -> (dataset options, seeds, rows)
+SETTINGS = {
+    "fashion-mnist crops": ({"dataset": "fashion-mnist", "limit": 8000}, [0, 1, 2], BALANCED_ROWS),
+    "fashion-mnist-lt crops": ({"dataset": "fashion-mnist", "imbalance_factor": 100.0}, [0, 1, 2, 3, 4], LT_ROWS),
+}
+COMMON_DATA = {"crop_pad": 2, "eval_limit": 2000}
+VIEWS = 4
+SMOKE = ({"dataset": "digits"}, [0, 1], ["ce", "kd", "kd + online HE-DA", "kd + HE-DA shards 0.25",
+                                         "kd, drop low-energy 25%"])
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in name)
+
+
+def prepare(setting_dir: Path, data: DataConfig, teacher: Path, rows: list[str]) -> None:
+    """The score table with views, the shard directories and the selections the rows need."""
+    from energytools.stages.augment import augment, select
+    from energytools.stages.score import score
+
+    table = setting_dir / "scores.parquet"
+    if not table.exists():
+        score(ScoreConfig(teacher=str(teacher), out=str(table), data=data, views=VIEWS, save_logits=True))
+    for name in rows:
+        row = ROWS[name]
+        if row.shards and not (shard_dir(setting_dir, row) / "manifest.json").exists():
+            ratio, mode = row.shards
+            augment(AugmentConfig(scores=str(table), out=str(shard_dir(setting_dir, row)), ratio=ratio, select=mode,
+                                  overwrite=True))
+        if row.drop and not drop_file(setting_dir, row).exists():
+            ratio, mode, by = row.drop
+            select(SelectConfig(scores=str(table), out=str(drop_file(setting_dir, row)), ratio=ratio, mode=mode, by=by,
+                                overwrite=True))
+
+
+def shard_dir(setting_dir: Path, row: Row) -> Path:
+    return setting_dir / f"he-da-{row.shards[1]}-{row.shards[0]}"
+
+
+def drop_file(setting_dir: Path, row: Row) -> Path:
+    ratio, mode, by = row.drop
+    return setting_dir / f"drop-{mode}-{by}-{ratio}.parquet"
+
+
+def run_one(job: tuple) -> dict:
+    """Distill one (row, seed) in this process with one torch thread; resumes a started run."""
+    import torch
+
+    from energytools.config import DistillConfig
+    from energytools.stages.distill import distill
+
+    torch.set_num_threads(1)
+    setting, name, seed, setting_dir, eval_limit = job
+    row, run_dir = ROWS[name], Path(setting_dir) / slug(name) / f"seed{seed}"
+    if not (run_dir / "summary.json").exists():
+        started = (run_dir / "last.pt").exists()
+        distill(DistillConfig(
+            scores=str(Path(setting_dir) / "scores.parquet"), student=STUDENT, out=str(run_dir), method=row.method,
+            shards=(str(shard_dir(Path(setting_dir), row)),) if row.shards else (),
+            exclude=str(drop_file(Path(setting_dir), row)) if row.drop else None, cached_logits=row.cached,
+            eval_limit=eval_limit, train=TrainConfig(epochs=row.epochs, seed=seed), resume=started,
+            overwrite=not started, **row.options))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())
+    return {"setting": setting, "config": name, "seed": seed, "best": summary["best_test_acc"],
+            "last": summary["last_test_acc"], "seconds": summary["seconds"],
+            "samples": config["subset"]["samples"] + summary["augmented_samples"], "epochs": row.epochs}
+
+
+STUDENT = "cnn_small"
+COLUMNS = {"config": "config", "seeds": "seeds", "best": "best", "last": "last", "Δ kd (best)": "delta_best",
+           "wins": "wins", "verdict": "verdict", "rows/epoch": "samples", "epochs": "epochs", "s/run": "seconds"}
+
+
+def energy_check(table: Path) -> str:
+    from energytools.table import TableMeta
+
+    s = TableMeta.read(table).summary
+    groups = "; ".join(f"{g['energy_group']}: confidence {g['mean_confidence']:.3f}, accuracy {g['accuracy']:.1f}%"
+                       for g in s["groups"])
+    return (f"{s['samples']} samples, teacher accuracy {s['accuracy']:.2f}%, Spearman(energy, confidence) "
+            f"{s['spearman_energy_confidence']:.3f}; {groups}.")
+
+
+def markdown(results: pl.DataFrame, checks: dict, command: str, wall: float) -> str:
+    summary = summary_cells(aggregate_runs(results, "kd", by=["setting"]))
+    lines = [BEGIN, "# Results, round 2: equal compute, online HE-DA, a real student, pruning", "",
+             f"Command: `{command}`  ",
+             f"Machine: 2-core x86_64 CPU, 24 GiB, no GPU; date {date.today()}. Wall time of the whole study "
+             f"(every invocation, including scoring, shards and selections): {wall / 60:.0f} min.", "",
+             "Test accuracy (%) of the validation-selected checkpoint (`best`) and of the last epoch, mean ± std "
+             "over seeds; the baseline is kd (12 epochs). " + VERDICT_RULE + " `rows/epoch` is the training rows "
+             "per epoch (originals + shard rows - dropped), so rows/epoch x epochs / 64 is the optimizer steps; "
+             "`s/run` is the training time of one run (two runs shared the 2 cores).", ""]
+    for setting, frame in summary.group_by("setting", maintain_order=True):
+        lines += [f"## {setting[0]}", "", f"Teacher on this training set: {checks[setting[0]]}", "",
+                  markdown_table(frame, COLUMNS, decimals={"seconds": 0, "samples": 0, "epochs": 0}), ""]
+        pairs = pair_table(results.filter(pl.col("setting") == setting[0]))
+        if pairs.height:
+            lines += ["The comparisons the controls are for, each against its own baseline on the same seeds:", "",
+                      markdown_table(pairs, PAIR_COLUMNS), ""]
+    return "\n".join(lines + [END])
+
+
+#: (row, its control): equal optimizer steps for HE-DA, equal size for pruning
+PAIRS = [("kd + HE-DA shards 0.25", "kd 15 ep"), ("kd + HE-DA shards 0.25", "kd + random shards 0.25"),
+         ("kd + online HE-DA", "kd"), ("kd + online HE-DA 15 ep", "kd 15 ep"),
+         ("kd + online HE-DA 15 ep", "kd + HE-DA shards 0.25"), ("energy-kd 6,4,2 views-T", "energy-kd 6,4,2"),
+         *[(f"kd, drop {name} {x}%", f"kd, drop random {x}%") for x in (25, 50) for name in ("low-energy", "low-EL2N")],
+         *[(f"kd, drop {name} {x}%", "kd") for x in (25, 50) for name in ("low-energy", "low-EL2N", "random")]]
+PAIR_COLUMNS = {"config": "config", "against": "against", "seeds": "paired", "Δ (best)": "delta_best",
+                "wins": "wins", "verdict": "verdict"}
+
+
+def pair_table(results: pl.DataFrame) -> pl.DataFrame:
+    """One row per pair of :data:`PAIRS` whose two configs both ran: the paired Δ and verdict."""
+    frames = []
+    for config, against in PAIRS:
+        both = results.filter(pl.col("config").is_in([config, against]))
+        if set(both["config"]) == {config, against}:
+            row = summary_cells(aggregate_runs(both, against)).filter(pl.col("config") == config)
+            frames.append(row.select("config", "paired", "delta_best", "wins", "verdict")
+                          .with_columns(against=pl.lit(against)))
+    return pl.concat(frames) if frames else pl.DataFrame()
+
+
+def write_doc(doc: Path, text: str) -> None:
+    """Replace the round-2 block of ``doc`` (or put it first); the rest of the file is kept."""
+    old = doc.read_text() if doc.exists() else ""
+    if BEGIN in old and END in old:
+        head, rest = old.split(BEGIN, 1)
+        new = head + text + rest.split(END, 1)[1]
+    else:
+        new = text + "\n\n" + old
+    doc.write_text(new)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--teacher", type=Path)
+    parser.add_argument("--out", type=Path, default=Path("runs/evidence"))
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS))
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="digits, two seeds, five rows, the teacher trained here")
+    parser.add_argument("--doc", type=Path, default=None, help="default: docs/results.md (none with --smoke)")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    settings = {"digits": SMOKE} if args.smoke else {s: SETTINGS[s] for s in args.settings}
+    teacher = args.teacher
+    if args.smoke:
+        from energytools.stages.train import train
+
+        teacher = args.out / "teacher" / "best.pt"
+        if not teacher.exists():
+            train(TrainStageConfig(model="cnn_small", out=str(args.out / "teacher"), data=DataConfig(dataset="digits"),
+                                   train=TrainConfig(epochs=2), overwrite=True))
+    jobs, checks = [], {}
+    for setting, (options, seeds, rows) in settings.items():
+        setting_dir = args.out / slug(setting)
+        data = DataConfig(**options, **({} if args.smoke else COMMON_DATA))
+        prepare(setting_dir, data, teacher, rows)
+        checks[setting] = energy_check(setting_dir / "scores.parquet")
+        # seed-major: an interrupted study has whole seeds first
+        jobs += [(setting, name, seed, str(setting_dir), data.eval_limit) for seed in seeds for name in rows]
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if args.workers > 1:
+        # spawned, not forked: a fork of a process whose torch threads are running can hang
+        with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(run_one, jobs))
+    else:
+        results = [run_one(job) for job in jobs]
+    frame = pl.DataFrame(results)
+    frame.write_csv(args.out / "results.csv")
+    with open(args.out / "wall.jsonl", "a") as log:
+        log.write(json.dumps({"date": str(date.today()), "seconds": time.perf_counter() - started}) + "\n")
+    wall = sum(json.loads(line)["seconds"] for line in (args.out / "wall.jsonl").read_text().splitlines())
+    flags = [f"--teacher {args.teacher}"] * bool(args.teacher) + [f"--out {args.out}", f"--workers {args.workers}"]
+    text = markdown(frame, checks, "python benchmarks/evidence.py " + " ".join(flags + ["--smoke"] * args.smoke), wall)
+    doc = args.doc or (None if args.smoke else Path("docs/results.md"))
+    if doc:
+        write_doc(doc, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
