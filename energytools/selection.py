@@ -50,7 +50,7 @@ def select_samples(table: pl.DataFrame, ratio: float, mode: str = "high", per_cl
     if by not in SELECT_BY:
         raise UserError(f"cannot select by {by!r}; choose from {', '.join(SELECT_BY)}")
     if by not in table.columns:
-        raise UserError(f"the score table has no {by} column; tables scored before it existed lack it: re-score to add it")
+        raise UserError(f"the score table has no {by} column (re-score it to add one)")
     ranked = table.with_columns(SELECT_MODES[mode](table, seed, by).alias("_key")).sort(["_key", "sample_id"])
     if per_class:
         ranked = ranked.with_columns(pl.int_range(pl.len()).over("label").alias("_rank"),

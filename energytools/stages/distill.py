@@ -11,6 +11,8 @@ of its K views, chosen from (seed, epoch, sample_id), and the loader renders exa
 view), or the clean and mirrored image's logits for flip-only datasets (--save-logits). HE-DA shard rows join
 the training set as extra samples: every batch is a uniform draw from originals + shard rows,
 so a ratio-0.3 shard directory makes about 23% of each batch augmented (0.3 / 1.3).
+--he-da online is the reference code's form instead (energytools.online_heda): CutMix among
+each batch's high-energy samples, with one more KD term on the mixed images.
 """
 from __future__ import annotations
 
@@ -29,8 +31,8 @@ from ..data.base import Collated, ImageSet
 from ..data.shards import read_manifest, shard_dataset
 from ..data.views import ReplayViews, TrainTransform
 from ..distillers import MethodSpec, SampleInfo, method_spec
-from ..energy import EnergyGroups, energy
 from ..distributed import context
+from ..energy import EnergyGroups, energy
 from ..engine import (Batch, FitResult, fit, model_meta, resolve_device, seed_everything, to_device,
                       write_test_predictions)
 from ..errors import UserError
@@ -237,7 +239,8 @@ def collect_samples(cfg: DistillConfig, table: pl.DataFrame, plan: TemperaturePl
     table_sha = sha256_file(cfg.scores)
     parts = [train_set]
     columns = [{"sample_id": table["sample_id"].to_numpy(), "temperature": plan.temperatures(table),
-                "high": plan.high(table), "partner_label": table["label"].to_numpy(), "lam": np.ones(table.height, dtype=np.float32),
+                "high": plan.high(table), "partner_label": table["label"].to_numpy(),
+                "lam": np.ones(table.height, dtype=np.float32),
                 **_logit_columns(table, logit_names, cfg.scores)}]
     if replay is not None:
         columns[0].update(replay.columns)

@@ -33,8 +33,8 @@ from ..engine import float32_exact, make_loader
 from ..errors import UserError
 from ..io import check_output_free, write_json
 from ..resume import resumable_parts
-from ..table import (OPTIONAL_SCORE_COLUMNS, SCORE_COLUMNS, VIEW_COLUMNS, DatasetRecord, TableMeta, TeacherRecord, ViewsRecord, load_table,
-                     versions, write_parquet)
+from ..table import (OPTIONAL_SCORE_COLUMNS, SCORE_COLUMNS, VIEW_COLUMNS, DatasetRecord, TableMeta, TeacherRecord,
+                     ViewsRecord, load_table, versions, write_parquet)
 from ..teacher import TeacherRun, check_logits, open_teacher, teacher_data_config
 from ..view_logits import topk_compress
 
