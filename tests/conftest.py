@@ -1,3 +1,4 @@
+import contextlib
 import gzip
 import os
 import pickle
@@ -54,6 +55,28 @@ def cifar_root(tmp_path):
     with open(hundred / "meta", "wb") as handle:
         pickle.dump({b"fine_label_names": [f"c{i}".encode() for i in range(100)]}, handle)
     return root
+
+
+@contextlib.contextmanager
+def interrupted_at_evaluation(monkeypatch, call: int = 5):
+    """Inside the block, a training run dies (KeyboardInterrupt) at its ``call``-th evaluation:
+    5 is the validation pass of the third epoch (validation and test each epoch)."""
+    import energytools.engine as engine
+
+    calls, real = {"n": 0}, engine.evaluate
+
+    def dies(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "evaluate", dies)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        monkeypatch.setattr(engine, "evaluate", real)
 
 
 @pytest.fixture

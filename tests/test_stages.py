@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from conftest import interrupted_at_evaluation
 from energytools.config import DataConfig, TrainConfig, TrainStageConfig
 from energytools.data.shards import decode_png, read_shards
 from energytools.errors import UserError
@@ -108,27 +109,14 @@ def test_nan_logits_name_the_sample(digits_run, tmp_path, monkeypatch):
 
 
 def test_train_resume_gives_the_same_weights(tmp_path, monkeypatch):
-    import energytools.engine as engine
-
     data = DataConfig(dataset="digits", limit=300, eval_limit=100)
     def run(out, resume=False):
         return train(TrainStageConfig(model="cnn_tiny", out=str(tmp_path / out), data=data,
                                       train=TrainConfig(epochs=3, seed=1), resume=resume))
 
     full = run("full")
-    calls = {"n": 0}
-    real = engine.evaluate
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:  # validation of the third epoch: the run dies here
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "evaluate", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_evaluation(monkeypatch):  # in the third epoch
         run("part")
-    monkeypatch.setattr(engine, "evaluate", real)
     resumed = run("part", resume=True)
     a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "part" / "last.pt", weights_only=True)["model"]

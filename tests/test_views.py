@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import invoke, write_idx
+from conftest import interrupted_at_evaluation, invoke, write_idx
 from energytools.config import DataConfig, DistillConfig, ScoreConfig, TrainConfig, TrainStageConfig
 from energytools.data import build_dataset
 from energytools.data.views import (TrainTransform, choose_views, crop_flip, draw_views, render, resized_crop,
@@ -274,7 +274,6 @@ def test_distill_replays_each_view_exactly_without_the_teacher(crop_run, tmp_pat
 
 
 def test_replay_is_the_same_with_workers_and_after_resume(crop_run, tmp_path, monkeypatch):
-    import energytools.engine as engine
     from energytools.stages.distill import distill
 
     def run(out, workers=0, resume=False):
@@ -288,18 +287,8 @@ def test_replay_is_the_same_with_workers_and_after_resume(crop_run, tmp_path, mo
 
     run("zero")
     run("two", workers=2)
-    calls, real = {"n": 0}, engine.evaluate
-
-    def dies(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:  # validation of the third epoch
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "evaluate", dies)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_evaluation(monkeypatch):  # in the third epoch
         run("resumed")
-    monkeypatch.setattr(engine, "evaluate", real)
     run("resumed", resume=True)
     a, b, c = weights("zero"), weights("two"), weights("resumed")
     assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
