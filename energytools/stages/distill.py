@@ -261,6 +261,8 @@ def collect_samples(cfg: DistillConfig, table: pl.DataFrame, plan: TemperaturePl
                         **_logit_columns(rows, logit_names, f"shards in {directory}")})
     merged = {name: columns[0][name] if len(columns) == 1 else np.concatenate([c[name] for c in columns])
               for name in columns[0]}
+    if "logits_flipped" in merged:  # (N, 2, C): a step gathers both views and picks one in one indexing
+        merged["logits"] = np.stack([merged["logits"], merged.pop("logits_flipped")], axis=1)
     lookup = SampleLookup(merged.pop("sample_id"), **merged)
     missing = np.setdiff1d(train_set.sample_ids, lookup.ids)
     if len(missing):
@@ -280,11 +282,9 @@ class CachedLogits:
 
     def __call__(self, batch: Batch, positions: torch.Tensor) -> torch.Tensor:
         device = batch.images.device
-        logits = self.lookup.get("logits", positions, device)
-        if "logits_flipped" in self.lookup.columns:
-            flipped = self.lookup.get("logits_flipped", positions, device)
-            logits = torch.where(to_device(batch.flipped, device).unsqueeze(1), flipped, logits)
-        return logits
+        if self.lookup.columns["logits"].ndim == 3:  # (N, 2, C): the clean and the mirrored image's
+            return self.lookup.view("logits", positions, batch.flipped.long(), device)
+        return self.lookup.get("logits", positions, device)
 
 
 class CachedViewLogits:
