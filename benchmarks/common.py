@@ -41,3 +41,15 @@ def emit(name: str, figures: dict, out: Path | None) -> None:
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"benchmark": name, "machine": machine(), **figures}, indent=2))
+
+
+def teacher_check(table: Path) -> str:
+    """One sentence on the teacher over a score table: accuracy, Spearman(energy, confidence),
+    and each energy group's confidence and accuracy (from the table's summary)."""
+    from energytools.table import TableMeta
+
+    s = TableMeta.read(table).summary
+    groups = "; ".join(f"{g['energy_group']}: confidence {g['mean_confidence']:.3f}, accuracy {g['accuracy']:.1f}%"
+                       for g in s["groups"])
+    return (f"{s['samples']} samples, teacher accuracy {s['accuracy']:.2f}%, Spearman(energy, confidence) "
+            f"{s['spearman_energy_confidence']:.3f}; {groups}.")

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import polars as pl
 
+from common import teacher_check
 from energytools.config import AugmentConfig, DataConfig, ScoreConfig, SelectConfig, TrainConfig, TrainStageConfig
 from energytools.summaries import VERDICT_RULE, aggregate_runs, markdown_table, summary_cells
 
@@ -49,6 +50,7 @@ class Row:
     options: dict = field(default_factory=dict)  # DistillConfig fields
     shards: tuple[float, str] | None = None  # (ratio, select mode) of materialized HE-DA
     drop: tuple[float, str, str] | None = None  # (ratio, mode, by) of the ids excluded
+    drop_per_class: bool = False  # the ratio within each class (select --per-class)
     cached: bool = True  # replay the stored views (False: run the teacher on every batch)
 
 
@@ -65,9 +67,14 @@ ROWS = {
     "kd + online HE-DA 15 ep": Row(epochs=15, options={"he_da": "online"}),
     "kd + HE-DA shards 0.25": Row(shards=(0.25, "high"), cached=False),
     "kd + random shards 0.25": Row(shards=(0.25, "random"), cached=False),
+    # the shard rows' equal-step baseline with their teacher source (online, fresh crops)
+    "kd 15 ep, online teacher": Row(epochs=15, cached=False),
     **{f"kd, drop {name} {int(r * 100)}%": Row(drop=(r, mode, by))
        for r in (0.25, 0.5) for name, mode, by in (("low-energy", "low", "energy"), ("low-EL2N", "low", "el2n"),
                                                    ("random", "random", "energy"))},
+    # added after the first pass showed whole easy classes dropped at 50%
+    **{f"kd, drop {name} 50% per class": Row(drop=(0.5, "low", by), drop_per_class=True)
+       for name, by in (("low-energy", "energy"), ("low-EL2N", "el2n"))},
 }
 BALANCED_ROWS = list(ROWS)
 LT_ROWS = ["ce", "kd", "energy-kd 6,4,2", "energy-kd 2,4,6", "kd + online HE-DA"]
@@ -104,7 +111,7 @@ def prepare(setting_dir: Path, data: DataConfig, teacher: Path, rows: list[str])
         if row.drop and not drop_file(setting_dir, row).exists():
             ratio, mode, by = row.drop
             select(SelectConfig(scores=str(table), out=str(drop_file(setting_dir, row)), ratio=ratio, mode=mode, by=by,
-                                overwrite=True))
+                                per_class=row.drop_per_class, overwrite=True))
 
 
 def shard_dir(setting_dir: Path, row: Row) -> Path:
@@ -113,7 +120,7 @@ def shard_dir(setting_dir: Path, row: Row) -> Path:
 
 def drop_file(setting_dir: Path, row: Row) -> Path:
     ratio, mode, by = row.drop
-    return setting_dir / f"drop-{mode}-{by}-{ratio}.parquet"
+    return setting_dir / f"drop-{mode}-{by}-{ratio}{'-per-class' if row.drop_per_class else ''}.parquet"
 
 
 def run_one(job: tuple) -> dict:
@@ -147,16 +154,6 @@ COLUMNS = {"config": "config", "seeds": "seeds", "best": "best", "last": "last",
            "wins": "wins", "verdict": "verdict", "rows/epoch": "samples", "epochs": "epochs", "s/run": "seconds"}
 
 
-def energy_check(table: Path) -> str:
-    from energytools.table import TableMeta
-
-    s = TableMeta.read(table).summary
-    groups = "; ".join(f"{g['energy_group']}: confidence {g['mean_confidence']:.3f}, accuracy {g['accuracy']:.1f}%"
-                       for g in s["groups"])
-    return (f"{s['samples']} samples, teacher accuracy {s['accuracy']:.2f}%, Spearman(energy, confidence) "
-            f"{s['spearman_energy_confidence']:.3f}; {groups}.")
-
-
 def markdown(results: pl.DataFrame, checks: dict, command: str, wall: float) -> str:
     summary = summary_cells(aggregate_runs(results, "kd", by=["setting"]))
     lines = [BEGIN, "# Results, round 2: equal compute, online HE-DA, a real student, pruning", "",
@@ -178,10 +175,13 @@ def markdown(results: pl.DataFrame, checks: dict, command: str, wall: float) -> 
 
 
 #: (row, its control): equal optimizer steps for HE-DA, equal size for pruning
-PAIRS = [("kd + HE-DA shards 0.25", "kd 15 ep"), ("kd + HE-DA shards 0.25", "kd + random shards 0.25"),
+PAIRS = [("kd + HE-DA shards 0.25", "kd 15 ep"), ("kd + HE-DA shards 0.25", "kd 15 ep, online teacher"),
+         ("kd + random shards 0.25", "kd 15 ep, online teacher"), ("kd 15 ep, online teacher", "kd 15 ep"), ("kd + HE-DA shards 0.25", "kd + random shards 0.25"),
          ("kd + online HE-DA", "kd"), ("kd + online HE-DA 15 ep", "kd 15 ep"),
          ("kd + online HE-DA 15 ep", "kd + HE-DA shards 0.25"), ("energy-kd 6,4,2 views-T", "energy-kd 6,4,2"),
          *[(f"kd, drop {name} {x}%", f"kd, drop random {x}%") for x in (25, 50) for name in ("low-energy", "low-EL2N")],
+         *[(f"kd, drop {name} 50% per class", f"kd, drop {name} 50%") for name in ("low-energy", "low-EL2N")],
+         *[(f"kd, drop {name} 50% per class", "kd, drop random 50%") for name in ("low-energy", "low-EL2N")],
          *[(f"kd, drop {name} {x}%", "kd") for x in (25, 50) for name in ("low-energy", "low-EL2N", "random")]]
 PAIR_COLUMNS = {"config": "config", "against": "against", "seeds": "paired", "Δ (best)": "delta_best",
                 "wins": "wins", "verdict": "verdict"}
@@ -234,7 +234,7 @@ def main():
         setting_dir = args.out / slug(setting)
         data = DataConfig(**options, **({} if args.smoke else COMMON_DATA))
         prepare(setting_dir, data, teacher, rows)
-        checks[setting] = energy_check(setting_dir / "scores.parquet")
+        checks[setting] = teacher_check(setting_dir / "scores.parquet")
         # seed-major: an interrupted study has whole seeds first
         scale = SMOKE_EPOCH_SCALE if args.smoke else 1.0
         jobs += [(setting, name, seed, str(setting_dir), data.eval_limit, scale) for seed in seeds for name in rows]

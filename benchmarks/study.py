@@ -30,12 +30,12 @@ from pathlib import Path
 import polars as pl
 import torch
 
+from common import teacher_check
 from energytools.config import AugmentConfig, DataConfig, DistillConfig, ScoreConfig, TrainConfig, TrainStageConfig
 from energytools.stages.augment import augment
 from energytools.stages.distill import distill
 from energytools.stages.score import score
 from energytools.summaries import VERDICT_RULE, aggregate_runs, markdown_table, summary_cells
-from energytools.table import TableMeta
 
 # name -> (method, temperatures or None, HE-DA (ratio, select) or None)
 CONFIGS = {
@@ -57,6 +57,7 @@ SETTINGS = {
     "fashion-mnist-lt": ({"dataset": "fashion-mnist", "imbalance_factor": 100.0}, [0, 1, 2, 3, 4]),
 }
 DISCUSSION = "<!-- discussion: kept when the study re-writes this file -->"
+TITLE = "# Results: the accuracy study"
 SMOKE_CONFIGS = ["ce", "kd", "energy-kd 6,4,2", "energy-kd + HE-DA 0.3"]
 
 
@@ -104,7 +105,7 @@ def summary_table(results: pl.DataFrame) -> pl.DataFrame:
 
 
 def markdown(summary: pl.DataFrame, checks: dict, command: str, args) -> str:
-    lines = ["# Results: the accuracy study", "",
+    lines = [TITLE, "",
              f"Command: `{command}`  ", f"Machine: 2-core x86_64 CPU, 24 GiB, no GPU; date {date.today()}.", "",
              "Test accuracy (%) of the validation-selected checkpoint (`best`) and of the last epoch, mean ± std over "
              "seeds; the baseline is kd. " + VERDICT_RULE, ""]
@@ -132,14 +133,6 @@ def comparison_markdown(compared: pl.DataFrame) -> str:
                      f"{r['earlier_last']} / {r['last']} | {'yes' if r['same'] else '**no**'} |")
     same = int(compared["same"].sum())
     return "\n".join(lines + ["", f"{same} of {compared.height} runs reproduced exactly."])
-
-
-def energy_check(table: Path) -> str:
-    s = TableMeta.read(table).summary
-    groups = "; ".join(f"{g['energy_group']}: confidence {g['mean_confidence']:.3f}, accuracy {g['accuracy']:.1f}%"
-                       for g in s["groups"])
-    return (f"{s['samples']} samples, teacher accuracy {s['accuracy']:.2f}%, Spearman(energy, confidence) "
-            f"{s['spearman_energy_confidence']:.3f}; {groups}.")
 
 
 def main():
@@ -172,13 +165,13 @@ def main():
             train(TrainStageConfig(model="cnn_small", out=str(args.out / "teacher"), data=data,
                                    train=TrainConfig(epochs=2), overwrite=True))
         frames.append(run_setting("digits", data, teacher, args.out / "digits", [0], configs, 1, args.student))
-        checks["digits"] = energy_check(args.out / "digits" / "scores.parquet")
+        checks["digits"] = teacher_check(args.out / "digits" / "scores.parquet")
     else:
         for setting in args.settings:
             options, seeds = SETTINGS[setting]
             frames.append(run_setting(setting, DataConfig(**options), args.teacher, args.out / setting,
                                       args.seeds or seeds, configs, args.epochs, args.student))
-            checks[setting] = energy_check(args.out / setting / "scores.parquet")
+            checks[setting] = teacher_check(args.out / setting / "scores.parquet")
     results = pl.concat(frames)
     summary = summary_table(results)
     results.write_csv(args.out / "results.csv")
@@ -193,8 +186,12 @@ def main():
     doc = args.doc or (None if args.smoke else Path("docs/results.md"))
     if doc:
         # the hand-written discussion below the marker survives a re-run
-        kept = doc.read_text().split(DISCUSSION, 1)[1] if doc.exists() and DISCUSSION in doc.read_text() else "\n"
-        doc.write_text(text + "\n" + DISCUSSION + kept)
+        # the study's own part runs from its title to the marker: what stands before the title (the
+        # round-2 study's block, benchmarks/evidence.py) and the hand-written discussion after the marker are kept
+        old = doc.read_text() if doc.exists() else ""
+        before = old[:old.index(TITLE)] if TITLE in old and DISCUSSION in old else ""
+        kept = old.split(DISCUSSION, 1)[1] if DISCUSSION in old else "\n"
+        doc.write_text(before + text + "\n" + DISCUSSION + kept)
     print(text)
 
 

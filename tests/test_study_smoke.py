@@ -15,7 +15,13 @@ def study(*args):
 
 
 def test_study_smoke_produces_the_table_and_a_second_run_reproduces_it(tmp_path):
-    stdout = study("--out", tmp_path / "first")
+    doc = tmp_path / "results.md"
+    marker = "<!-- discussion: kept when the study re-writes this file -->"
+    doc.write_text(f"round 2 block\n# Results: the accuracy study\nold table\n{marker}\nthe discussion\n")
+    stdout = study("--out", tmp_path / "first", "--doc", doc)
+    written = doc.read_text()  # the study's own part replaced, what stands before and after it kept
+    assert written.startswith("round 2 block\n# Results: the accuracy study") and "old table" not in written
+    assert written.endswith(f"{marker}\nthe discussion\n") and "| kd | 1 |" in written
     results = pl.read_csv(tmp_path / "first" / "results.csv")
     assert results.height == 4 and set(results["config"]) == {"ce", "kd", "energy-kd 6,4,2", "energy-kd + HE-DA 0.3"}
     assert "| kd | 1 |" in stdout and "Spearman" in stdout
