@@ -79,3 +79,17 @@ def test_two_process_distill_with_online_he_da(digits_run, tmp_path):
                       "--he-da", "online", "--cached-logits", "--epochs", 1, "--out", out, "--device", "cpu")
     assert result.returncode == 0, result.stderr[-3000:]
     assert pl.read_parquet(out / "metrics.parquet")["loss_he_da"][0] > 0
+
+
+def test_two_process_distill_replays_stored_views(digits_run, tmp_path):
+    import json
+
+    table = tmp_path / "views.parquet"
+    result = torchrun("score", "--teacher", digits_run["teacher"], "--views", 2, "--out", table, nproc=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "ddp"
+    result = torchrun("distill", "--scores", table, "--student", "cnn_tiny", "--method", "energy-kd", "--cached-logits",
+                      "--temperature-source", "views", "--epochs", 1, "--out", out, "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["replayed_views"]["count"] == 2
+    assert pl.read_parquet(out / "metrics.parquet")["val_acc"].is_not_null().all()
