@@ -83,22 +83,30 @@ def _cli_option(spec, hint) -> tuple[object, object]:
         shown = ",".join(map(str, shown)) if shown else None
     help_text = spec.metadata.get("help", "")
     show = str(shown) if shown is not None else False
+    metavar = METAVARS.get(base)
     if base is bool:
         kind, names = Optional[bool], [f"{flag}/--no-{flag[2:]}"]
+        show = show and flag[2:] if shown else show and f"no-{flag[2:]}"
     elif typing.get_origin(base) is tuple and typing.get_args(base)[0] is str:
-        kind, names = Optional[list[str]], [flag]
-        help_text += " (repeatable)"
+        kind, names, metavar = Optional[list[str]], [flag], "TEXT"
+        help_text += "" if "repeatable" in help_text else " (repeatable)"
     elif typing.get_origin(base) is tuple:
-        kind, names = Optional[str], [flag]
+        kind, names, metavar = Optional[str], [flag], "LIST"
         help_text += " (comma-separated)"
     else:
         kind, names = Optional[base], [flag]
     if required:  # checked by resolve(), so that --config may give it too
-        show = "required"
-    return Annotated[kind, typer.Option(*names, help=help_text, show_default=show)], None
+        help_text += " [required]"
+    elif show:  # typer would print a string default in parentheses: "(scores.parquet)"
+        help_text += f" [default: {show}]"
+    return Annotated[kind, typer.Option(*names, help=help_text, show_default=False, metavar=metavar)], None
 
 
-ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="a TOML file of this command's options; "
+#: how --help names a value of each type (the generated signatures would otherwise show <str>)
+METAVARS = {str: "TEXT", int: "INTEGER", float: "NUMBER", bool: " "}
+
+
+ConfigFile = Annotated[Optional[Path], typer.Option("--config", metavar="FILE", help="a TOML file of this command's options; "
                                                     "flags override it")]
 
 

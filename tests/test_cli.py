@@ -148,3 +148,11 @@ def test_summaries_name_the_classes(runner, fashion_root, tmp_path):
     assert result.exit_code == 0, result.output
     result = invoke(runner, "select", "--scores", tmp_path / "s.parquet", "--ratio", "0.5")
     assert result.exit_code == 0 and "Trouser: " in result.stderr and "Ankle boot: " in result.stderr, result.stderr
+
+
+def test_generated_help_names_types_and_defaults_plainly(runner):
+    result = invoke(runner, "distill", "--help")
+    text = " ".join(result.output.split())  # rich wraps lines and pads boxes
+    assert result.exit_code == 0 and "<str>" not in text and "<float>" not in text and "(scores.parquet)" not in text
+    assert "NUMBER" in text and "INTEGER" in text and "TEXT" in text
+    assert "[default: scores.parquet]" in text and "[required]" in text and "[default: no-cached-logits]" in text
