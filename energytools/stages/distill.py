@@ -17,7 +17,7 @@ each batch's high-energy samples, with one more KD term on the mixed images.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -52,6 +52,16 @@ class TemperaturePlan:
     rederived: bool
     energy_temperature: float
     view_groups: EnergyGroups | None = None  # the rule fitted over every stored view (--temperature-source views)
+    # the last batch's (teacher logits, (groups, temperatures)) under --temperature-source online
+    _online: tuple = field(default=(None, None), init=False, repr=False, compare=False)
+
+    def assign_online(self, teacher_logits: torch.Tensor, sample_ids: torch.Tensor) -> tuple:
+        """Groups and temperatures from the teacher's energies on a batch, computed once per batch
+        however many per-sample values (T, high-energy mask) read them."""
+        if self._online[0] is not teacher_logits:
+            energies = energy(teacher_logits.float(), self.energy_temperature).cpu().numpy()
+            self._online = (teacher_logits, self.groups.assign(energies, sample_ids.numpy()))
+        return self._online[1]
 
     def temperatures(self, rows: pl.DataFrame) -> np.ndarray:
         """Per-sample T of table or shard rows: their own column, or by the re-derived rule."""
@@ -255,8 +265,7 @@ def energy_group_source(cfg: DistillConfig, plan: TemperaturePlan, lookup: Sampl
     --temperature-source: the table's row, the stored view's, or the teacher's energy on the view."""
     if cfg.temperature_source == "online":
         def online(batch: Batch, positions, teacher_logits):
-            energies = energy(teacher_logits.float(), plan.energy_temperature).cpu().numpy()
-            groups, temps = plan.groups.assign(energies, batch.sample_ids.numpy())
+            groups, temps = plan.assign_online(teacher_logits, batch.sample_ids)
             return torch.as_tensor(temps if column == "temperature" else groups == "high", device=teacher_logits.device)
         return online
     if cfg.temperature_source == "views":
