@@ -15,8 +15,8 @@ Design (see docs/results.md for the reasons and what was cut):
   teacher logits (score --views 4), so distill does not run the teacher unless a row needs it;
 - equal compute = equal optimizer steps: a ratio-r shard run has (1 + r)x the rows, so its
   baseline is kd for (1 + r)x the epochs ("kd 15 ep" for r = 0.25);
-- materialized HE-DA shards cannot replay stored views (shard rows have none), so shard rows
-  run the teacher online on their crops; so does their random control;
+- shard rows run the teacher online on their crops, and so does their random control: when
+  this round ran, HE-DA shards stored no views (they do now; a later round can cache them);
 - pruning: drop the easiest X% by energy (lowest), by EL2N (lowest) or at random, X = 25, 50,
   at equal epochs (so fewer steps: the point of pruning).
 """

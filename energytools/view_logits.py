@@ -1,4 +1,5 @@
-"""The teacher's logits per stored view: top-k compression, reading them back, per-view groups.
+"""The teacher's logits per stored view: scoring them, top-k compression, reading them back,
+per-view groups.
 
 Top-k (``score --views K --top-k N``): of each view's C logits the N largest are kept (class
 index and float16 value) plus one float, the *fill*. Rebuilding sets the other C - N logits
@@ -24,8 +25,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from .energy import EnergyGroups, TemperatureRule
+from .energy import EnergyGroups, TemperatureRule, energy
 from .errors import UserError
+from .teacher import TeacherRun, check_logits
 
 
 def index_dtype(num_classes: int) -> np.dtype:
@@ -67,10 +69,8 @@ def _flat(column: pa.ChunkedArray, depth: int, path, name: str, lengths: tuple[i
     return values if values.flags.writeable else values.copy()
 
 
-def read_views(path: Path | str, meta, num_classes: int) -> dict[str, np.ndarray]:
-    """The per-view columns of a score table, in its row order: ``view_energy`` (N, K) and either
-    ``view_logits`` (N, K, C) float16 or the top-k triple (N, K, N_top), (N, K, N_top), (N, K)."""
-    views = meta.views
+def view_column_shapes(views, num_classes: int) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """The per-view columns a table (or shard) scored with ``views`` holds: name -> (list depth, lengths)."""
     count = views.count
     wanted = {"view_energy": (1, (count,))}
     if views.top_k:
@@ -78,20 +78,37 @@ def read_views(path: Path | str, meta, num_classes: int) -> dict[str, np.ndarray
                       view_fill=(1, (count,)))
     else:
         wanted["view_logits"] = (2, (count, num_classes))
+    return wanted
+
+
+def views_from_arrow(table: pa.Table, views, num_classes: int, where) -> dict[str, np.ndarray]:
+    """The per-view columns of an Arrow table (rows in its order) as arrays, checked: shapes,
+    finite energies, class indices in range. ``where`` names the table in messages."""
+    wanted = view_column_shapes(views, num_classes)
+    missing = [name for name in wanted if name not in table.column_names]
+    if missing:
+        raise UserError(f"{where} records {views.count} views but lacks column {missing[0]!r}; re-score with --views")
+    out = {name: _flat(table.column(name), depth, where, name, lengths) for name, (depth, lengths) in wanted.items()}
+    if not np.isfinite(out["view_energy"]).all():
+        raise UserError(f"{where} has non-finite view energies")
+    if views.top_k and (out["view_topk_index"].min(initial=0) < 0
+                        or out["view_topk_index"].max(initial=0) >= num_classes):
+        raise UserError(f"{where}: view_topk_index holds class indices outside 0..{num_classes - 1}")
+    return out
+
+
+def read_views(path: Path | str, meta, num_classes: int) -> dict[str, np.ndarray]:
+    """The per-view columns of a score table, in its row order: ``view_energy`` (N, K) and either
+    ``view_logits`` (N, K, C) float16 or the top-k triple (N, K, N_top), (N, K, N_top), (N, K)."""
+    wanted = view_column_shapes(meta.views, num_classes)
     missing = [name for name in wanted if name not in meta.columns]
     if missing:
-        raise UserError(f"{path} records {count} views but lacks column {missing[0]!r}; re-score with --views")
+        raise UserError(f"{path} records {meta.views.count} views but lacks column {missing[0]!r}; re-score with --views")
     try:
         table = pq.read_table(path, columns=list(wanted))
     except Exception as exc:  # noqa: BLE001 - corrupt file
         raise UserError(f"{path} is not a readable Parquet file: {str(exc).splitlines()[0][:200]}") from None
-    out = {name: _flat(table.column(name), depth, path, name, lengths) for name, (depth, lengths) in wanted.items()}
-    if not np.isfinite(out["view_energy"]).all():
-        raise UserError(f"{path} has non-finite view energies")
-    if views.top_k and (out["view_topk_index"].min(initial=0) < 0
-                        or out["view_topk_index"].max(initial=0) >= num_classes):
-        raise UserError(f"{path}: view_topk_index holds class indices outside 0..{num_classes - 1}")
-    return out
+    return views_from_arrow(table, meta.views, num_classes, path)
 
 
 def view_keys(sample_ids: np.ndarray, count: int) -> np.ndarray:
@@ -107,9 +124,41 @@ def fit_view_groups(rule: TemperatureRule, energies: np.ndarray, sample_ids: np.
     reference code's thresholds are percentiles over augmented views; each view's temperature,
     (N, K) float32; and whether each view is in the high-energy group, (N, K) bool."""
     count = energies.shape[1]
-    keys = view_keys(sample_ids, count)
-    flat = energies.reshape(-1).astype(np.float64)
-    fitted: EnergyGroups = rule.fit(flat, keys)
-    groups, temperatures = fitted.assign(flat, keys)
-    return (fitted, temperatures.reshape(energies.shape).astype(np.float32),
-            (groups == "high").reshape(energies.shape))
+    fitted: EnergyGroups = rule.fit(energies.reshape(-1).astype(np.float64), view_keys(sample_ids, count))
+    return (fitted, *assign_view_groups(fitted, energies, view_keys(sample_ids, count)))
+
+
+def assign_view_groups(fitted: EnergyGroups, energies: np.ndarray, keys: np.ndarray):
+    """``(temperature, high)`` per view, (N, K) each, by groups fitted elsewhere. ``keys`` (one
+    per view, flat) only break ties with the fitted reference: a shard's views pass their
+    sample_id repeated, which lies above every dataset view's key."""
+    groups, temperatures = fitted.assign(energies.reshape(-1).astype(np.float64), keys)
+    return temperatures.reshape(energies.shape).astype(np.float32), (groups == "high").reshape(energies.shape)
+
+
+@torch.no_grad()
+def score_views(teacher: TeacherRun, views: torch.Tensor, ids: torch.Tensor, info, energy_temperature: float,
+                top_k: int | None, batch_size: int) -> dict:
+    """Per-view columns for one batch: (B, K) energies and (B, K, C) float16 logits, or the
+    top-k triple. ``views`` is uint8 (B, K, C, S, S)."""
+    count = views.shape[1]
+    flat = views.flatten(0, 1)
+    logits = torch.cat([teacher.logits(flat[i:i + batch_size], info).cpu() for i in range(0, len(flat), batch_size)])
+    check_logits(logits, ids.repeat_interleave(count))
+    rows = {"view_energy": energy(logits, energy_temperature).numpy().reshape(-1, count)}
+    if top_k:
+        index, value, fill = topk_compress(logits, top_k, energy_temperature)
+        rows.update(view_topk_index=index.reshape(-1, count, top_k), view_topk_logit=value.reshape(-1, count, top_k),
+                    view_fill=fill.reshape(-1, count))
+    else:
+        rows["view_logits"] = logits.half().numpy().reshape(-1, count, logits.shape[1])
+    return rows
+
+
+def nested_list_array(values: np.ndarray) -> pa.Array:
+    """A (rows, d1, d2, ...) numpy array as nested Arrow lists (one list level per dimension)."""
+    array = pa.array(values.reshape(-1))
+    for depth in range(values.ndim - 1, 0, -1):
+        rows = int(np.prod(values.shape[:depth]))
+        array = pa.ListArray.from_arrays(pa.array(np.arange(rows + 1, dtype=np.int32) * values.shape[depth]), array)
+    return array

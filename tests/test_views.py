@@ -556,3 +556,91 @@ def test_online_he_da_takes_high_energy_views_by_view_energy(crop_run, tmp_path,
     assert len(masks) == len(batches) > 0
     for mask, batch in zip(masks, batches):
         assert mask.tolist() == [expected[(s, v)] for s, v in zip(batch.sample_ids.tolist(), batch.views.tolist())]
+
+
+# --- HE-DA shards replay their views too ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def crop_shards(crop_run):
+    """HE-DA shards of the 4-view table: augment scores the table's views of every new image."""
+    import energytools
+
+    return energytools.augment(crop_run["full"], crop_run["base"] / "he-da", ratio=0.3, seed=2, shard_size=50)
+
+
+def test_shards_store_the_teacher_on_their_own_views(crop_run, crop_shards):
+    from energytools.data.base import ArrayImages, ImageSet
+    from energytools.data.shards import shard_dataset
+    from energytools.data.transforms import normalize
+    from energytools.models import load_model
+
+    train = DataConfig(dataset="fashion-mnist", data_root=str(crop_run["root"]), crop_pad=2).build("train")
+    shard_set, rows = shard_dataset(crop_shards, train.info)
+    assert rows.height == round(0.3 * load_table(crop_run["full"])[0].height) > 0
+    assert {"view_energy", "view_logits"} <= set(rows.columns)
+    assert (rows["sample_id"].to_numpy() >= 1 << 62).all()  # the shard's own ids key its views
+    views = np.broadcast_to(np.arange(4), (rows.height, 4))
+    images = render(shard_set, np.arange(rows.height), views, seed=3)[0].flatten(0, 1)
+    teacher, _ = load_model(crop_run["teacher"])
+    with torch.no_grad():
+        direct = teacher(normalize(images, train.info)).view(rows.height, 4, 10)
+    stored = torch.tensor(np.array(rows["view_logits"].to_list(), dtype=np.float32))
+    torch.testing.assert_close(stored, direct, atol=2e-2, rtol=2e-3)
+    assert isinstance(shard_set.images, ArrayImages) and isinstance(shard_set, ImageSet)
+
+
+def test_cached_views_train_on_shards_without_the_teacher(crop_run, crop_shards, tmp_path, monkeypatch):
+    import energytools.stages.distill as stage
+    from energytools.models import load_model
+
+    monkeypatch.setattr(stage, "open_table_teacher", lambda *a, **k: pytest.fail("the teacher was opened"))
+    steps, batches = _record_steps(monkeypatch)
+    stage.distill(DistillConfig(scores=str(crop_run["full"]), student="cnn_tiny", out=str(tmp_path / "d"),
+                                method="kd", cached_logits=True, shards=[str(crop_shards)],
+                                train=TrainConfig(epochs=1, batch_size=64, seed=5)))
+    teacher, _ = load_model(crop_run["teacher"])
+    ids = torch.cat([b.sample_ids for b in batches])
+    shard_rows = json.loads((crop_shards / "manifest.json").read_text())["rows"]
+    assert len(ids) == load_table(crop_run["full"])[0].height + shard_rows and (ids >= 1 << 62).sum() == shard_rows
+    for (images, info), batch in zip(steps, batches):  # shard rows too: the logits of the view trained on
+        with torch.no_grad():
+            torch.testing.assert_close(info.teacher_logits, teacher(images), atol=2e-2, rtol=2e-3)
+
+
+def test_shard_views_take_the_dataset_views_thresholds(crop_run, crop_shards, tmp_path, monkeypatch):
+    from energytools.data.shards import read_shards
+    from energytools.stages.distill import distill
+    from energytools.view_logits import fit_view_groups, read_views
+
+    frame, meta = load_table(crop_run["full"])
+    fitted, _, _ = fit_view_groups(meta.rule, read_views(crop_run["full"], meta, 10)["view_energy"],
+                                   frame["sample_id"].to_numpy())
+    shard_energy = dict(zip(read_shards(crop_shards)["sample_id"].to_list(),
+                            read_shards(crop_shards)["view_energy"].to_list()))
+    steps, batches = _record_steps(monkeypatch)
+    distill(DistillConfig(scores=str(crop_run["full"]), student="cnn_tiny", out=str(tmp_path / "d"),
+                          method="energy-kd", cached_logits=True, temperature_source="views",
+                          shards=[str(crop_shards)], train=TrainConfig(epochs=1, batch_size=64)))
+    seen = set()
+    for (_, info), batch in zip(steps, batches):
+        for k, (sample_id, view) in enumerate(zip(batch.sample_ids.tolist(), batch.views.tolist())):
+            if sample_id in shard_energy:
+                _, temps = fitted.assign(np.array([shard_energy[sample_id][view]]), np.array([sample_id]))
+                assert info.temperature[k].item() == pytest.approx(temps[0])
+                seen.add(float(temps[0]))
+    assert len(seen) >= 2  # the shard's views fall in more than one group
+
+
+def test_shards_without_views_are_refused_with_one_line(crop_run, crop_shards, tmp_path, runner):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(crop_shards, old)
+    for path in old.glob("train-*.parquet"):
+        table = pq.read_table(path)
+        keep = [n for n in table.column_names if not n.startswith("view_")]
+        pq.write_table(table.select(keep).replace_schema_metadata(table.schema.metadata), path)
+    result = invoke(runner, "distill", "--scores", crop_run["full"], "--student", "cnn_tiny", "--out", tmp_path / "d",
+                    "--method", "kd", "--cached-logits", "--shards", old)
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and "hold no per-view logits" in lines[0], result.output

@@ -6,7 +6,9 @@ or duckdb glob ``DIR/*.parquet`` reads the shards alone. Columns: ``image`` stru
 PNG, path} (decoded as ``Image``), ``sample_id`` (disjoint from the dataset's), ``source_id``,
 ``partner_id``, ``lam``, ``label`` and ``partner_label`` (``ClassLabel`` with the dataset's
 class names), ``aug``, ``aug_params`` (JSON), ``energy``, ``confidence``, ``energy_group``,
-``temperature`` and optional ``logits``.
+``temperature`` and optional ``logits``; when the score table holds K views, the same per-view
+columns as the table (``view_energy`` and ``view_logits`` or the top-k triple), for the K views
+of each new image drawn from its own sample_id.
 """
 from __future__ import annotations
 

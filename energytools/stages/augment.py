@@ -29,7 +29,7 @@ import torch
 
 from ..config import AugmentConfig, SelectConfig, as_dict
 from ..console import console, headline, progress_bar
-from ..data.base import ImageSet
+from ..data.base import ArrayImages, ImageSet
 from ..data.shards import LOGITS_FIELD, MANIFEST, SHARD_SCHEMA, encode_png, huggingface_metadata, shard_name
 from ..distributed import context
 from ..energy import logit_statistics
@@ -38,8 +38,9 @@ from ..io import check_output_free, check_output_path, sha256_file, write_json
 from ..policies import make_policy
 from ..resume import resumable_parts
 from ..selection import describe_selection, select_samples
-from ..table import TableMeta, load_table, versions, write_parquet
+from ..table import VIEW_COLUMNS, TableMeta, load_table, versions, write_parquet
 from ..teacher import check_logits, open_table_teacher
+from ..view_logits import nested_list_array, score_views
 
 #: an augmented sample's id: this bit set (far above any dataset's own ids), a namespace drawn
 #: from the shard directory's content key, and (source_id * copies + copy) in the low bits, so
@@ -111,7 +112,8 @@ class Augmenter:
                     temperature=temps)
         table = pa.table({field.name: pa.array(rows[field.name], type=field.type) for field in SHARD_SCHEMA})
         for name, values in logits.items():
-            table = table.append_column(pa.field(name, LOGITS_FIELD.type), pa.array(list(values), LOGITS_FIELD.type))
+            array = nested_list_array(values) if name in VIEW_COLUMNS else pa.array(list(values), LOGITS_FIELD.type)
+            table = table.append_column(name, array)
         return table.replace_schema_metadata(huggingface_metadata(self.dataset.info.classes))
 
     @torch.no_grad()
@@ -132,7 +134,18 @@ class Augmenter:
             saved["logits"] = logits.half().numpy()
             if flipped:
                 saved["logits_flipped"] = torch.cat(flipped).half().numpy()
+        if self.meta.has_views:  # the table's K views of each new image, so distill can replay them too
+            saved.update(self._score_views(images, labels, ids))
         return {k: v.numpy() for k, v in stats.items()}, saved
+
+    def _score_views(self, images: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> dict:
+        """Per-view columns of augmented images, drawn as score draws the dataset's (seed, sample_id, view)."""
+        views = self.meta.views
+        augmented = ImageSet(self.dataset.info, "he-da", ArrayImages(images), labels, ids)
+        rendered = augmented.render_views(np.arange(len(ids)), np.broadcast_to(np.arange(views.count),
+                                                                               (len(ids), views.count)), views.seed)[0]
+        return score_views(self.teacher, rendered, torch.from_numpy(ids), self.dataset.info,
+                           self.meta.energy_temperature, views.top_k, self.cfg.batch_size)
 
 
 @dataclass
@@ -154,8 +167,8 @@ class ShardPlan:
 
 
 # PNG bytes are already compressed: storing them again costs time for nothing
-SHARD_COMPRESSION = {name: "zstd" for name in SHARD_SCHEMA.names + ["image.path", "logits", "logits_flipped"]
-                     if name != "image"} | {"image.bytes": "none"}
+SHARD_COMPRESSION = {name: "zstd" for name in [*SHARD_SCHEMA.names, "image.path", "logits", "logits_flipped",
+                                              *VIEW_COLUMNS] if name != "image"} | {"image.bytes": "none"}
 
 #: how worker processes start. On Linux they fork, as torch's DataLoader workers do: a forked
 #: worker shares this process's dataset, teacher and policy and is ready at once. Elsewhere a

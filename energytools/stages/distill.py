@@ -40,9 +40,9 @@ from ..lookup import CachedLogits, CachedViewLogits, LogitsSource, OnlineTeacher
 from ..models import create_model
 from ..online_heda import OnlineHEDA
 from ..resume import run_directory
-from ..table import TableMeta, load_table, read_parquet, versions
+from ..table import TableMeta, ViewsRecord, load_table, read_parquet, versions
 from ..teacher import open_table_teacher
-from ..view_logits import fit_view_groups, read_views
+from ..view_logits import assign_view_groups, fit_view_groups, read_views, views_from_arrow
 
 @dataclass
 class TemperaturePlan:
@@ -159,7 +159,7 @@ class ViewReplay:
 
     schedule: ReplayViews
     columns: dict
-    top_k: int | None
+    views: ViewsRecord
     num_classes: int
 
 
@@ -180,11 +180,23 @@ def plan_views(cfg: DistillConfig, spec: MethodSpec, meta: TableMeta, train_set:
     if recorded != transform:
         raise UserError(f"{cfg.scores} holds views of {recorded.describe()}, but {info.name} trains with "
                         f"{transform.describe()}: re-score with --views {meta.views.count}")
-    if cfg.shards:
-        raise UserError("replayed views do not take --shards yet (HE-DA shards store no per-view logits): drop "
-                        "--shards, or --cached-logits and --temperature-source views to run the teacher online")
     return ViewReplay(ReplayViews(transform, meta.views.seed, meta.views.count, cfg.train.seed),
-                      read_views(cfg.scores, meta, info.num_classes), meta.views.top_k, info.num_classes)
+                      read_views(cfg.scores, meta, info.num_classes), meta.views, info.num_classes)
+
+
+def shard_views(cfg: DistillConfig, plan: TemperaturePlan, replay: ViewReplay, rows: pl.DataFrame, directory) -> dict:
+    """A shard's stored views (augment scores the table's K views of every new image), and with
+    --temperature-source views their groups by the thresholds fitted on the dataset's views."""
+    if "view_energy" not in rows.columns:
+        raise UserError(f"shards in {directory} hold no per-view logits (made by an older energytools); re-run "
+                        "augment on this table to replay views with them")
+    read = views_from_arrow(rows.to_arrow(), replay.views, replay.num_classes, f"shards in {directory}")
+    columns = {name: values.astype(replay.columns[name].dtype, copy=False) for name, values in read.items()}
+    if cfg.temperature_source == "views":
+        keys = np.repeat(rows["sample_id"].to_numpy(), replay.views.count)
+        columns["view_temperature"], columns["view_high"] = assign_view_groups(plan.view_groups,
+                                                                               columns["view_energy"], keys)
+    return columns
 
 
 def collect_samples(cfg: DistillConfig, table: pl.DataFrame, plan: TemperaturePlan, train_set: ImageSet,
@@ -212,7 +224,8 @@ def collect_samples(cfg: DistillConfig, table: pl.DataFrame, plan: TemperaturePl
                         "high": plan.high(rows),
                         "partner_label": rows["partner_label"].to_numpy(),
                         "lam": rows["lam"].fill_null(1.0).to_numpy().astype(np.float32),
-                        **_logit_columns(rows, logit_names, f"shards in {directory}")})
+                        **_logit_columns(rows, logit_names, f"shards in {directory}"),
+                        **(shard_views(cfg, plan, replay, rows, directory) if replay is not None else {})})
     merged = {name: columns[0][name] if len(columns) == 1 else np.concatenate([c[name] for c in columns])
               for name in columns[0]}
     if "logits_flipped" in merged:  # (N, 2, C): a step gathers both views and picks one in one indexing
@@ -252,7 +265,7 @@ def open_logits_source(cfg: DistillConfig, spec: MethodSpec, meta: TableMeta, lo
     if not needs_teacher_logits(cfg, spec):
         return None
     if cfg.cached_logits:
-        return CachedViewLogits(lookup, replay.top_k, replay.num_classes) if replay is not None else CachedLogits(lookup)
+        return CachedViewLogits(lookup, replay.views.top_k, replay.num_classes) if replay is not None else CachedLogits(lookup)
     return OnlineTeacher(open_table_teacher(meta, train_set, cfg.teacher, cfg.teacher_arch, cfg.train.device).model)
 
 

@@ -36,7 +36,7 @@ from ..resume import resumable_parts
 from ..table import (OPTIONAL_SCORE_COLUMNS, SCORE_COLUMNS, VIEW_COLUMNS, DatasetRecord, TableMeta, TeacherRecord,
                      ViewsRecord, load_table, versions, write_parquet)
 from ..teacher import TeacherRun, check_logits, open_teacher, teacher_data_config
-from ..view_logits import topk_compress
+from ..view_logits import nested_list_array, score_views
 
 
 def resolve_data(cfg: ScoreConfig) -> DataConfig:
@@ -62,34 +62,6 @@ def score_rows(teacher: TeacherRun, images: torch.Tensor, labels: torch.Tensor, 
             check_logits(flipped, ids)
             row["logits_flipped"] = flipped.half().numpy()
     return row
-
-
-@torch.no_grad()
-def score_views(teacher: TeacherRun, views: torch.Tensor, ids: torch.Tensor, info, energy_temperature: float,
-                top_k: int | None, batch_size: int) -> dict:
-    """Per-view columns for one batch: (B, K) energies and (B, K, C) float16 logits, or the
-    top-k triple (energytools.view_logits). ``views`` is uint8 (B, K, C, S, S)."""
-    count = views.shape[1]
-    flat = views.flatten(0, 1)
-    logits = torch.cat([teacher.logits(flat[i:i + batch_size], info).cpu() for i in range(0, len(flat), batch_size)])
-    check_logits(logits, ids.repeat_interleave(count))
-    rows = {"view_energy": energy(logits, energy_temperature).numpy().reshape(-1, count)}
-    if top_k:
-        index, value, fill = topk_compress(logits, top_k, energy_temperature)
-        rows.update(view_topk_index=index.reshape(-1, count, top_k), view_topk_logit=value.reshape(-1, count, top_k),
-                    view_fill=fill.reshape(-1, count))
-    else:
-        rows["view_logits"] = logits.half().numpy().reshape(-1, count, logits.shape[1])
-    return rows
-
-
-def nested_list_array(values: np.ndarray) -> pa.Array:
-    """A (rows, d1, d2, ...) numpy array as nested Arrow lists (one list level per dimension)."""
-    array = pa.array(values.reshape(-1))
-    for depth in range(values.ndim - 1, 0, -1):
-        rows = int(np.prod(values.shape[:depth]))
-        array = pa.ListArray.from_arrays(pa.array(np.arange(rows + 1, dtype=np.int32) * values.shape[depth]), array)
-    return array
 
 
 def _rows_to_arrow(rows: dict, paths: list | None) -> pa.Table:
