@@ -3,7 +3,6 @@ unique HE-DA ids and validated outputs (issue 15)."""
 import dataclasses
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -12,7 +11,7 @@ import torch
 
 from conftest import invoke
 from energytools.config import (AugmentConfig, DistillConfig, ScoreConfig, SelectConfig, TrainConfig, TrainStageConfig,
-                                flat_names, resolve)
+                                flat_names)
 from energytools.errors import UserError
 from energytools.table import SCHEMA_VERSION, TableMeta, load_table
 

@@ -28,7 +28,7 @@ from ..config import DataConfig, ScoreConfig, as_dict
 from ..console import console, headline, progress_bar
 from ..distributed import context
 from ..data.views import ScoredViews
-from ..energy import GROUPS, TemperatureRule, energy, logit_statistics
+from ..energy import GROUPS, TemperatureRule, logit_statistics
 from ..engine import float32_exact, make_loader
 from ..errors import UserError
 from ..io import check_output_free, write_json
