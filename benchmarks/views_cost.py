@@ -13,7 +13,6 @@ without views, per sample and view, as Parquet writes them (zstd) and as raw val
 Target: online / cached views >= 2.0.
 """
 import argparse
-import pickle
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 import energytools.engine as engine
 from common import emit
 from energytools.config import DataConfig, TrainConfig
+from energytools.data.synthetic import write_cifar
 from energytools.engine import model_meta
 from energytools.models import create_model, save_checkpoint
 from energytools.stages.distill import DistillConfig, distill
@@ -38,20 +38,6 @@ def _timed_schedule(epoch, cfg):
 
 
 engine.SCHEDULES["timed"] = _timed_schedule
-
-
-def cifar100_files(root: Path, train: int, test: int) -> Path:
-    """CIFAR-100's python files with random pixels and balanced labels."""
-    rng = np.random.default_rng(0)
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    for name, n in (("train", train), ("test", test)):
-        with open(folder / name, "wb") as handle:
-            pickle.dump({b"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8),
-                         b"fine_labels": list(np.arange(n) % 100)}, handle)
-    with open(folder / "meta", "wb") as handle:
-        pickle.dump({b"fine_label_names": [f"c{i}".encode() for i in range(100)]}, handle)
-    return root
 
 
 def epoch_seconds(table, work, name, epochs, **kwargs) -> float:
@@ -71,8 +57,8 @@ def main():
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp())
-    data = DataConfig(dataset="cifar100", data_root=str(cifar100_files(work / "data", args.samples, 200)),
-                      eval_limit=100)
+    files = write_cifar(work / "data", 100, args.samples, 200, np.random.default_rng(0))
+    data = DataConfig(dataset="cifar100", data_root=str(files), eval_limit=100)
     train_set = data.build("train")
     torch.manual_seed(0)
     teacher = create_model("resnet32x4", 100, 3, 32)

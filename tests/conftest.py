@@ -1,13 +1,14 @@
 import contextlib
 import gzip
 import os
-import pickle
 import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
+
+from energytools.data.synthetic import write_cifar
 
 os.environ.setdefault("COLUMNS", "200")
 
@@ -36,25 +37,11 @@ def fashion_root(tmp_path):
 
 @pytest.fixture
 def cifar_root(tmp_path):
+    """CIFAR-10 (100 training images) and CIFAR-100 (400) side by side, random pixels."""
     rng = np.random.default_rng(1)
     root = tmp_path / "cifar"
-    ten = root / "cifar-10-batches-py"
-    ten.mkdir(parents=True)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        with open(ten / name, "wb") as handle:
-            pickle.dump({b"data": rng.integers(0, 255, (20, 3072), dtype=np.uint8),
-                         b"labels": list(np.arange(20) % 10)}, handle)
-    with open(ten / "batches.meta", "wb") as handle:
-        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, handle)
-    hundred = root / "cifar-100-python"
-    hundred.mkdir()
-    for name, n in (("train", 400), ("test", 100)):
-        with open(hundred / name, "wb") as handle:
-            pickle.dump({b"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8),
-                         b"fine_labels": list(np.arange(n) % 100)}, handle)
-    with open(hundred / "meta", "wb") as handle:
-        pickle.dump({b"fine_label_names": [f"c{i}".encode() for i in range(100)]}, handle)
-    return root
+    write_cifar(root, 10, 100, 20, rng)
+    return write_cifar(root, 100, 400, 100, rng)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,38 @@
+"""Small datasets in the on-disk formats the loaders read, with random pixels: for tests,
+benchmarks and smoke runs on machines that hold no real data."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+CIFAR_TRAIN_BATCHES = 5
+
+
+def _dump(path: Path, payload: dict) -> None:
+    with open(path, "wb") as handle:
+        pickle.dump(payload, handle)
+
+
+def write_cifar(root: Path | str, classes: int, train: int, test: int, rng: np.random.Generator) -> Path:
+    """CIFAR-10 (``classes`` 10) or CIFAR-100 (100) under ``root`` in torchvision's python
+    layout: uint8 pixels from ``rng``, labels 0, 1, ... cycling through the classes. CIFAR-10's
+    ``train`` images are split over its five training batches. Returns ``root``."""
+    root = Path(root)
+    if classes == 10:
+        folder = root / "cifar-10-batches-py"
+        files = [(f"data_batch_{i}", train // CIFAR_TRAIN_BATCHES) for i in range(1, CIFAR_TRAIN_BATCHES + 1)]
+        label_key, meta = b"labels", ("batches.meta", b"label_names")
+    elif classes == 100:
+        folder = root / "cifar-100-python"
+        files = [("train", train)]
+        label_key, meta = b"fine_labels", ("meta", b"fine_label_names")
+    else:
+        raise ValueError(f"CIFAR has 10 or 100 classes, not {classes}")
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in files + [("test_batch" if classes == 10 else "test", test)]:
+        _dump(folder / name, {b"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8),
+                              label_key: list(np.arange(n) % classes)})
+    _dump(folder / meta[0], {meta[1]: [f"c{i}".encode() for i in range(classes)]})
+    return root
