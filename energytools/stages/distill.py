@@ -265,7 +265,9 @@ def open_logits_source(cfg: DistillConfig, spec: MethodSpec, meta: TableMeta, lo
     if not needs_teacher_logits(cfg, spec):
         return None
     if cfg.cached_logits:
-        return CachedViewLogits(lookup, replay.views.top_k, replay.num_classes) if replay is not None else CachedLogits(lookup)
+        if replay is not None:
+            return CachedViewLogits(lookup, replay.views.top_k, replay.num_classes)
+        return CachedLogits(lookup)
     return OnlineTeacher(open_table_teacher(meta, train_set, cfg.teacher, cfg.teacher_arch, cfg.train.device).model)
 
 
