@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import energytools.engine as engine
 from common import emit
 from energytools.config import DataConfig, TrainConfig
+from energytools.data.synthetic import write_cifar
 from energytools.data.transforms import normalize
 from energytools.data.views import TrainTransform, crop_flip, draw_views
 from energytools.energy import energy
@@ -39,7 +40,6 @@ from energytools.stages.distill import DistillConfig, distill
 from energytools.stages.score import ScoreConfig, score
 from energytools.table import load_table
 from energytools.view_logits import read_views
-from views_cost import cifar100_files
 
 STAMPS: list[float] = []
 
@@ -145,7 +145,7 @@ def main():
         meta_data = load_model(teacher_path)[1].get("data")
         data = DataConfig(**{**meta_data, "limit": args.limit or meta_data.get("limit"), "eval_limit": 500})
     else:
-        root = cifar100_files(work / "data", args.samples, 500)
+        root = write_cifar(work / "data", 100, args.samples, 500, np.random.default_rng(0))
         data = DataConfig(dataset="cifar100", data_root=str(root), eval_limit=500)
         torch.manual_seed(0)
         model = create_model(args.teacher_arch, 100, 3, 32)
