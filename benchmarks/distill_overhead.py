@@ -212,6 +212,9 @@ def main():
                                    lambda: bare_crop.epoch_loop(args.epochs, True, work / "bare.pt")),
     }
     if args.only:
+        unknown = set(args.only.split(",")) - set(runs)
+        if unknown:
+            parser.error(f"--only: unknown run {sorted(unknown)[0]!r}; one of {', '.join(runs)}")
         runs = {name: runs[name] for name in args.only.split(",")}
     best = {name: [math.inf, math.inf] for name in runs}
     for _ in range(args.repeats):  # alternate, so drift on a noisy machine hits both sides

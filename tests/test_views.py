@@ -658,3 +658,19 @@ def test_shards_without_views_are_refused_with_one_line(crop_run, crop_shards, t
                     "--method", "kd", "--cached-logits", "--shards", old)
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and "hold no per-view logits" in lines[0], result.output
+
+
+def test_view_shards_are_compressed_and_the_same_bytes_with_workers(crop_run, tmp_path):
+    import energytools
+
+    one = energytools.augment(crop_run["full"], tmp_path / "one", ratio=0.3, seed=2, shard_size=50)
+    two = energytools.augment(crop_run["full"], tmp_path / "two", ratio=0.3, seed=2, shard_size=50, workers=2)
+    files = sorted(one.glob("train-*.parquet"))
+    assert len(files) == 2
+    for path in files:
+        assert path.read_bytes() == (two / path.name).read_bytes()
+        group = pq.ParquetFile(path).metadata.row_group(0)
+        codecs = {group.column(i).path_in_schema: group.column(i).compression for i in range(group.num_columns)}
+        assert codecs.pop("image.bytes") == "UNCOMPRESSED"  # PNG already is
+        assert codecs["view_logits.list.element.list.element"] == "ZSTD"
+        assert set(codecs.values()) == {"ZSTD"}, codecs

@@ -20,6 +20,8 @@ def write_cifar(root: Path | str, classes: int, train: int, test: int, rng: np.r
     layout: uint8 pixels from ``rng``, labels 0, 1, ... cycling through the classes. CIFAR-10's
     ``train`` images are split over its five training batches. Returns ``root``."""
     root = Path(root)
+    if classes == 10 and train % CIFAR_TRAIN_BATCHES:
+        raise ValueError(f"CIFAR-10's {train} training images do not split over {CIFAR_TRAIN_BATCHES} batches")
     if classes == 10:
         folder = root / "cifar-10-batches-py"
         files = [(f"data_batch_{i}", train // CIFAR_TRAIN_BATCHES) for i in range(1, CIFAR_TRAIN_BATCHES + 1)]

@@ -54,6 +54,8 @@ def augmented_ids(namespace: int, source_ids: np.ndarray, copies: int, copy: np.
     if len(index) and index.max() >= 1 << INDEX_BITS:
         raise UserError(f"sample ids up to {int(np.max(source_ids))} with {copies} copies do not fit HE-DA's ids")
     return AUG_ID_FLAG | (namespace << INDEX_BITS) | index
+#: the shard layout's version: a partial directory of another layout is not resumed (2: per-view columns)
+SHARD_FORMAT = 2
 #: the score table's columns this stage reads
 TABLE_COLUMNS = ["sample_id", "label", "energy"]
 
@@ -166,9 +168,20 @@ class ShardPlan:
         return sum(map(len, self.chunks))
 
 
-# PNG bytes are already compressed: storing them again costs time for nothing
-SHARD_COMPRESSION = {name: "zstd" for name in [*SHARD_SCHEMA.names, "image.path", "logits", "logits_flipped",
-                                              *VIEW_COLUMNS] if name != "image"} | {"image.bytes": "none"}
+def leaf_columns(field: pa.Field, prefix: str = "") -> list[str]:
+    """The Parquet leaf paths of a column ("image.bytes", "view_logits.list.element.list.element"):
+    pyarrow matches per-column compression by these, and writes a column it does not match plain."""
+    name, kind = prefix + field.name, field.type
+    if pa.types.is_struct(kind):
+        return [leaf for child in kind for leaf in leaf_columns(child, name + ".")]
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        return leaf_columns(pa.field("element", kind.value_type), name + ".list.")
+    return [name]
+
+
+def shard_compression(schema: pa.Schema) -> dict[str, str]:
+    """zstd for every column but the PNG bytes, which are compressed already."""
+    return {leaf: "none" if leaf == "image.bytes" else "zstd" for field in schema for leaf in leaf_columns(field)}
 
 #: how worker processes start. On Linux they fork, as torch's DataLoader workers do: a forked
 #: worker shares this process's dataset, teacher and policy and is ready at once. Elsewhere a
@@ -248,8 +261,9 @@ def write_shards(plans: list[ShardPlan], metadata: dict, builder: Augmenter,
             built.setdefault(k, {})[c] = table
             if len(built[k]) == len(plans[k].chunks):
                 parts = built.pop(k)
-                write_parquet(pa.concat_tables([parts[c] for c in sorted(parts)]), plans[k].path, metadata,
-                              row_group_size=256, compression=SHARD_COMPRESSION)
+                shard = pa.concat_tables([parts[c] for c in sorted(parts)])
+                write_parquet(shard, plans[k].path, metadata, row_group_size=256,
+                              compression=shard_compression(shard.schema))
             yield table.num_rows
     finally:
         torch.set_num_threads(threads)  # leave the caller's process as it was
@@ -304,7 +318,7 @@ def augment(cfg: AugmentConfig) -> Path:
                         "machine (fingerprints differ)")
     table_sha = sha256_file(cfg.scores)
     resolved = cfg.content()
-    plan_key = hashlib.sha256(json.dumps([resolved, table_sha], sort_keys=True).encode()).hexdigest()
+    plan_key = hashlib.sha256(json.dumps([resolved, table_sha, SHARD_FORMAT], sort_keys=True).encode()).hexdigest()
     builder = Augmenter(cfg, dataset, table, meta, namespace=int(plan_key[:8], 16) % (1 << NAMESPACE_BITS))
     chosen, selected_ids = builder.selection, builder.selected_ids
     console.print(describe_selection(chosen, table.height, meta.dataset.classes))

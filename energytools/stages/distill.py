@@ -42,7 +42,7 @@ from ..online_heda import OnlineHEDA
 from ..resume import run_directory
 from ..table import TableMeta, ViewsRecord, load_table, read_parquet, versions
 from ..teacher import open_table_teacher
-from ..view_logits import assign_view_groups, fit_view_groups, read_views, views_from_arrow
+from ..view_logits import assign_view_groups, fit_view_groups, read_views, view_column_shapes, views_from_arrow
 
 @dataclass
 class TemperaturePlan:
@@ -189,8 +189,10 @@ def shard_views(cfg: DistillConfig, plan: TemperaturePlan, replay: ViewReplay, r
     --temperature-source views their groups by the thresholds fitted on the dataset's views."""
     if "view_energy" not in rows.columns:
         raise UserError(f"shards in {directory} hold no per-view logits (made by an older energytools); re-run "
-                        "augment on this table to replay views with them")
-    read = views_from_arrow(rows.to_arrow(), replay.views, replay.num_classes, f"shards in {directory}")
+                        "augment on this table with --overwrite to replay views with them")
+    wanted = list(view_column_shapes(replay.views, replay.num_classes))
+    read = views_from_arrow(rows.select([n for n in wanted if n in rows.columns]).to_arrow(), replay.views,
+                            replay.num_classes, f"shards in {directory}")
     columns = {name: values.astype(replay.columns[name].dtype, copy=False) for name, values in read.items()}
     if cfg.temperature_source == "views":
         keys = np.repeat(rows["sample_id"].to_numpy(), replay.views.count)

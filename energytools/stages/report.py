@@ -156,7 +156,8 @@ def render(sections: list[Section], title: str = "energytools report") -> str:
 def report(paths: list[Path | str], out: Path | str = "report.html", overwrite: bool = True,
            thumbnails: bool = True, baseline: str | None = None) -> Path:
     """Write the HTML report for run directories or files; returns its path. ``baseline`` names the
-    configuration, run or method the runs are compared with (default: kd, see :func:`choose_baseline`)."""
+    configuration, run or method the runs are compared with (default: kd; see
+    :func:`~energytools.stages.report_runs.choose_baseline`)."""
     out = Path(out)
     check_output_free(out, overwrite)
     inputs = discover([Path(p) for p in paths])
