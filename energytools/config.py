@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,16 +19,49 @@ from pathlib import Path
 from .errors import UserError
 
 
-def option(default=dataclasses.MISSING, help: str = "", factory=dataclasses.MISSING):
-    """A config field with its CLI help text (``factory`` for a nested config's default)."""
-    return field(default=default, default_factory=factory, metadata={"help": help})
+def option(default=dataclasses.MISSING, help: str = "", factory=dataclasses.MISSING, choices=None):
+    """A config field with its CLI help text (``factory`` for a nested config's default).
+    ``choices``, for a name picked from a registry: a callable giving the names, read when a
+    config is resolved (registries fill as modules import), so that :func:`resolve` can take
+    other spellings of them."""
+    return field(default=default, default_factory=factory, metadata={"help": help, "choices": choices})
+
+
+def registry(module: str, name: str):
+    """``choices`` read from the registry ``name`` of ``module`` (imported then, not now)."""
+    def names():
+        import importlib
+
+        return getattr(importlib.import_module(module), name)
+    return names
+
+
+MODEL_NAMES = registry("energytools.models", "MODELS")
+RULE_NAMES = registry("energytools.energy", "TEMPERATURE_RULES")
+SELECT_MODES = registry("energytools.selection", "SELECT_MODES")
+
+
+def _fold(name: str) -> str:
+    return re.sub(r"[\s_-]", "", name.lower())
+
+
+def canonical_name(value: str, names) -> str:
+    """``value`` as the registry spells it when it differs only in case, ``-``, ``_`` or spaces
+    ("Energy_KD" -> "energy-kd", "FashionMNIST" -> "fashion-mnist", "CNN-small" -> "cnn_small");
+    anything else unchanged, for the stage's own check to refuse with the list of names."""
+    names = list(names)
+    if value in names:
+        return value
+    matches = [name for name in names if _fold(name) == _fold(value)]
+    return matches[0] if len(matches) == 1 else value
 
 
 @dataclass
 class DataConfig:
     """Which samples: a dataset by name and the options that subset it."""
 
-    dataset: str | None = option(None, "dataset name, see `energytools datasets`")
+    dataset: str | None = option(None, "dataset name, see `energytools datasets`",
+                                 choices=registry("energytools.data", "DATASETS"))
     data_root: str | None = option(None, "where the dataset files are")
     limit: int | None = option(None, "class-stratified subset of N training samples")
     eval_limit: int | None = option(None, "same, for the val and test splits")
@@ -56,7 +90,8 @@ class TrainConfig:
     lr: float = option(0.05, "initial learning rate")
     momentum: float = option(0.9, "SGD momentum")
     weight_decay: float = option(5e-4, "SGD weight decay")
-    schedule: str = option("step", "step (x lr_decay at the milestones) or cosine (to zero)")
+    schedule: str = option("step", "step (x lr_decay at the milestones) or cosine (to zero)",
+                           choices=registry("energytools.engine", "SCHEDULES"))
     milestones: tuple[float, ...] = option((0.625, 0.75, 0.875), "step schedule: fractions of the epochs")
     lr_decay: float = option(0.1, "step schedule: lr factor at each milestone")
     seed: int = option(0, "seed for every random choice")
@@ -91,7 +126,7 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class TrainStageConfig:
-    model: str = option(help="architecture, see `energytools models`")
+    model: str = option(help="architecture, see `energytools models`", choices=MODEL_NAMES)
     out: str = option(help="run directory")
     data: DataConfig = option(help="the dataset", factory=DataConfig)
     train: TrainConfig = option(help="optimisation", factory=TrainConfig)
@@ -105,14 +140,15 @@ class ScoreConfig:
     out: str = option("scores.parquet", "the table to write")
     data: DataConfig = option(help="the dataset; unless `dataset` is given, the teacher checkpoint's, with the "
                               "fields that are given changed", factory=DataConfig)
-    teacher_arch: str | None = option(None, "architecture, for checkpoints that do not record it")
-    split: str = option("train", "train, val or test")
+    teacher_arch: str | None = option(None, "architecture, for checkpoints that do not record it",
+                                      choices=MODEL_NAMES)
+    split: str = option("train", "train, val or test", choices=lambda: ("train", "val", "test"))
     energy_temperature: float = option(4.0, "T_E in E = -T_E * logsumexp(z / T_E)")
     low_frac: float = option(0.2, "fraction of lowest-energy samples in the low group")
     high_frac: float = option(0.2, "fraction of highest-energy samples in the high group")
     temperatures: tuple[float, ...] = option((6.0, 4.0, 2.0), "KD temperature of the low,mid,high groups "
                                              "(paper: 6,4,2; reference code: 2,4,6)")
-    temperature_rule: str = option("groups", "groups, or rank (linear in energy rank)")
+    temperature_rule: str = option("groups", "groups, or rank (linear in energy rank)", choices=RULE_NAMES)
     reference: str | None = option(None, "a train table whose groups (fractions, boundaries) group this split")
     save_logits: bool = option(False, "store float16 logits (and of the flipped image)")
     views: int = option(0, "also score K training views per sample, drawn from the dataset's train transform "
@@ -151,9 +187,10 @@ class SelectConfig:
     scores: str = option("scores.parquet", "the train score table")
     out: str | None = option(None, "write the selected ids to this Parquet file (for distill --exclude/--keep)")
     ratio: float = option(0.3, "fraction of samples to select, in (0, 1]")
-    mode: str = option("high", "high (the hardest: HE-DA), low (the easiest: pruning) or random (a control)")
+    mode: str = option("high", "high (the hardest: HE-DA), low (the easiest: pruning) or random (a control)",
+                       choices=SELECT_MODES)
     by: str = option("energy", "the score to rank by: energy, margin, confidence, true_prob, entropy or el2n "
-                    "(||softmax - onehot||, Paul et al. 2021)")
+                     "(||softmax - onehot||, Paul et al. 2021)", choices=registry("energytools.selection", "SELECT_BY"))
     per_class: bool = option(False, "take the fraction within each class")
     seed: int = option(0, "seed for every random choice")
     overwrite: bool = option(False, "replace an existing output")
@@ -164,7 +201,7 @@ class AugmentConfig:
     scores: str = option("scores.parquet", "the train score table")
     out: str = option("he-da", "shard directory")
     ratio: float = option(0.3, "fraction of samples to select, in (0, 1]")
-    select: str = option("high", "high (HE-DA), low or random (controls)")
+    select: str = option("high", "high (HE-DA), low or random (controls)", choices=SELECT_MODES)
     per_class: bool = option(False, "take the fraction within each class")
     policy: str = option("cutmix", "cutmix, mixup, randaug, light, or an albumentations .json/.yaml file")
     copies: int = option(1, "augmented samples per selected sample")
@@ -172,7 +209,8 @@ class AugmentConfig:
     workers: int = option(1, "processes writing shards")
     shard_size: int = option(2048, "rows per shard")
     teacher: str | None = option(None, "teacher checkpoint (default: the one that scored the table)")
-    teacher_arch: str | None = option(None, "architecture, for checkpoints that do not record it")
+    teacher_arch: str | None = option(None, "architecture, for checkpoints that do not record it",
+                                      choices=MODEL_NAMES)
     batch_size: int = option(256, "images per teacher forward pass")
     overwrite: bool = option(False, "replace an existing output")
 
@@ -201,19 +239,22 @@ HE_DA_MODES = ("online",)
 @dataclass(kw_only=True)
 class DistillConfig:
     scores: str = option("scores.parquet", "the train score table")
-    student: str = option(help="student architecture, see `energytools models`")
+    student: str = option(help="student architecture, see `energytools models`", choices=MODEL_NAMES)
     out: str = option(help="run directory")
-    method: str = option("energy-kd", "ce, kd, energy-kd, dkd or energy-dkd")
+    method: str = option("energy-kd", "ce, kd, energy-kd, dkd or energy-dkd",
+                         choices=registry("energytools.distillers", "METHODS"))
     shards: tuple[str, ...] = option((), "HE-DA shard directory (repeatable)")
     teacher: str | None = option(None, "teacher checkpoint (default: the one that scored the table)")
-    teacher_arch: str | None = option(None, "architecture, for checkpoints that do not record it")
+    teacher_arch: str | None = option(None, "architecture, for checkpoints that do not record it",
+                                      choices=MODEL_NAMES)
     temperature_source: str = option("table", "table (the clean image's energy, by sample_id), views (each "
                                      "stored view's energy against thresholds over all views; needs score "
-                                     "--views) or online (the teacher's energy on each augmented view)")
+                                     "--views) or online (the teacher's energy on each augmented view)",
+                                     choices=lambda: TEMPERATURE_SOURCES)
     temperatures: tuple[float, ...] | None = option(None, "re-derive: T of the low,mid,high groups, e.g. 2,4,6")
     low_frac: float | None = option(None, "re-derive the groups with this low fraction")
     high_frac: float | None = option(None, "re-derive the groups with this high fraction")
-    temperature_rule: str | None = option(None, "re-derive with this rule: groups or rank")
+    temperature_rule: str | None = option(None, "re-derive with this rule: groups or rank", choices=RULE_NAMES)
     kd_temperature: float | None = option(None, "T of kd and dkd (method default: 4)")
     ce_weight: float | None = option(None, "weight of the CE term (method default: 0.1 kd, 1.0 dkd)")
     kd_weight: float | None = option(None, "weight of the KD term (method default: 0.9)")
@@ -222,7 +263,7 @@ class DistillConfig:
     dkd_warmup: int | None = option(None, "DKD's linear warm-up in epochs (method default: 20)")
     he_da: str | None = option(None, "online: the reference's HE-DA, CutMix drawn in every batch among its "
                                "high-energy samples (by --temperature-source) plus a KD term at T=4 on the mixed "
-                               "images; runs the teacher on them")
+                               "images; runs the teacher on them", choices=lambda: HE_DA_MODES)
     he_da_weight: float | None = option(None, "weight of --he-da online's KD term (default: the method's KD weight, "
                                         "0.9)")
     cached_logits: bool = option(False, "use the table's stored teacher logits (per view with score --views): "
@@ -334,7 +375,8 @@ def resolve(cls, values: dict, where: str = "config"):
 
     Keys of nested config fields may be given flat (``epochs`` for ``train.epochs``), as the CLI
     and the API do, or as a nested dict, as a recipe may. Unknown keys are refused with the
-    nearest valid one; every value is type-checked.
+    nearest valid one; every value is type-checked; names picked from a registry take their
+    registry's spelling (:func:`canonical_name`).
     """
     hints = _hints(cls)
     own = {f.name: f for f in dataclasses.fields(cls)}
@@ -347,6 +389,9 @@ def resolve(cls, values: dict, where: str = "config"):
                 routed[key].update(value)
             else:
                 kwargs[key] = convert(value, hints[key], f"{where}: {key}")
+                choices = own[key].metadata.get("choices")
+                if choices is not None and isinstance(kwargs[key], str):
+                    kwargs[key] = canonical_name(kwargs[key], choices())
             continue
         owner = next((name for name, sub in nested.items() if key in flat_names(sub)), None)
         if owner is None:

@@ -107,6 +107,37 @@ def test_config_file_then_flags(monkeypatch, runner, tmp_path):
     assert (cfg.method, cfg.train.epochs, cfg.train.lr) == ("kd", 5, 0.2)
 
 
+@pytest.mark.parametrize("cls,given,expected", [
+    (DistillConfig, {"student": "CNN-Tiny", "method": "Energy_KD", "temperature_source": "Views", "he_da": "ONLINE",
+                     "temperature_rule": "Rank", "schedule": "Cosine"},
+     {"student": "cnn_tiny", "method": "energy-kd", "temperature_source": "views", "he_da": "online",
+      "temperature_rule": "rank", "schedule": "cosine"}),
+    (TrainStageConfig, {"model": "ResNet8x4", "dataset": "FashionMNIST"}, {"model": "resnet8x4", "dataset": "fashion-mnist"}),
+    (TrainStageConfig, {"model": "timm:resnet18", "dataset": "CIFAR-100"}, {"model": "timm:resnet18", "dataset": "cifar100"}),
+    (SelectConfig, {"mode": "LOW", "by": "true-prob"}, {"mode": "low", "by": "true_prob"}),
+    (AugmentConfig, {"select": "Random", "teacher_arch": "ResNet20"}, {"select": "random", "teacher_arch": "resnet20"}),
+    (ScoreConfig, {"teacher": "t.pt", "split": "Test", "dataset": "fashion_mnist"}, {"split": "test", "dataset": "fashion-mnist"}),
+])
+def test_registry_names_take_other_spellings(cls, given, expected):
+    from energytools.config import as_dict, resolve
+
+    values = {"out": "o", **given} if "out" in flat_names(cls) else given
+    flat = {}
+    for key, value in as_dict(resolve(cls, values, "test")).items():
+        flat.update(value if isinstance(value, dict) else {key: value})
+    assert {key: flat[key] for key in expected} == expected
+
+
+def test_cli_spellings_reach_the_stage_and_unknown_names_are_still_refused(monkeypatch, runner):
+    seen = _capture(monkeypatch, "distill", "distill")
+    _cli(runner, "distill", "--student", "CNN_tiny", "--out", "o", "--method", "Energy-KD", "--temperature-source",
+         "ONLINE")
+    assert (seen[0].student, seen[0].method, seen[0].temperature_source) == ("cnn_tiny", "energy-kd", "online")
+    monkeypatch.undo()
+    result = invoke(runner, "distill", "--student", "cnn_tiny", "--out", "o", "--method", "energy-kdd")
+    assert result.exit_code == 2 and "unknown method 'energy-kdd'; choose from" in result.stderr
+
+
 @pytest.mark.parametrize("text,needle", [
     ("[data]\ndataset = 3\n", "[data]: dataset must be a string"),
     ("[data]\nlimit = 'many'\n", "[data]: limit must be a whole number"),
