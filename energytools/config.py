@@ -203,7 +203,8 @@ class AugmentConfig:
     ratio: float = option(0.3, "fraction of samples to select, in (0, 1]")
     select: str = option("high", "high (HE-DA), low or random (controls)", choices=SELECT_MODES)
     per_class: bool = option(False, "take the fraction within each class")
-    policy: str = option("cutmix", "cutmix, mixup, randaug, light, or an albumentations .json/.yaml file")
+    policy: str = option("cutmix", "cutmix, mixup, randaug, light, or an albumentations .json/.yaml file",
+                         choices=registry("energytools.policies", "POLICIES"))
     copies: int = option(1, "augmented samples per selected sample")
     seed: int = option(0, "seed for every random choice")
     workers: int = option(1, "processes writing shards")

@@ -115,7 +115,9 @@ def test_config_file_then_flags(monkeypatch, runner, tmp_path):
     (TrainStageConfig, {"model": "ResNet8x4", "dataset": "FashionMNIST"}, {"model": "resnet8x4", "dataset": "fashion-mnist"}),
     (TrainStageConfig, {"model": "timm:resnet18", "dataset": "CIFAR-100"}, {"model": "timm:resnet18", "dataset": "cifar100"}),
     (SelectConfig, {"mode": "LOW", "by": "true-prob"}, {"mode": "low", "by": "true_prob"}),
-    (AugmentConfig, {"select": "Random", "teacher_arch": "ResNet20"}, {"select": "random", "teacher_arch": "resnet20"}),
+    (AugmentConfig, {"select": "Random", "teacher_arch": "ResNet20", "policy": "CutMix"},
+     {"select": "random", "teacher_arch": "resnet20", "policy": "cutmix"}),
+    (AugmentConfig, {"policy": "my_policy.json"}, {"policy": "my_policy.json"}),
     (ScoreConfig, {"teacher": "t.pt", "split": "Test", "dataset": "fashion_mnist"}, {"split": "test", "dataset": "fashion-mnist"}),
 ])
 def test_registry_names_take_other_spellings(cls, given, expected):
