@@ -203,6 +203,10 @@ class TableMeta:
     def from_json(cls, raw: dict, path, columns: tuple[str, ...] = ()) -> "TableMeta":
         """Validate ``raw``; a missing or mistyped field is one UserError naming the file and field."""
         if raw.get("kind") != "scores":
+            if not raw and {"sample_id", "energy", "energy_group"} <= set(columns):
+                raise UserError(f"{path} has score columns but lost energytools' metadata, as polars and pandas "
+                                "drop it when they write a file: subset a table with `energytools select` and "
+                                "`distill --keep/--exclude` instead, or copy the schema metadata over with pyarrow")
             raise UserError(f"{path} is not an energytools score table (no score metadata)")
         version = raw.get("schema_version", 1)
         if version not in KNOWN_SCHEMA_VERSIONS:

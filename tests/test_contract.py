@@ -431,3 +431,13 @@ def test_per_class_selection_counts_use_exact_fractions():
     counts = dict(select_samples(table, 0.29, per_class=True).group_by("label").len().iter_rows())
     assert counts == {0: 29, 1: 2, 2: 3}  # floor(0.29 * n), with 0.29 * 100 counted as 29, not 28
     assert select_samples(table, 0.29).height == 34
+
+
+def test_a_table_rewritten_by_polars_is_refused_with_what_happened(runner, digits_run, tmp_path):
+    import polars as pl
+
+    edited = tmp_path / "edited.parquet"
+    pl.read_parquet(digits_run["scores"]).filter(pl.col("label") != 3).write_parquet(edited)  # drops the metadata
+    result = invoke(runner, "distill", "--scores", edited, "--student", "cnn_tiny", "--out", tmp_path / "d")
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and "lost energytools' metadata" in lines[0]
