@@ -1,6 +1,7 @@
 """Accuracy: KD from cached views against KD with the online teacher, Fashion-MNIST with crops.
 
     python benchmarks/views_study.py --out runs/views-study [--limit 10000] [--seeds 0,1,2] [--views 1,2,8]
+    python benchmarks/views_study.py --out runs/views-study --views 2,8 --shards 0.3   # with HE-DA shards
 
 A teacher (resnet8) is trained with the crop regime (--crop-pad 2: pad-2 crop + flip), the
 training split is scored once per K with --views K, and a student (cnn_tiny) is distilled with
@@ -8,6 +9,11 @@ kd (T = 4) on the same seeds: with the teacher run online on every batch, and fr
 cached views (--cached-logits: the teacher is never run). Paired differences to the online
 run, per seed; the verdict says whether |mean| exceeds two standard errors. Finished runs are
 kept (re-running the command skips them).
+
+With ``--shards R`` every run also trains on HE-DA shards (CutMix of the highest-energy R of
+the samples) made from its own table by ``augment``: the online run's teacher sees the shard
+images' crops every batch, the cached runs replay the K views augment stored for each shard
+image. Those runs are named with a ``+ HE-DA R`` suffix and compared among themselves.
 """
 import argparse
 import json
@@ -35,6 +41,7 @@ def main():
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--teacher-epochs", type=int, default=6)
     parser.add_argument("--eval-limit", type=int, default=3000, help="val and test samples (class-stratified)")
+    parser.add_argument("--shards", type=float, default=0.0, help="also train on HE-DA shards of this ratio")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     counts = [int(k) for k in args.views.split(",")]
@@ -49,27 +56,40 @@ def main():
         tables[k] = out / f"scores-k{k}.parquet"
         if not tables[k].exists():
             energytools.score(teacher / "best.pt", tables[k], views=k)
+    shards, suffix, tag = {}, "", ""
+    if args.shards:
+        suffix, tag = f" + HE-DA {args.shards:g}", f"+heda{args.shards:g}"
+        for k in counts:
+            shards[k] = out / f"he-da-k{k}-r{args.shards:g}"
+            if not (shards[k] / "manifest.json").exists():
+                energytools.augment(tables[k], shards[k], ratio=args.shards, overwrite=True)
+
+    def run(name: str, k: int, seed: int, **options) -> dict:
+        """kd from table K (and its shards) on ``seed``, unless that run has finished already."""
+        path = out / f"{name}{tag}-s{seed}"
+        extra = {"shards": [str(shards[k])]} if shards else {}
+        return run_once(path, lambda: energytools.distill(tables[k], "cnn_tiny", path, overwrite=True, method="kd",
+                                                          epochs=args.epochs, seed=seed, **extra, **options))
+
     results = {}
     for seed in seeds:
-        common = dict(method="kd", epochs=args.epochs, seed=seed)
-        results[("online", seed)] = run_once(out / f"online-s{seed}", lambda: energytools.distill(
-            tables[counts[-1]], "cnn_tiny", out / f"online-s{seed}", overwrite=True, **common))
+        results[("online" + suffix, seed)] = run("online", counts[-1], seed)
         for k in counts:
-            results[(f"views K={k}", seed)] = run_once(out / f"views{k}-s{seed}", lambda: energytools.distill(
-                tables[k], "cnn_tiny", out / f"views{k}-s{seed}", cached_logits=True, overwrite=True, **common))
+            results[(f"views K={k}" + suffix, seed)] = run(f"views{k}", k, seed, cached_logits=True)
     lines = ["| run | seeds | best (val-selected) | last | Δ online (best) | Δ online (last) | wins | verdict | s/run |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for name in ["online"] + [f"views K={k}" for k in counts]:
+    online = "online" + suffix
+    for name in [online] + [f"views K={k}" + suffix for k in counts]:
         best = [results[(name, s)]["best_test_acc"] for s in seeds]
         last = [results[(name, s)]["last_test_acc"] for s in seeds]
         secs = statistics.mean(results[(name, s)]["seconds"] for s in seeds)
         row = f"| {name} | {len(seeds)} | {statistics.mean(best):.2f} ± {statistics.stdev(best):.2f} | " \
               f"{statistics.mean(last):.2f} ± {statistics.stdev(last):.2f} | "
-        if name == "online":
+        if name == online:
             row += "— | — | — | — |"
         else:
-            deltas = [b - results[("online", s)]["best_test_acc"] for b, s in zip(best, seeds)]
-            deltas_last = [b - results[("online", s)]["last_test_acc"] for b, s in zip(last, seeds)]
+            deltas = [b - results[(online, s)]["best_test_acc"] for b, s in zip(best, seeds)]
+            deltas_last = [b - results[(online, s)]["last_test_acc"] for b, s in zip(last, seeds)]
             mean, sd = statistics.mean(deltas), statistics.stdev(deltas)
             se = sd / math.sqrt(len(deltas))
             verdict = "inside noise" if abs(mean) <= 2 * se else ("better" if mean > 0 else "worse")
