@@ -73,7 +73,7 @@ def command(name: str | None = None, **kwargs):
 
 def _cli_option(spec, hint) -> tuple[object, object]:
     """(annotation, default) of the typer parameter for one config field."""
-    from .config import _optional
+    from .options import _optional
 
     base, _ = _optional(hint)
     flag = "--" + spec.name.replace("_", "-")

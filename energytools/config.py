@@ -1,59 +1,27 @@
 """Stage configs: one dataclass per stage is the single source of its options and defaults.
 
 The Python API, the CLI and the recipe sections all build a stage's config through
-:func:`resolve`, so the same options give the same run whichever way they are written:
-defaults (the dataclass) -> recipe or config values -> CLI flags. Every value is type-checked
-there, with one line naming the key. A field's ``help`` (its metadata) is its CLI help text.
+:func:`~energytools.options.resolve` (re-exported here), so the same options give the same run
+whichever way they are written: defaults (the dataclass) -> recipe or config values -> CLI
+flags. Every value is type-checked there, with one line naming the key. A field's ``help`` (its
+metadata) is its CLI help text.
 """
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import math
-import re
-import types
-import typing
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 from .errors import UserError
+from .options import (as_dict, canonical_name, convert, flat_fields, flat_names, option, overrides,
+                      registry, resolve)
 
-
-def option(default=dataclasses.MISSING, help: str = "", factory=dataclasses.MISSING, choices=None):
-    """A config field with its CLI help text (``factory`` for a nested config's default).
-    ``choices``, for a name picked from a registry: a callable giving the names, read when a
-    config is resolved (registries fill as modules import), so that :func:`resolve` can take
-    other spellings of them."""
-    return field(default=default, default_factory=factory, metadata={"help": help, "choices": choices})
-
-
-def registry(module: str, name: str):
-    """``choices`` read from the registry ``name`` of ``module`` (imported then, not now)."""
-    def names():
-        import importlib
-
-        return getattr(importlib.import_module(module), name)
-    return names
-
+__all__ = ["AugmentConfig", "DataConfig", "DistillConfig", "HE_DA_MODES", "ScoreConfig", "SelectConfig",
+           "TEMPERATURE_SOURCES", "TrainConfig", "TrainStageConfig", "as_dict", "canonical_name", "convert",
+           "flat_fields", "flat_names", "option", "overrides", "registry", "resolve"]
 
 MODEL_NAMES = registry("energytools.models", "MODELS")
 RULE_NAMES = registry("energytools.energy", "TEMPERATURE_RULES")
 SELECT_MODES = registry("energytools.selection", "SELECT_MODES")
-
-
-def _fold(name: str) -> str:
-    return re.sub(r"[\s_-]", "", name.lower())
-
-
-def canonical_name(value: str, names) -> str:
-    """``value`` as the registry spells it when it differs only in case, ``-``, ``_`` or spaces
-    ("Energy_KD" -> "energy-kd", "FashionMNIST" -> "fashion-mnist", "CNN-small" -> "cnn_small");
-    anything else unchanged, for the stage's own check to refuse with the list of names."""
-    names = list(names)
-    if value in names:
-        return value
-    matches = [name for name in names if _fold(name) == _fold(value)]
-    return matches[0] if len(matches) == 1 else value
 
 
 @dataclass
@@ -295,157 +263,3 @@ class DistillConfig:
         if not spec.options(as_dict(self)).get("kd_temperature", 1) > 0:
             raise UserError("kd_temperature must be positive")
         self.train.check()
-
-
-# --- resolving a config from a dict --------------------------------------------------------
-
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
-
-
-def _is_config(hint) -> bool:
-    return isinstance(hint, type) and dataclasses.is_dataclass(hint)
-
-
-def _optional(hint):
-    """``X | None`` -> (X, True); anything else -> (hint, False)."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if len(args) == 1:
-            return args[0], True
-    return hint, False
-
-
-def _describe(hint) -> str:
-    hint, _ = _optional(hint)
-    if typing.get_origin(hint) is tuple:
-        return f"a list of {_describe(typing.get_args(hint)[0])}s"
-    return {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))
-
-
-def convert(value, hint, where: str):
-    """``value`` checked against the type ``hint`` (and converted: int -> float, list -> tuple,
-    "6,4,2" -> (6.0, 4.0, 2.0)); a mismatch is one UserError naming ``where``."""
-    base, optional = _optional(hint)
-    if value is None:
-        if optional:
-            return None
-        raise UserError(f"{where} must be {_describe(hint)}, got nothing")
-    if _is_config(base):
-        if isinstance(value, base):
-            return value
-        if isinstance(value, dict):
-            return resolve(base, value, where)
-    elif typing.get_origin(base) is tuple:
-        (item,) = [a for a in typing.get_args(base) if a is not Ellipsis]
-        if isinstance(value, str) and item is not str:
-            value = [part.strip() for part in value.split(",") if part.strip()]
-        if isinstance(value, (list, tuple)):
-            return tuple(convert(_number(v) if item in (int, float) else v, item, where) for v in value)
-    elif base is bool:
-        if isinstance(value, bool):
-            return value
-    elif base is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif base is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif base is str:
-        if isinstance(value, (str, Path)):
-            return str(value)
-    else:
-        return value
-    raise UserError(f"{where} must be {_describe(hint)}, got {value!r}")
-
-
-def _number(text):
-    """A comma-list item: a number when it reads as one (convert() then checks the type)."""
-    if not isinstance(text, str):
-        return text
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def resolve(cls, values: dict, where: str = "config"):
-    """Build dataclass ``cls`` from ``values``.
-
-    Keys of nested config fields may be given flat (``epochs`` for ``train.epochs``), as the CLI
-    and the API do, or as a nested dict, as a recipe may. Unknown keys are refused with the
-    nearest valid one; every value is type-checked; names picked from a registry take their
-    registry's spelling (:func:`canonical_name`).
-    """
-    hints = _hints(cls)
-    own = {f.name: f for f in dataclasses.fields(cls)}
-    nested = {name: _optional(hints[name])[0] for name in own if _is_config(_optional(hints[name])[0])}
-    routed: dict[str, dict] = {name: {} for name in nested}
-    kwargs = {}
-    for key, value in values.items():
-        if key in own:
-            if key in nested and isinstance(value, dict):
-                routed[key].update(value)
-            else:
-                kwargs[key] = convert(value, hints[key], f"{where}: {key}")
-                choices = own[key].metadata.get("choices")
-                if choices is not None and isinstance(kwargs[key], str):
-                    kwargs[key] = canonical_name(kwargs[key], choices())
-            continue
-        owner = next((name for name, sub in nested.items() if key in flat_names(sub)), None)
-        if owner is None:
-            near = difflib.get_close_matches(key, sorted(flat_names(cls)), n=1)
-            raise UserError(f"{where}: unknown key {key!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
-        routed[owner][key] = value
-    for name, sub_values in routed.items():
-        if sub_values:
-            base = kwargs.get(name)
-            start = as_dict(base) if base is not None else {}
-            kwargs[name] = resolve(nested[name], {**start, **sub_values}, where)
-    missing = [f.name for f in own.values() if f.name not in kwargs
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise UserError(f"{where}: {missing[0]} is required")
-    return cls(**kwargs)
-
-
-def flat_names(cls) -> list[str]:
-    """Every key :func:`resolve` accepts for ``cls`` at the top level."""
-    hints = _hints(cls)
-    names = []
-    for f in dataclasses.fields(cls):
-        base = _optional(hints[f.name])[0]
-        names += flat_names(base) if _is_config(base) else [f.name]
-    return names
-
-
-def flat_fields(cls) -> list[tuple[dataclasses.Field, object]]:
-    """``(field, type hint)`` of every leaf option of ``cls``, nested configs flattened."""
-    hints = _hints(cls)
-    out = []
-    for f in dataclasses.fields(cls):
-        base = _optional(hints[f.name])[0]
-        out += flat_fields(base) if _is_config(base) else [(f, hints[f.name])]
-    return out
-
-
-def as_dict(obj) -> dict:
-    """A config as plain JSON-able values (nested configs as dicts, tuples as lists)."""
-    out = {}
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            value = as_dict(value)
-        elif isinstance(value, tuple):
-            value = list(value)
-        elif isinstance(value, Path):
-            value = str(value)
-        out[f.name] = value
-    return out
-
-
-def overrides(**flags) -> dict:
-    """The values the user actually set (None means "not given")."""
-    return {k: v for k, v in flags.items() if v is not None}
