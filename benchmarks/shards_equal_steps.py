@@ -1,0 +1,57 @@
+"""HE-DA shards replayed from stored views, at equal optimizer steps (round 2's question, with
+the teacher never running now that shards store their views).
+
+    python benchmarks/shards_equal_steps.py --out runs/views-study --seeds 0,1,2,3,4 --ratio 0.3
+
+The setting of benchmarks/views_study.py, whose teacher, K = 8 table and runs it shares (same
+--out): Fashion-MNIST with crops, 10,000 images, resnet8 teacher, cnn_tiny student, kd from the
+stored views (--cached-logits), 6 epochs. A ratio-r shard run trains on (1 + r)x the images,
+so its equal-step baseline is kd for round(6 (1 + r)) epochs; a random selection of the same
+size is the control for the high-energy one.
+"""
+import time
+
+import energytools
+from views_study import paired_table, parser_with_common_options, prepare, run_once, teacher_line
+
+VIEWS = 8
+
+
+def main():
+    parser = parser_with_common_options(__doc__)
+    parser.add_argument("--ratio", type=float, default=0.3, help="HE-DA ratio")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    started = time.perf_counter()
+    out, ratio = args.out, args.ratio
+    teacher, tables = prepare(out, args.limit, args.eval_limit, args.teacher_epochs, [VIEWS])
+    shards = {}
+    for select in ("high", "random"):  # views_study's name for the high-energy shards, so its runs are shared
+        shards[select] = out / (f"he-da-k{VIEWS}-r{ratio:g}" if select == "high" else f"random-k{VIEWS}-r{ratio:g}")
+        if not (shards[select] / "manifest.json").exists():
+            energytools.augment(tables[VIEWS], shards[select], ratio=ratio, select=select, overwrite=True)
+    equal_epochs = round(args.epochs * (1 + ratio))
+    rows = {  # name: (run directory prefix, epochs, shards)
+        f"kd {args.epochs} ep": (f"views{VIEWS}", args.epochs, None),
+        f"kd {equal_epochs} ep (equal steps)": (f"views{VIEWS}-{equal_epochs}ep", equal_epochs, None),
+        f"kd + HE-DA shards {ratio:g}": (f"views{VIEWS}+heda{ratio:g}", args.epochs, shards["high"]),
+        f"kd + random shards {ratio:g}": (f"views{VIEWS}+random{ratio:g}", args.epochs, shards["random"]),
+    }
+    def run(path, seed: int, epochs: int, shard) -> dict:
+        extra = {"shards": [str(shard)]} if shard else {}
+        return run_once(path, lambda: energytools.distill(tables[VIEWS], "cnn_tiny", path, overwrite=True, method="kd",
+                                                          epochs=epochs, seed=seed, cached_logits=True, **extra))
+
+    results = {}
+    for seed in seeds:
+        for name, (prefix, epochs, shard) in rows.items():
+            results[(name, seed)] = run(out / f"{prefix}-s{seed}", seed, epochs, shard)
+    names = list(rows)
+    print("\n".join(paired_table(results, [names[1], names[2], names[3]], seeds)))
+    print()
+    print("\n".join(paired_table(results, [names[0], names[2]], seeds)))
+    print(teacher_line(teacher, started))
+
+
+if __name__ == "__main__":
+    main()
