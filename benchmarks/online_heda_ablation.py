@@ -25,7 +25,7 @@ def main():
     seeds = [int(s) for s in args.seeds.split(",")]
     weights = [float(w) for w in args.weights.split(",")]
     started = time.perf_counter()
-    teacher, tables = prepare(args.out, args.limit, args.eval_limit, args.teacher_epochs, [VIEWS])
+    teacher, tables = prepare(args.out, args.limit, args.eval_limit, args.teacher_epochs, [VIEWS], args.data_root)
 
     def run(path, seed: int, **options) -> dict:
         return run_once(path, lambda: energytools.distill(tables[VIEWS], "cnn_tiny", path, overwrite=True, method="kd",

@@ -24,7 +24,7 @@ def main():
     seeds = [int(s) for s in args.seeds.split(",")]
     started = time.perf_counter()
     out, ratio = args.out, args.ratio
-    teacher, tables = prepare(out, args.limit, args.eval_limit, args.teacher_epochs, [VIEWS])
+    teacher, tables = prepare(out, args.limit, args.eval_limit, args.teacher_epochs, [VIEWS], args.data_root)
     shards = {}
     for select in ("high", "random"):  # views_study's name for the high-energy shards, so its runs are shared
         shards[select] = out / (f"he-da-k{VIEWS}-r{ratio:g}" if select == "high" else f"random-k{VIEWS}-r{ratio:g}")

@@ -32,9 +32,10 @@ def run_once(path: Path, fn):
     return json.loads(summary.read_text())
 
 
-def prepare(out: Path, limit: int, eval_limit: int, teacher_epochs: int, counts: list[int]):
+def prepare(out: Path, limit: int, eval_limit: int, teacher_epochs: int, counts: list[int],
+            data_root: str | None = None):
     """The study's teacher (resnet8 trained with crops) and one score table per K, each made once."""
-    data = dict(dataset="fashion-mnist", limit=limit, eval_limit=eval_limit, crop_pad=2)
+    data = dict(dataset="fashion-mnist", data_root=data_root, limit=limit, eval_limit=eval_limit, crop_pad=2)
     teacher = out / "teacher"
     if not (teacher / "metrics.parquet").exists():
         energytools.train("resnet8", teacher, epochs=teacher_epochs, overwrite=True, **data)
@@ -79,6 +80,7 @@ def parser_with_common_options(doc: str) -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--teacher-epochs", type=int, default=6)
     parser.add_argument("--eval-limit", type=int, default=3000, help="val and test samples (class-stratified)")
+    parser.add_argument("--data-root", help="where Fashion-MNIST is (default: where energytools looks for it)")
     return parser
 
 
@@ -99,7 +101,7 @@ def main():
     counts = [int(k) for k in args.views.split(",")]
     out = args.out
     started = time.perf_counter()
-    teacher, tables = prepare(out, args.limit, args.eval_limit, args.teacher_epochs, counts)
+    teacher, tables = prepare(out, args.limit, args.eval_limit, args.teacher_epochs, counts, args.data_root)
     shards, suffix, tag = {}, "", ""
     if args.shards:
         suffix, tag = f" + HE-DA {args.shards:g}", f"+heda{args.shards:g}"
