@@ -155,6 +155,14 @@ def score_views(teacher: TeacherRun, views: torch.Tensor, ids: torch.Tensor, inf
     return rows
 
 
+def logits_array(name: str, values: np.ndarray) -> pa.Array:
+    """A column of stored teacher logits as Arrow, the same in score tables and shards: one
+    float16 list per row (``logits``, ``logits_flipped``), nested lists for the per-view columns."""
+    if name in ("logits", "logits_flipped"):
+        return pa.array(list(values), type=pa.list_(pa.float16()))
+    return nested_list_array(values)
+
+
 def nested_list_array(values: np.ndarray) -> pa.Array:
     """A (rows, d1, d2, ...) numpy array as nested Arrow lists (one list level per dimension)."""
     array = pa.array(values.reshape(-1))

@@ -34,7 +34,6 @@ SHARD_SCHEMA = pa.schema([
     ("aug_params", pa.string()), ("energy", pa.float32()), ("confidence", pa.float32()),
     ("energy_group", pa.string()), ("temperature", pa.float32()),
 ])
-LOGITS_FIELD = pa.field("logits", pa.list_(pa.float16()))
 
 
 def shard_name(index: int, count: int) -> str:

@@ -30,7 +30,7 @@ import torch
 from ..config import AugmentConfig, SelectConfig, as_dict
 from ..console import console, headline, progress_bar
 from ..data.base import ArrayImages, ImageSet
-from ..data.shards import LOGITS_FIELD, MANIFEST, SHARD_SCHEMA, encode_png, huggingface_metadata, shard_name
+from ..data.shards import MANIFEST, SHARD_SCHEMA, encode_png, huggingface_metadata, shard_name
 from ..distributed import context
 from ..energy import logit_statistics
 from ..errors import UserError
@@ -38,9 +38,9 @@ from ..io import check_output_free, check_output_path, sha256_file, write_json
 from ..policies import make_policy
 from ..resume import resumable_parts
 from ..selection import describe_selection, select_samples
-from ..table import VIEW_COLUMNS, TableMeta, load_table, versions, write_parquet
+from ..table import TableMeta, load_table, versions, write_parquet
 from ..teacher import check_logits, open_table_teacher
-from ..view_logits import nested_list_array, score_views
+from ..view_logits import logits_array, score_views
 
 #: an augmented sample's id: this bit set (far above any dataset's own ids), a namespace drawn
 #: from the shard directory's content key, and (source_id * copies + copy) in the low bits, so
@@ -114,8 +114,7 @@ class Augmenter:
                     temperature=temps)
         table = pa.table({field.name: pa.array(rows[field.name], type=field.type) for field in SHARD_SCHEMA})
         for name, values in logits.items():
-            array = nested_list_array(values) if name in VIEW_COLUMNS else pa.array(list(values), LOGITS_FIELD.type)
-            table = table.append_column(name, array)
+            table = table.append_column(name, logits_array(name, values))
         return table.replace_schema_metadata(huggingface_metadata(self.dataset.info.classes))
 
     @torch.no_grad()

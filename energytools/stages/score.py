@@ -36,7 +36,7 @@ from ..resume import resumable_parts
 from ..table import (OPTIONAL_SCORE_COLUMNS, SCORE_COLUMNS, VIEW_COLUMNS, DatasetRecord, TableMeta, TeacherRecord,
                      ViewsRecord, load_table, versions, write_parquet)
 from ..teacher import TeacherRun, check_logits, open_teacher, teacher_data_config
-from ..view_logits import nested_list_array, score_views
+from ..view_logits import logits_array, score_views
 
 
 def resolve_data(cfg: ScoreConfig) -> DataConfig:
@@ -67,10 +67,8 @@ def score_rows(teacher: TeacherRun, images: torch.Tensor, labels: torch.Tensor, 
 def _rows_to_arrow(rows: dict, paths: list | None) -> pa.Table:
     columns = {}
     for name, values in rows.items():
-        if name in ("logits", "logits_flipped"):
-            columns[name] = pa.array(list(values), type=pa.list_(pa.float16()))
-        elif name in VIEW_COLUMNS:
-            columns[name] = nested_list_array(values)
+        if name in ("logits", "logits_flipped", *VIEW_COLUMNS):
+            columns[name] = logits_array(name, values)
         else:
             columns[name] = pa.array(values, type=SCORE_COLUMNS.get(name, OPTIONAL_SCORE_COLUMNS.get(name)))
     if paths is not None:
