@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data test quickstart teacher bench clean
+.PHONY: setup data browser lint test quickstart teacher bench clean
 
 setup: $(VENV)/.installed
 
@@ -28,9 +28,14 @@ browser:
 	  ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium) >/dev/null \
 	  || echo "could not install chromium; the browser test will be skipped"; fi
 
+# the architecture (import-linter contracts in pyproject.toml) and ruff's checks, then the tests;
 # nothing is downloaded from the Hugging Face Hub: fail at once if something tries
-test: setup data browser
+test: setup data browser lint
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check energytools tests benchmarks examples
+	$(VENV)/bin/lint-imports
 
 quickstart: setup data
 	$(VENV)/bin/energytools run pipelines/quickstart.toml --out runs/quickstart

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import energytools.engine as engine
+import energytools.optim as optim
 from common import benchmark_teacher, emit
 from energytools.config import DataConfig, TrainConfig
 from energytools.data.transforms import normalize
@@ -54,7 +54,7 @@ def _timed_schedule(epoch, cfg):
     return 1.0
 
 
-engine.SCHEDULES["timed"] = _timed_schedule
+optim.SCHEDULES["timed"] = _timed_schedule
 
 
 def per_epoch(stamps: list[float]) -> float:

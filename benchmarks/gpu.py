@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import energytools.engine as engine
+import energytools.optim as optim
 from common import emit
 from energytools.config import DataConfig, TrainConfig
 from energytools.data.synthetic import write_cifar
@@ -51,7 +52,7 @@ def _timed_schedule(epoch, cfg):
     return 1.0
 
 
-engine.SCHEDULES["timed"] = _timed_schedule
+optim.SCHEDULES["timed"] = _timed_schedule
 
 
 def sync(device):

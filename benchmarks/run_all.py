@@ -53,7 +53,7 @@ def main():
     lines = ["# Benchmarks", "", f"Written by `python benchmarks/run_all.py` on {date.today()} ({machine()}).",
              "Every figure is a ratio of two runs in the same process (or command), so machine noise cancels.",
              "", "| figure | value | target | met | command |", "|---|---|---|---|---|"]
-    for script, extra, label, key, target in BENCHMARKS:
+    for script, _extra, label, key, target in BENCHMARKS:
         value = results[script][key]
         met = ""
         if target.startswith(">="):

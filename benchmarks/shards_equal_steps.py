@@ -37,6 +37,7 @@ def main():
         f"kd + HE-DA shards {ratio:g}": (f"views{VIEWS}+heda{ratio:g}", args.epochs, shards["high"]),
         f"kd + random shards {ratio:g}": (f"views{VIEWS}+random{ratio:g}", args.epochs, shards["random"]),
     }
+
     def run(path, seed: int, epochs: int, shard) -> dict:
         extra = {"shards": [str(shard)]} if shard else {}
         return run_once(path, lambda: energytools.distill(tables[VIEWS], "cnn_tiny", path, overwrite=True, method="kd",

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import energytools.engine as engine
+import energytools.optim as optim
 from common import emit
 from energytools.config import DataConfig, TrainConfig
 from energytools.data.synthetic import write_cifar
@@ -37,7 +37,7 @@ def _timed_schedule(epoch, cfg):
     return 1.0
 
 
-engine.SCHEDULES["timed"] = _timed_schedule
+optim.SCHEDULES["timed"] = _timed_schedule
 
 
 def epoch_seconds(table, work, name, epochs, **kwargs) -> float:

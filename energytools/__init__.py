@@ -1,5 +1,5 @@
 """energytools: energy scores, HE-DA curation and Energy KD for knowledge distillation."""
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 
 def __getattr__(name):

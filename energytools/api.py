@@ -15,16 +15,18 @@ ways. Keywords of nested configs are given flat: ``dataset=``, ``limit=`` (:clas
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from .config import AugmentConfig, DistillConfig, ScoreConfig, SelectConfig, TrainStageConfig, resolve
 from .engine import FitResult
 
 
-def train(model: str, out: str | Path, **kwargs) -> FitResult:
-    """Train ``model`` with cross-entropy. Keywords: :class:`TrainStageConfig`'s fields."""
+def train(model: str, out: str | Path, *, on_step: Callable | None = None, **kwargs) -> FitResult:
+    """Train ``model`` with cross-entropy. Keywords: :class:`TrainStageConfig`'s fields;
+    ``on_step`` is called with an :class:`energytools.engine.StepEvent` after every step."""
     from .stages.train import train as run
 
-    return run(resolve(TrainStageConfig, {"model": model, "out": out, **kwargs}, "train"))
+    return run(resolve(TrainStageConfig, {"model": model, "out": out, **kwargs}, "train"), on_step=on_step)
 
 
 def score(teacher: str | Path, out: str | Path = "scores.parquet", **kwargs) -> Path:
@@ -50,12 +52,16 @@ def select(scores: str | Path = "scores.parquet", **kwargs):
     return run(resolve(SelectConfig, {"scores": scores, **kwargs}, "select"))
 
 
-def distill(scores: str | Path, student: str, out: str | Path, **kwargs) -> FitResult:
+def distill(scores: str | Path, student: str, out: str | Path, *, on_step: Callable | None = None,
+            **kwargs) -> FitResult:
     """Distill ``student``. Keywords: :class:`DistillConfig`'s fields, training ones flat
-    (``epochs``, ``lr``, ``batch_size``, ``seed``, ...)."""
+    (``epochs``, ``lr``, ``batch_size``, ``seed``, ...); ``on_step`` is called with an
+    :class:`energytools.engine.StepEvent` after every step (``event.batch.extras["sample_info"]``
+    holds what the loss received: teacher logits, temperatures)."""
     from .stages.distill import distill as run
 
-    return run(resolve(DistillConfig, {"scores": scores, "student": student, "out": out, **kwargs}, "distill"))
+    return run(resolve(DistillConfig, {"scores": scores, "student": student, "out": out, **kwargs}, "distill"),
+               on_step=on_step)
 
 
 def report(*paths: str | Path, out: str | Path = "report.html", thumbnails: bool = True,

@@ -11,17 +11,24 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .data import DATASETS, build_dataset
+from .distillers import METHODS, method_spec
+from .energy import TEMPERATURE_RULES, TemperatureRule
 from .errors import UserError
-from .options import (as_dict, canonical_name, convert, flat_fields, flat_names, option, overrides,
+from .models import MODELS
+from .optim import SCHEDULES
+from .options import (as_dict, canonical_name, content_of, convert, flat_fields, flat_names, option, overrides,
                       registry, resolve)
+from .policies import POLICIES, make_policy
+from .selection import SELECT_BY, SELECT_MODES
 
 __all__ = ["AugmentConfig", "DataConfig", "DistillConfig", "HE_DA_MODES", "ScoreConfig", "SelectConfig",
-           "TEMPERATURE_SOURCES", "TrainConfig", "TrainStageConfig", "as_dict", "canonical_name", "convert",
+           "TEMPERATURE_SOURCES", "TrainConfig", "TrainStageConfig", "as_dict", "canonical_name", "content_of", "convert",
            "flat_fields", "flat_names", "option", "overrides", "registry", "resolve"]
 
-MODEL_NAMES = registry("energytools.models", "MODELS")
-RULE_NAMES = registry("energytools.energy", "TEMPERATURE_RULES")
-SELECT_MODES = registry("energytools.selection", "SELECT_MODES")
+MODEL_NAMES = registry(MODELS)
+RULE_NAMES = registry(TEMPERATURE_RULES)
+SELECT_MODE_NAMES = registry(SELECT_MODES)
 
 
 @dataclass
@@ -29,7 +36,7 @@ class DataConfig:
     """Which samples: a dataset by name and the options that subset it."""
 
     dataset: str | None = option(None, "dataset name, see `energytools datasets`",
-                                 choices=registry("energytools.data", "DATASETS"))
+                                 choices=registry(DATASETS))
     data_root: str | None = option(None, "where the dataset files are")
     limit: int | None = option(None, "class-stratified subset of N training samples")
     eval_limit: int | None = option(None, "same, for the val and test splits")
@@ -39,8 +46,6 @@ class DataConfig:
                                   "fashion-mnist: none unless set)")
 
     def build(self, split: str):
-        from .data import build_dataset
-
         if self.dataset is None:
             raise UserError("no dataset given: pass --dataset (or `dataset` in the recipe's [data])")
         limit = self.limit if split == "train" else self.eval_limit
@@ -59,7 +64,7 @@ class TrainConfig:
     momentum: float = option(0.9, "SGD momentum")
     weight_decay: float = option(5e-4, "SGD weight decay")
     schedule: str = option("step", "step (x lr_decay at the milestones) or cosine (to zero)",
-                           choices=registry("energytools.engine", "SCHEDULES"))
+                           choices=registry(SCHEDULES))
     milestones: tuple[float, ...] = option((0.625, 0.75, 0.875), "step schedule: fractions of the epochs")
     lr_decay: float = option(0.1, "step schedule: lr factor at each milestone")
     seed: int = option(0, "seed for every random choice")
@@ -75,8 +80,6 @@ class TrainConfig:
     eval_batch_size: int = option(512, "batch size of validation and test passes")
 
     def check(self) -> None:
-        from .engine import SCHEDULES
-
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
@@ -95,17 +98,17 @@ class TrainConfig:
 @dataclass(kw_only=True)
 class TrainStageConfig:
     model: str = option(help="architecture, see `energytools models`", choices=MODEL_NAMES)
-    out: str = option(help="run directory")
+    out: str = option(help="run directory", content=False)
     data: DataConfig = option(help="the dataset", factory=DataConfig)
     train: TrainConfig = option(help="optimisation", factory=TrainConfig)
-    resume: bool = option(False, "continue from OUT/last.pt")
-    overwrite: bool = option(False, "replace an existing run")
+    resume: bool = option(False, "continue from OUT/last.pt", content=False)
+    overwrite: bool = option(False, "replace an existing run", content=False)
 
 
 @dataclass
 class ScoreConfig:
     teacher: str = option(help="teacher checkpoint (.pt, .pth, .safetensors) or save_pretrained folder")
-    out: str = option("scores.parquet", "the table to write")
+    out: str = option("scores.parquet", "the table to write", content=False)
     data: DataConfig = option(help="the dataset; unless `dataset` is given, the teacher checkpoint's, with the "
                               "fields that are given changed", factory=DataConfig)
     teacher_arch: str | None = option(None, "architecture, for checkpoints that do not record it",
@@ -130,11 +133,9 @@ class ScoreConfig:
     num_workers: int = option(0, "DataLoader worker processes")
     amp: bool = option(False, "bf16/fp16 autocast on cuda: faster, but energies from low-precision logits "
                        "(docs/benchmarks.md); default float32 (no TF32)")
-    overwrite: bool = option(False, "replace an existing output")
+    overwrite: bool = option(False, "replace an existing output", content=False)
 
     def rule(self):
-        from .energy import TemperatureRule
-
         return TemperatureRule(self.temperatures, self.low_frac, self.high_frac, self.temperature_rule)
 
     def check(self) -> None:
@@ -153,40 +154,40 @@ class ScoreConfig:
 @dataclass
 class SelectConfig:
     scores: str = option("scores.parquet", "the train score table")
-    out: str | None = option(None, "write the selected ids to this Parquet file (for distill --exclude/--keep)")
+    out: str | None = option(None, "write the selected ids to this Parquet file (for distill --exclude/--keep)", content=False)
     ratio: float = option(0.3, "fraction of samples to select, in (0, 1]")
     mode: str = option("high", "high (the hardest: HE-DA), low (the easiest: pruning) or random (a control)",
-                       choices=SELECT_MODES)
+                       choices=SELECT_MODE_NAMES)
     by: str = option("energy", "the score to rank by: energy, margin, confidence, true_prob, entropy or el2n "
-                     "(||softmax - onehot||, Paul et al. 2021)", choices=registry("energytools.selection", "SELECT_BY"))
+                     "(||softmax - onehot||, Paul et al. 2021)", choices=registry(SELECT_BY))
     per_class: bool = option(False, "take the fraction within each class")
     seed: int = option(0, "seed for every random choice")
-    overwrite: bool = option(False, "replace an existing output")
+    overwrite: bool = option(False, "replace an existing output", content=False)
 
 
 @dataclass
 class AugmentConfig:
     scores: str = option("scores.parquet", "the train score table")
-    out: str = option("he-da", "shard directory")
+    out: str = option("he-da", "shard directory", content=False)
     ratio: float = option(0.3, "fraction of samples to select, in (0, 1]")
-    select: str = option("high", "high (HE-DA), low or random (controls)", choices=SELECT_MODES)
+    select: str = option("high", "high (HE-DA), low or random (controls)", choices=SELECT_MODE_NAMES)
     per_class: bool = option(False, "take the fraction within each class")
     policy: str = option("cutmix", "cutmix, mixup, randaug, light, or an albumentations .json/.yaml file",
-                         choices=registry("energytools.policies", "POLICIES"))
+                         choices=registry(POLICIES))
     copies: int = option(1, "augmented samples per selected sample")
     seed: int = option(0, "seed for every random choice")
-    workers: int = option(1, "processes writing shards")
+    workers: int = option(1, "processes writing shards", content=False)
     shard_size: int = option(2048, "rows per shard")
     teacher: str | None = option(None, "teacher checkpoint (default: the one that scored the table)")
     teacher_arch: str | None = option(None, "architecture, for checkpoints that do not record it",
                                       choices=MODEL_NAMES)
     batch_size: int = option(256, "images per teacher forward pass")
-    overwrite: bool = option(False, "replace an existing output")
+    overwrite: bool = option(False, "replace an existing output", content=False)
 
     def content(self) -> dict:
         """The options that decide the shards' bytes: not where the input and output live (the
         table is identified by its sha256) nor how many processes write them."""
-        return {k: v for k, v in as_dict(self).items() if k not in ("scores", "out", "workers", "overwrite")}
+        return {k: v for k, v in content_of(self).items() if k != "scores"}
 
     def check(self) -> None:
         if not 0 < self.ratio <= 1:
@@ -195,8 +196,6 @@ class AugmentConfig:
             raise UserError(f"copies must be >= 1, got {self.copies}")
         if self.workers < 1 or self.shard_size < 1 or self.batch_size < 1:
             raise UserError("workers, shard_size and batch_size must be >= 1")
-        from .policies import make_policy
-
         make_policy(self.policy)  # fail on an unknown policy before any work
 
 
@@ -209,9 +208,9 @@ HE_DA_MODES = ("online",)
 class DistillConfig:
     scores: str = option("scores.parquet", "the train score table")
     student: str = option(help="student architecture, see `energytools models`", choices=MODEL_NAMES)
-    out: str = option(help="run directory")
+    out: str = option(help="run directory", content=False)
     method: str = option("energy-kd", "ce, kd, energy-kd, dkd or energy-dkd",
-                         choices=registry("energytools.distillers", "METHODS"))
+                         choices=registry(METHODS))
     shards: tuple[str, ...] = option((), "HE-DA shard directory (repeatable)")
     teacher: str | None = option(None, "teacher checkpoint (default: the one that scored the table)")
     teacher_arch: str | None = option(None, "architecture, for checkpoints that do not record it",
@@ -242,12 +241,10 @@ class DistillConfig:
     exclude: str | None = option(None, "train without the sample ids in this Parquet file (`energytools select --out`)")
     keep: str | None = option(None, "train only on the sample ids in this Parquet file")
     train: TrainConfig = option(help="optimisation", factory=TrainConfig)
-    resume: bool = option(False, "continue from OUT/last.pt")
-    overwrite: bool = option(False, "replace an existing run")
+    resume: bool = option(False, "continue from OUT/last.pt", content=False)
+    overwrite: bool = option(False, "replace an existing run", content=False)
 
     def check(self) -> None:
-        from .distillers import method_spec
-
         spec = method_spec(self.method)
         if self.temperature_source not in TEMPERATURE_SOURCES:
             raise UserError(f"temperature_source must be one of {', '.join(TEMPERATURE_SOURCES)}, "

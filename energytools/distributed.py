@@ -5,8 +5,6 @@ it) it initialises the process group (nccl on cuda, gloo on cpu).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass
 
@@ -14,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import UserError
+from .io import sha256_json
 
 
 @dataclass
@@ -45,7 +44,7 @@ class Context:
         """Every rank must agree on ``obj`` (a config); otherwise every rank stops with one line."""
         if not self.distributed:
             return
-        digest = hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+        digest = sha256_json(obj)
         digests = [None] * self.world
         dist.all_gather_object(digests, digest)
         if len(set(digests)) > 1:

@@ -5,8 +5,9 @@ exception is a bug and gets a traceback file instead.
 """
 
 
-class UserError(Exception):
-    """Bad input: a missing file, an unknown name, a number out of range."""
+class UserError(ValueError):
+    """Bad input: a missing file, an unknown name, a number out of range. A ValueError, so
+    notebook code can catch it as usual."""
 
 
 def import_optional(module: str, extra: str):

@@ -56,6 +56,18 @@ def write_json(path: Path | str, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def sha256_json(obj, length: int | None = None) -> str:
+    """sha256 of ``obj`` as canonical JSON (sorted keys; other objects by ``str``): the one way a
+    config or key is hashed. ``length`` keeps that many hex digits."""
+    digest = hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+    return digest[:length] if length else digest
+
+
+def unreadable_parquet(path, exc: Exception) -> UserError:
+    """The one line for a file that is not readable Parquet (corrupt, truncated, another format)."""
+    return UserError(f"{path} is not a readable Parquet file: {str(exc).splitlines()[0][:200]}")
+
+
 def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

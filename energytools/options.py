@@ -17,21 +17,22 @@ from pathlib import Path
 from .errors import UserError
 
 
-def option(default=dataclasses.MISSING, help: str = "", factory=dataclasses.MISSING, choices=None):
+def option(default=dataclasses.MISSING, help: str = "", factory=dataclasses.MISSING, choices=None,
+           content: bool = True):
     """A config field with its CLI help text (``factory`` for a nested config's default).
     ``choices``, for a name picked from a registry: a callable giving the names, read when a
     config is resolved (registries fill as modules import), so that :func:`resolve` can take
-    other spellings of them."""
-    return field(default=default, default_factory=factory, metadata={"help": help, "choices": choices})
+    other spellings of them. ``content=False`` marks an option that does not change what a
+    stage writes (where its output goes, whether it may replace or resume it, how many processes
+    write it): staleness keys, resume keys and config hashes leave it out (:func:`content_of`)."""
+    return field(default=default, default_factory=factory,
+                 metadata={"help": help, "choices": choices, "content": content})
 
 
-def registry(module: str, name: str):
-    """``choices`` read from the registry ``name`` of ``module`` (imported then, not now)."""
-    def names():
-        import importlib
-
-        return getattr(importlib.import_module(module), name)
-    return names
+def registry(names):
+    """``choices`` read from a registry (a dict or tuple of names) when a config is resolved, so
+    that entries registered later (a user's dataset or model) are choices too."""
+    return lambda: names
 
 
 def _fold(name: str) -> str:
@@ -185,17 +186,30 @@ def flat_fields(cls) -> list[tuple[dataclasses.Field, object]]:
 
 def as_dict(obj) -> dict:
     """A config as plain JSON-able values (nested configs as dicts, tuples as lists)."""
+    return {f.name: as_dict_value(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+
+
+def content_of(config) -> dict:
+    """``as_dict(config)`` without the options marked ``content=False`` (in nested configs too):
+    what decides a stage's output."""
     out = {}
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            value = as_dict(value)
-        elif isinstance(value, tuple):
-            value = list(value)
-        elif isinstance(value, Path):
-            value = str(value)
-        out[f.name] = value
+    for f in dataclasses.fields(config):
+        if not f.metadata.get("content", True):
+            continue
+        value = getattr(config, f.name)
+        out[f.name] = content_of(value) if dataclasses.is_dataclass(value) else as_dict_value(value)
     return out
+
+
+def as_dict_value(value):
+    """One config value as plain JSON-able data."""
+    if dataclasses.is_dataclass(value):
+        return as_dict(value)
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
 
 
 def overrides(**flags) -> dict:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
 import json
 import shutil
 import tomllib
@@ -23,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .config import (AugmentConfig, DataConfig, DistillConfig, ScoreConfig, TrainStageConfig, as_dict, convert,
-                     resolve)
+from .config import (AugmentConfig, DataConfig, DistillConfig, ScoreConfig, TrainStageConfig, as_dict, content_of,
+                     convert, resolve)
 from .console import console, headline
 from .errors import UserError
-from .io import check_output_path, sha256_file, write_json
+from .io import check_output_path, sha256_file, sha256_json, write_json
 
 STAGES = ("train", "score", "augment", "distill", "report")
 SECTIONS = {"name", "data", "teacher", "score", "augment", "distill", "report"}
@@ -166,7 +165,7 @@ def _distill_runs(section: dict | None, has_augment: bool, path: Path) -> list[D
 
 
 def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return sha256_json(obj, 16)
 
 
 def content_digest(path: Path) -> str | None:
@@ -228,7 +227,7 @@ def plan(recipe: Recipe, out: Path) -> list[Step]:
 def _content(config) -> dict:
     """A config without the options that do not change what a step writes. Unset (None)
     options stay out too, so that a version adding an option leaves finished steps fresh."""
-    return {k: v for k, v in as_dict(config).items() if k not in ("out", "overwrite", "resume") and v is not None}
+    return {k: v for k, v in content_of(config).items() if v is not None}
 
 
 def run_pipeline(recipe_path: Path | str, out: Path | str, start: str | None = None, force: bool = False,

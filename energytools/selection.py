@@ -14,6 +14,7 @@ from .errors import UserError
 #: score-table columns a selection may rank by (all from the same teacher pass)
 SELECT_BY = ("energy", "margin", "confidence", "true_prob", "entropy", "el2n")
 
+
 def _random_key(table: pl.DataFrame, seed: int) -> pl.Series:
     # a seeded permutation over sample_id order, so the key does not depend on row order
     order = np.argsort(table["sample_id"].to_numpy(), kind="stable")

@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 from .config import DataConfig, resolve
 from .energy import GROUPS, SIGN_CONVENTION, EnergyGroups, TemperatureRule
 from .errors import UserError
-from .io import atomic_path
+from .io import atomic_path, unreadable_parquet
+from .version import __version__
 
 METADATA_KEY = b"energytools"
 
@@ -37,8 +38,6 @@ def versions() -> dict:
     """Library versions recorded in every output, and torch's thread count: it changes the last
     bits of a forward pass, so two outputs can only be expected to match bit for bit when it does."""
     import torch
-
-    from . import __version__
 
     return {"energytools": __version__, "torch": torch.__version__, "polars": pl.__version__,
             "pyarrow": pa.__version__, "numpy": np.__version__, "python": platform.python_version(),
@@ -68,7 +67,7 @@ def read_schema(path: Path | str) -> pa.Schema:
     try:
         return pq.read_schema(path)
     except Exception as exc:  # noqa: BLE001 - corrupt or not Parquet
-        raise UserError(f"{path} is not a readable Parquet file: {str(exc).splitlines()[0][:200]}") from None
+        raise unreadable_parquet(path, exc) from None
 
 
 def _metadata_of(schema: pa.Schema, path) -> dict:
@@ -93,7 +92,7 @@ def read_parquet(path: Path | str, columns: list[str] | None = None) -> pl.DataF
     try:
         return pl.from_arrow(pq.read_table(path, columns=columns))
     except Exception as exc:  # noqa: BLE001
-        raise UserError(f"{path} is not a readable Parquet file: {str(exc).splitlines()[0][:200]}") from None
+        raise unreadable_parquet(path, exc) from None
 
 
 #: the score table metadata's layout; a reader refuses versions it does not know

@@ -27,6 +27,7 @@ import torch
 
 from .energy import EnergyGroups, TemperatureRule, energy
 from .errors import UserError
+from .io import unreadable_parquet
 from .teacher import TeacherRun, check_logits
 
 
@@ -57,7 +58,7 @@ def topk_expand(indices: torch.Tensor, values: torch.Tensor, fill: torch.Tensor,
 def _flat(column: pa.ChunkedArray, depth: int, path, name: str, lengths: tuple[int, ...]) -> np.ndarray:
     """A (nested) list column as one numpy array of shape (rows, *lengths), checked row by row."""
     array = column.combine_chunks()
-    for level, length in enumerate(lengths):
+    for _level, length in enumerate(lengths):
         if not (pa.types.is_list(array.type) or pa.types.is_large_list(array.type)):
             raise UserError(f"{path}: column {name!r} is {column.type}, not {depth}-deep lists")
         sizes = pc.list_value_length(array)
@@ -107,7 +108,7 @@ def read_views(path: Path | str, meta, num_classes: int) -> dict[str, np.ndarray
     try:
         table = pq.read_table(path, columns=list(wanted))
     except Exception as exc:  # noqa: BLE001 - corrupt file
-        raise UserError(f"{path} is not a readable Parquet file: {str(exc).splitlines()[0][:200]}") from None
+        raise unreadable_parquet(path, exc) from None
     return views_from_arrow(table, meta.views, num_classes, path)
 
 

@@ -1,4 +1,3 @@
-import contextlib
 import gzip
 import os
 import struct
@@ -44,26 +43,29 @@ def cifar_root(tmp_path):
     return write_cifar(root, 100, 400, 100, rng)
 
 
-@contextlib.contextmanager
-def interrupted_at_evaluation(monkeypatch, call: int = 5):
-    """Inside the block, a training run dies (KeyboardInterrupt) at its ``call``-th evaluation:
-    5 is the validation pass of the third epoch (validation and test each epoch)."""
-    import energytools.engine as engine
+class StepRecorder:
+    """An ``on_step`` callback (energytools.engine.StepEvent) that keeps every step's batch;
+    ``die_in_epoch=E`` raises KeyboardInterrupt at the first step of 0-based epoch E, as a
+    Ctrl-C there would (last.pt then holds E epochs)."""
 
-    calls, real = {"n": 0}, engine.evaluate
+    def __init__(self, die_in_epoch: int | None = None):
+        self.batches, self.die_in_epoch = [], die_in_epoch
 
-    def dies(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == call:
+    def __call__(self, event) -> None:
+        if event.epoch == self.die_in_epoch:
             raise KeyboardInterrupt
-        return real(*args, **kwargs)
+        self.batches.append(event.batch)
 
-    monkeypatch.setattr(engine, "evaluate", dies)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            yield
-    finally:
-        monkeypatch.setattr(engine, "evaluate", real)
+    @property
+    def steps(self) -> list:
+        """``(images, SampleInfo)`` of each distill step, as the distiller received them."""
+        return [(batch.images, batch.extras["sample_info"]) for batch in self.batches]
+
+
+def interrupted(run, epoch: int = 2):
+    """``run(on_step=...)`` killed by a KeyboardInterrupt in 0-based ``epoch`` (default: the third)."""
+    with pytest.raises(KeyboardInterrupt):
+        run(on_step=StepRecorder(die_in_epoch=epoch))
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import invoke
+from conftest import StepRecorder, invoke
 from energytools.config import (AugmentConfig, DistillConfig, ScoreConfig, SelectConfig, TrainConfig, TrainStageConfig,
                                 flat_names)
 from energytools.errors import UserError
@@ -36,7 +36,8 @@ def _capture(monkeypatch, module: str, function: str) -> list:
     import importlib
 
     seen = []
-    monkeypatch.setattr(importlib.import_module(f"energytools.stages.{module}"), function, seen.append)
+    monkeypatch.setattr(importlib.import_module(f"energytools.stages.{module}"), function,
+                        lambda cfg, **callbacks: seen.append(cfg))
     return seen
 
 
@@ -250,23 +251,6 @@ def test_two_shard_directories_from_one_table_have_disjoint_ids(digits_run, tmp_
                               shards=(str(first), str(tmp_path / "a" / ".." / "a")), train=TrainConfig(epochs=1)))
 
 
-def _record_steps(monkeypatch):
-    """Every training step's images, sample ids and SampleInfo, as the distiller receives them."""
-    import energytools.distillers.base as base
-    import energytools.stages.distill as stage
-
-    steps, ids = [], []
-    real_forward, real_positions = base.Distiller.forward_train, stage.SampleLookup.positions
-
-    def forward(self, images, info, forward=None):
-        steps.append((images.detach().clone(), info))
-        return real_forward(self, images, info, forward)
-
-    monkeypatch.setattr(base.Distiller, "forward_train", forward)
-    monkeypatch.setattr(stage.SampleLookup, "positions", lambda self, s: ids.append(s.clone()) or real_positions(self, s))
-    return steps, ids
-
-
 def test_shard_lam_partner_label_and_rederived_temperatures_reach_the_loss(digits_run, tmp_path, monkeypatch):
     from energytools.data.shards import read_shards
     from energytools.stages.distill import distill
@@ -281,10 +265,11 @@ def test_shard_lam_partner_label_and_rederived_temperatures_reach_the_loss(digit
         for i, row in enumerate(frame.iter_rows(named=True)):
             expected[row["sample_id"]] = (row["lam"] if is_shard else 1.0,
                                           row["partner_label"] if is_shard else row["label"], temps[i])
-    steps, ids = _record_steps(monkeypatch)
+    recorder = StepRecorder()
     distill(DistillConfig(scores=str(digits_run["scores"]), student="cnn_tiny", out=str(tmp_path / "d"),
                           method="energy-kd", temperatures=(2.0, 4.0, 6.0), shards=(str(digits_run["shards"]),),
-                          cached_logits=True, train=TrainConfig(epochs=1, batch_size=128)))
+                          cached_logits=True, train=TrainConfig(epochs=1, batch_size=128)), on_step=recorder)
+    steps, ids = recorder.steps, [batch.sample_ids for batch in recorder.batches]
     assert len(steps) == len(ids) > 0
     shard_rows_seen = 0
     for (_, info), batch_ids in zip(steps, ids):
@@ -317,13 +302,11 @@ def test_cached_flipped_logits_reach_flipped_views(tmp_path, monkeypatch):
         write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", labels)
     energytools.train("cnn_small", tmp_path / "t", dataset="fashion-mnist", data_root=tmp_path, epochs=15, lr=0.1)
     table = energytools.score(tmp_path / "t" / "best.pt", tmp_path / "s.parquet", save_logits=True)
-    steps, _ = _record_steps(monkeypatch)
-    import energytools.engine as engine
-
-    flips, real_augment = [], engine.train_augment
-    monkeypatch.setattr(engine, "train_augment", lambda *a: (lambda out: flips.append(out[1]) or out)(real_augment(*a)))
-    energytools.distill(table, "cnn_tiny", tmp_path / "d", method="kd", cached_logits=True, epochs=1, batch_size=64)
-    flipped = torch.cat(flips)
+    recorder = StepRecorder()
+    energytools.distill(table, "cnn_tiny", tmp_path / "d", method="kd", cached_logits=True, epochs=1, batch_size=64,
+                        on_step=recorder)
+    steps = recorder.steps
+    flipped = torch.cat([batch.flipped for batch in recorder.batches])
     assert 0 < int(flipped.sum()) < len(flipped)  # both kinds of view were trained on
     teacher, _ = load_model(tmp_path / "t" / "best.pt")
     flipped_views = 0
@@ -343,15 +326,13 @@ def test_methods_declare_what_they_need(digits_run, tmp_path, monkeypatch):
 
     assert not METHODS["ce"].teacher_logits and METHODS["energy-dkd"].per_sample_temperature
     assert METHODS["kd"].teacher_logits and not METHODS["kd"].per_sample_temperature
-    opened = []
-    real = stage.open_table_teacher
-    monkeypatch.setattr(stage, "open_table_teacher", lambda *a, **k: opened.append(1) or real(*a, **k))
-    common = dict(scores=str(digits_run["scores"]), student="cnn_tiny", train=TrainConfig(epochs=1))
+    # every route to the teacher opens its file: name one that is not there
+    common = dict(scores=str(digits_run["scores"]), student="cnn_tiny", train=TrainConfig(epochs=1),
+                  teacher=str(tmp_path / "no-teacher.pt"))
     stage.distill(DistillConfig(out=str(tmp_path / "ce"), method="ce", temperature_source="online", **common))
     stage.distill(DistillConfig(out=str(tmp_path / "ekd"), method="energy-kd", cached_logits=True, **common))
-    assert opened == []
-    stage.distill(DistillConfig(out=str(tmp_path / "kd"), method="kd", **common))
-    assert opened == [1]
+    with pytest.raises(UserError, match="no-teacher.pt"):
+        stage.distill(DistillConfig(out=str(tmp_path / "kd"), method="kd", **common))
 
 
 # --- staleness by content and validated outputs ---------------------------------------------
@@ -408,16 +389,14 @@ def test_bad_outputs_are_refused_and_leave_nothing_behind(runner, digits_run, tm
 
 
 def test_a_run_that_fails_before_its_first_epoch_leaves_no_directory(digits_run, tmp_path, monkeypatch):
-    import energytools.engine as engine
     from energytools.stages.distill import distill
 
-    def diverge(*args, **kwargs):
+    def diverge(event):
         raise UserError("training diverged")
 
-    monkeypatch.setattr(engine, "evaluate", diverge)
     with pytest.raises(UserError):
         distill(DistillConfig(scores=str(digits_run["scores"]), student="cnn_tiny", out=str(tmp_path / "a" / "b"),
-                              method="ce", train=TrainConfig(epochs=1)))
+                              method="ce", train=TrainConfig(epochs=1)), on_step=diverge)
     assert not (tmp_path / "a").exists()
 
 

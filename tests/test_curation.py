@@ -6,7 +6,8 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import invoke
+from conftest import StepRecorder, invoke
+from energytools.config import DistillConfig, TrainConfig
 from energytools.table import load_table
 
 
@@ -33,14 +34,13 @@ def test_distill_excludes_or_keeps_the_selected_ids(runner, digits_run, tmp_path
     assert invoke(runner, "select", "--scores", digits_run["scores"], "--mode", "low", "--ratio", "0.5",
                   "--out", drop).exit_code == 0
     dropped = set(pl.read_parquet(drop)["sample_id"].to_list())
-    seen, real = [], stage.SampleLookup.positions
-    monkeypatch.setattr(stage.SampleLookup, "positions", lambda self, ids: seen.append(ids.clone()) or real(self, ids))
-    for flag, run in (("--exclude", "pruned"), ("--keep", "kept")):
-        seen.clear()
-        result = invoke(runner, "distill", "--scores", digits_run["scores"], "--student", "cnn_tiny", "--method", "kd",
-                        flag, drop, "--epochs", "1", "--out", tmp_path / run)
-        assert result.exit_code == 0, result.output
-        trained = set(np.concatenate([s.numpy() for s in seen]).tolist())
+    for keyword, run in (("exclude", "pruned"), ("keep", "kept")):
+        recorder = StepRecorder()
+        stage.distill(DistillConfig(scores=str(digits_run["scores"]), student="cnn_tiny", method="kd",
+                                    out=str(tmp_path / run), train=TrainConfig(epochs=1), **{keyword: str(drop)}),
+                      on_step=recorder)
+        flag = f"--{keyword}"
+        trained = set(np.concatenate([b.sample_ids.numpy() for b in recorder.batches]).tolist())
         assert trained and (trained.isdisjoint(dropped) if flag == "--exclude" else trained == dropped)
         config = json.loads((tmp_path / run / "config.json").read_text())
         assert config["subset"]["samples"] == len(trained) and len(config["subset"]) == 2  # count and sha256

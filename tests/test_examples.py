@@ -23,7 +23,6 @@ def test_custom_dataset_example(tmp_path, monkeypatch):
     assert (tmp_path / "student" / "best.pt").exists() and (tmp_path / "scores.parquet").exists()
 
 
-
 def run_example(script, out, monkeypatch):
     pytest.importorskip("timm")
     pytest.importorskip("datasets")

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import StepRecorder
 from energytools.losses import kd_loss
 from energytools.online_heda import OnlineHEDA, mix_high_energy, mixed_kd_term
 
@@ -59,8 +60,9 @@ def _distill(scores, out, **options):
     from energytools.stages.distill import distill
 
     train = TrainConfig(epochs=options.pop("epochs", 1), batch_size=64, seed=options.pop("seed", 0))
+    on_step = options.pop("on_step", None)
     return distill(DistillConfig(scores=str(scores), student="cnn_tiny", out=str(out), method="kd",
-                                 cached_logits=True, train=train, **options))
+                                 cached_logits=True, train=train, **options), on_step=on_step)
 
 
 def test_online_he_da_mixes_the_batchs_high_energy_samples(digits_run, tmp_path, monkeypatch):
@@ -75,11 +77,9 @@ def test_online_he_da_mixes_the_batchs_high_energy_samples(digits_run, tmp_path,
     calls, real = [], online_heda.mix_high_energy
     monkeypatch.setattr(online_heda, "mix_high_energy",
                         lambda images, high, rng: calls.append((high.clone(), real(images, high, rng))) or calls[-1][1])
-    import energytools.engine as engine
-
-    batches, real_batch = [], engine.Batch
-    monkeypatch.setattr(engine, "Batch", lambda *a: batches.append(real_batch(*a)) or batches[-1])
-    _distill(digits_run["scores"], tmp_path / "run", he_da="online")
+    recorder = StepRecorder()
+    _distill(digits_run["scores"], tmp_path / "run", he_da="online", on_step=recorder)
+    batches = recorder.batches
     assert len(calls) == len(batches) > 0
     for (high, _), batch in zip(calls, batches):
         assert [i in high_ids for i in batch.sample_ids.tolist()] == high.cpu().tolist()

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import interrupted_at_evaluation
+from conftest import StepRecorder, interrupted
 from energytools.config import DataConfig, TrainConfig, TrainStageConfig
 from energytools.data.shards import decode_png, read_shards
 from energytools.errors import UserError
@@ -110,13 +110,13 @@ def test_nan_logits_name_the_sample(digits_run, tmp_path, monkeypatch):
 
 def test_train_resume_gives_the_same_weights(tmp_path, monkeypatch):
     data = DataConfig(dataset="digits", limit=300, eval_limit=100)
-    def run(out, resume=False):
+
+    def run(out, resume=False, on_step=None):
         return train(TrainStageConfig(model="cnn_tiny", out=str(tmp_path / out), data=data,
-                                      train=TrainConfig(epochs=3, seed=1), resume=resume))
+                                      train=TrainConfig(epochs=3, seed=1), resume=resume), on_step=on_step)
 
     full = run("full")
-    with interrupted_at_evaluation(monkeypatch):  # in the third epoch
-        run("part")
+    interrupted(lambda on_step: run("part", on_step=on_step))  # in the third epoch
     resumed = run("part", resume=True)
     a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "part" / "last.pt", weights_only=True)["model"]
@@ -291,20 +291,13 @@ def test_distill_methods_and_temperature_plan(digits_run, tmp_path):
 
 def test_distill_energy_kd_uses_table_temperatures(digits_run, tmp_path, monkeypatch):
     """The T passed to the loss for each sample is the table's temperature of that sample_id."""
-    import energytools.distillers.kd as kd_module
-
     frame, _ = load_table(digits_run["scores"])
     expected = dict(zip(frame["sample_id"].to_list(), frame["temperature"].to_list()))
-    seen = []
-    real = kd_module.kd_loss
-    monkeypatch.setattr(kd_module, "kd_loss", lambda s, t, temperature: seen.append(temperature.clone()) or real(s, t, temperature))
-    import energytools.stages.distill as stage
-
-    real_positions = stage.SampleLookup.positions
-    ids_seen = []
-    monkeypatch.setattr(stage.SampleLookup, "positions", lambda self, ids: ids_seen.append(ids.clone()) or real_positions(self, ids))
+    recorder = StepRecorder()
     distill(DistillConfig(scores=str(digits_run["scores"]), student="cnn_tiny", out=str(tmp_path / "t"),
-                          method="energy-kd", train=TrainConfig(epochs=1, batch_size=256)))
+                          method="energy-kd", train=TrainConfig(epochs=1, batch_size=256)), on_step=recorder)
+    seen = [info.temperature for _, info in recorder.steps]
+    ids_seen = [batch.sample_ids for batch in recorder.batches]
     assert seen and len(seen) == len(ids_seen)  # every step was seen, so the loop below checks something
     for ids, temps in zip(ids_seen, seen):
         assert temps.tolist() == [expected[int(i)] for i in ids]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import interrupted_at_evaluation, invoke, write_idx
+from conftest import StepRecorder, interrupted, invoke, write_idx
 from energytools.config import DataConfig, DistillConfig, ScoreConfig, TrainConfig, TrainStageConfig
 from energytools.data import build_dataset
 from energytools.data.views import (TrainTransform, choose_views, crop_flip, draw_views, render, resized_crop,
@@ -222,24 +222,6 @@ def test_stored_view_logits_are_the_teacher_on_the_rendered_view(crop_run):
 
 # --- distill replays the views -----------------------------------------------------------------
 
-def _record_steps(monkeypatch):
-    import energytools.distillers.base as base
-
-    steps = []
-    real = base.Distiller.forward_train
-
-    def forward(self, images, info, forward=None):
-        steps.append((images.detach().clone(), info))
-        return real(self, images, info, forward)
-
-    monkeypatch.setattr(base.Distiller, "forward_train", forward)
-    import energytools.engine as engine
-
-    batches, real_batch = [], engine.Batch
-    monkeypatch.setattr(engine, "Batch", lambda *a: batches.append(real_batch(*a)) or batches[-1])
-    return steps, batches
-
-
 @pytest.mark.parametrize("table", ["full", "top"])
 def test_distill_replays_each_view_exactly_without_the_teacher(crop_run, tmp_path, monkeypatch, table):
     import energytools.stages.distill as stage
@@ -247,10 +229,15 @@ def test_distill_replays_each_view_exactly_without_the_teacher(crop_run, tmp_pat
     from energytools.models import load_model
     from energytools.view_logits import topk_expand
 
-    monkeypatch.setattr(stage, "open_table_teacher", lambda *a, **k: pytest.fail("the teacher was opened"))
-    steps, batches = _record_steps(monkeypatch)
+    absent = str(tmp_path / "no-teacher.pt")  # every route to the teacher opens this file: it is not there
+    with pytest.raises(UserError, match="no-teacher.pt"):  # the control: a run that needs the teacher fails
+        stage.distill(DistillConfig(scores=str(crop_run[table]), student="cnn_tiny", out=str(tmp_path / "online"),
+                                    method="kd", teacher=absent, train=TrainConfig(epochs=1)))
+    recorder = StepRecorder()
     stage.distill(DistillConfig(scores=str(crop_run[table]), student="cnn_tiny", out=str(tmp_path / "d"),
-                                method="kd", cached_logits=True, train=TrainConfig(epochs=2, batch_size=64, seed=5)))
+                                method="kd", cached_logits=True, teacher=absent,
+                                train=TrainConfig(epochs=2, batch_size=64, seed=5)), on_step=recorder)
+    steps, batches = recorder.steps, recorder.batches
     train = DataConfig(dataset="fashion-mnist", data_root=str(crop_run["root"]), crop_pad=2).build("train")
     position = {int(s): i for i, s in enumerate(train.sample_ids)}
     teacher, _ = load_model(crop_run["teacher"])
@@ -276,19 +263,18 @@ def test_distill_replays_each_view_exactly_without_the_teacher(crop_run, tmp_pat
 def test_replay_is_the_same_with_workers_and_after_resume(crop_run, tmp_path, monkeypatch):
     from energytools.stages.distill import distill
 
-    def run(out, workers=0, resume=False):
+    def run(out, workers=0, resume=False, on_step=None):
         return distill(DistillConfig(scores=str(crop_run["full"]), student="cnn_tiny", out=str(tmp_path / out),
                                      method="energy-kd", cached_logits=True, temperature_source="views",
                                      resume=resume, train=TrainConfig(epochs=3, batch_size=64, seed=1,
-                                                                      num_workers=workers)))
+                                                                      num_workers=workers)), on_step=on_step)
 
     def weights(out):
         return torch.load(tmp_path / out / "last.pt", weights_only=True)["model"]
 
     run("zero")
     run("two", workers=2)
-    with interrupted_at_evaluation(monkeypatch):  # in the third epoch
-        run("resumed")
+    interrupted(lambda on_step: run("resumed", on_step=on_step))  # in the third epoch
     run("resumed", resume=True)
     a, b, c = weights("zero"), weights("two"), weights("resumed")
     assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
@@ -303,10 +289,11 @@ def test_views_temperatures_come_from_each_views_energy(crop_run, tmp_path, monk
     fitted, temps, _ = fit_view_groups(meta.rule, energies, frame["sample_id"].to_numpy())
     assert (temps == 6.0).sum() == int(0.2 * temps.size) and (temps == 2.0).sum() == int(0.2 * temps.size)
     expected = {(int(s), v): temps[i, v] for i, s in enumerate(frame["sample_id"]) for v in range(4)}
-    steps, batches = _record_steps(monkeypatch)
+    recorder = StepRecorder()
     distill(DistillConfig(scores=str(crop_run["full"]), student="cnn_tiny", out=str(tmp_path / "d"),
                           method="energy-kd", cached_logits=True, temperature_source="views",
-                          train=TrainConfig(epochs=1, batch_size=64)))
+                          train=TrainConfig(epochs=1, batch_size=64)), on_step=recorder)
+    steps, batches = recorder.steps, recorder.batches
     differs = 0
     clean = dict(zip(frame["sample_id"].to_list(), frame["temperature"].to_list()))
     for (_, info), batch in zip(steps, batches):
@@ -322,9 +309,10 @@ def test_views_temperatures_come_from_each_views_energy(crop_run, tmp_path, monk
 def test_online_teacher_with_view_temperatures_replays_views_too(crop_run, tmp_path, monkeypatch):
     from energytools.stages.distill import distill
 
-    steps, batches = _record_steps(monkeypatch)
+    recorder = StepRecorder()
     distill(DistillConfig(scores=str(crop_run["full"]), student="cnn_tiny", out=str(tmp_path / "d"),
-                          method="energy-kd", temperature_source="views", train=TrainConfig(epochs=1, batch_size=128)))
+                          method="energy-kd", temperature_source="views", train=TrainConfig(epochs=1, batch_size=128)), on_step=recorder)
+    batches = recorder.batches
     assert all(b.views is not None for b in batches)
 
 
@@ -420,8 +408,9 @@ def test_imagefolder_cached_views_replay_the_resized_crops(tmp_path, monkeypatch
     table = energytools.score(tmp_path / "t" / "best.pt", tmp_path / "s.parquet", views=3, num_workers=2)
     _, meta = load_table(table)
     assert meta.views.transform["kind"] == "resized-crop" and "RandomResizedCrop(16" in meta.views.description
-    steps, batches = _record_steps(monkeypatch)
-    energytools.distill(table, "cnn_tiny", tmp_path / "d", method="kd", cached_logits=True, epochs=1, batch_size=8)
+    recorder = StepRecorder()
+    energytools.distill(table, "cnn_tiny", tmp_path / "d", method="kd", cached_logits=True, epochs=1, batch_size=8, on_step=recorder)
+    steps, batches = recorder.steps, recorder.batches
     train = build_dataset("imagefolder", "train", root, image_size=16)
     position = {int(s): i for i, s in enumerate(train.sample_ids)}
     for (images, _), batch in zip(steps, batches):
@@ -513,24 +502,23 @@ def test_float32_exact_turns_tf32_off_on_cuda_and_restores_it():
 def test_the_random_path_draws_what_a_loader_made_every_epoch_drew(tmp_path, monkeypatch, workers):
     """One loader for the run (persistent workers) must not change a run without views: each
     epoch's order and flips are those of the loader the engine made every epoch before."""
-    import energytools.engine as engine
     from energytools.data.base import collate
     from energytools.data.transforms import train_augment
     from energytools.stages.train import train
 
     root = _fashion_files(tmp_path / "fm", 200, 20)
     data = DataConfig(dataset="fashion-mnist", data_root=str(root))
-    batches, real_batch = [], engine.Batch
-    monkeypatch.setattr(engine, "Batch", lambda *a: batches.append(real_batch(*a)) or batches[-1])
+    recorder = StepRecorder()
     train(TrainStageConfig(model="cnn_tiny", out=str(tmp_path / "t"), data=data,
-                           train=TrainConfig(epochs=3, batch_size=32, seed=4, num_workers=workers)))
+                           train=TrainConfig(epochs=3, batch_size=32, seed=4, num_workers=workers)), on_step=recorder)
+    batches = recorder.batches
     train_set = data.build("train")
     expected = []
     for epoch in range(3):
         generator = torch.Generator().manual_seed(4 * 1_000_003 + epoch * 1_009)
         loader = torch.utils.data.DataLoader(train_set, batch_size=32, shuffle=True, generator=generator,
                                              num_workers=workers, collate_fn=collate)
-        for images, labels, ids in loader:
+        for images, _labels, ids in loader:
             expected.append((ids, train_augment(images, train_set.info, generator)[1]))
     assert len(batches) == len(expected)
     for batch, (ids, flipped) in zip(batches, expected):
@@ -549,10 +537,11 @@ def test_online_he_da_takes_high_energy_views_by_view_energy(crop_run, tmp_path,
     masks, real = [], online_heda.mix_high_energy
     monkeypatch.setattr(online_heda, "mix_high_energy", lambda images, mask, rng: masks.append(mask.clone())
                         or real(images, mask, rng))
-    _, batches = _record_steps(monkeypatch)
+    recorder = StepRecorder()
     distill(DistillConfig(scores=str(crop_run["full"]), student="cnn_tiny", out=str(tmp_path / "d"), method="kd",
                           cached_logits=True, temperature_source="views", he_da="online",
-                          train=TrainConfig(epochs=1, batch_size=64)))
+                          train=TrainConfig(epochs=1, batch_size=64)), on_step=recorder)
+    _, batches = recorder.steps, recorder.batches
     assert len(masks) == len(batches) > 0
     for mask, batch in zip(masks, batches):
         assert mask.tolist() == [expected[(s, v)] for s, v in zip(batch.sample_ids.tolist(), batch.views.tolist())]
@@ -602,16 +591,17 @@ def test_cached_views_train_on_shards_without_the_teacher(crop_run, tmp_path, mo
     from energytools.models import load_model
 
     shards = shards_of(crop_run, table)  # made before the teacher is fenced off
-    monkeypatch.setattr(stage, "open_table_teacher", lambda *a, **k: pytest.fail("the teacher was opened"))
-    steps, batches = _record_steps(monkeypatch)
+    recorder = StepRecorder()
     stage.distill(DistillConfig(scores=str(crop_run[table]), student="cnn_tiny", out=str(tmp_path / "d"),
                                 method="kd", cached_logits=True, shards=[str(shards)],
-                                train=TrainConfig(epochs=1, batch_size=64, seed=5)))
+                                teacher=str(tmp_path / "no-teacher.pt"),  # the teacher is never opened
+                                train=TrainConfig(epochs=1, batch_size=64, seed=5)), on_step=recorder)
+    steps, batches = recorder.steps, recorder.batches
     teacher, _ = load_model(crop_run["teacher"])
     ids = torch.cat([b.sample_ids for b in batches])
     shard_rows = json.loads((shards / "manifest.json").read_text())["rows"]
     assert len(ids) == load_table(crop_run[table])[0].height + shard_rows and (ids >= 1 << 62).sum() == shard_rows
-    for (images, info), batch in zip(steps, batches):  # shard rows too: the logits of the view trained on
+    for (images, info), _batch in zip(steps, batches):  # shard rows too: the logits of the view trained on
         with torch.no_grad():
             direct = teacher(images)
         if table == "full":
@@ -631,10 +621,11 @@ def test_shard_views_take_the_dataset_views_thresholds(crop_run, crop_shards, tm
                                    frame["sample_id"].to_numpy())
     shard_energy = dict(zip(read_shards(crop_shards)["sample_id"].to_list(),
                             read_shards(crop_shards)["view_energy"].to_list()))
-    steps, batches = _record_steps(monkeypatch)
+    recorder = StepRecorder()
     distill(DistillConfig(scores=str(crop_run["full"]), student="cnn_tiny", out=str(tmp_path / "d"),
                           method="energy-kd", cached_logits=True, temperature_source="views",
-                          shards=[str(crop_shards)], train=TrainConfig(epochs=1, batch_size=64)))
+                          shards=[str(crop_shards)], train=TrainConfig(epochs=1, batch_size=64)), on_step=recorder)
+    steps, batches = recorder.steps, recorder.batches
     seen = set()
     for (_, info), batch in zip(steps, batches):
         for k, (sample_id, view) in enumerate(zip(batch.sample_ids.tolist(), batch.views.tolist())):

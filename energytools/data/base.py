@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from ..errors import UserError
+from .draws import TrainTransform, crop_flip, draw_views, resized_crop
 
 
 @dataclass(frozen=True)
@@ -32,9 +33,7 @@ class DatasetInfo:
 
     @property
     def train_transform(self):
-        """The train transform as data (:class:`energytools.data.views.TrainTransform`)."""
-        from .views import TrainTransform
-
+        """The train transform as data (:class:`energytools.data.draws.TrainTransform`)."""
         if self.train_resized_crop:
             return TrainTransform("resized-crop", self.image_size, self.train_flip)
         if self.train_crop_pad:
@@ -235,8 +234,6 @@ class ImageSet(torch.utils.data.Dataset):
         """Views ``views[b, k]`` (drawn with ``seed``) of the samples at ``indices``, rendered
         from the train transform: ``(uint8 (B, K, C, S, S), flips (B, K), labels, sample_ids)``.
         The pixels depend on nothing but the images, the keys and the transform."""
-        from .views import crop_flip, draw_views, resized_crop
-
         indices = np.asarray(indices, dtype=np.int64)
         views = np.asarray(views, dtype=np.int64).reshape(len(indices), -1)
         count = views.shape[1]

@@ -78,6 +78,8 @@ def plain(value):
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"a checkpoint cannot carry a {type(value).__name__} and still load with weights_only=True")
+
+
 def model_preprocessing(name: str) -> dict | None:
     """The preprocessing weights of model ``name`` published elsewhere expect.
 

@@ -9,7 +9,6 @@ missing ones; the manifest is written last and marks the directory complete.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import signal
@@ -27,14 +26,14 @@ import polars as pl
 import pyarrow as pa
 import torch
 
-from ..config import AugmentConfig, SelectConfig, as_dict
+from ..config import AugmentConfig, SelectConfig, content_of
 from ..console import console, headline, progress_bar
 from ..data.base import ArrayImages, ImageSet
 from ..data.shards import MANIFEST, SHARD_SCHEMA, encode_png, huggingface_metadata, shard_name
 from ..distributed import context
 from ..energy import logit_statistics
 from ..errors import UserError
-from ..io import check_output_free, check_output_path, sha256_file, write_json
+from ..io import check_output_free, check_output_path, sha256_file, sha256_json, write_json
 from ..policies import make_policy
 from ..resume import resumable_parts
 from ..selection import describe_selection, select_samples
@@ -54,6 +53,8 @@ def augmented_ids(namespace: int, source_ids: np.ndarray, copies: int, copy: np.
     if len(index) and index.max() >= 1 << INDEX_BITS:
         raise UserError(f"sample ids up to {int(np.max(source_ids))} with {copies} copies do not fit HE-DA's ids")
     return AUG_ID_FLAG | (namespace << INDEX_BITS) | index
+
+
 #: the shard layout's version: a partial directory of another layout is not resumed (2: per-view columns)
 SHARD_FORMAT = 2
 #: the score table's columns this stage reads
@@ -181,6 +182,7 @@ def leaf_columns(field: pa.Field, prefix: str = "") -> list[str]:
 def shard_compression(schema: pa.Schema) -> dict[str, str]:
     """zstd for every column but the PNG bytes, which are compressed already."""
     return {leaf: "none" if leaf == "image.bytes" else "zstd" for field in schema for leaf in leaf_columns(field)}
+
 
 #: how worker processes start. On Linux they fork, as torch's DataLoader workers do: a forked
 #: worker shares this process's dataset, teacher and policy and is ready at once. Elsewhere a
@@ -317,7 +319,7 @@ def augment(cfg: AugmentConfig) -> Path:
                         "machine (fingerprints differ)")
     table_sha = sha256_file(cfg.scores)
     resolved = cfg.content()
-    plan_key = hashlib.sha256(json.dumps([resolved, table_sha, SHARD_FORMAT], sort_keys=True).encode()).hexdigest()
+    plan_key = sha256_json([resolved, table_sha, SHARD_FORMAT])
     builder = Augmenter(cfg, dataset, table, meta, namespace=int(plan_key[:8], 16) % (1 << NAMESPACE_BITS))
     chosen, selected_ids = builder.selection, builder.selected_ids
     console.print(describe_selection(chosen, table.height, meta.dataset.classes))
@@ -368,7 +370,7 @@ def select(cfg: SelectConfig) -> pl.DataFrame:
     chosen = select_samples(table, cfg.ratio, cfg.mode, cfg.per_class, cfg.seed, cfg.by)
     console.print(describe_selection(chosen, table.height, meta.dataset.classes, cfg.by))
     if cfg.out:
-        config = {k: v for k, v in as_dict(cfg).items() if k not in ("out", "overwrite")}
+        config = content_of(cfg)
         write_parquet(chosen, cfg.out, {"kind": "selection", "config": config, "count": chosen.height,
                                         "scores": {"sha256": sha256_file(cfg.scores)}})
     return chosen

@@ -25,10 +25,11 @@ import numpy as np
 import polars as pl
 import torch
 
-from ..config import DataConfig, DistillConfig, as_dict
+from ..config import DataConfig, DistillConfig, as_dict, content_of
 from ..console import console, headline
-from ..data.base import Collated, ImageSet
+from ..data.base import ImageSet
 from ..data.shards import read_manifest, shard_dataset
+from ..data.training_set import TrainingSet
 from ..data.views import ReplayViews, TrainTransform
 from ..distillers import MethodSpec, SampleInfo, method_spec
 from ..distributed import context
@@ -43,6 +44,7 @@ from ..resume import run_directory
 from ..table import TableMeta, ViewsRecord, load_table, read_parquet, versions
 from ..teacher import open_table_teacher
 from ..view_logits import assign_view_groups, fit_view_groups, read_views, view_column_shapes, views_from_arrow
+
 
 @dataclass
 class TemperaturePlan:
@@ -89,32 +91,6 @@ def plan_temperatures(cfg: DistillConfig, table: pl.DataFrame, meta: TableMeta) 
              "rule": cfg.temperature_rule}
     rule = dataclasses.replace(meta.rule, **{k: v for k, v in given.items() if v is not None})
     return TemperaturePlan(meta.fit_groups(table, rule), rule != meta.rule, meta.energy_temperature)
-
-
-class TrainingSet(torch.utils.data.ConcatDataset):
-    """Originals plus shard rows; ``info`` (the train augmentation) is the dataset's."""
-
-    def __init__(self, parts, info):
-        super().__init__(parts)
-        self.info = info
-
-    def __getitems__(self, indices) -> Collated:
-        """Fetch each part's share of the batch in one call, then restore the sampler's order."""
-        if len(self.datasets) == 1:
-            return self.datasets[0].__getitems__(indices)
-        indices = np.asarray(indices, dtype=np.int64)
-        which = np.searchsorted(self.cumulative_sizes, indices, side="right")
-        starts = np.concatenate([[0], self.cumulative_sizes[:-1]])
-        images = labels = ids = None
-        for part in np.unique(which):
-            mask = which == part
-            got = self.datasets[part].__getitems__(indices[mask] - starts[part])
-            if images is None:
-                images = got[0].new_empty((len(indices), *got[0].shape[1:]))
-                labels, ids = got[1].new_empty(len(indices)), got[2].new_empty(len(indices))
-            selector = torch.from_numpy(mask)
-            images[selector], labels[selector], ids[selector] = got
-        return Collated((images, labels, ids))
 
 
 def open_training_set(cfg: DistillConfig, meta: TableMeta) -> tuple[DataConfig, ImageSet]:
@@ -309,8 +285,10 @@ def open_online_heda(cfg: DistillConfig, plan: TemperaturePlan, lookup: SampleLo
     return OnlineHEDA(teacher, energy_group_source(cfg, plan, lookup, "high"), weight, cfg.train.seed, context().rank)
 
 
-def distill(cfg: DistillConfig) -> FitResult:
-    """Train ``cfg.student`` on the table's dataset (plus shards) with ``cfg.method``."""
+def distill(cfg: DistillConfig, on_step: Callable | None = None) -> FitResult:
+    """Train ``cfg.student`` on the table's dataset (plus shards) with ``cfg.method``; ``on_step``
+    (an :class:`energytools.engine.StepEvent` callback) sees every step, with the step's
+    :class:`SampleInfo` in ``event.batch.extras["sample_info"]``."""
     cfg.check()
     spec = method_spec(cfg.method)
     out = Path(cfg.out)
@@ -342,6 +320,7 @@ def distill(cfg: DistillConfig) -> FitResult:
         partner, lam = ((lookup.get("partner_label", positions, device), lookup.get("lam", positions, device))
                         if mixed else (None, None))
         sample_info = SampleInfo(batch.labels, partner, lam, temperature, teacher_logits, batch.epoch)
+        batch.extras["sample_info"] = sample_info
         if he_da is None:
             return distiller.forward_train(batch.images, sample_info, forward)
         he_da_images, kept = he_da.mix(batch.images, batch.epoch, batch, positions, teacher_logits), {}
@@ -349,7 +328,7 @@ def distill(cfg: DistillConfig) -> FitResult:
                                                  he_da.joint_forward(forward, he_da_images, kept))
         return logits, {**losses, "he_da": he_da.loss(he_da_images, kept, logits)}
 
-    resolved = {"stage": "distill", **{k: v for k, v in as_dict(cfg).items() if k not in ("out", "resume", "overwrite")},
+    resolved = {"stage": "distill", **content_of(cfg),
                 "scores_sha256": sha256_file(cfg.scores), "method_options": distiller.options,
                 "subset": {"samples": len(train_set), **{f"{name}_sha256": sha256_file(path)
                                                          for name, path in (("exclude", cfg.exclude), ("keep", cfg.keep))
@@ -368,7 +347,7 @@ def distill(cfg: DistillConfig) -> FitResult:
                       f"{f' + {n_aug} HE-DA' if n_aug else ''}{' + online HE-DA' if he_da else ''}, temperatures {plan.to_dict()['temperatures']} "
                       f"({plan.groups.rule.rule}, {cfg.temperature_source})")
         result = fit(student, step, training_set, val_set, test_set, cfg.train, out, run_meta, resume=cfg.resume,
-                     views=replay.schedule if replay is not None else None)
+                     views=replay.schedule if replay is not None else None, on_step=on_step)
         if writes_files:
             write_test_predictions(student, test_set, out, cfg.train)  # before summary.json: a run with one has both
             write_json(out / "summary.json", {

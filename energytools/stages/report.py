@@ -76,6 +76,7 @@ def discover(paths: list[Path | str]) -> Inputs:
         raise UserError(f"no energytools outputs found in {', '.join(map(str, paths))}")
     return found
 
+
 def build_report(inputs: Inputs, thumbnails: bool = True, baseline: str | None = None) -> list[Section]:
     """Sections of the report: (title, parts by name, HTML under the title)."""
     sections: list[Section] = []

@@ -52,7 +52,6 @@ class Inputs:
     teachers: list[Path] = field(default_factory=list)  # `train` run directories: the teacher's test predictions
 
 
-
 def histogram_edges(values: np.ndarray, bins: int = BINS) -> np.ndarray:
     lo, hi = float(np.min(values)), float(np.max(values))
     return np.linspace(lo, hi if hi > lo else lo + 1e-6, bins + 1)

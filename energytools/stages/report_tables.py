@@ -14,6 +14,7 @@ from ..summaries import html_table, text
 from ..table import TableMeta
 from .report_figures import Part, Section, histogram_edges, label_names
 
+
 def table_labels(paths: list[Path], metas: dict[Path, TableMeta]) -> dict[Path, str]:
     """"scores.parquet (train)", with the parent folder when two tables share a file name."""
     names = [p.name for p in paths]

@@ -12,8 +12,6 @@ written atomically under its final name.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import shutil
 import time
 from pathlib import Path
@@ -24,14 +22,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ..config import DataConfig, ScoreConfig, as_dict
+from ..config import DataConfig, ScoreConfig, as_dict, content_of
 from ..console import console, headline, progress_bar
 from ..distributed import context
 from ..data.views import ScoredViews
 from ..energy import GROUPS, TemperatureRule, logit_statistics
 from ..engine import float32_exact, make_loader
 from ..errors import UserError
-from ..io import check_output_free, write_json
+from ..io import check_output_free, sha256_json, write_json
 from ..resume import resumable_parts
 from ..table import (OPTIONAL_SCORE_COLUMNS, SCORE_COLUMNS, VIEW_COLUMNS, DatasetRecord, TableMeta, TeacherRecord,
                      ViewsRecord, load_table, versions, write_parquet)
@@ -83,7 +81,7 @@ def _parts_key(cfg: ScoreConfig, dataset, teacher_sha: str) -> str:
            "split": cfg.split, "amp": cfg.amp}
     if cfg.views:
         key.update(views=cfg.views, top_k=cfg.top_k, seed=cfg.seed, transform=dataset.info.train_transform.to_dict())
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return sha256_json(key, 16)
 
 
 def group_table(frame: pl.DataFrame, rule: TemperatureRule, reference: tuple[pl.DataFrame, TableMeta] | None):
@@ -200,7 +198,7 @@ def score(cfg: ScoreConfig) -> Path:
         frame, rule, thresholds, source = group_table(frame, cfg.rule(), reference)
         summary = summarize(frame)
         # where the table goes does not change its content, so out stays out of the bytes
-        config = {k: v for k, v in as_dict(cfg).items() if k not in ("out", "overwrite", "data")}
+        config = {k: v for k, v in content_of(cfg).items() if k != "data"}
         views = None
         if cfg.views:
             transform = info.train_transform

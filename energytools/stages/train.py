@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch.nn.functional as F
 
-from ..config import TrainStageConfig, as_dict
+from ..config import TrainStageConfig, as_dict, content_of
 from ..console import console, headline
 from ..engine import Batch, FitResult, fit, model_meta, seed_everything, write_test_predictions
 from ..models import create_model
@@ -13,8 +14,9 @@ from ..resume import run_directory
 from ..table import versions
 
 
-def train(cfg: TrainStageConfig) -> FitResult:
-    """Train ``cfg.model`` with cross-entropy on ``cfg.data``; writes best.pt, last.pt, metrics.parquet."""
+def train(cfg: TrainStageConfig, on_step: Callable | None = None) -> FitResult:
+    """Train ``cfg.model`` with cross-entropy on ``cfg.data``; writes best.pt, last.pt, metrics.parquet.
+    ``on_step`` (an :class:`energytools.engine.StepEvent` callback) sees every step."""
     out = Path(cfg.out)
     cfg.train.check()
     data = cfg.data
@@ -22,7 +24,7 @@ def train(cfg: TrainStageConfig) -> FitResult:
     info = train_set.info
     seed_everything(cfg.train.seed)  # the model's initial weights come from the seed
     net = create_model(cfg.model, info.num_classes, info.in_channels, info.image_size)
-    config = {"stage": "train", **{k: v for k, v in as_dict(cfg).items() if k not in ("out", "resume", "overwrite")}}
+    config = {"stage": "train", **content_of(cfg)}
     with run_directory(out, cfg.resume, cfg.overwrite, config) as writes_files:
         meta = {**model_meta(cfg.model, train_set, data), "method": "ce", "train": as_dict(cfg.train),
                 "versions": versions()}
@@ -33,7 +35,8 @@ def train(cfg: TrainStageConfig) -> FitResult:
 
         console.print(f"train {cfg.model} on {info.name} ({len(train_set)} train / {len(val_set)} val / "
                       f"{len(test_set)} test) for {cfg.train.epochs} epochs")
-        result = fit(net, step, train_set, val_set, test_set, cfg.train, out, meta, resume=cfg.resume)
+        result = fit(net, step, train_set, val_set, test_set, cfg.train, out, meta, resume=cfg.resume,
+                     on_step=on_step)
         if writes_files:
             write_test_predictions(net, test_set, out, cfg.train)
     console.print(headline("done", f": {out}: {result.summary()}"))

@@ -1,0 +1,79 @@
+"""DataLoaders that keep a device fed, and the training loader whose shuffles and views are a
+function of (seed, epoch) so a resumed run sees what an uninterrupted one would."""
+from __future__ import annotations
+
+import torch
+
+from ..data.base import collate
+from ..data.views import EpochKeys, ViewedSet
+
+
+def loader_options(device: torch.device, num_workers: int, prefetch: int = 2, persistent: bool = False) -> dict:
+    """DataLoader settings that keep a device fed: pinned memory on cuda (so ``non_blocking``
+    copies overlap compute), and with workers, batches loaded ahead and workers kept alive
+    across epochs."""
+    options = {"num_workers": num_workers, "pin_memory": device.type == "cuda", "collate_fn": collate}
+    if num_workers > 0:
+        options.update(prefetch_factor=prefetch, persistent_workers=persistent)
+    return options
+
+
+def make_loader(dataset, batch_size: int, device: torch.device, num_workers: int = 0,
+                shuffle: bool = False, generator: torch.Generator | None = None, prefetch: int = 2,
+                persistent: bool = False):
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                                       **loader_options(device, num_workers, prefetch, persistent))
+
+
+class TrainLoader:
+    """One DataLoader for the whole run (workers persist across epochs) and what is set per
+    epoch (:meth:`start_epoch`). Without ``views`` it is the loader the run always had
+    (shuffled by ``generator``); with them it hands out ``(index, epoch)`` keys so the workers
+    render each sample's view for the epoch."""
+
+    def __init__(self, train_set, cfg, device: torch.device, ctx, views=None):
+        self.cfg, self.ctx, self.views = cfg, ctx, views
+        self.generator = torch.Generator()
+        if ctx.distributed:  # each rank takes its share; cfg.batch_size is per rank
+            self.sampler = torch.utils.data.DistributedSampler(train_set, ctx.world, ctx.rank, shuffle=True,
+                                                               seed=cfg.seed)
+        else:
+            self.sampler = torch.utils.data.RandomSampler(train_set, generator=self.generator)
+        self.keys = None
+        if views is not None:
+            self.keys = EpochKeys(self.sampler)
+            dataset, batches = ViewedSet(train_set, views), torch.utils.data.BatchSampler(self.keys, cfg.batch_size,
+                                                                                          False)
+        else:
+            dataset, batches = train_set, torch.utils.data.BatchSampler(self.sampler, cfg.batch_size, False)
+        self.loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches,
+                                                  generator=None if ctx.distributed else self.generator,
+                                                  **loader_options(device, cfg.num_workers, cfg.prefetch,
+                                                                   persistent=True))
+        self._epochs_started = 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def start_epoch(self, epoch: int) -> None:
+        """Seed the epoch's shuffle, augmentation and views from (seed, epoch, rank)."""
+        seed = self.cfg.seed
+        self.generator.manual_seed(seed * 1_000_003 + epoch * 1_009 + self.ctx.rank)
+        torch.manual_seed(seed * 1_000_003 + epoch)
+        if self.ctx.distributed:
+            self.sampler.set_epoch(epoch)
+        if self.keys is not None:
+            self.keys.epoch = epoch
+        if self.cfg.num_workers > 0 and self._epochs_started:
+            self._as_fresh_iterator()
+        self._epochs_started += 1
+
+    def _as_fresh_iterator(self) -> None:
+        """What a new DataLoader iterator does before it shuffles: draw its workers' base seed from
+        the loader's generator (the global one when it has none). A loader whose workers persist
+        makes its iterator once, so from the second epoch on this draw is made here: the shuffles
+        stay those of a loader made every epoch, as runs before persistent workers had."""
+        torch.empty((), dtype=torch.int64).random_(generator=self.loader.generator)
+
+    def __iter__(self):
+        return iter(self.loader)

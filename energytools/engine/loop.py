@@ -1,0 +1,231 @@
+"""The training loop shared by `train` (plain CE) and `distill` (every KD method), in timm's
+shape: :func:`train_one_epoch` and :func:`~energytools.engine.evaluation.evaluate` are plain
+functions, :func:`fit` is resume + a loop over them + checkpoints.
+
+Randomness comes from generators seeded by (seed, epoch), so a run resumed from last.pt ends
+with the same weights as an uninterrupted one. ``on_step`` sees every optimizer step (tests and
+callers watch the loop through it instead of patching its internals).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import polars as pl
+import torch
+import torch.nn as nn
+
+from ..console import console, progress_bar
+from ..data import ImageSet
+from ..data.transforms import normalize, train_augment
+from ..data.views import FreshViews
+from ..distributed import context
+from ..errors import UserError
+from ..models import load_checkpoint, save_checkpoint
+from ..optim import create_optimizer, create_schedule, set_lr
+from ..options import as_dict
+from ..table import write_parquet
+from .evaluation import evaluate
+from .loaders import TrainLoader
+from .runtime import autocast, resolve_device, to_device
+
+
+def model_meta(arch: str, dataset, data_cfg) -> dict:
+    """What a checkpoint records so that later stages can rebuild the model and its dataset."""
+    info = dataset.info
+    return {"arch": arch, "num_classes": info.num_classes, "in_channels": info.in_channels,
+            "image_size": info.image_size, "dataset": dataset.describe(), "dataset_info": info.to_dict(),
+            "data": as_dict(data_cfg), "normalization": {"mean": info.mean, "std": info.std}}
+
+
+@dataclass
+class Batch:
+    """What a training step sees: the augmented, normalised view and per-sample keys."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    sample_ids: torch.Tensor
+    flipped: torch.Tensor
+    epoch: int
+    views: torch.Tensor | None = None  # which stored view each sample is (replayed views), on the CPU
+    #: what the step worked out per sample (a distill step: teacher logits, temperatures), for ``on_step``
+    extras: dict = field(default_factory=dict)
+
+
+#: step(batch, forward) -> (logits, {loss name: value}); ``forward`` runs the trained model
+#: (wrapped in DistributedDataParallel under torchrun, so gradients are synchronised)
+StepFn = Callable[[Batch, Callable], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass
+class StepEvent:
+    """What ``on_step`` receives after each optimizer step."""
+
+    epoch: int  # 0-based
+    step: int  # 1-based, within the epoch
+    batch: Batch
+    logits: torch.Tensor
+    losses: dict[str, torch.Tensor]
+
+
+@dataclass
+class FitResult:
+    out_dir: Path
+    best_epoch: int
+    best_val_acc: float
+    best_test_acc: float
+    last_test_acc: float
+    seconds: float
+    metrics: pl.DataFrame = field(repr=False)
+
+    def summary(self) -> str:
+        return (f"best.pt (epoch {self.best_epoch}, val {self.best_val_acc:.2f}%): test {self.best_test_acc:.2f}% | "
+                f"last.pt: test {self.last_test_acc:.2f}% | {self.seconds:.0f}s")
+
+
+def _check_finite(total: torch.Tensor, epoch: int) -> float:
+    """The summed loss read from the device (the one synchronisation); raises when it is not finite."""
+    value = float(total)
+    if not math.isfinite(value):
+        raise UserError(f"training diverged at epoch {epoch + 1} (loss {value}); lower --lr")
+    return value
+
+
+def train_one_epoch(epoch: int, model: nn.Module, forward: Callable, step: StepFn, loader: TrainLoader,
+                    optimizer: torch.optim.Optimizer, scaler, cfg, device: torch.device, info,
+                    progress=None, on_step: Callable[[StepEvent], None] | None = None) -> tuple[dict, int]:
+    """One pass over ``loader``: returns each loss term summed over samples (on the device) and
+    the number of samples seen. The sums are read every ``cfg.sync_every`` steps (progress and
+    the divergence check), never per step."""
+    # float64 sums reproduce the per-step Python-float sums exactly; mps has no float64
+    sum_dtype = torch.float32 if device.type == "mps" else torch.float64
+    task = None
+    if progress is not None:
+        task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(loader), info="",
+                                 visible=context().is_main)
+    model.train()
+    sums: dict[str, torch.Tensor] = {}
+    seen = 0
+    replayed = loader.views is not None
+    for step_index, fetched in enumerate(loader, 1):
+        if replayed:
+            images, labels, ids, flipped, chosen = fetched
+        else:
+            images, labels, ids = fetched
+            images, flipped = train_augment(images, info, loader.generator)  # on the CPU: its draws as ever
+            chosen = None
+        images = normalize(to_device(images, device), info)
+        if cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        batch = Batch(images, to_device(labels, device), ids, flipped, epoch, chosen)
+        with autocast(device, cfg.amp):
+            logits, losses = step(batch, forward)
+        loss = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        count = len(labels)
+        seen += count
+        for name, value in losses.items():
+            term = value.detach().to(sum_dtype) * count
+            sums[name] = sums[name] + term if name in sums else term
+        if on_step is not None:
+            on_step(StepEvent(epoch, step_index, batch, logits, losses))
+        if task is None:
+            continue
+        if cfg.sync_every and step_index % cfg.sync_every == 0:
+            total = _check_finite(sum(sums.values()), epoch)
+            progress.update(task, advance=1, info=f"loss {total / seen:.3f}")
+        else:
+            progress.update(task, advance=1)
+    if task is not None:
+        progress.remove_task(task)
+    if sums:
+        _check_finite(sum(sums.values()), epoch)
+    return sums, seen
+
+
+def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, test_set: ImageSet | None,
+        cfg, out_dir: Path, meta: dict, resume: bool = True, views=None,
+        on_step: Callable[[StepEvent], None] | None = None, extra_param_groups: list[dict] | None = None) -> FitResult:
+    """Train ``model`` with ``step`` and write best.pt, last.pt and metrics.parquet to ``out_dir``.
+
+    ``step(batch, forward) -> (logits, {name: loss})``; the losses are summed. ``train_set``
+    yields ``(uint8 image, label, sample_id)``; its ``info`` gives the train augmentation,
+    applied to each batch by :func:`train_augment` with a generator seeded by (seed, epoch).
+    With ``views`` (energytools.data.views.ReplayViews or FreshViews) the loader renders each
+    sample as the view the schedule picks for the epoch instead, a pure function of
+    (seed, sample_id, view) wherever it runs; datasets whose train transform needs the
+    original image (RandomResizedCrop) always train that way. ``meta`` is stored in every
+    checkpoint and in the metrics file. ``extra_param_groups`` join the optimizer (parameters a
+    method learns beside the model's).
+    """
+    cfg.check()
+    ctx = context()
+    device = resolve_device(cfg.device)
+    info = train_set.info
+    if views is None and info.train_transform.kind == "resized-crop":
+        views = FreshViews(info.train_transform, cfg.seed)
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    forward = model
+    if ctx.distributed:
+        forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if device.type == "cuda" else None)
+    optimizer = create_optimizer(cfg, model, extra_param_groups)
+    lr_at = create_schedule(cfg)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp
+                                  and not torch.cuda.is_bf16_supported())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    start_epoch, best_val, best_epoch = 0, -1.0, 0
+    last_path = out_dir / "last.pt"
+    if resume and last_path.exists():
+        state = load_checkpoint(last_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, best_val, best_epoch = state["epoch"], state["best_val_acc"], state["best_epoch"]
+        rows = list(state["metrics"])
+        console.print(f"resuming {out_dir} from epoch {start_epoch}")
+    loader = TrainLoader(train_set, cfg, device, ctx, views)
+    with progress_bar() as progress:
+        for epoch in range(start_epoch, cfg.epochs):
+            started = time.perf_counter()
+            lr = lr_at(epoch)
+            set_lr(optimizer, lr)
+            loader.start_epoch(epoch)
+            sums, seen = train_one_epoch(epoch, model, forward, step, loader, optimizer, scaler, cfg, device, info,
+                                         progress, on_step)
+            names = sorted(sums)
+            values = torch.stack([sums[n] for n in names]).tolist() if names else []  # one read per epoch
+            summed = ctx.all_sum(values + [seen])
+            totals, seen = dict(zip(names, summed[:-1])), int(summed[-1])
+            val_acc = evaluate(model, val_set, device, cfg.eval_batch_size, cfg.num_workers, cfg.amp, cfg.channels_last)
+            test_acc = evaluate(model, test_set, device, cfg.eval_batch_size, cfg.num_workers, cfg.amp,
+                                cfg.channels_last)
+            row = {"epoch": epoch + 1, "lr": lr, "loss": sum(totals.values()) / max(seen, 1),
+                   **{f"loss_{k}": v / max(seen, 1) for k, v in totals.items()},
+                   "val_acc": val_acc, "test_acc": test_acc, "seconds": time.perf_counter() - started}
+            rows.append(row)
+            improved = val_acc > best_val or val_set is None or math.isnan(val_acc)  # no val samples: the last
+            if improved:
+                best_val, best_epoch = val_acc, epoch + 1
+            if ctx.is_main:  # every rank holds the same weights; one writes them
+                if improved:
+                    save_checkpoint(out_dir / "best.pt", model, meta, epoch=epoch + 1, val_acc=val_acc,
+                                    test_acc=test_acc)
+                save_checkpoint(last_path, model, meta, epoch=epoch + 1, optimizer=optimizer.state_dict(),
+                                best_val_acc=best_val, best_epoch=best_epoch, metrics=rows)
+                write_parquet(pl.DataFrame(rows), out_dir / "metrics.parquet", {"kind": "metrics", **meta})
+            ctx.barrier()
+            if ctx.is_main:
+                console.print(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  val {val_acc:.2f}%  "
+                              f"test {test_acc:.2f}%  lr {lr:.4g}  {row['seconds']:.1f}s")
+    metrics = pl.DataFrame(rows)
+    best_row = metrics.filter(pl.col("epoch") == best_epoch).row(0, named=True)
+    return FitResult(out_dir, best_epoch, best_row["val_acc"], best_row["test_acc"], rows[-1]["test_acc"],
+                     float(metrics["seconds"].sum()), metrics)

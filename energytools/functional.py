@@ -1,0 +1,142 @@
+"""The functional API: arrays in, arrays out (cleanlab's style). Logits from any model, any
+framework: NumPy arrays or torch tensors of shape (N, C) in, NumPy arrays of shape (N,) out;
+options are keyword-only. The stages are built on the same functions, so a notebook and the
+CLI agree sample for sample.
+
+    import energytools as et
+    energies = et.energy_scores(logits)                       # (N,) float32, lower = more confident
+    groups = et.energy_groups(energies, low_frac=0.2, high_frac=0.2)   # (N,) "low" / "mid" / "high"
+    temps = et.sample_temperatures(energies, temperatures=(6, 4, 2))   # (N,) float32 KD temperatures
+    drop = et.select_indices(energies, ratio=0.25, mode="low")         # the easiest quarter, for pruning
+"""
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import torch
+
+from .energy import SIGN_CONVENTION, TemperatureRule, logit_statistics
+from .errors import UserError
+from .selection import SELECT_MODES, select_samples
+
+__all__ = ["SIGN_CONVENTION", "energy_groups", "energy_scores", "sample_scores", "sample_temperatures",
+           "select_indices"]
+
+
+def _logits(logits, where: str = "logits") -> torch.Tensor:
+    tensor = torch.as_tensor(np.asarray(logits) if not isinstance(logits, torch.Tensor) else logits)
+    if tensor.ndim != 2 or tensor.shape[1] < 2:
+        raise UserError(f"{where} must have shape (N, C) with C >= 2 classes, got {tuple(tensor.shape)}")
+    if not tensor.is_floating_point():
+        raise UserError(f"{where} must be floating point, got {tensor.dtype}")
+    tensor = tensor.detach().float().cpu()
+    if not torch.isfinite(tensor).all():
+        row = int((~torch.isfinite(tensor).all(dim=1)).nonzero()[0, 0])
+        raise UserError(f"{where} holds NaN or Inf, first in row {row}")
+    return tensor
+
+
+def _vector(values, where: str, dtype=np.float64) -> np.ndarray:
+    array = np.asarray(values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values)
+    if array.ndim != 1:
+        raise UserError(f"{where} must be one-dimensional, got shape {array.shape}")
+    return array.astype(dtype, copy=False)
+
+
+def energy_scores(logits, *, energy_temperature: float = 4.0) -> np.ndarray:
+    """Per-sample energy ``E = -T_E * logsumexp(z / T_E)`` of ``logits`` (N, C): (N,) float32.
+
+    Lower (more negative) energy means larger logits: a more confident model. ``T_E = 4`` is
+    the reference code's; energy-OOD code uses 1. Computed in float32.
+    """
+    if not energy_temperature > 0:
+        raise UserError(f"energy_temperature must be positive, got {energy_temperature}")
+    return sample_scores(logits, energy_temperature=energy_temperature)["energy"]
+
+
+def sample_scores(logits, labels=None, *, energy_temperature: float = 4.0) -> dict[str, np.ndarray]:
+    """Every per-sample score of the score table, from ``logits`` (N, C) and optional ``labels`` (N,).
+
+    Returns (N,) arrays: ``energy``, ``confidence`` (max softmax), ``margin`` (top-1 minus top-2
+    softmax), ``entropy`` (nats) and ``pred``; with labels also ``true_prob`` (softmax of the
+    label), ``el2n`` (``||softmax - onehot(label)||``, Paul et al. 2021) and ``correct``.
+    """
+    tensor = _logits(logits)
+    label_tensor = None
+    if labels is not None:
+        label_array = _vector(labels, "labels", np.int64)
+        if len(label_array) != tensor.shape[0]:
+            raise UserError(f"labels has {len(label_array)} entries for {tensor.shape[0]} rows of logits")
+        if len(label_array) and not (0 <= label_array.min() and label_array.max() < tensor.shape[1]):
+            raise UserError(f"labels must be class indices in [0, {tensor.shape[1]})")
+        label_tensor = torch.from_numpy(label_array)
+    stats = logit_statistics(tensor, label_tensor if label_tensor is not None else tensor.argmax(1), energy_temperature)
+    if label_tensor is None:
+        stats = {k: v for k, v in stats.items() if k not in ("true_prob", "el2n", "correct")}
+    return {name: value.numpy() for name, value in stats.items()}
+
+
+def _rule(temperatures, low_frac, high_frac, rule) -> TemperatureRule:
+    return TemperatureRule(tuple(temperatures), low_frac, high_frac, rule)
+
+
+def _fitted(energies, low_frac, high_frac, reference, sample_ids, temperatures=(6.0, 4.0, 2.0), rule="groups"):
+    energies = _vector(energies, "energies")
+    ids = np.arange(len(energies)) if sample_ids is None else _vector(sample_ids, "sample_ids", np.int64)
+    if len(ids) != len(energies):
+        raise UserError(f"sample_ids has {len(ids)} entries for {len(energies)} energies")
+    fitted_rule = _rule(temperatures, low_frac, high_frac, rule)
+    if reference is None:
+        groups = fitted_rule.fit(energies, ids)
+    else:
+        ref = _vector(reference, "reference")
+        groups = fitted_rule.fit(ref, np.arange(len(ref)))
+    return groups.assign(energies, ids)
+
+
+def energy_groups(energies, *, low_frac: float = 0.2, high_frac: float = 0.2, reference=None,
+                  sample_ids=None) -> np.ndarray:
+    """Each sample's energy group, ``"low"``, ``"mid"`` or ``"high"``: (N,) array of str.
+
+    ``low`` is the lowest ``floor(low_frac * M)`` and ``high`` the highest ``floor(high_frac * M)``
+    of a reference set of M energies (``reference``; default: ``energies`` themselves), ranked by
+    (energy, sample id) so ties split deterministically (the score table's rule). ``sample_ids``
+    (N,) break ties among ``energies``; default: their positions.
+    """
+    return _fitted(energies, low_frac, high_frac, reference, sample_ids)[0].astype(str)
+
+
+def sample_temperatures(energies, *, temperatures=(6.0, 4.0, 2.0), low_frac: float = 0.2, high_frac: float = 0.2,
+                        rule: str = "groups", reference=None, sample_ids=None) -> np.ndarray:
+    """Each sample's KD temperature from its energy: (N,) float32.
+
+    ``temperatures`` are the low, mid and high groups' (the paper's text: 6, 4, 2; the
+    reference code: 2, 4, 6); ``rule="rank"`` interpolates between the low and high values by
+    energy rank instead. Groups as :func:`energy_groups`.
+    """
+    return _fitted(energies, low_frac, high_frac, reference, sample_ids, temperatures, rule)[1]
+
+
+def select_indices(scores, *, ratio: float, mode: str = "high", labels=None, per_class: bool = False,
+                   seed: int = 0) -> np.ndarray:
+    """Positions (sorted, int64) of the selected ``floor(ratio * N)`` samples of ``scores`` (N,).
+
+    ``mode="high"`` takes the highest scores (for energy: the hardest samples, HE-DA's choice),
+    ``"low"`` the lowest (for energy: the easiest, what pruning drops), ``"random"`` a seeded
+    random subset of the same size (a control). With ``per_class`` (needs ``labels``) the
+    fraction is taken within each class. Ties are broken by position.
+    """
+    values = _vector(scores, "scores")
+    if mode not in SELECT_MODES:
+        raise UserError(f"unknown selection mode {mode!r}; choose from {', '.join(SELECT_MODES)}")
+    if per_class and labels is None:
+        raise UserError("per_class selection needs labels")
+    frame = {"sample_id": np.arange(len(values), dtype=np.int64), "energy": values}
+    if labels is not None:
+        frame["label"] = _vector(labels, "labels", np.int64)
+        if len(frame["label"]) != len(values):
+            raise UserError(f"labels has {len(frame['label'])} entries for {len(values)} scores")
+    else:
+        frame["label"] = np.zeros(len(values), dtype=np.int64)
+    chosen = select_samples(pl.DataFrame(frame), ratio, mode, per_class, seed, by="energy")
+    return chosen["sample_id"].to_numpy()
