@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
+import shlex
+import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -26,7 +29,35 @@ def benchmark_teacher(path: Path, arch: str = "resnet20", limit: int | None = No
 
 
 def machine() -> str:
-    return f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, {date.today()}"
+    cores = os.cpu_count()
+    try:
+        memory = f", {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2 ** 30:.0f} GiB"
+    except (ValueError, OSError, AttributeError):
+        memory = ""
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{platform.machine()}, {cores} cores{memory}, {gpu}, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}, {date.today()}")
+
+
+def command() -> str:
+    """This invocation exactly as it was typed: ``python`` and ``sys.argv``, quoted for a shell."""
+    return "python " + shlex.join(sys.argv)
+
+
+def record(wall_seconds: float) -> dict:
+    """What a study writes beside each table: the command, the machine, the date and the wall time."""
+    return {"command": command(), "machine": machine(), "date": str(date.today()), "seconds": round(wall_seconds, 1)}
+
+
+def record_lines(records: list[dict]) -> list[str]:
+    """Markdown lines for the invocations that made a table (one per invocation, in order)."""
+    lines = []
+    for r in records:
+        lines.append(f"Command: `{r['command']}`  ")
+        lines.append(f"Machine: {r['machine']}; date {r['date']}; wall time {r['seconds'] / 60:.1f} min.  ")
+    if len(records) > 1:
+        lines.append(f"Wall time of the {len(records)} invocations: {sum(r['seconds'] for r in records) / 60:.1f} min.")
+    return lines
 
 
 def timed(fn, *args, **kwargs):
