@@ -84,3 +84,23 @@ def teacher_check(table: Path) -> str:
                        for g in s["groups"])
     return (f"{s['samples']} samples, teacher accuracy {s['accuracy']:.2f}%, Spearman(energy, confidence) "
             f"{s['spearman_energy_confidence']:.3f}; {groups}.")
+
+
+def check_table(table: Path, teacher: Path | None, data: DataConfig, views: int = 0) -> None:
+    """Refuse (one line, exit) to reuse a score table made from another teacher, other data or
+    another number of views than the ones passed now; its metadata is the provenance."""
+    import dataclasses
+
+    from energytools.io import sha256_file
+    from energytools.table import TableMeta
+
+    meta = TableMeta.read(table)
+    found = []
+    if teacher is not None and meta.teacher.sha256 != sha256_file(teacher):
+        found.append(f"teacher {meta.teacher.path} (not {teacher})")
+    ours, theirs = dataclasses.asdict(data), dataclasses.asdict(meta.data)
+    found += [f"{k} {theirs.get(k)!r} (not {v!r})" for k, v in ours.items() if k != "data_root" and theirs.get(k) != v]
+    if (meta.views.count if meta.views else 0) != views:
+        found.append(f"{meta.views.count if meta.views else 0} views (not {views})")
+    if found:
+        raise SystemExit(f"{table} was made with {', '.join(found)}: remove it or pass another --out")

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import polars as pl
 
-from common import record, record_lines, teacher_check
+from common import check_table, record, record_lines, teacher_check
 from energytools.config import AugmentConfig, DataConfig, ScoreConfig, SelectConfig, TrainConfig, TrainStageConfig
 from energytools.summaries import (VERDICT_RULE, aggregate_runs, comparison_count, holm_verdicts, markdown_table,
                                    summary_cells)
@@ -113,6 +113,7 @@ def prepare(setting_dir: Path, data: DataConfig, teacher: Path, rows: list[str],
     table = setting_dir / "scores.parquet"
     if not table.exists():
         score(ScoreConfig(teacher=str(teacher), out=str(table), data=data, views=VIEWS, save_logits=True))
+    check_table(table, teacher, data, VIEWS)
     for name in rows:
         row = ROWS[name]
         for seed in dict.fromkeys(draw_seed(ROWS[name], s) or 0 for s in seeds):

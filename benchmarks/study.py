@@ -30,7 +30,7 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from common import record, record_lines, teacher_check
+from common import check_table, record, record_lines, teacher_check
 from energytools.config import AugmentConfig, DataConfig, DistillConfig, ScoreConfig, TrainConfig, TrainStageConfig
 from energytools.stages.augment import augment
 from energytools.stages.distill import distill
@@ -71,6 +71,7 @@ def run_setting(setting: str, data: DataConfig, teacher: Path, out: Path, seeds,
     table = out / "scores.parquet"
     if not table.exists():
         score(ScoreConfig(teacher=str(teacher), out=str(table), data=data, save_logits=True))
+    check_table(table, teacher, data)
     rows = []
     for name in configs:
         method, temps, heda = CONFIGS[name]

@@ -31,3 +31,23 @@ def test_pair_table_gives_intervals_and_holm():
     row = pairs.row(0, named=True)
     assert (row["against"], row["verdict"], row["holm"]) == ("kd", "worse", "worse")
     assert row["interval"].startswith("[-2.") and row["wins"] == "0/3"
+
+
+def test_a_score_table_from_another_teacher_or_data_is_refused(tmp_path):
+    import subprocess
+
+    from common import check_table
+    from energytools.config import DataConfig
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "sm"
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "study.py"), "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table, teacher = out / "digits" / "scores.parquet", out / "teacher" / "best.pt"
+    check_table(table, teacher, DataConfig(dataset="digits"))  # the same provenance: accepted
+    with pytest.raises(SystemExit, match="limit None"):
+        check_table(table, teacher, DataConfig(dataset="digits", limit=100))
+    with pytest.raises(SystemExit, match="teacher .*last.pt"):
+        check_table(table, out / "teacher" / "last.pt", DataConfig(dataset="digits"))
+    assert "study.py --smoke --out" in (out / "wall.jsonl").read_text()  # the invocation, as typed
