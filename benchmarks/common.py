@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
+import shlex
+import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -26,7 +29,35 @@ def benchmark_teacher(path: Path, arch: str = "resnet20", limit: int | None = No
 
 
 def machine() -> str:
-    return f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, {date.today()}"
+    cores = os.cpu_count()
+    try:
+        memory = f", {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2 ** 30:.0f} GiB"
+    except (ValueError, OSError, AttributeError):
+        memory = ""
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{platform.machine()}, {cores} cores{memory}, {gpu}, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}, {date.today()}")
+
+
+def command() -> str:
+    """This invocation exactly as it was typed: ``python`` and ``sys.argv``, quoted for a shell."""
+    return "python " + shlex.join(sys.argv)
+
+
+def record(wall_seconds: float) -> dict:
+    """What a study writes beside each table: the command, the machine, the date and the wall time."""
+    return {"command": command(), "machine": machine(), "date": str(date.today()), "seconds": round(wall_seconds, 1)}
+
+
+def record_lines(records: list[dict]) -> list[str]:
+    """Markdown lines for the invocations that made a table (one per invocation, in order)."""
+    lines = []
+    for r in records:
+        lines.append(f"Command: `{r['command']}`  ")
+        lines.append(f"Machine: {r['machine']}; date {r['date']}; wall time {r['seconds'] / 60:.1f} min.  ")
+    if len(records) > 1:
+        lines.append(f"Wall time of the {len(records)} invocations: {sum(r['seconds'] for r in records) / 60:.1f} min.")
+    return lines
 
 
 def timed(fn, *args, **kwargs):
@@ -53,3 +84,23 @@ def teacher_check(table: Path) -> str:
                        for g in s["groups"])
     return (f"{s['samples']} samples, teacher accuracy {s['accuracy']:.2f}%, Spearman(energy, confidence) "
             f"{s['spearman_energy_confidence']:.3f}; {groups}.")
+
+
+def check_table(table: Path, teacher: Path | None, data: DataConfig, views: int = 0) -> None:
+    """Refuse (one line, exit) to reuse a score table made from another teacher, other data or
+    another number of views than the ones passed now; its metadata is the provenance."""
+    import dataclasses
+
+    from energytools.io import sha256_file
+    from energytools.table import TableMeta
+
+    meta = TableMeta.read(table)
+    found = []
+    if teacher is not None and meta.teacher.sha256 != sha256_file(teacher):
+        found.append(f"teacher {meta.teacher.path} (not {teacher})")
+    ours, theirs = dataclasses.asdict(data), dataclasses.asdict(meta.data)
+    found += [f"{k} {theirs.get(k)!r} (not {v!r})" for k, v in ours.items() if k != "data_root" and theirs.get(k) != v]
+    if (meta.views.count if meta.views else 0) != views:
+        found.append(f"{meta.views.count if meta.views else 0} views (not {views})")
+    if found:
+        raise SystemExit(f"{table} was made with {', '.join(found)}: remove it or pass another --out")

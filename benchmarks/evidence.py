@@ -29,14 +29,14 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from datetime import date
 from pathlib import Path
 
 import polars as pl
 
-from common import teacher_check
+from common import check_table, record, record_lines, teacher_check
 from energytools.config import AugmentConfig, DataConfig, ScoreConfig, SelectConfig, TrainConfig, TrainStageConfig
-from energytools.summaries import VERDICT_RULE, aggregate_runs, markdown_table, summary_cells
+from energytools.summaries import (VERDICT_RULE, aggregate_runs, comparison_count, holm_verdicts, markdown_table,
+                                   summary_cells)
 
 BEGIN, END = "<!-- evidence round 2: begin -->", "<!-- evidence round 2: end -->"
 
@@ -52,6 +52,16 @@ class Row:
     drop: tuple[float, str, str] | None = None  # (ratio, mode, by) of the ids excluded
     drop_per_class: bool = False  # the ratio within each class (select --per-class)
     cached: bool = True  # replay the stored views (False: run the teacher on every batch)
+    fixed: bool = False  # its random draws (shards, random selection) fixed on purpose at seed 0, not per run
+
+
+def draw_seed(row: Row, seed: int) -> int | None:
+    """The seed of a row's random configuration choices (its shards' selection and CutMix draws,
+    a random selection) for the run with ``seed``: the run's own seed, 0 when the row says it is
+    fixed on purpose, None when the row draws nothing (no shards, a selection by score)."""
+    if not row.shards and not (row.drop and row.drop[1] == "random"):
+        return None
+    return 0 if row.fixed else seed
 
 
 DKD_WARMUP = 3  # epochs, of 12 (the reference: 20 of 240)
@@ -94,33 +104,43 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in ".-" else "_" for c in name)
 
 
-def prepare(setting_dir: Path, data: DataConfig, teacher: Path, rows: list[str]) -> None:
-    """The score table with views, the shard directories and the selections the rows need."""
+def prepare(setting_dir: Path, data: DataConfig, teacher: Path, rows: list[str], seeds: list[int]) -> None:
+    """The score table with views, the shard directories and the selections the rows need, the
+    random ones (:func:`draw_seed`) once per run seed."""
     from energytools.stages.augment import augment, select
     from energytools.stages.score import score
 
     table = setting_dir / "scores.parquet"
     if not table.exists():
         score(ScoreConfig(teacher=str(teacher), out=str(table), data=data, views=VIEWS, save_logits=True))
+    check_table(table, teacher, data, VIEWS)
     for name in rows:
         row = ROWS[name]
-        if row.shards and not (shard_dir(setting_dir, row) / "manifest.json").exists():
-            ratio, mode = row.shards
-            augment(AugmentConfig(scores=str(table), out=str(shard_dir(setting_dir, row)), ratio=ratio, select=mode,
-                                  overwrite=True))
-        if row.drop and not drop_file(setting_dir, row).exists():
-            ratio, mode, by = row.drop
-            select(SelectConfig(scores=str(table), out=str(drop_file(setting_dir, row)), ratio=ratio, mode=mode, by=by,
-                                per_class=row.drop_per_class, overwrite=True))
+        for seed in dict.fromkeys(draw_seed(ROWS[name], s) or 0 for s in seeds):
+            if row.shards and not (shard_dir(setting_dir, row, seed) / "manifest.json").exists():
+                ratio, mode = row.shards
+                augment(AugmentConfig(scores=str(table), out=str(shard_dir(setting_dir, row, seed)), ratio=ratio,
+                                      select=mode, seed=draw_seed(row, seed), overwrite=True))
+            if row.drop and not drop_file(setting_dir, row, seed).exists():
+                ratio, mode, by = row.drop
+                select(SelectConfig(scores=str(table), out=str(drop_file(setting_dir, row, seed)), ratio=ratio,
+                                    mode=mode, by=by, per_class=row.drop_per_class, seed=draw_seed(row, seed) or 0,
+                                    overwrite=True))
 
 
-def shard_dir(setting_dir: Path, row: Row) -> Path:
-    return setting_dir / f"he-da-{row.shards[1]}-{row.shards[0]}"
+def _seeded(row: Row, seed: int) -> str:
+    drawn = draw_seed(row, seed)
+    return "" if drawn is None else f"-s{drawn}"
 
 
-def drop_file(setting_dir: Path, row: Row) -> Path:
+def shard_dir(setting_dir: Path, row: Row, seed: int) -> Path:
+    return setting_dir / f"he-da-{row.shards[1]}-{row.shards[0]}{_seeded(row, seed)}"
+
+
+def drop_file(setting_dir: Path, row: Row, seed: int) -> Path:
     ratio, mode, by = row.drop
-    return setting_dir / f"drop-{mode}-{by}-{ratio}{'-per-class' if row.drop_per_class else ''}.parquet"
+    per_class = "-per-class" if row.drop_per_class else ""
+    return setting_dir / f"drop-{mode}-{by}-{ratio}{per_class}{_seeded(row, seed)}.parquet"
 
 
 def run_one(job: tuple) -> dict:
@@ -138,8 +158,8 @@ def run_one(job: tuple) -> dict:
         started = (run_dir / "last.pt").exists()
         distill(DistillConfig(
             scores=str(Path(setting_dir) / "scores.parquet"), student=STUDENT, out=str(run_dir), method=row.method,
-            shards=(str(shard_dir(Path(setting_dir), row)),) if row.shards else (),
-            exclude=str(drop_file(Path(setting_dir), row)) if row.drop else None, cached_logits=row.cached,
+            shards=(str(shard_dir(Path(setting_dir), row, seed)),) if row.shards else (),
+            exclude=str(drop_file(Path(setting_dir), row, seed)) if row.drop else None, cached_logits=row.cached,
             eval_limit=eval_limit, train=TrainConfig(epochs=epochs, seed=seed), resume=started,
             overwrite=not started, **row.options))
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -151,25 +171,30 @@ def run_one(job: tuple) -> dict:
 
 STUDENT = "cnn_small"
 COLUMNS = {"config": "config", "seeds": "seeds", "best": "best", "last": "last", "Δ kd (best)": "delta_best",
-           "wins": "wins", "verdict": "verdict", "rows/epoch": "samples", "epochs": "epochs", "s/run": "seconds"}
+           "95% CI": "interval", "wins": "wins", "verdict": "verdict", "Holm": "holm", "rows/epoch": "samples",
+           "epochs": "epochs", "s/run": "seconds"}
 
 
-def markdown(results: pl.DataFrame, checks: dict, command: str, wall: float) -> str:
-    summary = summary_cells(aggregate_runs(results, "kd", by=["setting"]))
+def markdown(results: pl.DataFrame, checks: dict, records: list[dict]) -> str:
+    """The doc's block; ``records`` are the invocations that made it (common.record), in order."""
+    aggregated = aggregate_runs(results, "kd", by=["setting"])
+    summary = summary_cells(aggregated)
     lines = [BEGIN, "# Results, round 2: equal compute, online HE-DA, a real student, pruning", "",
-             f"Command: `{command}`  ",
-             f"Machine: 2-core x86_64 CPU, 24 GiB, no GPU; date {date.today()}. Wall time of the whole study "
-             f"(every invocation, including scoring, shards and selections): {wall / 60:.0f} min.", "",
+             "Every invocation of the study (scoring, shards, selections and runs; each writes its own line):", "",
+             *record_lines(records), "",
              "Test accuracy (%) of the validation-selected checkpoint (`best`) and of the last epoch, mean ± std "
              "over seeds; the baseline is kd. " + VERDICT_RULE + " `rows/epoch` is the training rows "
              "per epoch (originals + shard rows - dropped), so rows/epoch x epochs / 64 is the optimizer steps; "
              "`s/run` is the training time of one run (two runs shared the 2 cores).", ""]
     for setting, frame in summary.group_by("setting", maintain_order=True):
+        tests = comparison_count(aggregated.filter(pl.col("setting") == setting[0]), "kd")
         lines += [f"## {setting[0]}", "", f"Teacher on this training set: {checks[setting[0]]}", "",
+                  f"This table makes {tests} comparisons with kd; Holm adjusts the verdicts for them.", "",
                   markdown_table(frame, COLUMNS, decimals={"seconds": 0, "samples": 0, "epochs": 0}), ""]
         pairs = pair_table(results.filter(pl.col("setting") == setting[0]))
         if pairs.height:
-            lines += ["The comparisons the controls are for, each against its own baseline on the same seeds:", "",
+            lines += ["The comparisons the controls are for, each against its own baseline on the same seeds "
+                      f"({pairs.height} comparisons; Holm adjusts over them):", "",
                       markdown_table(pairs, PAIR_COLUMNS), ""]
     return "\n".join(lines + [END])
 
@@ -184,19 +209,25 @@ PAIRS = [("kd + HE-DA shards 0.25", "kd 15 ep"), ("kd + HE-DA shards 0.25", "kd 
          *[(f"kd, drop {name} 50% per class", "kd, drop random 50%") for name in ("low-energy", "low-EL2N")],
          *[(f"kd, drop {name} {x}%", "kd") for x in (25, 50) for name in ("low-energy", "low-EL2N", "random")]]
 PAIR_COLUMNS = {"config": "config", "against": "against", "seeds": "paired", "Δ (best)": "delta_best",
-                "wins": "wins", "verdict": "verdict"}
+                "95% CI": "interval", "wins": "wins", "verdict": "verdict", "Holm": "holm"}
 
 
 def pair_table(results: pl.DataFrame) -> pl.DataFrame:
-    """One row per pair of :data:`PAIRS` whose two configs both ran: the paired Δ and verdict."""
+    """One row per pair of :data:`PAIRS` whose two configs both ran: the paired Δ, its interval and
+    verdict, and the verdict Holm-adjusted over the pairs of the table."""
     frames = []
     for config, against in PAIRS:
         both = results.filter(pl.col("config").is_in([config, against]))
         if set(both["config"]) == {config, against}:
             row = summary_cells(aggregate_runs(both, against)).filter(pl.col("config") == config)
-            frames.append(row.select("config", "paired", "delta_best", "wins", "verdict")
-                          .with_columns(against=pl.lit(against)))
-    return pl.concat(frames) if frames else pl.DataFrame()
+            frames.append(row.select("config", "paired", "delta_best", "interval", "wins", "verdict",
+                                     "delta_best_mean", "delta_best_std").with_columns(against=pl.lit(against)))
+    if not frames:
+        return pl.DataFrame()
+    pairs = pl.concat(frames)
+    tests = [(r["delta_best_mean"], r["delta_best_std"] / r["paired"] ** 0.5, r["paired"])
+             if r["paired"] >= 2 and r["delta_best_std"] is not None else None for r in pairs.iter_rows(named=True)]
+    return pairs.with_columns(holm=pl.Series(holm_verdicts(tests), dtype=pl.String))
 
 
 def write_doc(doc: Path, text: str) -> None:
@@ -233,7 +264,7 @@ def main():
     for setting, (options, seeds, rows) in settings.items():
         setting_dir = args.out / slug(setting)
         data = DataConfig(**options, **({} if args.smoke else COMMON_DATA))
-        prepare(setting_dir, data, teacher, rows)
+        prepare(setting_dir, data, teacher, rows, seeds)
         checks[setting] = teacher_check(setting_dir / "scores.parquet")
         # seed-major: an interrupted study has whole seeds first
         scale = SMOKE_EPOCH_SCALE if args.smoke else 1.0
@@ -248,13 +279,16 @@ def main():
     frame = pl.DataFrame(results)
     frame.write_csv(args.out / "results.csv")
     with open(args.out / "wall.jsonl", "a") as log:
-        log.write(json.dumps({"date": str(date.today()), "seconds": time.perf_counter() - started}) + "\n")
-    wall = sum(json.loads(line)["seconds"] for line in (args.out / "wall.jsonl").read_text().splitlines())
-    flags = [f"--teacher {args.teacher}"] * bool(args.teacher) + [f"--out {args.out}", f"--workers {args.workers}"]
-    text = markdown(frame, checks, "python benchmarks/evidence.py " + " ".join(flags + ["--smoke"] * args.smoke), wall)
+        log.write(json.dumps(record(time.perf_counter() - started)) + "\n")
+    records = [{"command": "(not recorded)", "machine": "(not recorded)", **json.loads(line)}
+               for line in (args.out / "wall.jsonl").read_text().splitlines()]
+    text = markdown(frame, checks, records)
     doc = args.doc or (None if args.smoke else Path("docs/results.md"))
     if doc:
         write_doc(doc, text)
+        csv = doc.parent / "results" / "evidence.csv"  # every run's numbers beside the doc
+        csv.parent.mkdir(parents=True, exist_ok=True)
+        frame.write_csv(csv)
     print(text)
 
 

@@ -13,7 +13,8 @@ mixing and the joint forward and adds no loss, which isolates that effect.
 import time
 
 import energytools
-from views_study import paired_table, parser_with_common_options, prepare, run_once, teacher_line
+from views_study import (paired_table, parser_with_common_options, prepare, run_once, runs_frame, teacher_line,
+                         write_records)
 
 VIEWS = 8
 
@@ -39,8 +40,10 @@ def main():
         for weight, name in zip(weights, names[1:]):
             results[(name, seed)] = run(args.out / f"views{VIEWS}+online-heda-w{weight:g}-s{seed}", seed,
                                         he_da="online", he_da_weight=weight)
-    print("\n".join(paired_table(results, names, seeds)))
+    table = paired_table(results, names, seeds)
+    print("\n".join(table))
     print(teacher_line(teacher, started))
+    write_records(args.records, "online-heda-ablation", [table], runs_frame(results, names, seeds), started)
 
 
 if __name__ == "__main__":

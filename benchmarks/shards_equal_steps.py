@@ -10,9 +10,11 @@ so its equal-step baseline is kd for round(6 (1 + r)) epochs; a random selection
 size is the control for the high-energy one.
 """
 import time
+from pathlib import Path
 
 import energytools
-from views_study import paired_table, parser_with_common_options, prepare, run_once, teacher_line
+from views_study import (paired_table, parser_with_common_options, prepare, run_once, runs_frame, teacher_line,
+                         write_records)
 
 VIEWS = 8
 
@@ -25,21 +27,24 @@ def main():
     started = time.perf_counter()
     out, ratio = args.out, args.ratio
     teacher, tables = prepare(out, args.limit, args.eval_limit, args.teacher_epochs, [VIEWS], args.data_root)
-    shards = {}
-    for select in ("high", "random"):  # views_study's name for the high-energy shards, so its runs are shared
-        shards[select] = out / (f"he-da-k{VIEWS}-r{ratio:g}" if select == "high" else f"random-k{VIEWS}-r{ratio:g}")
-        if not (shards[select] / "manifest.json").exists():
-            energytools.augment(tables[VIEWS], shards[select], ratio=ratio, select=select, overwrite=True)
+    def shard_dir(select: str, seed: int) -> Path:
+        """The high-energy shards (views_study's, so its runs are shared: their CutMix draws are fixed
+        on purpose, seed 0, as views_study made them) or the random control's, drawn per run seed."""
+        path = out / (f"he-da-k{VIEWS}-r{ratio:g}" if select == "high" else f"random-k{VIEWS}-r{ratio:g}-s{seed}")
+        if not (path / "manifest.json").exists():
+            energytools.augment(tables[VIEWS], path, ratio=ratio, select=select, overwrite=True,
+                                seed=0 if select == "high" else seed)
+        return path
     equal_epochs = round(args.epochs * (1 + ratio))
     rows = {  # name: (run directory prefix, epochs, shards)
         f"kd {args.epochs} ep": (f"views{VIEWS}", args.epochs, None),
         f"kd {equal_epochs} ep (equal steps)": (f"views{VIEWS}-{equal_epochs}ep", equal_epochs, None),
-        f"kd + HE-DA shards {ratio:g}": (f"views{VIEWS}+heda{ratio:g}", args.epochs, shards["high"]),
-        f"kd + random shards {ratio:g}": (f"views{VIEWS}+random{ratio:g}", args.epochs, shards["random"]),
+        f"kd + HE-DA shards {ratio:g}": (f"views{VIEWS}+heda{ratio:g}", args.epochs, "high"),
+        f"kd + random shards {ratio:g}": (f"views{VIEWS}+random{ratio:g}", args.epochs, "random"),
     }
 
-    def run(path, seed: int, epochs: int, shard) -> dict:
-        extra = {"shards": [str(shard)]} if shard else {}
+    def run(path, seed: int, epochs: int, select) -> dict:
+        extra = {"shards": [str(shard_dir(select, seed))]} if select else {}
         return run_once(path, lambda: energytools.distill(tables[VIEWS], "cnn_tiny", path, overwrite=True, method="kd",
                                                           epochs=epochs, seed=seed, cached_logits=True, **extra))
 
@@ -48,10 +53,10 @@ def main():
         for name, (prefix, epochs, shard) in rows.items():
             results[(name, seed)] = run(out / f"{prefix}-s{seed}", seed, epochs, shard)
     names = list(rows)
-    print("\n".join(paired_table(results, [names[1], names[2], names[3]], seeds)))
-    print()
-    print("\n".join(paired_table(results, [names[0], names[2]], seeds)))
+    tables = [paired_table(results, [names[1], names[2], names[3]], seeds), paired_table(results, names[:3:2], seeds)]
+    print("\n\n".join("\n".join(table) for table in tables))
     print(teacher_line(teacher, started))
+    write_records(args.records, "shards-equal-steps", tables, runs_frame(results, names, seeds), started)
 
 
 if __name__ == "__main__":

@@ -24,18 +24,18 @@ from __future__ import annotations
 
 import argparse
 import json
-from datetime import date
+import time
 from pathlib import Path
 
 import polars as pl
 import torch
 
-from common import teacher_check
+from common import check_table, record, record_lines, teacher_check
 from energytools.config import AugmentConfig, DataConfig, DistillConfig, ScoreConfig, TrainConfig, TrainStageConfig
 from energytools.stages.augment import augment
 from energytools.stages.distill import distill
 from energytools.stages.score import score
-from energytools.summaries import VERDICT_RULE, aggregate_runs, markdown_table, summary_cells
+from energytools.summaries import VERDICT_RULE, aggregate_runs, comparison_count, markdown_table, summary_cells
 
 # name -> (method, temperatures or None, HE-DA (ratio, select) or None)
 CONFIGS = {
@@ -71,6 +71,7 @@ def run_setting(setting: str, data: DataConfig, teacher: Path, out: Path, seeds,
     table = out / "scores.parquet"
     if not table.exists():
         score(ScoreConfig(teacher=str(teacher), out=str(table), data=data, save_logits=True))
+    check_table(table, teacher, data)
     rows = []
     for name in configs:
         method, temps, heda = CONFIGS[name]
@@ -96,7 +97,7 @@ def run_setting(setting: str, data: DataConfig, teacher: Path, out: Path, seeds,
 
 #: the doc's columns: header -> column of summaries.summary_cells' frame
 COLUMNS = {"config": "config", "seeds": "seeds", "best": "best", "last": "last", "Δ kd (best)": "delta_best",
-           "wins": "wins", "verdict": "verdict", "s/run": "seconds"}
+           "95% CI": "interval", "wins": "wins", "verdict": "verdict", "Holm": "holm", "s/run": "seconds"}
 
 
 def summary_table(results: pl.DataFrame) -> pl.DataFrame:
@@ -104,15 +105,16 @@ def summary_table(results: pl.DataFrame) -> pl.DataFrame:
     return summary_cells(aggregate_runs(results, "kd", by=["setting"]))
 
 
-def markdown(summary: pl.DataFrame, checks: dict, command: str, args) -> str:
-    lines = [TITLE, "",
-             f"Command: `{command}`  ", f"Machine: 2-core x86_64 CPU, 24 GiB, no GPU; date {date.today()}.", "",
+def markdown(summary: pl.DataFrame, checks: dict, records: list[dict]) -> str:
+    """The study's part of the doc; ``records`` are the invocations that made it (common.record)."""
+    lines = [TITLE, "", *record_lines(records), "",
              "Test accuracy (%) of the validation-selected checkpoint (`best`) and of the last epoch, mean ± std over "
              "seeds; the baseline is kd. " + VERDICT_RULE, ""]
     for setting, frame in summary.group_by("setting", maintain_order=True):
         name = setting[0]
         lines += [f"## {name}", "", f"Energy/confidence check of the teacher on this training set: {checks[name]}", "",
-                  markdown_table(frame, COLUMNS, decimals={"seconds": 0}), ""]
+                  f"This table makes {comparison_count(frame, 'kd')} comparisons with kd; Holm adjusts the verdicts "
+                  "for them.", "", markdown_table(frame, COLUMNS, decimals={"seconds": 0}), ""]
     return "\n".join(lines)
 
 
@@ -153,6 +155,7 @@ def main():
     parser.add_argument("--compare", type=Path, default=None,
                         help="an earlier results.csv: print each run beside it instead of writing the doc")
     args = parser.parse_args()
+    started = time.perf_counter()
     torch.set_num_threads(args.threads)
     configs = args.configs or (SMOKE_CONFIGS if args.smoke else list(CONFIGS))
     frames, checks = [], {}
@@ -175,14 +178,13 @@ def main():
     results = pl.concat(frames)
     summary = summary_table(results)
     results.write_csv(args.out / "results.csv")
-    flags = ([f"--teacher {args.teacher}"] * bool(args.teacher) + [f"--out {args.out}"]
-             + ([f"--seeds {' '.join(map(str, args.seeds))}"] if args.seeds else [])
-             + [f"--epochs {args.epochs}", f"--threads {args.threads}"] + ["--smoke"] * args.smoke)
-    command = "python benchmarks/study.py " + " ".join(flags)
     if args.compare:
         print(comparison_markdown(compare_runs(results, pl.read_csv(args.compare))))
         return
-    text = markdown(summary, checks, command, args)
+    with open(args.out / "wall.jsonl", "a") as log:  # every invocation that made the table
+        log.write(json.dumps(record(time.perf_counter() - started)) + "\n")
+    records = [json.loads(line) for line in (args.out / "wall.jsonl").read_text().splitlines()]
+    text = markdown(summary, checks, records)
     doc = args.doc or (None if args.smoke else Path("docs/results.md"))
     if doc:
         # the hand-written discussion below the marker survives a re-run
@@ -192,6 +194,9 @@ def main():
         before = old[:old.index(TITLE)] if TITLE in old and DISCUSSION in old else ""
         kept = old.split(DISCUSSION, 1)[1] if DISCUSSION in old else "\n"
         doc.write_text(before + text + "\n" + DISCUSSION + kept)
+        csv = doc.parent / "results" / "study.csv"  # every run's numbers beside the doc
+        csv.parent.mkdir(parents=True, exist_ok=True)
+        results.write_csv(csv)
     print(text)
 
 

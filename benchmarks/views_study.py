@@ -7,8 +7,9 @@ A teacher (resnet8) is trained with the crop regime (--crop-pad 2: pad-2 crop + 
 training split is scored once per K with --views K, and a student (cnn_tiny) is distilled with
 kd (T = 4) on the same seeds: with the teacher run online on every batch, and from each table's
 cached views (--cached-logits: the teacher is never run). Paired differences to the online
-run, per seed; the verdict says whether |mean| exceeds two standard errors. Finished runs are
-kept (re-running the command skips them).
+run, per seed, with the 95% Student-t interval and the verdict of energytools.summaries.
+Finished runs are kept (re-running the command skips them). The command, machine, date and
+wall time, the table and every run's numbers go to --records (docs/results/views-study.md, .csv).
 
 With ``--shards R`` every run also trains on HE-DA shards (CutMix of the highest-energy R of
 the samples) made from its own table by ``augment``: the online run's teacher sees the shard
@@ -47,29 +48,46 @@ def prepare(out: Path, limit: int, eval_limit: int, teacher_epochs: int, counts:
     return teacher, tables
 
 
+def runs_frame(results: dict, names: list[str], seeds: list[int]):
+    """One row per (run name, seed) of ``results``: config, seed, best, last, seconds."""
+    import polars as pl
+
+    return pl.DataFrame([{"config": name, "seed": s, "best": results[(name, s)]["best_test_acc"],
+                          "last": results[(name, s)]["last_test_acc"], "seconds": results[(name, s)]["seconds"]}
+                         for name in names for s in seeds])
+
+
 def paired_table(results: dict, names: list[str], seeds: list[int]) -> list[str]:
-    """Markdown rows: each run's test accuracy over seeds and its paired difference to ``names[0]``."""
+    """Markdown rows: each run's test accuracy over seeds and its paired difference to ``names[0]``,
+    with the 95% Student-t interval, the verdict and the Holm-adjusted verdict (energytools.summaries)."""
+    from energytools.summaries import aggregate_runs, markdown_table, summary_cells
+
     baseline = names[0]
-    lines = ["| run | seeds | best (val-selected) | last | Δ {0} (best) | Δ {0} (last) | wins | verdict | s/run |"
-             .format(baseline.split(" ")[0]), "|---|---|---|---|---|---|---|---|---|"]
-    for name in names:
-        best = [results[(name, s)]["best_test_acc"] for s in seeds]
-        last = [results[(name, s)]["last_test_acc"] for s in seeds]
-        secs = statistics.mean(results[(name, s)]["seconds"] for s in seeds)
-        row = f"| {name} | {len(seeds)} | {statistics.mean(best):.2f} ± {statistics.stdev(best):.2f} | " \
-              f"{statistics.mean(last):.2f} ± {statistics.stdev(last):.2f} | "
-        if name == baseline:
-            row += "— | — | — | — |"
-        else:
-            deltas = [b - results[(baseline, s)]["best_test_acc"] for b, s in zip(best, seeds)]
-            deltas_last = [b - results[(baseline, s)]["last_test_acc"] for b, s in zip(last, seeds)]
-            mean, sd = statistics.mean(deltas), statistics.stdev(deltas)
-            se = sd / math.sqrt(len(deltas))
-            verdict = "inside noise" if abs(mean) <= 2 * se else ("better" if mean > 0 else "worse")
-            row += (f"{mean:+.2f} ± {sd:.2f} | {statistics.mean(deltas_last):+.2f} | "
-                    f"{sum(d > 0 for d in deltas)}/{len(deltas)} | {verdict} |")
-        lines.append(row + f" {secs:.0f} |")
-    return lines
+    cells = summary_cells(aggregate_runs(runs_frame(results, names, seeds), baseline))
+    base = baseline.split(" ")[0]
+    columns = {"run": "config", "seeds": "seeds", "best (val-selected)": "best", "last": "last",
+               f"Δ {base} (best)": "delta_best", f"Δ {base} (last)": "delta_last", "95% CI (best)": "interval",
+               "wins": "wins", "verdict": "verdict", "Holm": "holm", "s/run": "seconds"}
+    tests = len(names) - 1
+    note = [f"{tests} comparison{'s' * (tests > 1)} with {baseline}" + ("; Holm adjusts the verdicts for them."
+                                                                     if tests > 1 else "."), ""]
+    return note + markdown_table(cells, columns, decimals={"seconds": 0}).splitlines()
+
+
+def write_records(records_dir: Path | None, study: str, tables: list[list[str]], runs, started: float) -> None:
+    """The study's own record beside the docs: RECORDS/STUDY.md (the command, machine, date and
+    wall time of this invocation, then its tables) and RECORDS/STUDY.csv (every run's numbers);
+    the record lines are printed too."""
+    from common import record, record_lines
+
+    lines = record_lines([record(time.perf_counter() - started)])
+    print("\n".join(lines))
+    if records_dir is None:
+        return
+    records_dir.mkdir(parents=True, exist_ok=True)
+    body = [f"# {study}", "", *lines, ""] + [line for table in tables for line in table + [""]]
+    (records_dir / f"{study}.md").write_text("\n".join(body))
+    runs.write_csv(records_dir / f"{study}.csv")
 
 
 def parser_with_common_options(doc: str) -> argparse.ArgumentParser:
@@ -81,6 +99,8 @@ def parser_with_common_options(doc: str) -> argparse.ArgumentParser:
     parser.add_argument("--teacher-epochs", type=int, default=6)
     parser.add_argument("--eval-limit", type=int, default=3000, help="val and test samples (class-stratified)")
     parser.add_argument("--data-root", help="where Fashion-MNIST is (default: where energytools looks for it)")
+    parser.add_argument("--records", type=Path, default=Path("docs/results"),
+                        help="where the study writes its record (STUDY.md) and every run's numbers (STUDY.csv)")
     return parser
 
 
@@ -123,8 +143,11 @@ def main():
         for k in counts:
             results[(f"views K={k}" + suffix, seed)] = run(f"views{k}", k, seed, cached_logits=True)
     online = "online" + suffix
-    print("\n".join(paired_table(results, [online] + [f"views K={k}" + suffix for k in counts], seeds)))
+    names = [online] + [f"views K={k}" + suffix for k in counts]
+    table = paired_table(results, names, seeds)
+    print("\n".join(table))
     print(teacher_line(teacher, started))
+    write_records(args.records, f"views-study{tag}", [table], runs_frame(results, names, seeds), started)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ def script(name, *args) -> str:
 def test_the_views_studies_run_and_share_their_runs(fashion_root, tmp_path):
     out = tmp_path / "study"
     common = ["--out", out, "--data-root", fashion_root, "--limit", 200, "--eval-limit", 20, "--seeds", "0,1",
-              "--epochs", 1, "--teacher-epochs", 1]
+              "--epochs", 1, "--teacher-epochs", 1, "--records", tmp_path / "records"]
     printed = script("views_study.py", *common, "--views", "2,8", "--shards", 0.3)
     assert "| online + HE-DA 0.3 | 2 |" in printed and "| views K=8 + HE-DA 0.3 | 2 |" in printed
     assert (out / "he-da-k8-r0.3" / "manifest.json").exists()
@@ -27,3 +27,7 @@ def test_the_views_studies_run_and_share_their_runs(fashion_root, tmp_path):
     printed = script("shards_equal_steps.py", *common)
     assert "| kd + random shards 0.3 | 2 |" in printed
     assert (out / "views8+heda0.3-s0" / "summary.json").stat().st_mtime == finished  # reused, not re-run
+    assert (out / "random-k8-r0.3-s1" / "manifest.json").exists()  # the random control drawn per seed
+    record = (tmp_path / "records" / "shards-equal-steps.md").read_text()
+    assert "Command: `python " in record and "shards_equal_steps.py --out" in record and "95% CI" in record
+    assert (tmp_path / "records" / "views-study+heda0.3.csv").read_text().count("\n") == 1 + 3 * 2
