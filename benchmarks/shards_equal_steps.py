@@ -27,6 +27,7 @@ def main():
     started = time.perf_counter()
     out, ratio = args.out, args.ratio
     teacher, tables = prepare(out, args.limit, args.eval_limit, args.teacher_epochs, [VIEWS], args.data_root)
+
     def shard_dir(select: str, seed: int) -> Path:
         """The high-energy shards (views_study's, so its runs are shared: their CutMix draws are fixed
         on purpose, seed 0, as views_study made them) or the random control's, drawn per run seed."""

@@ -18,8 +18,6 @@ image. Those runs are named with a ``+ HE-DA R`` suffix and compared among thems
 """
 import argparse
 import json
-import math
-import statistics
 import time
 from pathlib import Path
 
