@@ -3,13 +3,17 @@
 Plain PyTorch in the style of torchvision's reference scripts: one loop, SGD + momentum,
 validation-selected best.pt, last.pt every epoch for resume, metrics.parquet per epoch.
 Randomness comes from generators seeded by (seed, epoch), so a run resumed from last.pt
-ends with the same weights as an uninterrupted one.
+ends with the same weights as an uninterrupted one on the CPU. On CUDA a resumed run has the
+same schedule, data order, augmentations and GradScaler state (saved in last.pt), and its
+weights are equal up to the GPU's float non-determinism (atomics in cuDNN weight gradients and
+some backward kernels); with ``--deterministic`` they are equal, at some cost in speed.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,19 +67,27 @@ SCHEDULES: dict[str, Callable] = {"step": _step_schedule, "cosine": _cosine_sche
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """cuda if present, else mps, else cpu (or exactly what the user asked for)."""
+    """cuda if present, else mps, else cpu (or exactly what the user asked for). Joins the torchrun
+    job first (:func:`context`), so a bare cuda is this rank's GPU, ``cuda:LOCAL_RANK``."""
+    ctx = context()  # the process group and this rank's GPU come before any device is chosen
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            name = "cuda"
+        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
-        return torch.device("cpu")
+        else:
+            return torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown device {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but no CUDA device is available")
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", ctx.local_rank if ctx.distributed else torch.cuda.current_device())
+    if device.type == "cuda" and ctx.distributed and device.index != ctx.local_rank:
+        raise UserError(f"--device {name} under torchrun: each rank trains on its own GPU (this one: "
+                        f"cuda:{ctx.local_rank}, LOCAL_RANK); pass --device cuda")
     return device
 
 
@@ -83,7 +95,7 @@ def autocast(device: torch.device, enabled: bool = True):
     """bf16 autocast on cuda (where supported, else fp16); a no-op elsewhere."""
     if device.type != "cuda" or not enabled:
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.autocast("cuda", dtype=dtype)
 
 
@@ -108,12 +120,23 @@ def float32_exact(device: torch.device, enabled: bool = True):
     cudnn_conv = getattr(torch.backends.cudnn, "conv", None)
     matmul = torch.backends.cuda.matmul
     if cudnn_conv is not None and hasattr(cudnn_conv, "fp32_precision"):  # torch >= 2.9
-        saved = cudnn_conv.fp32_precision, matmul.fp32_precision
-        cudnn_conv.fp32_precision, matmul.fp32_precision = "ieee", "ieee"
+        # cuDNN as a whole: conv, rnn and the legacy flag, which reading the legacy
+        # torch.backends.cudnn.allow_tf32 checks against the two (it raises when they differ)
+        cudnn, flags = torch.backends.cudnn, (cudnn_conv, torch.backends.cudnn.rnn, matmul)
+        saved = [flag.fp32_precision for flag in flags]
+        try:
+            legacy = cudnn.allow_tf32
+        except RuntimeError:  # already mixed by the caller
+            legacy = saved[0] == "tf32"
+        cudnn.allow_tf32 = False
+        for flag in flags:
+            flag.fp32_precision = "ieee"
         try:
             yield
         finally:
-            cudnn_conv.fp32_precision, matmul.fp32_precision = saved
+            cudnn.allow_tf32 = legacy
+            for flag, value in zip(flags, saved):
+                flag.fp32_precision = value
     else:
         saved = torch.backends.cudnn.allow_tf32, matmul.allow_tf32
         torch.backends.cudnn.allow_tf32 = matmul.allow_tf32 = False
@@ -121,6 +144,27 @@ def float32_exact(device: torch.device, enabled: bool = True):
             yield
         finally:
             torch.backends.cudnn.allow_tf32, matmul.allow_tf32 = saved
+
+
+@contextlib.contextmanager
+def deterministic(enabled: bool = True):
+    """Deterministic algorithms inside the block (``--deterministic``): on CUDA a resumed run then
+    ends with the same weights as an uninterrupted one, at some cost in speed (no atomics in
+    cuDNN weight gradients and in some backward kernels, no cuDNN autotuning). Sets
+    ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless the environment sets it; cuBLAS reads it when it
+    first runs, so set it in the environment when the process uses cuda before training."""
+    if not enabled:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    saved = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        torch.backends.cudnn.benchmark = saved[1]
 
 
 def loader_options(device: torch.device, num_workers: int, prefetch: int = 2, persistent: bool = False) -> dict:
@@ -294,10 +338,10 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
         model.to(memory_format=torch.channels_last)
     forward = model
     if ctx.distributed:
-        forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if device.type == "cuda" else None)
+        forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp
-                                  and not torch.cuda.is_bf16_supported())
+                                  and not torch.cuda.is_bf16_supported(including_emulation=False))
     # float64 sums reproduce the per-step Python-float sums exactly; mps has no float64
     sum_dtype = torch.float32 if device.type == "mps" else torch.float64
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -308,11 +352,13 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
         state = load_checkpoint(last_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):  # fp16 runs: the loss scale goes on where it was
+            scaler.load_state_dict(state["scaler"])
         start_epoch, best_val, best_epoch = state["epoch"], state["best_val_acc"], state["best_epoch"]
         rows = list(state["metrics"])
         console.print(f"resuming {out_dir} from epoch {start_epoch}")
     loader, generator, sampler, keys = _train_loader(train_set, cfg, device, ctx, views)
-    with progress_bar() as progress:
+    with progress_bar() as progress, deterministic(cfg.deterministic):
         for epoch in range(start_epoch, cfg.epochs):
             started = time.perf_counter()
             lr = cfg.lr * SCHEDULES[cfg.schedule](epoch, cfg)
@@ -381,7 +427,7 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
                     save_checkpoint(out_dir / "best.pt", model, meta, epoch=epoch + 1, val_acc=val_acc,
                                     test_acc=test_acc)
                 save_checkpoint(last_path, model, meta, epoch=epoch + 1, optimizer=optimizer.state_dict(),
-                                best_val_acc=best_val, best_epoch=best_epoch, metrics=rows)
+                                scaler=scaler.state_dict(), best_val_acc=best_val, best_epoch=best_epoch, metrics=rows)
                 write_parquet(pl.DataFrame(rows), out_dir / "metrics.parquet", {"kind": "metrics", **meta})
             ctx.barrier()
             if ctx.is_main:
