@@ -78,6 +78,8 @@ class TrainConfig:
     sync_every: int = option(100, "read the loss from the device every N steps (progress and divergence "
                              "check); 0: once per epoch")
     eval_batch_size: int = option(512, "batch size of validation and test passes")
+    deterministic: bool = option(False, "deterministic algorithms (and CUBLAS_WORKSPACE_CONFIG=:4096:8): on cuda "
+                                 "a resumed run ends with the same weights; slower")
 
     def check(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size"):

@@ -1,12 +1,15 @@
 """torch.distributed when launched by torchrun; a one-process stand-in otherwise.
 
 Stages call :func:`context` once; with ``WORLD_SIZE`` > 1 in the environment (torchrun sets
-it) it initialises the process group (nccl on cuda, gloo on cpu).
+it) it initialises the process group (nccl on cuda, gloo on cpu) and, on cuda, makes
+``cuda:LOCAL_RANK`` the process's device before anything else touches a GPU. Collectives run
+on the device the group's backend serves (:func:`collective_device`): nccl reduces only cuda
+tensors.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -20,6 +23,8 @@ class Context:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    #: where collectives put their tensors (cuda:LOCAL_RANK under nccl, cpu under gloo)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def is_main(self) -> bool:
@@ -36,7 +41,7 @@ class Context:
     def all_sum(self, values: list[float]) -> list[float]:
         if not self.distributed:
             return values
-        tensor = torch.tensor(values, dtype=torch.float64)
+        tensor = torch.tensor(values, dtype=torch.float64).to(self.device)
         dist.all_reduce(tensor)
         return tensor.tolist()
 
@@ -55,6 +60,16 @@ class Context:
 _CONTEXT: Context | None = None
 
 
+def collective_device(local_rank: int = 0, group=None) -> torch.device:
+    """The device whose tensors ``group``'s (default: the default group's) backend reduces: this
+    process's cuda device when a backend serves cuda and cuda is here or cpu is not served
+    (``"nccl"`` serves cuda only), else the cpu."""
+    served = {pair.split(":")[0] for pair in dist.get_backend_config(group).split(",") if ":" in pair}
+    if "cuda" in served and (torch.cuda.is_available() or "cpu" not in served):
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
 def context() -> Context:
     """The process's place in a torchrun job (rank 0 of 1 when not launched by torchrun)."""
     global _CONTEXT
@@ -63,9 +78,10 @@ def context() -> Context:
         if world > 1:
             if not dist.is_initialized():
                 dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-            _CONTEXT = Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-            if torch.cuda.is_available():
-                torch.cuda.set_device(_CONTEXT.local_rank)
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            if torch.cuda.is_available():  # before any cuda tensor: this rank's GPU, not GPU 0
+                torch.cuda.set_device(local_rank)
+            _CONTEXT = Context(dist.get_rank(), dist.get_world_size(), local_rank, collective_device(local_rank))
         else:
             _CONTEXT = Context()
     return _CONTEXT

@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .engine import Batch, to_device
+from .engine import Batch, float32_exact, to_device
 from .errors import UserError
 from .view_logits import topk_expand
 
@@ -103,11 +103,16 @@ class CachedViewLogits:
 
 
 class OnlineTeacher:
-    """The teacher run on each batch's augmented views (in eval mode, without gradients)."""
+    """The teacher run on each batch's augmented views (in eval mode, without gradients). With
+    ``exact`` (its device) it runs float32-exact, outside the step's autocast and without TF32:
+    logits whose energies decide groups against thresholds fitted on float32 energies."""
 
-    def __init__(self, model: torch.nn.Module):
-        self.model = model.eval()
+    def __init__(self, model: torch.nn.Module, exact: torch.device | None = None):
+        self.model, self.exact = model.eval(), exact
 
     @torch.no_grad()
     def __call__(self, batch: Batch, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(batch.images).float()
+        if self.exact is None:
+            return self.model(batch.images).float()
+        with torch.autocast(self.exact.type, enabled=False), float32_exact(self.exact):
+            return self.model(batch.images.float())

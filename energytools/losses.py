@@ -3,6 +3,10 @@
 Every function returns one value per sample when ``reduction="none"`` and the batch mean
 otherwise. ``temperature`` may be a float or a tensor of shape (B,): a per-sample
 temperature is what Energy KD adds to KD and DKD.
+
+The KD losses compute in float32 whatever the logits' dtype (bf16 under autocast): the
+temperatures, the division, softmax/logsumexp and the KL. They make no host read and no
+data-dependent shape, so a step does not wait for the device.
 """
 from __future__ import annotations
 
@@ -15,9 +19,10 @@ def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
 
 
 def _per_sample_t(temperature, logits: torch.Tensor) -> torch.Tensor:
+    """Per-sample temperatures in float32 (never the logits' bf16/fp16)."""
     if isinstance(temperature, (int, float)):  # filled on the device: no host-to-device copy per step
-        return torch.full((logits.shape[0],), float(temperature), dtype=logits.dtype, device=logits.device)
-    t = torch.as_tensor(temperature, dtype=logits.dtype, device=logits.device)
+        return torch.full((logits.shape[0],), float(temperature), dtype=torch.float32, device=logits.device)
+    t = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device)
     return t.expand(logits.shape[0]) if t.ndim == 0 else t
 
 
@@ -33,6 +38,7 @@ def mixed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, partner: tor
 def kd_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor, temperature=4.0,
             reduction: str = "mean") -> torch.Tensor:
     """Hinton KD: ``T_i^2 * KL(softmax(z_t / T_i) || softmax(z_s / T_i))``, KL summed over classes."""
+    logits_student, logits_teacher = logits_student.float(), logits_teacher.float()
     t = _per_sample_t(temperature, logits_student).unsqueeze(1)
     log_p_s = F.log_softmax(logits_student / t, dim=1)
     log_p_t = F.log_softmax(logits_teacher / t, dim=1)
@@ -55,11 +61,13 @@ def dkd_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor, target:
     TCKD is the KL between the binary (target vs. rest) distributions; NCKD the KL between the
     distributions over the non-target classes alone.
     """
+    logits_student, logits_teacher = logits_student.float(), logits_teacher.float()
     t = _per_sample_t(temperature, logits_student).unsqueeze(1)
     gt = F.one_hot(target, logits_student.shape[1]).bool()
     p_s = F.softmax(logits_student / t, dim=1)
     p_t = F.softmax(logits_teacher / t, dim=1)
-    tckd = _binary_kl(p_t[gt], p_s[gt])
+    index = target.unsqueeze(1)  # gather, not p[gt]: a boolean index waits for the device
+    tckd = _binary_kl(p_t.gather(1, index).squeeze(1), p_s.gather(1, index).squeeze(1))
     neg_inf = torch.finfo(logits_student.dtype).min
     log_q_s = F.log_softmax((logits_student / t).masked_fill(gt, neg_inf), dim=1)
     log_q_t = F.log_softmax((logits_teacher / t).masked_fill(gt, neg_inf), dim=1)

@@ -12,16 +12,19 @@ from energytools.online_heda import OnlineHEDA, mix_high_energy, mixed_kd_term
 def test_cutmix_stays_inside_the_high_energy_samples():
     images = torch.arange(6, dtype=torch.float32).view(6, 1, 1, 1).expand(6, 1, 8, 8).clone()
     high = torch.tensor([False, True, False, True, True, False])
-    mixed, lam = mix_high_energy(images, high, np.random.default_rng(0))
-    assert mixed.shape == (3, 1, 8, 8) and 0 <= lam <= 1
-    for row, source in zip(mixed, (1.0, 3.0, 4.0)):
+    mixed, weights, lam = mix_high_energy(images, high, np.random.default_rng(0))
+    assert mixed.shape == (6, 1, 8, 8) and 0 <= lam <= 1
+    assert weights.tolist() == high.float().tolist()  # the term counts the high rows only
+    assert torch.equal(mixed[~high], images[~high])  # the others stay as they were
+    for row, source in zip(mixed[high], (1.0, 3.0, 4.0)):
         values = set(row.unique().tolist())
         assert source in values or lam == 0  # its own pixels outside the box
         assert values <= {1.0, 3.0, 4.0} and len(values) <= 2  # a partner from the high set only
         if len(values) == 2:
             partner = (values - {source}).pop()
             assert (row == partner).float().mean().item() == pytest.approx(1 - lam)  # the box covers 1 - lam
-    assert mix_high_energy(images, torch.tensor([True] + [False] * 5), np.random.default_rng(0)) is None
+    alone = mix_high_energy(images, torch.tensor([True] + [False] * 5), np.random.default_rng(0))
+    assert alone.weights.sum() == 0 and torch.equal(alone.images, images)  # one high sample: nothing mixed
 
 
 def test_the_mixed_term_is_kd_at_t4_on_the_mixed_images():
@@ -46,11 +49,15 @@ def test_the_student_sees_the_batch_and_the_mixed_images_in_one_forward():
     images = torch.randn(3, 1, 4, 4)
     mixed, kept = heda.mix(images, 0), {}
     logits = heda.joint_forward(forward, mixed, kept)(images)
-    assert calls == [5] and torch.equal(logits, images.flatten(1)[:, :3] * 2)
-    expected = 0.5 * kd_loss(mixed.flatten(1)[:, :3] * 2, mixed.flatten(1)[:, :3], 4.0)
+    assert calls == [6] and torch.equal(logits, images.flatten(1)[:, :3] * 2)  # the batch's shape: no host read
+    rows = mixed.images[:2].flatten(1)[:, :3]  # the term: KD over the two high rows only
+    expected = 0.5 * kd_loss(rows * 2, rows, 4.0)
     torch.testing.assert_close(heda.loss(mixed, kept, logits), expected)
-    nothing = OnlineHEDA(teacher=None, high_of=lambda: torch.tensor([True, False, False]), weight=0.5, seed=0)
-    assert nothing.mix(images, 0) is None and nothing.loss(None, {}, logits).item() == 0
+    nothing = OnlineHEDA(teacher=lambda x: x.flatten(1)[:, :3], high_of=lambda: torch.tensor([True, False, False]),
+                         weight=0.5, seed=0)
+    alone, kept = nothing.mix(images, 0), {}
+    logits = nothing.joint_forward(forward, alone, kept)(images)
+    assert nothing.loss(alone, kept, logits).item() == 0 and nothing.loss(None, {}, logits).item() == 0
 
 
 # --- --he-da online in distill -----------------------------------------------------------------
@@ -76,14 +83,15 @@ def test_online_he_da_mixes_the_batchs_high_energy_samples(digits_run, tmp_path,
 
     calls, real = [], online_heda.mix_high_energy
     monkeypatch.setattr(online_heda, "mix_high_energy",
-                        lambda images, high, rng: calls.append((high.clone(), real(images, high, rng))) or calls[-1][1])
+                        lambda images, high, rng, **kw: calls.append((high.clone(), real(images, high, rng, **kw)))
+                        or calls[-1][1])
     recorder = StepRecorder()
     _distill(digits_run["scores"], tmp_path / "run", he_da="online", on_step=recorder)
     batches = recorder.batches
     assert len(calls) == len(batches) > 0
     for (high, _), batch in zip(calls, batches):
         assert [i in high_ids for i in batch.sample_ids.tolist()] == high.cpu().tolist()
-    assert sum(mixed is not None for _, mixed in calls) > len(calls) / 2
+    assert sum(bool(mixed.weights.sum() > 0) for _, mixed in calls) > len(calls) / 2
     metrics = pl.read_parquet(tmp_path / "run" / "metrics.parquet")
     assert metrics["loss_he_da"][0] > 0
     config = json.loads((tmp_path / "run" / "config.json").read_text())

@@ -3,7 +3,10 @@ shape: :func:`train_one_epoch` and :func:`~energytools.engine.evaluation.evaluat
 functions, :func:`fit` is resume + a loop over them + checkpoints.
 
 Randomness comes from generators seeded by (seed, epoch), so a run resumed from last.pt ends
-with the same weights as an uninterrupted one. ``on_step`` sees every optimizer step (tests and
+with the same weights as an uninterrupted one on the CPU. On CUDA a resumed run has the same
+schedule, data order, augmentations and GradScaler state (saved in last.pt), and its weights are
+equal up to the GPU's float non-determinism (atomics in cuDNN weight gradients and some backward
+kernels); with ``--deterministic`` they are equal, at some cost in speed. ``on_step`` sees every optimizer step (tests and
 callers watch the loop through it instead of patching its internals).
 """
 from __future__ import annotations
@@ -30,7 +33,7 @@ from ..options import as_dict
 from ..table import write_parquet
 from .evaluation import evaluate
 from .loaders import TrainLoader
-from .runtime import autocast, resolve_device, to_device
+from .runtime import autocast, deterministic, resolve_device, to_device
 
 
 def model_meta(arch: str, dataset, data_cfg) -> dict:
@@ -175,11 +178,11 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
         model.to(memory_format=torch.channels_last)
     forward = model
     if ctx.distributed:
-        forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if device.type == "cuda" else None)
+        forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = create_optimizer(cfg, model, extra_param_groups)
     lr_at = create_schedule(cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp
-                                  and not torch.cuda.is_bf16_supported())
+                                  and not torch.cuda.is_bf16_supported(including_emulation=False))
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     start_epoch, best_val, best_epoch = 0, -1.0, 0
@@ -188,11 +191,13 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
         state = load_checkpoint(last_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):  # fp16 runs: the loss scale goes on where it was
+            scaler.load_state_dict(state["scaler"])
         start_epoch, best_val, best_epoch = state["epoch"], state["best_val_acc"], state["best_epoch"]
         rows = list(state["metrics"])
         console.print(f"resuming {out_dir} from epoch {start_epoch}")
     loader = TrainLoader(train_set, cfg, device, ctx, views)
-    with progress_bar() as progress:
+    with progress_bar() as progress, deterministic(cfg.deterministic):
         for epoch in range(start_epoch, cfg.epochs):
             started = time.perf_counter()
             lr = lr_at(epoch)
@@ -219,7 +224,7 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
                     save_checkpoint(out_dir / "best.pt", model, meta, epoch=epoch + 1, val_acc=val_acc,
                                     test_acc=test_acc)
                 save_checkpoint(last_path, model, meta, epoch=epoch + 1, optimizer=optimizer.state_dict(),
-                                best_val_acc=best_val, best_epoch=best_epoch, metrics=rows)
+                                scaler=scaler.state_dict(), best_val_acc=best_val, best_epoch=best_epoch, metrics=rows)
                 write_parquet(pl.DataFrame(rows), out_dir / "metrics.parquet", {"kind": "metrics", **meta})
             ctx.barrier()
             if ctx.is_main:

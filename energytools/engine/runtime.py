@@ -3,9 +3,11 @@ seeding. Every stage and helper gets its device from :func:`resolve_device`."""
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
+from ..distributed import context
 from ..errors import UserError
 
 
@@ -21,19 +23,27 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """cuda if present, else mps, else cpu (or exactly what the user asked for)."""
+    """cuda if present, else mps, else cpu (or exactly what the user asked for). Joins the torchrun
+    job first (:func:`context`), so a bare cuda is this rank's GPU, ``cuda:LOCAL_RANK``."""
+    ctx = context()  # the process group and this rank's GPU come before any device is chosen
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            name = "cuda"
+        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
-        return torch.device("cpu")
+        else:
+            return torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown device {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but no CUDA device is available")
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", ctx.local_rank if ctx.distributed else torch.cuda.current_device())
+    if device.type == "cuda" and ctx.distributed and device.index != ctx.local_rank:
+        raise UserError(f"--device {name} under torchrun: each rank trains on its own GPU (this one: "
+                        f"cuda:{ctx.local_rank}, LOCAL_RANK); pass --device cuda")
     return device
 
 
@@ -41,7 +51,7 @@ def autocast(device: torch.device, enabled: bool = True):
     """bf16 autocast on cuda (where supported, else fp16); a no-op elsewhere."""
     if device.type != "cuda" or not enabled:
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.autocast("cuda", dtype=dtype)
 
 
@@ -66,12 +76,23 @@ def float32_exact(device: torch.device, enabled: bool = True):
     cudnn_conv = getattr(torch.backends.cudnn, "conv", None)
     matmul = torch.backends.cuda.matmul
     if cudnn_conv is not None and hasattr(cudnn_conv, "fp32_precision"):  # torch >= 2.9
-        saved = cudnn_conv.fp32_precision, matmul.fp32_precision
-        cudnn_conv.fp32_precision, matmul.fp32_precision = "ieee", "ieee"
+        # cuDNN as a whole: conv, rnn and the legacy flag, which reading the legacy
+        # torch.backends.cudnn.allow_tf32 checks against the two (it raises when they differ)
+        cudnn, flags = torch.backends.cudnn, (cudnn_conv, torch.backends.cudnn.rnn, matmul)
+        saved = [flag.fp32_precision for flag in flags]
+        try:
+            legacy = cudnn.allow_tf32
+        except RuntimeError:  # already mixed by the caller
+            legacy = saved[0] == "tf32"
+        cudnn.allow_tf32 = False
+        for flag in flags:
+            flag.fp32_precision = "ieee"
         try:
             yield
         finally:
-            cudnn_conv.fp32_precision, matmul.fp32_precision = saved
+            cudnn.allow_tf32 = legacy
+            for flag, value in zip(flags, saved):
+                flag.fp32_precision = value
     else:
         saved = torch.backends.cudnn.allow_tf32, matmul.allow_tf32
         torch.backends.cudnn.allow_tf32 = matmul.allow_tf32 = False
@@ -79,3 +100,24 @@ def float32_exact(device: torch.device, enabled: bool = True):
             yield
         finally:
             torch.backends.cudnn.allow_tf32, matmul.allow_tf32 = saved
+
+
+@contextlib.contextmanager
+def deterministic(enabled: bool = True):
+    """Deterministic algorithms inside the block (``--deterministic``): on CUDA a resumed run then
+    ends with the same weights as an uninterrupted one, at some cost in speed (no atomics in
+    cuDNN weight gradients and in some backward kernels, no cuDNN autotuning). Sets
+    ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless the environment sets it; cuBLAS reads it when it
+    first runs, so set it in the environment when the process uses cuda before training."""
+    if not enabled:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    saved = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        torch.backends.cudnn.benchmark = saved[1]

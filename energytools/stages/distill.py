@@ -34,7 +34,8 @@ from ..data.views import ReplayViews, TrainTransform
 from ..distillers import MethodSpec, SampleInfo, method_spec
 from ..distributed import context
 from ..energy import EnergyGroups, energy
-from ..engine import Batch, FitResult, fit, model_meta, resolve_device, seed_everything, write_test_predictions
+from ..engine import (Batch, FitResult, fit, model_meta, resolve_device, seed_everything, to_device,
+                      write_test_predictions)
 from ..errors import UserError
 from ..io import sha256_file, write_json
 from ..lookup import CachedLogits, CachedViewLogits, LogitsSource, OnlineTeacher, SampleLookup
@@ -246,7 +247,10 @@ def open_logits_source(cfg: DistillConfig, spec: MethodSpec, meta: TableMeta, lo
         if replay is not None:
             return CachedViewLogits(lookup, replay.views.top_k, replay.num_classes)
         return CachedLogits(lookup)
-    return OnlineTeacher(open_table_teacher(meta, train_set, cfg.teacher, cfg.teacher_arch, cfg.train.device).model)
+    teacher = open_table_teacher(meta, train_set, cfg.teacher, cfg.teacher_arch, cfg.train.device)
+    # logits that decide energy groups are float32-exact, as score's that fitted the thresholds
+    exact = uses_energy_groups(cfg, spec) and cfg.temperature_source == "online"
+    return OnlineTeacher(teacher.model, teacher.device if exact else None)
 
 
 #: (batch, positions, teacher logits) -> one value per sample of the batch, on the device
@@ -259,7 +263,8 @@ def energy_group_source(cfg: DistillConfig, plan: TemperaturePlan, lookup: Sampl
     if cfg.temperature_source == "online":
         def online(batch: Batch, positions, teacher_logits):
             groups, temps = plan.assign_online(teacher_logits, batch.sample_ids)
-            return torch.as_tensor(temps if column == "temperature" else groups == "high", device=teacher_logits.device)
+            return to_device(torch.from_numpy(temps if column == "temperature" else groups == "high"),
+                             teacher_logits.device)
         return online
     if cfg.temperature_source == "views":
         return lambda batch, positions, teacher_logits: lookup.view(f"view_{column}", positions, batch.views,
@@ -290,6 +295,7 @@ def distill(cfg: DistillConfig, on_step: Callable | None = None) -> FitResult:
     (an :class:`energytools.engine.StepEvent` callback) sees every step, with the step's
     :class:`SampleInfo` in ``event.batch.extras["sample_info"]``."""
     cfg.check()
+    context()  # under torchrun: join the process group (and pick this rank's GPU) before any device
     spec = method_spec(cfg.method)
     out = Path(cfg.out)
     table, meta = load_table(cfg.scores)  # the per-view columns are read apart (plan_views)
