@@ -65,3 +65,70 @@ def dkd_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor, target:
     log_q_t = F.log_softmax((logits_teacher / t).masked_fill(gt, neg_inf), dim=1)
     nckd = torch.where(gt, 0.0, log_q_t.exp() * (log_q_t - log_q_s)).sum(dim=1)
     return _reduce((alpha * tckd + beta * nckd) * t.squeeze(1) ** 2, reduction)
+
+
+# --- per-sample temperature rules of other papers (docs/methods.md) --------------------------
+
+def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Logit standardization (Sun et al., CVPR 2024): each row z-scored,
+    ``(z - mean(z)) / (eps + std(z))`` with the unbiased std (torch's default), as the
+    reference code does. Applied to teacher and student logits before a KD loss."""
+    mean = logits.mean(dim=-1, keepdim=True)
+    return (logits - mean) / (eps + logits.std(dim=-1, keepdim=True))
+
+
+class _ReverseGradient(torch.autograd.Function):
+    """Identity forward; the backward multiplies the gradient by ``weight`` (CTKD's
+    gradient-reversal layer, whose weight runs from 0 to -1, so the gradient is reversed)."""
+
+    @staticmethod
+    def forward(ctx, x, weight: float):
+        ctx.weight = weight
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.weight, None
+
+
+def scale_gradient(x: torch.Tensor, weight: float) -> torch.Tensor:
+    """``x`` unchanged, its gradient times ``weight`` (negative: a gradient-reversal layer)."""
+    return _ReverseGradient.apply(x, weight)
+
+
+def ctkd_reversal_weight(epoch: int, epochs: int = 10, final: float = 1.0) -> float:
+    """CTKD's gradient-reversal weight at (1-based) ``epoch``: a cosine from 0 to ``-final``
+    over ``epochs`` epochs, then ``-final`` (the reference's CosineDecay(0, -1, 10))."""
+    import math
+
+    if epochs <= 0:
+        return -final
+    i = min(max(epoch, 0), epochs)
+    return -final * (1 - (math.cos(i * math.pi / epochs) + 1) / 2)
+
+
+def ctkd_temperature(theta: torch.Tensor, t_start: float = 1.0, t_end: float = 20.0) -> torch.Tensor:
+    """CTKD's learnable global temperature ``t_start + t_end * sigmoid(theta)``."""
+    return t_start + t_end * torch.sigmoid(theta)
+
+
+def dtkd_temperatures(logits_student: torch.Tensor, logits_teacher: torch.Tensor,
+                      temperature=4.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """DTKD's per-sample (teacher, student) temperatures: ``T_t = 2 max(z_t) / (max(z_t) +
+    max(z_s)) * T`` and ``T_s = 2 max(z_s) / (max(z_t) + max(z_s)) * T``, each of shape (B,).
+    As in the reference code the student's max is not detached (gradients flow through it)."""
+    t = _per_sample_t(temperature, logits_student)
+    max_s, max_t = logits_student.max(dim=1).values, logits_teacher.max(dim=1).values
+    total = max_t + max_s
+    return 2 * max_t / total * t, 2 * max_s / total * t
+
+
+def dtkd_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor, temperature=4.0, alpha: float = 3.0,
+              beta: float = 1.0, reduction: str = "mean") -> torch.Tensor:
+    """DTKD's distillation terms: ``alpha * T_t T_s KL(softmax(z_t / T_t) || softmax(z_s / T_s))
+    + beta * T^2 KL(softmax(z_t / T) || softmax(z_s / T))`` (KL summed over classes)."""
+    t_t, t_s = dtkd_temperatures(logits_student, logits_teacher, temperature)
+    log_p_s = F.log_softmax(logits_student / t_s.unsqueeze(1), dim=1)
+    log_p_t = F.log_softmax(logits_teacher / t_t.unsqueeze(1), dim=1)
+    dynamic = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1) * t_t * t_s
+    return _reduce(alpha * dynamic + beta * kd_loss(logits_student, logits_teacher, temperature, "none"), reduction)
