@@ -268,7 +268,8 @@ def _check_finite(total: torch.Tensor, epoch: int) -> float:
 
 
 def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, test_set: ImageSet | None,
-        cfg: TrainConfig, out_dir: Path, meta: dict, resume: bool = True, views=None) -> FitResult:
+        cfg: TrainConfig, out_dir: Path, meta: dict, resume: bool = True, views=None,
+        distiller=None) -> FitResult:
     """Train ``model`` with ``step`` and write best.pt, last.pt and metrics.parquet to ``out_dir``.
 
     ``step(batch) -> (logits, {name: loss})``; the losses are summed. ``train_set`` yields
@@ -282,6 +283,11 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
 
     The loss terms are summed on the device and read every ``cfg.sync_every`` steps and at the
     end of the epoch (no per-step host synchronisation); a non-finite sum ends the run.
+
+    ``distiller`` (an energytools.distillers.Distiller, optional): its
+    ``extra_parameter_groups()`` join the optimizer (their gradients averaged across ranks),
+    its ``extra_state()`` is saved in last.pt and restored on resume, and its
+    ``epoch_metrics()`` join each epoch's metrics row.
     """
     cfg.check()
     ctx = context()
@@ -295,7 +301,12 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
     forward = model
     if ctx.distributed:
         forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if device.type == "cuda" else None)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    extra_groups = []
+    if distiller is not None:  # the method's own parameters (CTKD's temperature), beside the student's
+        distiller.to(device)
+        extra_groups = [{**group, "params": list(group["params"])} for group in distiller.extra_parameter_groups()]
+    optimizer = torch.optim.SGD([{"params": model.parameters()}, *extra_groups], lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp
                                   and not torch.cuda.is_bf16_supported())
     # float64 sums reproduce the per-step Python-float sums exactly; mps has no float64
@@ -308,6 +319,8 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
         state = load_checkpoint(last_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if distiller is not None and state.get("distiller"):
+            distiller.load_extra_state(state["distiller"])
         start_epoch, best_val, best_epoch = state["epoch"], state["best_val_acc"], state["best_epoch"]
         rows = list(state["metrics"])
         console.print(f"resuming {out_dir} from epoch {start_epoch}")
@@ -347,6 +360,8 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
                 loss = sum(losses.values())
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+                if ctx.distributed and extra_groups:  # not in DDP: average their gradients here
+                    ctx.all_mean_grads([p for group in extra_groups for p in group["params"]])
                 scaler.step(optimizer)
                 scaler.update()
                 count = len(labels)
@@ -371,7 +386,8 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
                                 cfg.channels_last)
             row = {"epoch": epoch + 1, "lr": lr, "loss": sum(totals.values()) / max(seen, 1),
                    **{f"loss_{k}": v / max(seen, 1) for k, v in totals.items()},
-                   "val_acc": val_acc, "test_acc": test_acc, "seconds": time.perf_counter() - started}
+                   "val_acc": val_acc, "test_acc": test_acc, "seconds": time.perf_counter() - started,
+                   **(distiller.epoch_metrics() if distiller is not None else {})}
             rows.append(row)
             improved = val_acc > best_val or val_set is None or math.isnan(val_acc)  # no val samples: the last
             if improved:
@@ -381,7 +397,8 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
                     save_checkpoint(out_dir / "best.pt", model, meta, epoch=epoch + 1, val_acc=val_acc,
                                     test_acc=test_acc)
                 save_checkpoint(last_path, model, meta, epoch=epoch + 1, optimizer=optimizer.state_dict(),
-                                best_val_acc=best_val, best_epoch=best_epoch, metrics=rows)
+                                best_val_acc=best_val, best_epoch=best_epoch, metrics=rows,
+                                distiller=distiller.extra_state() if distiller is not None else {})
                 write_parquet(pl.DataFrame(rows), out_dir / "metrics.parquet", {"kind": "metrics", **meta})
             ctx.barrier()
             if ctx.is_main:
