@@ -249,6 +249,19 @@ def test_each_method_runs_from_the_cli_with_cached_logits(fashion_table, runner,
             "ls-energy-dkd": "standardized", "energy-kd": "standardized"}[method] in shown
 
 
+@needs_fashion
+def test_ctkd_and_dtkd_replay_stored_views_from_a_per_view_cache(fashion_table, tmp_path):
+    import energytools
+
+    table = energytools.score(teacher=Path(fashion_table).parent / "teacher" / "best.pt", out=tmp_path / "v.parquet",
+                              views=2)
+    for method in ("ctkd", "ls-dkd"):
+        run = energytools.distill(table, "cnn_tiny", tmp_path / method, method=method, cached_logits=True, epochs=1,
+                                  batch_size=64, device="cpu")
+        config = json.loads((tmp_path / method / "config.json").read_text())
+        assert config["replayed_views"]["count"] == 2 and math.isfinite(run.metrics["loss"][0])
+
+
 def test_dtkd_and_ctkd_run_with_shards_from_cached_logits(digits_run, tmp_path):
     import energytools
 
