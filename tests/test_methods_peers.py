@@ -323,3 +323,17 @@ def test_distill_help_lists_the_methods_and_their_sources(runner):
     for name in ("ctkd", "dtkd", "ls-kd", "ls-dkd", "energy-kd", "--standardize-logits", "--ctkd-t-start",
                  "--dtkd-beta", "Sun et al. 2024", "Li et al. 2023"):
         assert name in text, name
+
+
+def test_ctkd_and_dtkd_under_torchrun(digits_run, tmp_path):
+    """Two gloo processes: theta is outside DDP, so the engine averages its gradient (a rank
+    that skipped the all-reduce would hang the other)."""
+    from test_distributed import torchrun
+
+    for method in ("ctkd", "dtkd"):
+        out = tmp_path / method
+        result = torchrun("distill", "--scores", digits_run["scores"], "--student", "cnn_tiny", "--method", method,
+                          "--cached-logits", "--epochs", 1, "--out", out, "--device", "cpu")
+        assert result.returncode == 0, result.stderr[-3000:]
+        column = {"ctkd": "method_temperature", "dtkd": "method_teacher_t_max"}[method]
+        assert math.isfinite(pl.read_parquet(out / "metrics.parquet")[column][0])
