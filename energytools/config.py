@@ -211,7 +211,10 @@ class DistillConfig:
     scores: str = option("scores.parquet", "the train score table")
     student: str = option(help="student architecture, see `energytools models`", choices=MODEL_NAMES)
     out: str = option(help="run directory", content=False)
-    method: str = option("energy-kd", "ce, kd, energy-kd, dkd or energy-dkd",
+    method: str = option("energy-kd", "ce; kd, energy-kd (Kim et al. 2024); dkd, energy-dkd (Zhao et al. 2022); "
+                         "ctkd (learnable T, Li et al. 2023); dtkd (per-sample T from max logits, Wei et al. 2024); "
+                         "ls-kd, ls-energy-kd, ls-dkd, ls-energy-dkd (logit standardization, Sun et al. 2024, with "
+                         "its defaults); see docs/methods.md",
                          choices=registry(METHODS))
     shards: tuple[str, ...] = option((), "HE-DA shard directory (repeatable)")
     teacher: str | None = option(None, "teacher checkpoint (default: the one that scored the table)")
@@ -225,12 +228,23 @@ class DistillConfig:
     low_frac: float | None = option(None, "re-derive the groups with this low fraction")
     high_frac: float | None = option(None, "re-derive the groups with this high fraction")
     temperature_rule: str | None = option(None, "re-derive with this rule: groups or rank", choices=RULE_NAMES)
-    kd_temperature: float | None = option(None, "T of kd and dkd (method default: 4)")
-    ce_weight: float | None = option(None, "weight of the CE term (method default: 0.1 kd, 1.0 dkd)")
-    kd_weight: float | None = option(None, "weight of the KD term (method default: 0.9)")
+    kd_temperature: float | None = option(None, "T of kd and dkd, DTKD's reference T (method default: 4; ls-*: 2)")
+    ce_weight: float | None = option(None, "weight of the CE term (method default: 0.1 kd and ctkd, 1.0 dkd and dtkd)")
+    kd_weight: float | None = option(None, "weight of the KD term (method default: 0.9; ls-kd: 9)")
     dkd_alpha: float | None = option(None, "DKD's TCKD weight (method default: 1)")
     dkd_beta: float | None = option(None, "DKD's NCKD weight (method default: 8; the reference's vgg13->vgg8: 6)")
-    dkd_warmup: int | None = option(None, "DKD's linear warm-up in epochs (method default: 20)")
+    dkd_warmup: int | None = option(None, "DKD's and DTKD's linear warm-up in epochs (method default: 20)")
+    standardize_logits: bool | None = option(None, "logit standardization (Sun et al. 2024): z-score each sample's "
+                                             "teacher and student logits before the KD terms (method default: off; "
+                                             "on for the ls-* methods)")
+    ctkd_t_start: float | None = option(None, "CTKD: tau = t_start + t_end * sigmoid(theta) (method default: 1)")
+    ctkd_t_end: float | None = option(None, "CTKD: see ctkd_t_start (method default: 20)")
+    ctkd_grl_epochs: int | None = option(None, "CTKD: epochs of the cosine ramp of the gradient reversal (method "
+                                         "default: 10)")
+    ctkd_grl_weight: float | None = option(None, "CTKD: the reversal weight reached after the ramp, as a magnitude "
+                                           "(method default: 1, i.e. the gradient times -1)")
+    dtkd_alpha: float | None = option(None, "DTKD: weight of the dynamic-temperature KL (method default: 3)")
+    dtkd_beta: float | None = option(None, "DTKD: weight of the KD term at kd_temperature (method default: 1)")
     he_da: str | None = option(None, "online: the reference's HE-DA, CutMix drawn in every batch among its "
                                "high-energy samples (by --temperature-source) plus a KD term at T=4 on the mixed "
                                "images; runs the teacher on them", choices=lambda: HE_DA_MODES)
@@ -257,7 +271,7 @@ class DistillConfig:
         if self.he_da_weight is not None and not self.he_da_weight >= 0:
             raise UserError(f"he_da_weight must be a non-negative number, got {self.he_da_weight!r}")
         for name, value in spec.options(as_dict(self)).items():
-            if name != "dkd_warmup" and not (isinstance(value, (int, float)) and value >= 0):
+            if name not in ("dkd_warmup", "standardize_logits") and not (isinstance(value, (int, float)) and value >= 0):
                 raise UserError(f"{name} must be a non-negative number, got {value!r}")
         if not spec.options(as_dict(self)).get("kd_temperature", 1) > 0:
             raise UserError("kd_temperature must be positive")

@@ -45,6 +45,15 @@ class Context:
         dist.all_reduce(tensor)
         return tensor.tolist()
 
+    def all_mean_grads(self, params) -> None:
+        """Average the gradients of ``params`` over the ranks (parameters DDP does not hold)."""
+        if not self.distributed:
+            return
+        for param in params:
+            if param.grad is not None:
+                dist.all_reduce(param.grad)
+                param.grad /= self.world
+
     def check_same(self, obj, what: str) -> None:
         """Every rank must agree on ``obj`` (a config); otherwise every rank stops with one line."""
         if not self.distributed:

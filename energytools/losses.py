@@ -18,11 +18,17 @@ def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
     return values.mean() if reduction == "mean" else values.sum() if reduction == "sum" else values
 
 
+def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits (autocast) in float32; float32 and float64 as they are."""
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+
+
 def _per_sample_t(temperature, logits: torch.Tensor) -> torch.Tensor:
-    """Per-sample temperatures in float32 (never the logits' bf16/fp16)."""
+    """Per-sample temperatures in float32, or float64 for float64 logits (never bf16/fp16)."""
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     if isinstance(temperature, (int, float)):  # filled on the device: no host-to-device copy per step
-        return torch.full((logits.shape[0],), float(temperature), dtype=torch.float32, device=logits.device)
-    t = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device)
+        return torch.full((logits.shape[0],), float(temperature), dtype=dtype, device=logits.device)
+    t = torch.as_tensor(temperature, dtype=dtype, device=logits.device)
     return t.expand(logits.shape[0]) if t.ndim == 0 else t
 
 
@@ -38,7 +44,7 @@ def mixed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, partner: tor
 def kd_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor, temperature=4.0,
             reduction: str = "mean") -> torch.Tensor:
     """Hinton KD: ``T_i^2 * KL(softmax(z_t / T_i) || softmax(z_s / T_i))``, KL summed over classes."""
-    logits_student, logits_teacher = logits_student.float(), logits_teacher.float()
+    logits_student, logits_teacher = _at_least_float32(logits_student), _at_least_float32(logits_teacher)
     t = _per_sample_t(temperature, logits_student).unsqueeze(1)
     log_p_s = F.log_softmax(logits_student / t, dim=1)
     log_p_t = F.log_softmax(logits_teacher / t, dim=1)
@@ -61,7 +67,7 @@ def dkd_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor, target:
     TCKD is the KL between the binary (target vs. rest) distributions; NCKD the KL between the
     distributions over the non-target classes alone.
     """
-    logits_student, logits_teacher = logits_student.float(), logits_teacher.float()
+    logits_student, logits_teacher = _at_least_float32(logits_student), _at_least_float32(logits_teacher)
     t = _per_sample_t(temperature, logits_student).unsqueeze(1)
     gt = F.one_hot(target, logits_student.shape[1]).bool()
     p_s = F.softmax(logits_student / t, dim=1)
@@ -73,3 +79,72 @@ def dkd_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor, target:
     log_q_t = F.log_softmax((logits_teacher / t).masked_fill(gt, neg_inf), dim=1)
     nckd = torch.where(gt, 0.0, log_q_t.exp() * (log_q_t - log_q_s)).sum(dim=1)
     return _reduce((alpha * tckd + beta * nckd) * t.squeeze(1) ** 2, reduction)
+
+
+# --- per-sample temperature rules of other papers (docs/methods.md) --------------------------
+
+def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Logit standardization (Sun et al., CVPR 2024): each row z-scored,
+    ``(z - mean(z)) / (eps + std(z))`` with the unbiased std (torch's default), as the
+    reference code does. Applied to teacher and student logits before a KD loss."""
+    logits = _at_least_float32(logits)
+    mean = logits.mean(dim=-1, keepdim=True)
+    return (logits - mean) / (eps + logits.std(dim=-1, keepdim=True))
+
+
+class _ReverseGradient(torch.autograd.Function):
+    """Identity forward; the backward multiplies the gradient by ``weight`` (CTKD's
+    gradient-reversal layer, whose weight runs from 0 to -1, so the gradient is reversed)."""
+
+    @staticmethod
+    def forward(ctx, x, weight: float):
+        ctx.weight = weight
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.weight, None
+
+
+def scale_gradient(x: torch.Tensor, weight: float) -> torch.Tensor:
+    """``x`` unchanged, its gradient times ``weight`` (negative: a gradient-reversal layer)."""
+    return _ReverseGradient.apply(x, weight)
+
+
+def ctkd_reversal_weight(epoch: int, epochs: int = 10, final: float = 1.0) -> float:
+    """CTKD's gradient-reversal weight at (1-based) ``epoch``: a cosine from 0 to ``-final``
+    over ``epochs`` epochs, then ``-final`` (the reference's CosineDecay(0, -1, 10))."""
+    import math
+
+    if epochs <= 0:
+        return -final
+    i = min(max(epoch, 0), epochs)
+    return -final * (1 - (math.cos(i * math.pi / epochs) + 1) / 2)
+
+
+def ctkd_temperature(theta: torch.Tensor, t_start: float = 1.0, t_end: float = 20.0) -> torch.Tensor:
+    """CTKD's learnable global temperature ``t_start + t_end * sigmoid(theta)``."""
+    return t_start + t_end * torch.sigmoid(theta)
+
+
+def dtkd_temperatures(logits_student: torch.Tensor, logits_teacher: torch.Tensor,
+                      temperature=4.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """DTKD's per-sample (teacher, student) temperatures: ``T_t = 2 max(z_t) / (max(z_t) +
+    max(z_s)) * T`` and ``T_s = 2 max(z_s) / (max(z_t) + max(z_s)) * T``, each of shape (B,).
+    As in the reference code the student's max is not detached (gradients flow through it)."""
+    t = _per_sample_t(temperature, logits_student)
+    max_s, max_t = logits_student.max(dim=1).values, logits_teacher.max(dim=1).values
+    total = max_t + max_s
+    return 2 * max_t / total * t, 2 * max_s / total * t
+
+
+def dtkd_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor, temperature=4.0, alpha: float = 3.0,
+              beta: float = 1.0, reduction: str = "mean") -> torch.Tensor:
+    """DTKD's distillation terms: ``alpha * T_t T_s KL(softmax(z_t / T_t) || softmax(z_s / T_s))
+    + beta * T^2 KL(softmax(z_t / T) || softmax(z_s / T))`` (KL summed over classes)."""
+    logits_student, logits_teacher = _at_least_float32(logits_student), _at_least_float32(logits_teacher)
+    t_t, t_s = dtkd_temperatures(logits_student, logits_teacher, temperature)
+    log_p_s = F.log_softmax(logits_student / t_s.unsqueeze(1), dim=1)
+    log_p_t = F.log_softmax(logits_teacher / t_t.unsqueeze(1), dim=1)
+    dynamic = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1) * t_t * t_s
+    return _reduce(alpha * dynamic + beta * kd_loss(logits_student, logits_teacher, temperature, "none"), reduction)

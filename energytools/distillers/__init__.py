@@ -5,6 +5,6 @@ value})``. A method registers what it needs (teacher logits, per-sample temperat
 declares its options' defaults; the teacher itself lives in the stage and stays in eval mode.
 """
 from .base import METHODS, Distiller, MethodSpec, SampleInfo, method_spec, register_method
-from . import ce, dkd, kd  # noqa: F401,E402  (fill the registry)
+from . import ce, ctkd, dkd, dtkd, kd, standardized  # noqa: F401,E402  (fill the registry)
 
 __all__ = ["METHODS", "Distiller", "MethodSpec", "SampleInfo", "method_spec", "register_method"]

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
+from ..losses import standardize_logits
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,36 @@ class Distiller(nn.Module):
 
     def losses(self, logits: torch.Tensor, info: SampleInfo) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def distill_logits(self, logits: torch.Tensor, teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (student, teacher) logits the distillation terms see: each sample's z-scored
+        (logit standardization) when the method's ``standardize_logits`` option is set, else
+        as given. CE always sees the raw student logits; energies and groups come from the raw
+        teacher logits (the score table, or the online rule before this is called)."""
+        if self.options.get("standardize_logits"):
+            return standardize_logits(logits), standardize_logits(teacher_logits)
+        return logits, teacher_logits
+
+    # --- what the engine asks of a method with learnable parts (CTKD's temperature) ----------
+
+    def extra_parameter_groups(self) -> list[dict]:
+        """Optimizer parameter groups of the method's own parameters (not the student's); the
+        engine appends them to the student's SGD (a group's missing keys: the run's lr, momentum
+        and weight decay) and averages their gradients across ranks under torchrun."""
+        return []
+
+    def extra_state(self) -> dict:
+        """The method's own parameters and buffers (everything but the student), for last.pt."""
+        return {k: v.detach().cpu().clone() for k, v in self.state_dict().items() if not k.startswith("student.")}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore what :meth:`extra_state` saved (exactly: resume continues the same run)."""
+        self.load_state_dict({**self.student.state_dict(prefix="student."), **state}, strict=True)
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """Per-epoch values of the method (its temperature ...) for metrics.parquet; called once
+        at the end of each epoch."""
+        return {}
 
     def forward_train(self, images: torch.Tensor, info: SampleInfo, forward=None):
         """``forward`` runs the student (its DDP wrapper under torchrun); default: the student."""

@@ -5,14 +5,16 @@ from .base import Distiller, register_method
 
 @register_method("dkd")
 class DKD(Distiller):
-    defaults = {"kd_temperature": 4.0, "ce_weight": 1.0, "dkd_alpha": 1.0, "dkd_beta": 8.0, "dkd_warmup": 20}
+    defaults = {"kd_temperature": 4.0, "ce_weight": 1.0, "dkd_alpha": 1.0, "dkd_beta": 8.0, "dkd_warmup": 20,
+                "standardize_logits": False}
 
     def losses(self, logits, info):
         opts = self.options
         temperature = info.temperature if info.temperature is not None else opts["kd_temperature"]
         weight = min((info.epoch + 1) / max(opts["dkd_warmup"], 1), 1.0)
+        student, teacher = self.distill_logits(logits, info.teacher_logits)
         return {"ce": opts["ce_weight"] * mixed_cross_entropy(logits, info.labels, info.partner_labels, info.lam),
-                "dkd": weight * dkd_loss(logits, info.teacher_logits, info.labels, opts["dkd_alpha"],
+                "dkd": weight * dkd_loss(student, teacher, info.labels, opts["dkd_alpha"],
                                          opts["dkd_beta"], temperature)}
 
 

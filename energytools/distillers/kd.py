@@ -7,13 +7,14 @@ from .base import Distiller, register_method
 class KD(Distiller):
     """``w_ce * CE + w_kd * T^2 KL``; reference weights 0.1 / 0.9, T = 4."""
 
-    defaults = {"kd_temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}
+    defaults = {"kd_temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9, "standardize_logits": False}
 
     def losses(self, logits, info):
         opts = self.options
         temperature = info.temperature if info.temperature is not None else opts["kd_temperature"]
+        student, teacher = self.distill_logits(logits, info.teacher_logits)
         return {"ce": opts["ce_weight"] * mixed_cross_entropy(logits, info.labels, info.partner_labels, info.lam),
-                "kd": opts["kd_weight"] * kd_loss(logits, info.teacher_logits, temperature)}
+                "kd": opts["kd_weight"] * kd_loss(student, teacher, temperature)}
 
 
 @register_method("energy-kd", per_sample_temperature=True)

@@ -99,7 +99,8 @@ def _check_finite(total: torch.Tensor, epoch: int) -> float:
 
 def train_one_epoch(epoch: int, model: nn.Module, forward: Callable, step: StepFn, loader: TrainLoader,
                     optimizer: torch.optim.Optimizer, scaler, cfg, device: torch.device, info,
-                    progress=None, on_step: Callable[[StepEvent], None] | None = None) -> tuple[dict, int]:
+                    progress=None, on_step: Callable[[StepEvent], None] | None = None,
+                    extra_groups: list[dict] = ()) -> tuple[dict, int]:
     """One pass over ``loader``: returns each loss term summed over samples (on the device) and
     the number of samples seen. The sums are read every ``cfg.sync_every`` steps (progress and
     the divergence check), never per step."""
@@ -129,6 +130,8 @@ def train_one_epoch(epoch: int, model: nn.Module, forward: Callable, step: StepF
         loss = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if extra_groups and context().distributed:  # not in DDP: average their gradients here
+            context().all_mean_grads([p for group in extra_groups for p in group["params"]])
         scaler.step(optimizer)
         scaler.update()
         count = len(labels)
@@ -154,7 +157,7 @@ def train_one_epoch(epoch: int, model: nn.Module, forward: Callable, step: StepF
 
 def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, test_set: ImageSet | None,
         cfg, out_dir: Path, meta: dict, resume: bool = True, views=None,
-        on_step: Callable[[StepEvent], None] | None = None, extra_param_groups: list[dict] | None = None) -> FitResult:
+        on_step: Callable[[StepEvent], None] | None = None, distiller=None) -> FitResult:
     """Train ``model`` with ``step`` and write best.pt, last.pt and metrics.parquet to ``out_dir``.
 
     ``step(batch, forward) -> (logits, {name: loss})``; the losses are summed. ``train_set``
@@ -164,8 +167,12 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
     sample as the view the schedule picks for the epoch instead, a pure function of
     (seed, sample_id, view) wherever it runs; datasets whose train transform needs the
     original image (RandomResizedCrop) always train that way. ``meta`` is stored in every
-    checkpoint and in the metrics file. ``extra_param_groups`` join the optimizer (parameters a
-    method learns beside the model's).
+    checkpoint and in the metrics file.
+
+    ``distiller`` (an energytools.distillers.Distiller, optional): its
+    ``extra_parameter_groups()`` join the optimizer (their gradients averaged across ranks),
+    its ``extra_state()`` is saved in last.pt and restored on resume, and its
+    ``epoch_metrics()`` join each epoch's metrics row.
     """
     cfg.check()
     ctx = context()
@@ -179,7 +186,11 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
     forward = model
     if ctx.distributed:
         forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = create_optimizer(cfg, model, extra_param_groups)
+    extra_groups = []
+    if distiller is not None:  # the method's own parameters (CTKD's temperature), beside the student's
+        distiller.to(device)
+        extra_groups = [{**group, "params": list(group["params"])} for group in distiller.extra_parameter_groups()]
+    optimizer = create_optimizer(cfg, model, extra_groups)
     lr_at = create_schedule(cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp
                                   and not torch.cuda.is_bf16_supported(including_emulation=False))
@@ -191,6 +202,8 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
         state = load_checkpoint(last_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if distiller is not None and state.get("distiller"):
+            distiller.load_extra_state(state["distiller"])
         if state.get("scaler"):  # fp16 runs: the loss scale goes on where it was
             scaler.load_state_dict(state["scaler"])
         start_epoch, best_val, best_epoch = state["epoch"], state["best_val_acc"], state["best_epoch"]
@@ -204,7 +217,7 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
             set_lr(optimizer, lr)
             loader.start_epoch(epoch)
             sums, seen = train_one_epoch(epoch, model, forward, step, loader, optimizer, scaler, cfg, device, info,
-                                         progress, on_step)
+                                         progress, on_step, extra_groups)
             names = sorted(sums)
             values = torch.stack([sums[n] for n in names]).tolist() if names else []  # one read per epoch
             summed = ctx.all_sum(values + [seen])
@@ -214,7 +227,8 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
                                 cfg.channels_last)
             row = {"epoch": epoch + 1, "lr": lr, "loss": sum(totals.values()) / max(seen, 1),
                    **{f"loss_{k}": v / max(seen, 1) for k, v in totals.items()},
-                   "val_acc": val_acc, "test_acc": test_acc, "seconds": time.perf_counter() - started}
+                   "val_acc": val_acc, "test_acc": test_acc, "seconds": time.perf_counter() - started,
+                   **(distiller.epoch_metrics() if distiller is not None else {})}
             rows.append(row)
             improved = val_acc > best_val or val_set is None or math.isnan(val_acc)  # no val samples: the last
             if improved:
@@ -224,7 +238,8 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
                     save_checkpoint(out_dir / "best.pt", model, meta, epoch=epoch + 1, val_acc=val_acc,
                                     test_acc=test_acc)
                 save_checkpoint(last_path, model, meta, epoch=epoch + 1, optimizer=optimizer.state_dict(),
-                                scaler=scaler.state_dict(), best_val_acc=best_val, best_epoch=best_epoch, metrics=rows)
+                                scaler=scaler.state_dict(), best_val_acc=best_val, best_epoch=best_epoch, metrics=rows,
+                                distiller=distiller.extra_state() if distiller is not None else {})
                 write_parquet(pl.DataFrame(rows), out_dir / "metrics.parquet", {"kind": "metrics", **meta})
             ctx.barrier()
             if ctx.is_main:

@@ -37,16 +37,31 @@ def run_names(runs: list[Path]) -> tuple[list[str], list[str]]:
     return names, stems
 
 
-def run_temperatures(method: str, config: dict, summary: dict) -> str:
-    """What the run's temperatures were: per group for Energy KD, the one T of kd and dkd, or a dash."""
+def run_temperatures(method: str, config: dict, summary: dict, metrics: pl.DataFrame | None = None) -> str:
+    """What the run's temperatures were: per group for Energy KD, CTKD's learned T (first -> last
+    epoch), DTKD's per-sample range of T_t and T_s over the epochs, the one T of kd and dkd, or a
+    dash; ", standardized" when the KD terms saw z-scored logits."""
+    options = config.get("method_options") or {}
+    return _temperatures(method, config, summary, options, metrics) + (", standardized" if
+                                                                       options.get("standardize_logits") else "")
+
+
+def _temperatures(method: str, config: dict, summary: dict, options: dict, metrics: pl.DataFrame | None) -> str:
     spec = METHODS.get(method)
     plan = config.get("temperature_plan") or {}
+    columns = metrics.columns if metrics is not None and metrics.height else []
+    if "method_temperature" in columns:
+        curve = metrics["method_temperature"]
+        return f"learned {curve[0]:.3g} → {curve[-1]:.3g}"
+    if "method_teacher_t_min" in columns:
+        return (f"T_t {metrics['method_teacher_t_min'].min():.3g}–{metrics['method_teacher_t_max'].max():.3g}, "
+                f"T_s {metrics['method_student_t_min'].min():.3g}–{metrics['method_student_t_max'].max():.3g}")
     if spec is not None and spec.per_sample_temperature:
         temps = plan.get("temperatures") or summary.get("temperatures")
         if temps:
             rule = plan.get("rule", "groups")
             return temperatures_text(temps) + ("" if rule == "groups" else f" ({rule} rule)")
-    constant = (config.get("method_options") or {}).get("kd_temperature")
+    constant = options.get("kd_temperature")
     return f"{round(float(constant), 3):g} (one T)" if constant is not None else "—"
 
 
@@ -62,12 +77,13 @@ def read_runs(runs: list[Path]) -> pl.DataFrame:
         train = config.get("train") or {}
         key = json.dumps({**config, "train": {k: v for k, v in train.items() if k != "seed"}}, sort_keys=True,
                          default=str) if config else str(run)
-        epochs = max(read_parquet(run / "metrics.parquet", ["epoch"]).height, 1)
+        metrics = read_parquet(run / "metrics.parquet", None)
+        epochs = max(metrics.height, 1)
         rows.append({"run": name, "stem": stem, "key": key, "method": str(summary["method"]),
                      "seed": train.get("seed"), "best": float(summary["best_test_acc"]),
                      "last": float(summary["last_test_acc"]), "best_val": summary.get("best_val_acc"),
                      "seconds_per_epoch": float(summary["seconds"]) / epochs,
-                     "temperatures": run_temperatures(str(summary["method"]), config, summary),
+                     "temperatures": run_temperatures(str(summary["method"]), config, summary, metrics),
                      "augmented": int(summary.get("augmented_samples", 0)),
                      "teacher_sha256": (config.get("teacher") or {}).get("sha256"), "path": str(run)})
     frame = pl.DataFrame(rows, schema_overrides={"seed": pl.Int64, "best_val": pl.Float64,
@@ -101,7 +117,7 @@ def comparison_table(runs: pl.DataFrame, baseline: str) -> str:
     return html_table(aggregated, {
         "configuration": "config", "method": "method", "seeds": "seeds", "test % (best val)": "best",
         f"Δ vs {baseline}": "delta_best", "test % (last epoch)": "last", "Δ last": "delta_last", "wins": "wins",
-        "verdict": "verdict", "s/epoch": "seconds_per_epoch", "T low / mid / high": "temperatures",
+        "verdict": "verdict", "s/epoch": "seconds_per_epoch", "temperatures (T low / mid / high)": "temperatures",
         "HE-DA samples": "augmented"}, name="comparison", decimals={"seconds_per_epoch": 1, "augmented": 0},
         sort_keys={"best": "best_mean", "delta_best": "delta_best_mean", "last": "last_mean",
                    "delta_last": "delta_last_mean"}, highlight="is_baseline")
