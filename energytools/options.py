@@ -17,12 +17,15 @@ from pathlib import Path
 from .errors import UserError
 
 
-def option(default=dataclasses.MISSING, help: str = "", factory=dataclasses.MISSING, choices=None):
+def option(default=dataclasses.MISSING, help: str = "", factory=dataclasses.MISSING, choices=None, parse=None):
     """A config field with its CLI help text (``factory`` for a nested config's default).
     ``choices``, for a name picked from a registry: a callable giving the names, read when a
     config is resolved (registries fill as modules import), so that :func:`resolve` can take
-    other spellings of them."""
-    return field(default=default, default_factory=factory, metadata={"help": help, "choices": choices})
+    other spellings of them. ``parse(value, where)``, for a value with more than one spelling
+    (``32`` or ``"32"`` or ``"data"``): gives the field's canonical value before the type check,
+    or raises one UserError naming ``where``."""
+    return field(default=default, default_factory=factory,
+                 metadata={"help": help, "choices": choices, "parse": parse})
 
 
 def registry(module: str, name: str):
@@ -141,6 +144,9 @@ def resolve(cls, values: dict, where: str = "config"):
             if key in nested and isinstance(value, dict):
                 routed[key].update(value)
             else:
+                parse = own[key].metadata.get("parse")
+                if parse is not None and value is not None:
+                    value = parse(value, f"{where}: {key}")
                 kwargs[key] = convert(value, hints[key], f"{where}: {key}")
                 choices = own[key].metadata.get("choices")
                 if choices is not None and isinstance(kwargs[key], str):
