@@ -297,7 +297,8 @@ class DistillConfig:
                                                  factory=TeacherPreprocessing)
     student_normalization: str = option("dataset", "a timm or Hugging Face student that starts from pretrained "
                                         "weights: `dataset` (the dataset's mean and std, as every student) or "
-                                        "`weights` (the mean and std the weights were trained with)",
+                                        "`weights` (the mean and std the weights were trained with); no effect "
+                                        "until students can start from weights (--student-init)",
                                         choices=lambda: STUDENT_NORMALIZATIONS)
     temperature_source: str = option("table", "table (the clean image's energy, by sample_id), views (each "
                                      "stored view's energy against thresholds over all views; needs score "
