@@ -295,11 +295,11 @@ class DistillConfig:
     preprocessing: TeacherPreprocessing = option(help="the online teacher's input size and normalisation "
                                                  "(default: the table's; one that contradicts it is refused)",
                                                  factory=TeacherPreprocessing)
-    student_normalization: str = option("dataset", "a timm or Hugging Face student that starts from pretrained "
-                                        "weights: `dataset` (the dataset's mean and std, as every student) or "
-                                        "`weights` (the mean and std the weights were trained with); no effect "
-                                        "until students can start from weights (--student-init)",
-                                        choices=lambda: STUDENT_NORMALIZATIONS)
+    student_normalization: str | None = option(None, "a timm or Hugging Face student that starts from pretrained "
+                                               "weights: `dataset` (the dataset's mean and std, as every student; "
+                                               "the default) or `weights` (the mean and std the weights were "
+                                               "trained with); no effect until students can start from weights "
+                                               "(--student-init)", choices=lambda: STUDENT_NORMALIZATIONS)
     temperature_source: str = option("table", "table (the clean image's energy, by sample_id), views (each "
                                      "stored view's energy against thresholds over all views; needs score "
                                      "--views) or online (the teacher's energy on each augmented view)",
@@ -336,7 +336,7 @@ class DistillConfig:
         if self.temperature_source not in TEMPERATURE_SOURCES:
             raise UserError(f"temperature_source must be one of {', '.join(TEMPERATURE_SOURCES)}, "
                             f"got {self.temperature_source!r}")
-        if self.student_normalization not in STUDENT_NORMALIZATIONS:
+        if self.student_normalization not in (None, *STUDENT_NORMALIZATIONS):
             raise UserError(f"student_normalization must be one of {', '.join(STUDENT_NORMALIZATIONS)}, "
                             f"got {self.student_normalization!r}")
         self.preprocessing.check()

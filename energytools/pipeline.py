@@ -234,8 +234,10 @@ def plan(recipe: Recipe, out: Path) -> list[Step]:
 
 def _content(config) -> dict:
     """A config without the options that do not change what a step writes. Unset (None)
-    options stay out too, so that a version adding an option leaves finished steps fresh."""
-    return {k: v for k, v in as_dict(config).items() if k not in ("out", "overwrite", "resume") and v is not None}
+    options stay out too, so that a version adding an option leaves finished steps fresh, and
+    so does a group of options none of which is set (the teacher's preprocessing)."""
+    return {k: v for k, v in as_dict(config).items() if k not in ("out", "overwrite", "resume") and v is not None
+            and not (isinstance(v, dict) and v and all(x is None for x in v.values()))}
 
 
 def run_pipeline(recipe_path: Path | str, out: Path | str, start: str | None = None, force: bool = False,

@@ -186,17 +186,17 @@ def describe_preprocessing(preprocessing: dict | None, info, who: str = "teacher
     return text
 
 
-def student_preprocessing(arch: str, normalization: str, info) -> dict | None:
+def student_preprocessing(arch: str, normalization: str | None, info) -> dict | None:
     """What a student that starts from pretrained weights is fed (distill
-    ``--student-normalization``): None for ``dataset`` (the dataset's mean and std, as every
+    ``--student-normalization``): None for ``dataset`` or None (the dataset's mean and std, as every
     student); for ``weights`` the mean and std its weights were trained with (timm's
     pretrained_cfg, preprocessor_config.json) at the data's own size. energytools' own
     architectures have no such statistics (their checkpoints were trained on the dataset's):
     None for them too."""
-    if normalization not in STUDENT_NORMALIZATIONS:
+    if normalization is not None and normalization not in STUDENT_NORMALIZATIONS:
         raise UserError(f"student_normalization must be one of {', '.join(STUDENT_NORMALIZATIONS)}, "
                         f"got {normalization!r}")
-    if normalization == "dataset":
+    if normalization in (None, "dataset"):
         return None
     from .models import model_preprocessing
 

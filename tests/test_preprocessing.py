@@ -195,6 +195,13 @@ def test_options_are_spelled_one_way_from_cli_api_and_recipes(tmp_path):
         resolve(ScoreConfig, {"teacher": "t", "teacher_std": "0,1,1"}).check()
     with pytest.raises(UserError, match="teacher_interpolation must be one of"):
         resolve(ScoreConfig, {"teacher": "t", "teacher_interpolation": "cubic"}).check()
+    # a recipe's finished steps stay fresh when none of the new options is set
+    from energytools.pipeline import _content
+
+    assert not {"preprocessing", "student_normalization"} & set(_content(DistillConfig(student="s", out="o")))
+    assert "preprocessing" not in _content(ScoreConfig(teacher="t"))
+    assert _content(resolve(ScoreConfig, {"teacher": "t", "teacher_input_size": "data"}))["preprocessing"][
+        "teacher_input_size"] == "data"
     recipe = tmp_path / "r.toml"
     recipe.write_text('[data]\ndataset = "cifar10"\n[teacher]\ncheckpoint = "t.safetensors"\narch = "timm:resnet18"\n'
                       'input_size = "data"\nmean = [0.5, 0.5, 0.5]\n[score]\nteacher_interpolation = "bicubic"\n')
@@ -205,8 +212,8 @@ def test_options_are_spelled_one_way_from_cli_api_and_recipes(tmp_path):
 
 def test_student_normalization_dataset_or_the_weights_own():
     info = DatasetInfo("c", 10, 3, 32, (0.5, 0.4, 0.3), (0.2, 0.2, 0.2))
-    assert resolve(DistillConfig, {"student": "x", "out": "o"}).student_normalization == "dataset"
-    assert student_preprocessing(ARCH, "dataset", info) is None
+    assert resolve(DistillConfig, {"student": "x", "out": "o"}).student_normalization is None  # the dataset's
+    assert student_preprocessing(ARCH, "dataset", info) is None and student_preprocessing(ARCH, None, info) is None
     weights = student_preprocessing(ARCH, "weights", info)
     assert weights["mean"] == [0.5] * 3 and weights["std"] == [0.5] * 3 and weights["input_size"] is None
     assert student_preprocessing("resnet8", "weights", info) is None  # energytools' own: the dataset's
