@@ -16,7 +16,8 @@ from .options import (as_dict, canonical_name, convert, flat_fields, flat_names,
                       registry, resolve)
 
 __all__ = ["AugmentConfig", "DataConfig", "DistillConfig", "HE_DA_MODES", "STUDENT_NORMALIZATIONS", "ScoreConfig",
-           "SelectConfig", "TEMPERATURE_SOURCES", "TeacherPreprocessing", "TrainConfig", "TrainStageConfig", "as_dict", "canonical_name", "convert",
+           "SelectConfig", "TEMPERATURE_SOURCES", "TeacherPreprocessing", "TrainConfig", "TrainStageConfig", "as_dict",
+           "canonical_name", "convert",
            "flat_fields", "flat_names", "option", "overrides", "registry", "resolve"]
 
 MODEL_NAMES = registry("energytools.models", "MODELS")

@@ -111,7 +111,8 @@ def load_recipe(path: Path | str) -> Recipe:
     teacher_raw = _section(raw, "teacher", path) or {}
     checkpoint = convert(teacher_raw.pop("checkpoint", None), str | None, f"{path} [teacher]: checkpoint")
     arch = convert(teacher_raw.pop("arch", None), str | None, f"{path} [teacher]: arch")
-    # input_size, mean, std, interpolation: the teacher's preprocessing, for score (augment and distill reuse the table's)
+    # input_size, mean, std, interpolation: the teacher's preprocessing, for score (augment and distill
+    # reuse the table's)
     preprocessing = {f"teacher_{key}": teacher_raw.pop(key) for key in PREPROCESSING_KEYS if key in teacher_raw}
     placeholder = {"out": "", "data": data}
     teacher = TeacherSection(checkpoint, arch, None if checkpoint else

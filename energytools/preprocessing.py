@@ -119,7 +119,8 @@ def _text(value) -> str:
     return str(value)
 
 
-def reuse_preprocessing(recorded: dict | None, overrides: dict | None, info, where: str = "the score table") -> dict | None:
+def reuse_preprocessing(recorded: dict | None, overrides: dict | None, info,
+                        where: str = "the score table") -> dict | None:
     """The preprocessing a score table's teacher was run with (``recorded``, its
     ``teacher.preprocessing``), for a stage that runs the teacher again (augment, distill).
 
@@ -142,9 +143,9 @@ def reuse_preprocessing(recorded: dict | None, overrides: dict | None, info, whe
         else:
             wanted = value
         if not _same(wanted, current[name]):
-            raise UserError(f"{FLAGS[name]} {_text(value)} contradicts {where}, whose teacher saw {name.replace('_', ' ')} "
-                            f"{_text(current[name])} ({sources[name]}): re-run score with {FLAGS[name]} "
-                            f"{_text(value)}, or drop the option to use the table's")
+            raise UserError(f"{FLAGS[name]} {_text(value)} contradicts {where}, whose teacher saw "
+                            f"{name.replace('_', ' ')} {_text(current[name])} ({sources[name]}): re-run score "
+                            f"with {FLAGS[name]} {_text(value)}, or drop the option to use the table's")
     return recorded
 
 
