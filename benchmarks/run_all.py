@@ -32,6 +32,8 @@ BENCHMARKS = [
     ("views_cost.py", [], "distill epoch, 32x32 resnet32x4 -> resnet8x4: online / cached views",
      "online_over_cached", ">= 2.0"),
     ("scale_score.py", [], "score: 2 processes / 1 process (torchrun)", "speedup", ">= 1.7"),
+    ("teacher_input_size.py", [], "score, 32x32 data, timm resnet18 teacher: at 224 / at the data's size",
+     "ratio", ""),
     ("report_scale.py", [], "report of a 1.28M-row table: seconds", "seconds", "seconds"),
     ("report_scale.py", [], "report of a 1.28M-row table: HTML MB", "html_mb", "a few MB"),
     ("report_scale.py", [], "report of two 1.28M-row tables compared: seconds", "two_tables_seconds", "seconds"),

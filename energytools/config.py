@@ -16,14 +16,16 @@ from .distillers import METHODS, method_spec
 from .energy import TEMPERATURE_RULES, TemperatureRule
 from .errors import UserError
 from .models import MODELS
+from .models.preprocessed import INTERPOLATION
 from .optim import SCHEDULES
 from .options import (as_dict, canonical_name, content_of, convert, flat_fields, flat_names, option, overrides,
                       registry, resolve)
 from .policies import POLICIES, make_policy
 from .selection import SELECT_BY, SELECT_MODES
 
-__all__ = ["AugmentConfig", "DataConfig", "DistillConfig", "HE_DA_MODES", "ScoreConfig", "SelectConfig",
-           "TEMPERATURE_SOURCES", "TrainConfig", "TrainStageConfig", "as_dict", "canonical_name", "content_of", "convert",
+__all__ = ["AugmentConfig", "DataConfig", "DistillConfig", "HE_DA_MODES", "STUDENT_NORMALIZATIONS", "ScoreConfig",
+           "SelectConfig", "TEMPERATURE_SOURCES", "TeacherPreprocessing", "TrainConfig", "TrainStageConfig", "as_dict",
+           "canonical_name", "content_of", "convert",
            "flat_fields", "flat_names", "option", "overrides", "registry", "resolve"]
 
 MODEL_NAMES = registry(MODELS)
@@ -51,6 +53,71 @@ class DataConfig:
         limit = self.limit if split == "train" else self.eval_limit
         return build_dataset(self.dataset, split, self.data_root, limit, self.imbalance_factor, self.image_size,
                              self.crop_pad)
+
+
+#: how --teacher-input-size spells "the data's own size"
+DATA_SIZE = "data"
+
+
+def input_size_value(value, where: str) -> str:
+    """``--teacher-input-size``: a positive whole number (``32`` or ``"32"``) or ``data``, as text."""
+    text = str(value).strip().lower() if isinstance(value, (int, str)) and not isinstance(value, bool) else None
+    if text in (DATA_SIZE, "dataset", "data-size", "data_size"):
+        return DATA_SIZE
+    if text is not None and text.isdigit() and int(text) > 0:
+        return str(int(text))
+    raise UserError(f"{where} must be a positive whole number or 'data' (the dataset's own size), got {value!r}")
+
+
+@dataclass
+class TeacherPreprocessing:
+    """What the teacher was trained to see, where it differs from what its model config says.
+
+    Each field given overrides the same field of the model's own preprocessing (timm's
+    pretrained_cfg, a Hugging Face folder's preprocessor_config.json; for energytools' own
+    checkpoints the dataset's size and normalisation); the others keep it. Resolved by
+    :func:`energytools.preprocessing.resolve_preprocessing`; score records the result and these
+    overrides in the table, and augment and distill reuse the table's.
+    """
+
+    teacher_input_size: str | None = option(None, "side of the square input the teacher sees: N, or `data` for the "
+                                            "dataset's own size (default: the model config's, e.g. 224 for timm "
+                                            "resnet18; use `data` for a teacher fine-tuned on the data as it is)",
+                                            parse=input_size_value)
+    teacher_mean: tuple[float, ...] | None = option(None, "per-channel mean the teacher normalises with, on [0, 1] "
+                                                    "pixels, e.g. 0.5,0.5,0.5 (default: the model config's)")
+    teacher_std: tuple[float, ...] | None = option(None, "per-channel std the teacher normalises with "
+                                                   "(default: the model config's)")
+    teacher_interpolation: str | None = option(None, "filter that resizes to the teacher's input size: bilinear, "
+                                               "bicubic, nearest ... (default: the model config's)",
+                                               choices=registry(INTERPOLATION))
+
+    def given(self) -> dict:
+        """The fields the user set, by the names a preprocessing dict uses (input_size, mean, std,
+        interpolation): ``{"input_size": "data", "mean": [0.5, 0.5, 0.5]}``."""
+        size = self.teacher_input_size
+        values = {"input_size": int(size) if size is not None and size.isdigit() else size,
+                  "mean": self.teacher_mean, "std": self.teacher_std,
+                  "interpolation": self.teacher_interpolation}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items() if v is not None}
+
+    def check(self) -> None:
+        if self.teacher_input_size is not None:
+            input_size_value(self.teacher_input_size, "teacher_input_size")
+        for name in ("teacher_mean", "teacher_std"):
+            values = getattr(self, name)
+            if values is not None and not values:
+                raise UserError(f"{name} needs one value per channel (or one for all), got none")
+        if self.teacher_std is not None and not all(v > 0 for v in self.teacher_std):
+            raise UserError(f"teacher_std must be positive, got {list(self.teacher_std)}")
+        if self.teacher_interpolation is not None and self.teacher_interpolation not in INTERPOLATION:
+            raise UserError(f"teacher_interpolation must be one of {', '.join(INTERPOLATION)}, "
+                            f"got {self.teacher_interpolation!r}")
+
+
+#: distill --student-normalization: a timm or Hugging Face student that starts from pretrained
+#: weights sees batches normalised with the dataset's mean and std, or with the weights' own
+STUDENT_NORMALIZATIONS = ("dataset", "weights")
 
 
 @dataclass
@@ -115,6 +182,8 @@ class ScoreConfig:
                               "fields that are given changed", factory=DataConfig)
     teacher_arch: str | None = option(None, "architecture, for checkpoints that do not record it",
                                       choices=MODEL_NAMES)
+    preprocessing: TeacherPreprocessing = option(help="the teacher's input size and normalisation",
+                                                 factory=TeacherPreprocessing)
     split: str = option("train", "train, val or test", choices=lambda: ("train", "val", "test"))
     energy_temperature: float = option(4.0, "T_E in E = -T_E * logsumexp(z / T_E)")
     low_frac: float = option(0.2, "fraction of lowest-energy samples in the low group")
@@ -142,6 +211,7 @@ class ScoreConfig:
 
     def check(self) -> None:
         self.rule()  # fractions, temperatures and the rule's name
+        self.preprocessing.check()
         if not self.energy_temperature > 0:
             raise UserError(f"energy_temperature must be positive, got {self.energy_temperature}")
         if self.batch_size <= 0 or self.part_size <= 0:
@@ -183,13 +253,17 @@ class AugmentConfig:
     teacher: str | None = option(None, "teacher checkpoint (default: the one that scored the table)")
     teacher_arch: str | None = option(None, "architecture, for checkpoints that do not record it",
                                       choices=MODEL_NAMES)
+    preprocessing: TeacherPreprocessing = option(help="the teacher's input size and normalisation (default: the "
+                                                 "table's; one that contradicts it is refused)",
+                                                 factory=TeacherPreprocessing)
     batch_size: int = option(256, "images per teacher forward pass")
     overwrite: bool = option(False, "replace an existing output", content=False)
 
     def content(self) -> dict:
         """The options that decide the shards' bytes: not where the input and output live (the
         table is identified by its sha256) nor how many processes write them."""
-        return {k: v for k, v in content_of(self).items() if k != "scores"}
+        # nor the teacher's preprocessing: the table's is used (an override may only repeat it)
+        return {k: v for k, v in content_of(self).items() if k not in ("scores", "preprocessing")}
 
     def check(self) -> None:
         if not 0 < self.ratio <= 1:
@@ -198,6 +272,7 @@ class AugmentConfig:
             raise UserError(f"copies must be >= 1, got {self.copies}")
         if self.workers < 1 or self.shard_size < 1 or self.batch_size < 1:
             raise UserError("workers, shard_size and batch_size must be >= 1")
+        self.preprocessing.check()
         make_policy(self.policy)  # fail on an unknown policy before any work
 
 
@@ -220,6 +295,14 @@ class DistillConfig:
     teacher: str | None = option(None, "teacher checkpoint (default: the one that scored the table)")
     teacher_arch: str | None = option(None, "architecture, for checkpoints that do not record it",
                                       choices=MODEL_NAMES)
+    preprocessing: TeacherPreprocessing = option(help="the online teacher's input size and normalisation "
+                                                 "(default: the table's; one that contradicts it is refused)",
+                                                 factory=TeacherPreprocessing)
+    student_normalization: str | None = option(None, "a timm or Hugging Face student that starts from pretrained "
+                                               "weights: `dataset` (the dataset's mean and std, as every student; "
+                                               "the default) or `weights` (the mean and std the weights were "
+                                               "trained with); no effect until students can start from weights "
+                                               "(--student-init)", choices=lambda: STUDENT_NORMALIZATIONS)
     temperature_source: str = option("table", "table (the clean image's energy, by sample_id), views (each "
                                      "stored view's energy against thresholds over all views; needs score "
                                      "--views) or online (the teacher's energy on each augmented view)",
@@ -265,6 +348,10 @@ class DistillConfig:
         if self.temperature_source not in TEMPERATURE_SOURCES:
             raise UserError(f"temperature_source must be one of {', '.join(TEMPERATURE_SOURCES)}, "
                             f"got {self.temperature_source!r}")
+        if self.student_normalization not in (None, *STUDENT_NORMALIZATIONS):
+            raise UserError(f"student_normalization must be one of {', '.join(STUDENT_NORMALIZATIONS)}, "
+                            f"got {self.student_normalization!r}")
+        self.preprocessing.check()
         if self.he_da is not None and self.he_da not in HE_DA_MODES:
             raise UserError(f"he_da must be one of {', '.join(HE_DA_MODES)} (materialized shards: --shards), "
                             f"got {self.he_da!r}")

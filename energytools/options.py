@@ -17,16 +17,19 @@ from pathlib import Path
 from .errors import UserError
 
 
-def option(default=dataclasses.MISSING, help: str = "", factory=dataclasses.MISSING, choices=None,
+def option(default=dataclasses.MISSING, help: str = "", factory=dataclasses.MISSING, choices=None, parse=None,
            content: bool = True):
     """A config field with its CLI help text (``factory`` for a nested config's default).
     ``choices``, for a name picked from a registry: a callable giving the names, read when a
     config is resolved (registries fill as modules import), so that :func:`resolve` can take
-    other spellings of them. ``content=False`` marks an option that does not change what a
-    stage writes (where its output goes, whether it may replace or resume it, how many processes
-    write it): staleness keys, resume keys and config hashes leave it out (:func:`content_of`)."""
+    other spellings of them. ``parse(value, where)``, for a value with more than one spelling
+    (``32`` or ``"32"`` or ``"data"``): gives the field's canonical value before the type check,
+    or raises one UserError naming ``where``. ``content=False`` marks an option that does not
+    change what a stage writes (where its output goes, whether it may replace or resume it, how
+    many processes write it): staleness keys, resume keys and config hashes leave it out
+    (:func:`content_of`)."""
     return field(default=default, default_factory=factory,
-                 metadata={"help": help, "choices": choices, "content": content})
+                 metadata={"help": help, "choices": choices, "parse": parse, "content": content})
 
 
 def registry(names):
@@ -142,6 +145,9 @@ def resolve(cls, values: dict, where: str = "config"):
             if key in nested and isinstance(value, dict):
                 routed[key].update(value)
             else:
+                parse = own[key].metadata.get("parse")
+                if parse is not None and value is not None:
+                    value = parse(value, f"{where}: {key}")
                 kwargs[key] = convert(value, hints[key], f"{where}: {key}")
                 choices = own[key].metadata.get("choices")
                 if choices is not None and isinstance(kwargs[key], str):

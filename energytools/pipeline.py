@@ -36,10 +36,15 @@ RUNNER_KEYS = {"teacher": {"out", "data", "resume", "overwrite"}, "score": {"tea
                "distill": {"scores", "out", "shards", "resume", "overwrite"}}
 
 
+#: keys of ``[teacher]`` that set score's teacher_<key> (TeacherPreprocessing)
+PREPROCESSING_KEYS = ("input_size", "mean", "std", "interpolation")
+
+
 @dataclass
 class TeacherSection:
     """``[teacher]``: an existing ``checkpoint`` (``arch`` when it does not record it), or the
-    ``train`` config of one to train."""
+    ``train`` config of one to train; either may say what it was trained to see (``input_size``,
+    ``mean``, ``std``, ``interpolation``: score's ``teacher_*`` options)."""
 
     checkpoint: str | None = None
     arch: str | None = None
@@ -105,12 +110,15 @@ def load_recipe(path: Path | str) -> Recipe:
     teacher_raw = _section(raw, "teacher", path) or {}
     checkpoint = convert(teacher_raw.pop("checkpoint", None), str | None, f"{path} [teacher]: checkpoint")
     arch = convert(teacher_raw.pop("arch", None), str | None, f"{path} [teacher]: arch")
+    # input_size, mean, std, interpolation: the teacher's preprocessing, for score (augment and distill
+    # reuse the table's)
+    preprocessing = {f"teacher_{key}": teacher_raw.pop(key) for key in PREPROCESSING_KEYS if key in teacher_raw}
     placeholder = {"out": "", "data": data}
     teacher = TeacherSection(checkpoint, arch, None if checkpoint else
                              resolve(TrainStageConfig, {**placeholder, **teacher_raw}, f"{path} [teacher]"))
     if checkpoint and teacher_raw:
         raise UserError(f"{path} [teacher]: {sorted(teacher_raw)[0]!r} trains a teacher, but checkpoint is given")
-    score = resolve(ScoreConfig, {"teacher": "", "out": "", "data": data, "teacher_arch": arch,
+    score = resolve(ScoreConfig, {"teacher": "", "out": "", "data": data, "teacher_arch": arch, **preprocessing,
                                   **(_section(raw, "score", path) or {})}, f"{path} [score]")
     augment_raw = _section(raw, "augment", path)
     augment = None if augment_raw is None else resolve(AugmentConfig, augment_raw, f"{path} [augment]")
@@ -226,8 +234,10 @@ def plan(recipe: Recipe, out: Path) -> list[Step]:
 
 def _content(config) -> dict:
     """A config without the options that do not change what a step writes. Unset (None)
-    options stay out too, so that a version adding an option leaves finished steps fresh."""
-    return {k: v for k, v in content_of(config).items() if v is not None}
+    options stay out too, so that a version adding an option leaves finished steps fresh, and
+    so does a group of options none of which is set (the teacher's preprocessing)."""
+    return {k: v for k, v in content_of(config).items()
+            if v is not None and not (isinstance(v, dict) and v and all(x is None for x in v.values()))}
 
 
 def run_pipeline(recipe_path: Path | str, out: Path | str, start: str | None = None, force: bool = False,

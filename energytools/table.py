@@ -123,6 +123,10 @@ class TeacherRecord:
     in_channels: int
     preprocessing: dict | None = None  # what a timm or Hugging Face teacher was fed (mean, std, size)
     class_names: list | None = None  # the teacher's own (id2label), when it has them
+    # the user's --teacher-* options that changed ``preprocessing`` (input_size, mean, std,
+    # interpolation as given; "data" for the data's own size); ``preprocessing["sources"]``
+    # says where each resolved field came from
+    preprocessing_overrides: dict | None = None
 
 
 #: the per-view columns score --views writes (list per row, one entry per view): ``view_energy``
@@ -221,7 +225,8 @@ class TableMeta:
             teacher = TeacherRecord(reader.get("teacher.arch", str), reader.get("teacher.sha256", str),
                                     reader.get("teacher.path", str), reader.get("teacher.num_classes", int),
                                     reader.get("teacher.in_channels", int), reader.get("teacher.preprocessing", dict, None),
-                                    reader.get("teacher.class_names", list, None))
+                                    reader.get("teacher.class_names", list, None),
+                                    reader.get("teacher.preprocessing_overrides", dict, None))
             rule = TemperatureRule(reader.get("temperatures", dict), reader.get("groups.low_frac", float),
                                    reader.get("groups.high_frac", float), reader.get("temperature_rule", str))
             views = None

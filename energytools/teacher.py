@@ -11,6 +11,11 @@ from .data.transforms import normalize
 from .engine import autocast, resolve_device
 from .errors import UserError
 from .models import adapt_to_dataset, checkpoint_meta, load_model
+from .preprocessing import resolve_preprocessing, reuse_preprocessing
+
+
+#: open_teacher's default: the model config's preprocessing, not a recorded one
+FROM_MODEL = object()
 
 
 @dataclass
@@ -37,13 +42,21 @@ class TeacherRun:
     def record(self) -> dict:
         """What a score table records of the teacher (see table.TeacherRecord)."""
         return {k: self.meta.get(k) for k in ("arch", "sha256", "path", "num_classes", "in_channels",
-                                              "preprocessing", "class_names")}
+                                              "preprocessing", "class_names", "preprocessing_overrides")}
 
 
-def open_teacher(path, dataset, arch: str | None = None, device: str = "auto", amp: bool = True) -> TeacherRun:
-    """Load a teacher checkpoint for ``dataset`` and check it fits (classes, channels)."""
+def open_teacher(path, dataset, arch: str | None = None, device: str = "auto", amp: bool = True,
+                 overrides: dict | None = None, recorded=FROM_MODEL) -> TeacherRun:
+    """Load a teacher checkpoint for ``dataset`` and check it fits (classes, channels).
+
+    It is fed its model config's preprocessing with each field of ``overrides``
+    (``TeacherPreprocessing.given()``) replacing the same field, or ``recorded`` (a score table's
+    ``teacher.preprocessing``, None included) as it is (see :func:`open_table_teacher`)."""
     info = dataset.info
     model, meta = load_model(path, arch, info.num_classes, info.in_channels, info.image_size)
+    meta["preprocessing"] = (resolve_preprocessing(meta.get("preprocessing"), overrides, info)
+                             if recorded is FROM_MODEL else recorded)
+    meta["preprocessing_overrides"] = dict(overrides or {}) or None
     if meta["num_classes"] != info.num_classes:
         raise UserError(f"teacher {path} predicts {meta['num_classes']} classes but {info.name} has "
                         f"{info.num_classes}")
@@ -59,10 +72,13 @@ def open_teacher(path, dataset, arch: str | None = None, device: str = "auto", a
 
 
 def open_table_teacher(meta, dataset, path: str | None = None, arch: str | None = None,
-                       device: str = "auto") -> TeacherRun:
-    """The teacher that scored a table (or the checkpoint at ``path``, which must be the same file)."""
+                       device: str = "auto", overrides: dict | None = None) -> TeacherRun:
+    """The teacher that scored a table (or the checkpoint at ``path``, which must be the same file),
+    fed the preprocessing the table records; ``overrides`` that contradict it are refused."""
     path = path or meta.teacher.path
-    teacher = open_teacher(path, dataset, arch or meta.teacher.arch, device)
+    recorded = reuse_preprocessing(meta.teacher.preprocessing, overrides, dataset.info)
+    teacher = open_teacher(path, dataset, arch or meta.teacher.arch, device, overrides=overrides,
+                           recorded=recorded)
     if teacher.sha256 != meta.teacher.sha256:
         raise UserError(f"teacher {path} is not the checkpoint that scored the table (sha256 differs)")
     return teacher

@@ -27,7 +27,7 @@ from safetensors.torch import save_file  # noqa: E402  (comes with timm)
 datasets.disable_progress_bars()
 
 from energytools.data import DATASETS, DatasetInfo, build_dataset  # noqa: E402
-from energytools.data.transforms import Preprocessed  # noqa: E402
+from energytools.models.preprocessed import Preprocessed  # noqa: E402
 from energytools.errors import UserError  # noqa: E402
 from energytools.models import adapt_to_dataset, create_model, load_model, model_preprocessing  # noqa: E402
 from energytools.table import TableMeta  # noqa: E402
@@ -190,7 +190,9 @@ def test_timm_teacher_file_and_parquet_data_through_the_cli(runner, tmp_path, pa
     assert result.exit_code == 0, result.output
     meta = TableMeta.read(scores)
     assert meta.teacher.arch == "timm:test_resnet"
-    assert meta.teacher.preprocessing == model_preprocessing("timm:test_resnet")
+    recorded = dict(meta.teacher.preprocessing)  # the model config's, and where each field came from
+    assert recorded.pop("sources") == dict.fromkeys(("input_size", "mean", "std", "interpolation"), "model config")
+    assert recorded == model_preprocessing("timm:test_resnet")
     assert meta.data.dataset == "parquet"
 
     # the stored logits are the model's own forward on its own preprocessing: 160x160, mean/std 0.5

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from torch.torch_version import TorchVersion
 
-from ..data.transforms import with_preprocessing
+from .preprocessed import with_preprocessing
 from ..errors import UserError
 from ..io import atomic_path, sha256_file
 from . import cifar_resnet, hf_source, imagenet, mobile, small, timm_source, vgg, wrn  # noqa: F401  (fill the registries)

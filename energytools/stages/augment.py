@@ -79,7 +79,8 @@ class Augmenter:
         self.positions = np.array([position_of[int(s)] for s in self.selected_ids], dtype=np.int64)
         self.labels = dataset.labels[self.positions]
         self.policy = make_policy(cfg.policy)
-        self.teacher = open_table_teacher(meta, dataset, cfg.teacher, cfg.teacher_arch, "cpu")
+        self.teacher = open_table_teacher(meta, dataset, cfg.teacher, cfg.teacher_arch, "cpu",
+                                          cfg.preprocessing.given())
 
     @classmethod
     def open(cls, cfg: AugmentConfig, namespace: int) -> "Augmenter":

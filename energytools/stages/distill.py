@@ -247,7 +247,8 @@ def open_logits_source(cfg: DistillConfig, spec: MethodSpec, meta: TableMeta, lo
         if replay is not None:
             return CachedViewLogits(lookup, replay.views.top_k, replay.num_classes)
         return CachedLogits(lookup)
-    teacher = open_table_teacher(meta, train_set, cfg.teacher, cfg.teacher_arch, cfg.train.device)
+    teacher = open_table_teacher(meta, train_set, cfg.teacher, cfg.teacher_arch, cfg.train.device,
+                                 cfg.preprocessing.given())
     # logits that decide energy groups are float32-exact, as score's that fitted the thresholds
     exact = uses_energy_groups(cfg, spec) and cfg.temperature_source == "online"
     return OnlineTeacher(teacher.model, teacher.device if exact else None)
@@ -285,7 +286,8 @@ def open_online_heda(cfg: DistillConfig, plan: TemperaturePlan, lookup: SampleLo
     if isinstance(teacher_logits_of, OnlineTeacher):
         teacher = teacher_logits_of.model  # the one already open
     else:  # cached logits cover the batch, not the mixed images
-        teacher = open_table_teacher(meta, train_set, cfg.teacher, cfg.teacher_arch, cfg.train.device).model.eval()
+        teacher = open_table_teacher(meta, train_set, cfg.teacher, cfg.teacher_arch, cfg.train.device,
+                                     cfg.preprocessing.given()).model.eval()
     weight = cfg.he_da_weight if cfg.he_da_weight is not None else kd_weight
     return OnlineHEDA(teacher, energy_group_source(cfg, plan, lookup, "high"), weight, cfg.train.seed, context().rank)
 

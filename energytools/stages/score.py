@@ -30,6 +30,7 @@ from ..energy import GROUPS, TemperatureRule, logit_statistics
 from ..engine import float32_exact, make_loader
 from ..errors import UserError
 from ..io import check_output_free, sha256_json, write_json
+from ..preprocessing import describe_preprocessing
 from ..resume import resumable_parts
 from ..table import (OPTIONAL_SCORE_COLUMNS, SCORE_COLUMNS, VIEW_COLUMNS, DatasetRecord, TableMeta, TeacherRecord,
                      ViewsRecord, load_table, versions, write_parquet)
@@ -79,6 +80,8 @@ def _parts_key(cfg: ScoreConfig, dataset, teacher_sha: str) -> str:
     key = {"dataset": dataset.fingerprint(), "teacher": teacher_sha, "T_E": cfg.energy_temperature,
            "save_logits": cfg.save_logits, "part_size": cfg.part_size, "batch_size": cfg.batch_size,
            "split": cfg.split, "amp": cfg.amp}
+    if cfg.preprocessing.given():  # (keys of runs without overrides are as before)
+        key["preprocessing"] = cfg.preprocessing.given()
     if cfg.views:
         key.update(views=cfg.views, top_k=cfg.top_k, seed=cfg.seed, transform=dataset.info.train_transform.to_dict())
     return sha256_json(key, 16)
@@ -150,9 +153,11 @@ def score(cfg: ScoreConfig) -> Path:
     check_output_free(out, cfg.overwrite)
     data = resolve_data(cfg)
     dataset = data.build(cfg.split)
-    teacher = open_teacher(cfg.teacher, dataset, cfg.teacher_arch, cfg.device, cfg.amp)
+    teacher = open_teacher(cfg.teacher, dataset, cfg.teacher_arch, cfg.device, cfg.amp, cfg.preprocessing.given())
     reference = _load_reference(cfg, teacher)
     info = dataset.info
+    fed = describe_preprocessing(teacher.meta["preprocessing"], info)
+    console.print(fed)
     if cfg.top_k is not None and not cfg.top_k < info.num_classes:
         raise UserError(f"--top-k must be smaller than the {info.num_classes} classes of {info.name}, got {cfg.top_k}")
     started = time.perf_counter()
@@ -213,5 +218,6 @@ def score(cfg: ScoreConfig) -> Path:
         write_json(out.parent / f"{out.stem}.config.json", {**config, "data": as_dict(data)})
         shutil.rmtree(parts_dir)
     console.print(format_summary(summary, thresholds))
+    console.print(fed)
     console.print(headline("done", f": wrote {out} ({frame.height} rows) in {time.perf_counter() - started:.1f}s"))
     return out
