@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+import energytools.optim as optim
 from energytools.config import DataConfig
 from energytools.models import create_model, save_checkpoint
 from energytools.engine import model_meta
@@ -104,3 +105,40 @@ def check_table(table: Path, teacher: Path | None, data: DataConfig, views: int 
         found.append(f"{meta.views.count if meta.views else 0} views (not {views})")
     if found:
         raise SystemExit(f"{table} was made with {', '.join(found)}: remove it or pass another --out")
+
+
+def replace_block(doc: Path, name: str, body: str, heading: str = "## Notes") -> None:
+    """Write ``body`` between ``<!-- name: begin -->`` and ``<!-- name: end -->`` in the Markdown
+    file ``doc``, replacing what was there; a first block goes right under ``heading``."""
+    begin, end = f"<!-- {name}: begin -->", f"<!-- {name}: end -->"
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    text = doc.read_text() if doc.exists() else ""
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+    elif heading in text:
+        at = text.index(heading) + len(heading)
+        text = text[:at] + "\n\n" + block + "\n" + text[at:]
+    else:
+        text = text.rstrip() + f"\n\n{heading}\n\n{block}\n"
+    doc.write_text(text)
+
+
+#: epoch start times noted by the "timed" schedule (a constant learning rate): a benchmark
+#: clears it, runs energytools with ``schedule="timed"`` and reads its epochs off it
+EPOCH_STARTS: list[float] = []
+
+
+def _timed_schedule(epoch, cfg) -> float:
+    if EPOCH_STARTS and torch.cuda.is_available():
+        torch.cuda.synchronize()  # the epoch before has finished on the device too
+    EPOCH_STARTS.append(time.perf_counter())
+    return 1.0
+
+
+def fastest_epoch(stamps: list[float]) -> float:
+    """Seconds of the fastest epoch from epoch-start stamps, leaving out the first epoch
+    (warm-up) and the last (whose end has no stamp): the least disturbed by other load."""
+    return min(b - a for a, b in zip(stamps[1:-1], stamps[2:]))
+
+
+optim.SCHEDULES["timed"] = _timed_schedule

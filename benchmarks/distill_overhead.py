@@ -34,8 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import energytools.optim as optim
-from common import benchmark_teacher, emit
+from common import EPOCH_STARTS, benchmark_teacher, emit, fastest_epoch
 from energytools.config import DataConfig, TrainConfig
 from energytools.data.transforms import normalize
 from energytools.data.views import TrainTransform, draw_views
@@ -45,30 +44,13 @@ from energytools.stages.score import ScoreConfig, score
 from energytools.table import load_table
 from energytools.view_logits import read_views
 
-STAMPS: list[float] = []
-
-
-def _timed_schedule(epoch, cfg):
-    """A constant learning rate that notes when each epoch starts."""
-    STAMPS.append(time.perf_counter())
-    return 1.0
-
-
-optim.SCHEDULES["timed"] = _timed_schedule
-
-
-def per_epoch(stamps: list[float]) -> float:
-    """Seconds of the fastest epoch from epoch-start stamps, leaving out the first epoch
-    (warm-up) and the last (whose end has no stamp): the least disturbed by other load."""
-    return min(b - a for a, b in zip(stamps[1:-1], stamps[2:]))
-
 
 def energytools_epoch(table, work, name, epochs, eval_limit, channels_last=False, **kwargs) -> float:
-    STAMPS.clear()
+    EPOCH_STARTS.clear()
     distill(DistillConfig(scores=str(table), student="cnn_small", out=str(work / name), eval_limit=eval_limit,
                           overwrite=True, train=TrainConfig(epochs=epochs, device="cpu", schedule="timed",
                                                             channels_last=channels_last), **kwargs))
-    return per_epoch(STAMPS)
+    return fastest_epoch(EPOCH_STARTS)
 
 
 class Bare:
@@ -153,7 +135,7 @@ class Bare:
                                        .argmax(1) == labels[i:i + 512]).sum()) for i in range(0, len(labels), 512))
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "correct": correct}, out)
         stamps.append(time.perf_counter())
-        return per_epoch(stamps[:-1])
+        return fastest_epoch(stamps[:-1])
 
 
 def main():

@@ -107,7 +107,8 @@ def slug(name: str) -> str:
 def prepare(setting_dir: Path, data: DataConfig, teacher: Path, rows: list[str], seeds: list[int]) -> None:
     """The score table with views, the shard directories and the selections the rows need, the
     random ones (:func:`draw_seed`) once per run seed."""
-    from energytools.stages.augment import augment, select
+    from energytools.stages.augment import augment
+    from energytools.stages.select import select
     from energytools.stages.score import score
 
     table = setting_dir / "scores.parquet"

@@ -28,8 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import energytools.engine as engine
-import energytools.optim as optim
-from common import emit
+from common import EPOCH_STARTS, emit
 from energytools.config import DataConfig, TrainConfig
 from energytools.data.synthetic import write_cifar
 from energytools.data.transforms import normalize
@@ -41,18 +40,6 @@ from energytools.stages.distill import DistillConfig, distill
 from energytools.stages.score import ScoreConfig, score
 from energytools.table import load_table
 from energytools.view_logits import read_views
-
-STAMPS: list[float] = []
-
-
-def _timed_schedule(epoch, cfg):
-    if STAMPS and torch.cuda.is_available():
-        torch.cuda.synchronize()
-    STAMPS.append(time.perf_counter())
-    return 1.0
-
-
-optim.SCHEDULES["timed"] = _timed_schedule
 
 
 def sync(device):
@@ -198,13 +185,13 @@ def main():
     error = np.abs(amp_energy - f32_energy)
 
     # distill: kd on cached views, the stage against a bare loop on the device
-    STAMPS.clear()
+    EPOCH_STARTS.clear()
     distill(DistillConfig(scores=str(table), student=args.student, out=str(work / "kd"), method="kd",
                           cached_logits=True, train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
                                                                 device=str(device), schedule="timed",
                                                                 num_workers=0 if device.type == "cpu" else 8,
                                                                 channels_last=device.type == "cuda")))
-    stage_epoch = (STAMPS[-1] - STAMPS[1]) / (len(STAMPS) - 2)
+    stage_epoch = (EPOCH_STARTS[-1] - EPOCH_STARTS[1]) / (len(EPOCH_STARTS) - 2)
     stored = torch.from_numpy(read_views(table, meta, info.num_classes)["view_logits"]).to(device)
     params = draw_views(TrainTransform.from_dict(meta.views.transform), meta.views.seed,
                         np.repeat(ids, k), np.tile(np.arange(k), n))

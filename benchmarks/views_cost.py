@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import energytools.optim as optim
-from common import emit
+from common import EPOCH_STARTS, emit
 from energytools.config import DataConfig, TrainConfig
 from energytools.data.synthetic import write_cifar
 from energytools.engine import model_meta
@@ -29,22 +28,12 @@ from energytools.models import create_model, save_checkpoint
 from energytools.stages.distill import DistillConfig, distill
 from energytools.stages.score import ScoreConfig, score
 
-STAMPS: list[float] = []
-
-
-def _timed_schedule(epoch, cfg):
-    STAMPS.append(time.perf_counter())
-    return 1.0
-
-
-optim.SCHEDULES["timed"] = _timed_schedule
-
 
 def epoch_seconds(table, work, name, epochs, **kwargs) -> float:
-    STAMPS.clear()
+    EPOCH_STARTS.clear()
     distill(DistillConfig(scores=str(table), student="resnet8x4", out=str(work / name), method="kd", overwrite=True,
                           train=TrainConfig(epochs=epochs, device="cpu", schedule="timed"), **kwargs))
-    return (STAMPS[-1] - STAMPS[1]) / (len(STAMPS) - 2)
+    return (EPOCH_STARTS[-1] - EPOCH_STARTS[1]) / (len(EPOCH_STARTS) - 2)
 
 
 def main():

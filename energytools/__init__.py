@@ -1,15 +1,36 @@
-"""energytools: energy scores, HE-DA curation and Energy KD for knowledge distillation."""
-from .version import __version__ as __version__
+"""energytools: energy scores, HE-DA curation and Energy KD for knowledge distillation.
+
+Two ways in: the stages (``score``, ``augment``, ``select``, ``distill``, ``train``,
+``report``: files in, files out, the same keywords as the CLI's flags) and the functional API
+on arrays (``energy_scores``, ``sample_scores``, ``energy_groups``, ``sample_temperatures``,
+``select_indices``, the losses, and ``write_score_table`` to turn logits computed anywhere into
+a score table the stages accept). Both load lazily, so ``import energytools`` stays cheap.
+"""
+from .version import __version__
+
+#: public name -> the module that defines it
+_EXPORTS = {
+    **{name: "api" for name in ("score", "augment", "select", "distill", "train", "report")},
+    **{name: "functional" for name in ("energy_scores", "sample_scores", "energy_groups", "sample_temperatures",
+                                       "select_indices")},
+    **{name: "losses" for name in ("kd_loss", "dkd_loss", "mixed_cross_entropy", "standardize_logits",
+                                   "dtkd_loss")},
+    "write_score_table": "score_table",
+    "load_table": "table",
+    "UserError": "errors",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
 
 
 def __getattr__(name):
-    # lazy so `import energytools` stays cheap and the CLI starts fast
-    if name in ("score", "augment", "select", "distill", "train", "report"):
-        from . import api
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'energytools' has no attribute {name!r}")
+    import importlib
 
-        return getattr(api, name)
-    if name == "load_table":
-        from .table import load_table
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
 
-        return load_table
-    raise AttributeError(name)
+
+def __dir__():
+    return __all__

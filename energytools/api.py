@@ -47,7 +47,7 @@ def augment(scores: str | Path = "scores.parquet", out: str | Path = "he-da", **
 def select(scores: str | Path = "scores.parquet", **kwargs):
     """The selected rows (a polars DataFrame), written to ``out`` when given. Keywords:
     :class:`SelectConfig`'s fields (``ratio``, ``mode``, ``by``, ``per_class``, ``seed``, ``out``)."""
-    from .stages.augment import select as run
+    from .stages.select import select as run
 
     return run(resolve(SelectConfig, {"scores": scores, **kwargs}, "select"))
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import functools
-import importlib
 import inspect
 import os
 import sys
@@ -173,26 +172,23 @@ def datasets_command():
 
 def _register_stages() -> None:
     from .config import AugmentConfig, DistillConfig, ScoreConfig, SelectConfig, TrainStageConfig
+    from .stages import augment, distill, score, select, train
 
-    def lazily(module: str, function: str) -> Callable:
-        """The stage function, imported when the command runs (torch loads only then)."""
-        return lambda cfg: getattr(importlib.import_module(f"energytools.stages.{module}"), function)(cfg)
-
-    stage_command("train", TrainStageConfig, lazily("train", "train"),
+    stage_command("train", TrainStageConfig, train.train,
                   "Train a model with cross-entropy: how a teacher is made, and the no-distillation baseline.\n\n"
                   "Example: `energytools train --dataset fashion-mnist --model resnet20 --epochs 15 --out runs/teacher`")
-    stage_command("score", ScoreConfig, lazily("score", "score"),
+    stage_command("score", ScoreConfig, score.score,
                   "Score every sample with the teacher: energy, confidence, groups and temperatures to Parquet.\n\n"
                   "Example: `energytools score --teacher runs/teacher/best.pt --out runs/scores.parquet`")
-    stage_command("distill", DistillConfig, lazily("distill", "distill"),
+    stage_command("distill", DistillConfig, distill.distill,
                   "Distill a student from the teacher, with per-sample temperatures read from the score table.\n\n"
                   "Example: `energytools distill --scores runs/scores.parquet --student cnn_small --method energy-kd "
                   "--shards runs/he-da --out runs/energy-kd`")
-    stage_command("select", SelectConfig, lazily("augment", "select"),
+    stage_command("select", SelectConfig, select.select,
                   "Select the highest-energy fraction (curation only): prints count, class histogram, energy "
                   "range.\n\nExample: `energytools select --scores runs/scores.parquet --ratio 0.3 --out "
                   "runs/selected.parquet`")
-    stage_command("augment", AugmentConfig, lazily("augment", "augment"),
+    stage_command("augment", AugmentConfig, augment.augment,
                   "Materialize HE-DA shards: augment the highest-energy samples and score them with the teacher."
                   "\n\nExample: `energytools augment --scores runs/scores.parquet --ratio 0.3 --out runs/he-da`")
 

@@ -22,6 +22,7 @@ from .options import (as_dict, canonical_name, content_of, convert, flat_fields,
                       registry, resolve)
 from .policies import POLICIES, make_policy
 from .selection import SELECT_BY, SELECT_MODES
+from .temperatures import TEMPERATURE_SOURCES
 
 __all__ = ["AugmentConfig", "DataConfig", "DistillConfig", "HE_DA_MODES", "STUDENT_NORMALIZATIONS", "ScoreConfig",
            "SelectConfig", "TEMPERATURE_SOURCES", "TeacherPreprocessing", "TrainConfig", "TrainStageConfig", "as_dict",
@@ -276,7 +277,6 @@ class AugmentConfig:
         make_policy(self.policy)  # fail on an unknown policy before any work
 
 
-TEMPERATURE_SOURCES = ("table", "online", "views")
 #: --he-da modes of distill (the materialized form is --shards)
 HE_DA_MODES = ("online",)
 
@@ -306,7 +306,7 @@ class DistillConfig:
     temperature_source: str = option("table", "table (the clean image's energy, by sample_id), views (each "
                                      "stored view's energy against thresholds over all views; needs score "
                                      "--views) or online (the teacher's energy on each augmented view)",
-                                     choices=lambda: TEMPERATURE_SOURCES)
+                                     choices=registry(TEMPERATURE_SOURCES))
     temperatures: tuple[float, ...] | None = option(None, "re-derive: T of the low,mid,high groups, e.g. 2,4,6")
     low_frac: float | None = option(None, "re-derive the groups with this low fraction")
     high_frac: float | None = option(None, "re-derive the groups with this high fraction")
@@ -355,6 +355,8 @@ class DistillConfig:
         if self.he_da is not None and self.he_da not in HE_DA_MODES:
             raise UserError(f"he_da must be one of {', '.join(HE_DA_MODES)} (materialized shards: --shards), "
                             f"got {self.he_da!r}")
+        if self.he_da and self.shards:
+            raise UserError("--he-da online and --shards are two forms of HE-DA; use one")
         if self.he_da_weight is not None and not self.he_da_weight >= 0:
             raise UserError(f"he_da_weight must be a non-negative number, got {self.he_da_weight!r}")
         for name, value in spec.options(as_dict(self)).items():

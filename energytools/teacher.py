@@ -18,6 +18,10 @@ from .preprocessing import resolve_preprocessing, reuse_preprocessing
 FROM_MODEL = object()
 
 
+#: the teacher "architecture" of a score table written from logits computed elsewhere
+EXTERNAL_TEACHER = "external"
+
+
 @dataclass
 class TeacherRun:
     """A teacher ready to score a dataset: the model, its checkpoint metadata and the device."""
@@ -74,12 +78,18 @@ def open_teacher(path, dataset, arch: str | None = None, device: str = "auto", a
 def open_table_teacher(meta, dataset, path: str | None = None, arch: str | None = None,
                        device: str = "auto", overrides: dict | None = None) -> TeacherRun:
     """The teacher that scored a table (or the checkpoint at ``path``, which must be the same file),
-    fed the preprocessing the table records; ``overrides`` that contradict it are refused."""
+    fed the preprocessing the table records; ``overrides`` that contradict it are refused. A table
+    written from external logits (:func:`energytools.write_score_table`) names no checkpoint:
+    the teacher given is taken on trust."""
+    external = meta.teacher.arch == EXTERNAL_TEACHER
+    if external and not path:
+        raise UserError(f"the score table was written from logits computed elsewhere ({meta.teacher.path}): pass "
+                        "--teacher (and --teacher-arch) to run a teacher, or use --cached-logits")
     path = path or meta.teacher.path
     recorded = reuse_preprocessing(meta.teacher.preprocessing, overrides, dataset.info)
-    teacher = open_teacher(path, dataset, arch or meta.teacher.arch, device, overrides=overrides,
-                           recorded=recorded)
-    if teacher.sha256 != meta.teacher.sha256:
+    teacher = open_teacher(path, dataset, arch or (None if external else meta.teacher.arch), device,
+                           overrides=overrides, recorded=recorded)
+    if not external and teacher.sha256 != meta.teacher.sha256:
         raise UserError(f"teacher {path} is not the checkpoint that scored the table (sha256 differs)")
     return teacher
 

@@ -25,10 +25,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from .energy import EnergyGroups, TemperatureRule, energy
 from .errors import UserError
 from .io import unreadable_parquet
-from .teacher import TeacherRun, check_logits
 
 
 def index_dtype(num_classes: int) -> np.dtype:
@@ -110,50 +108,6 @@ def read_views(path: Path | str, meta, num_classes: int) -> dict[str, np.ndarray
     except Exception as exc:  # noqa: BLE001 - corrupt file
         raise unreadable_parquet(path, exc) from None
     return views_from_arrow(table, meta.views, num_classes, path)
-
-
-def view_keys(sample_ids: np.ndarray, count: int) -> np.ndarray:
-    """One int64 key per (sample, view), ordered by sample_id then view: the tie-break of view groups."""
-    sample_ids = np.asarray(sample_ids, dtype=np.int64)
-    if len(sample_ids) and (sample_ids.min() < 0 or sample_ids.max() >= np.iinfo(np.int64).max // max(count, 1)):
-        raise UserError("sample ids too large to key their views")
-    return (sample_ids[:, None] * count + np.arange(count)).reshape(-1)
-
-
-def fit_view_groups(rule: TemperatureRule, energies: np.ndarray, sample_ids: np.ndarray):
-    """The rule fitted over every view's energy (keys: energy, then sample_id, then view), as the
-    reference code's thresholds are percentiles over augmented views; each view's temperature,
-    (N, K) float32; and whether each view is in the high-energy group, (N, K) bool."""
-    count = energies.shape[1]
-    fitted: EnergyGroups = rule.fit(energies.reshape(-1).astype(np.float64), view_keys(sample_ids, count))
-    return (fitted, *assign_view_groups(fitted, energies, view_keys(sample_ids, count)))
-
-
-def assign_view_groups(fitted: EnergyGroups, energies: np.ndarray, keys: np.ndarray):
-    """``(temperature, high)`` per view, (N, K) each, by groups fitted elsewhere. ``keys`` (one
-    per view, flat) only break ties with the fitted reference: a shard's views pass their
-    sample_id repeated, which lies above every dataset view's key."""
-    groups, temperatures = fitted.assign(energies.reshape(-1).astype(np.float64), keys)
-    return temperatures.reshape(energies.shape).astype(np.float32), (groups == "high").reshape(energies.shape)
-
-
-@torch.no_grad()
-def score_views(teacher: TeacherRun, views: torch.Tensor, ids: torch.Tensor, info, energy_temperature: float,
-                top_k: int | None, batch_size: int) -> dict:
-    """Per-view columns for one batch: (B, K) energies and (B, K, C) float16 logits, or the
-    top-k triple. ``views`` is uint8 (B, K, C, S, S)."""
-    count = views.shape[1]
-    flat = views.flatten(0, 1)
-    logits = torch.cat([teacher.logits(flat[i:i + batch_size], info).cpu() for i in range(0, len(flat), batch_size)])
-    check_logits(logits, ids.repeat_interleave(count))
-    rows = {"view_energy": energy(logits, energy_temperature).numpy().reshape(-1, count)}
-    if top_k:
-        index, value, fill = topk_compress(logits, top_k, energy_temperature)
-        rows.update(view_topk_index=index.reshape(-1, count, top_k), view_topk_logit=value.reshape(-1, count, top_k),
-                    view_fill=fill.reshape(-1, count))
-    else:
-        rows["view_logits"] = logits.half().numpy().reshape(-1, count, logits.shape[1])
-    return rows
 
 
 def logits_array(name: str, values: np.ndarray) -> pa.Array:

@@ -16,7 +16,7 @@ from energytools.engine import autocast, float32_exact, resolve_device
 from energytools.errors import UserError
 from energytools.losses import dkd_loss, kd_loss, mixed_cross_entropy
 from energytools.lookup import OnlineTeacher
-from energytools.online_heda import mix_high_energy, mixed_kd_term
+from energytools.distillers.online_heda import mix_high_energy, mixed_kd_term
 
 
 @pytest.fixture

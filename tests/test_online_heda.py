@@ -6,7 +6,8 @@ import torch
 
 from conftest import StepRecorder
 from energytools.losses import kd_loss
-from energytools.online_heda import OnlineHEDA, mix_high_energy, mixed_kd_term
+from energytools.distillers import METHODS
+from energytools.distillers.online_heda import OnlineHEDA, mix_high_energy, mixed_kd_term
 
 
 def test_cutmix_stays_inside_the_high_energy_samples():
@@ -44,18 +45,17 @@ def test_the_student_sees_the_batch_and_the_mixed_images_in_one_forward():
         calls.append(len(images))
         return images.flatten(1)[:, :3] * 2
 
-    heda = OnlineHEDA(teacher=lambda x: x.flatten(1)[:, :3], high_of=lambda: torch.tensor([True, True, False]),
-                      weight=0.5, seed=0)
+    inner = METHODS["kd"].build(torch.nn.Identity(), {})
+    heda = OnlineHEDA(inner, teacher=lambda x: x.flatten(1)[:, :3], weight=0.5, seed=0)
     images = torch.randn(3, 1, 4, 4)
-    mixed, kept = heda.mix(images, 0), {}
+    mixed, kept = heda.mix(images, 0, torch.tensor([True, True, False])), {}
     logits = heda.joint_forward(forward, mixed, kept)(images)
     assert calls == [6] and torch.equal(logits, images.flatten(1)[:, :3] * 2)  # the batch's shape: no host read
     rows = mixed.images[:2].flatten(1)[:, :3]  # the term: KD over the two high rows only
     expected = 0.5 * kd_loss(rows * 2, rows, 4.0)
     torch.testing.assert_close(heda.loss(mixed, kept, logits), expected)
-    nothing = OnlineHEDA(teacher=lambda x: x.flatten(1)[:, :3], high_of=lambda: torch.tensor([True, False, False]),
-                         weight=0.5, seed=0)
-    alone, kept = nothing.mix(images, 0), {}
+    nothing = OnlineHEDA(inner, teacher=lambda x: x.flatten(1)[:, :3], weight=0.5, seed=0)
+    alone, kept = nothing.mix(images, 0, torch.tensor([True, False, False])), {}
     logits = nothing.joint_forward(forward, alone, kept)(images)
     assert nothing.loss(alone, kept, logits).item() == 0 and nothing.loss(None, {}, logits).item() == 0
 
@@ -79,19 +79,12 @@ def test_online_he_da_mixes_the_batchs_high_energy_samples(digits_run, tmp_path,
 
     table, _ = load_table(digits_run["scores"])
     high_ids = set(table.filter(pl.col("energy_group") == "high")["sample_id"].to_list())
-    import energytools.online_heda as online_heda
-
-    calls, real = [], online_heda.mix_high_energy
-    monkeypatch.setattr(online_heda, "mix_high_energy",
-                        lambda images, high, rng, **kw: calls.append((high.clone(), real(images, high, rng, **kw)))
-                        or calls[-1][1])
     recorder = StepRecorder()
     _distill(digits_run["scores"], tmp_path / "run", he_da="online", on_step=recorder)
-    batches = recorder.batches
-    assert len(calls) == len(batches) > 0
-    for (high, _), batch in zip(calls, batches):
-        assert [i in high_ids for i in batch.sample_ids.tolist()] == high.cpu().tolist()
-    assert sum(bool(mixed.weights.sum() > 0) for _, mixed in calls) > len(calls) / 2
+    assert len(recorder.batches) > 0
+    for (_, info), batch in zip(recorder.steps, recorder.batches):  # the mask HE-DA mixes within
+        assert [i in high_ids for i in batch.sample_ids.tolist()] == info.high.cpu().tolist()
+    assert sum(int(info.high.sum()) >= 2 for _, info in recorder.steps) > len(recorder.steps) / 2
     metrics = pl.read_parquet(tmp_path / "run" / "metrics.parquet")
     assert metrics["loss_he_da"][0] > 0
     config = json.loads((tmp_path / "run" / "config.json").read_text())

@@ -14,7 +14,8 @@ from energytools.data.shards import decode_png, read_shards
 from energytools.errors import UserError
 from energytools.selection import select_samples
 from energytools.stages.augment import AugmentConfig, augment
-from energytools.stages.distill import DistillConfig, SampleLookup, distill
+from energytools.lookup import SampleLookup
+from energytools.stages.distill import DistillConfig, distill
 from energytools.stages.score import ScoreConfig, score
 from energytools.stages.train import train
 from energytools.table import load_table, read_metadata
@@ -66,14 +67,11 @@ def test_score_resumes_from_existing_parts(digits_run, tmp_path, monkeypatch):
         score(ScoreConfig(out=str(out), **base))
     assert not out.exists() and calls["n"] == 2
     monkeypatch.setattr(stage, "write_parquet", original)
-    seen = []
-    monkeypatch.setattr(stage, "score_rows", lambda *a, **k: seen.append(1) or original_rows(*a, **k))
+    seen, forward = [], stage.TeacherRun.logits
+    monkeypatch.setattr(stage.TeacherRun, "logits", lambda *a, **k: seen.append(1) or forward(*a, **k))
     score(ScoreConfig(out=str(out), **base))
     assert out.read_bytes() == clean.read_bytes()
-    assert len(seen) < 11  # only the missing parts were scored (1293 rows = 11 batches of 128)
-
-
-from energytools.stages.score import score_rows as original_rows  # noqa: E402
+    assert 0 < len(seen) < 11  # only the missing parts were scored (1293 rows = 11 batches of 128)
 
 
 def test_score_refuses_bad_input(digits_run, tmp_path, cifar_root):
@@ -189,7 +187,8 @@ def test_augment_chunks_are_the_shards_scoring_batches(digits_run):
     """A shard assembled from chunks equals the shard built in one go (same teacher batches)."""
     import pyarrow as pa
 
-    from energytools.stages.augment import Augmenter, ShardPlan
+    from energytools.augment_workers import ShardPlan
+    from energytools.augmenter import Augmenter
 
     cfg = AugmentConfig(scores=str(digits_run["scores"]), ratio=0.3, batch_size=32)
     writer = Augmenter.open(cfg, namespace=0)
@@ -200,7 +199,7 @@ def test_augment_chunks_are_the_shards_scoring_batches(digits_run):
 
 
 def test_augment_multi_chunk_shards_identical_across_workers(digits_run, tmp_path, monkeypatch):
-    from energytools.stages import augment as stage
+    import energytools.augment_workers as stage
 
     def run(workers):
         return augment(AugmentConfig(scores=str(digits_run["scores"]), out=str(tmp_path / str(workers)), ratio=0.3,
@@ -222,7 +221,7 @@ def test_augment_multi_chunk_shards_identical_across_workers(digits_run, tmp_pat
 
 def test_augment_spawned_workers_write_the_same_shards(digits_run, tmp_path, monkeypatch):
     """Where workers cannot fork (macOS, Windows) they are spawned and load everything themselves."""
-    from energytools.stages import augment as stage
+    import energytools.augment_workers as stage
 
     monkeypatch.setattr(stage, "START_METHOD", "spawn")
     out = augment(AugmentConfig(scores=str(digits_run["scores"]), out=str(tmp_path / "a"), ratio=0.3, shard_size=200,
@@ -247,7 +246,7 @@ def test_augment_worker_death_is_one_clear_error(digits_run, tmp_path, script, n
     call = (f"augment(AugmentConfig(scores={str(digits_run['scores'])!r}, out={str(tmp_path / 'out')!r}, "
             "ratio=1.0, copies=8, workers=2))")  # 10k rows: the worker dies first
     path = tmp_path / "script.py"
-    path.write_text("from energytools.stages import augment as stage\n"
+    path.write_text("import energytools.augment_workers as stage\n"
                     "from energytools.stages.augment import AugmentConfig, augment\n" + script.format(call=call))
     result = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=300)
     assert result.returncode != 0

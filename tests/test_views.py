@@ -282,7 +282,8 @@ def test_replay_is_the_same_with_workers_and_after_resume(crop_run, tmp_path, mo
 
 def test_views_temperatures_come_from_each_views_energy(crop_run, tmp_path, monkeypatch):
     from energytools.stages.distill import distill
-    from energytools.view_logits import fit_view_groups, read_views
+    from energytools.temperatures import fit_view_groups
+    from energytools.view_logits import read_views
 
     frame, meta = load_table(crop_run["full"])
     energies = read_views(crop_run["full"], meta, 10)["view_energy"]
@@ -526,22 +527,19 @@ def test_the_random_path_draws_what_a_loader_made_every_epoch_drew(tmp_path, mon
 
 
 def test_online_he_da_takes_high_energy_views_by_view_energy(crop_run, tmp_path, monkeypatch):
-    import energytools.online_heda as online_heda
     from energytools.stages.distill import distill
-    from energytools.view_logits import fit_view_groups, read_views
+    from energytools.temperatures import fit_view_groups
+    from energytools.view_logits import read_views
 
     frame, meta = load_table(crop_run["full"])
     energies = read_views(crop_run["full"], meta, 10)["view_energy"]
     _, _, high = fit_view_groups(meta.rule, energies, frame["sample_id"].to_numpy())
     expected = {(int(s), v): bool(high[i, v]) for i, s in enumerate(frame["sample_id"]) for v in range(4)}
-    masks, real = [], online_heda.mix_high_energy
-    monkeypatch.setattr(online_heda, "mix_high_energy", lambda images, mask, rng: masks.append(mask.clone())
-                        or real(images, mask, rng))
     recorder = StepRecorder()
     distill(DistillConfig(scores=str(crop_run["full"]), student="cnn_tiny", out=str(tmp_path / "d"), method="kd",
                           cached_logits=True, temperature_source="views", he_da="online",
                           train=TrainConfig(epochs=1, batch_size=64)), on_step=recorder)
-    _, batches = recorder.steps, recorder.batches
+    masks, batches = [info.high for _, info in recorder.steps], recorder.batches
     assert len(masks) == len(batches) > 0
     for mask, batch in zip(masks, batches):
         assert mask.tolist() == [expected[(s, v)] for s, v in zip(batch.sample_ids.tolist(), batch.views.tolist())]
@@ -614,7 +612,8 @@ def test_cached_views_train_on_shards_without_the_teacher(crop_run, tmp_path, mo
 def test_shard_views_take_the_dataset_views_thresholds(crop_run, crop_shards, tmp_path, monkeypatch):
     from energytools.data.shards import read_shards
     from energytools.stages.distill import distill
-    from energytools.view_logits import fit_view_groups, read_views
+    from energytools.temperatures import fit_view_groups
+    from energytools.view_logits import read_views
 
     frame, meta = load_table(crop_run["full"])
     fitted, _, _ = fit_view_groups(meta.rule, read_views(crop_run["full"], meta, 10)["view_energy"],

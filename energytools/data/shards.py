@@ -101,3 +101,19 @@ def shard_dataset(directory: Path | str, info: DatasetInfo) -> tuple[ImageSet, p
         if frame.height else np.zeros((0, info.image_size, info.image_size, info.in_channels), np.uint8)
     dataset = ImageSet(info, "he-da", ArrayImages(images), frame["label"].to_numpy(), frame["sample_id"].to_numpy())
     return dataset, frame.drop("image")
+
+
+def leaf_columns(field: pa.Field, prefix: str = "") -> list[str]:
+    """The Parquet leaf paths of a column ("image.bytes", "view_logits.list.element.list.element"):
+    pyarrow matches per-column compression by these, and writes a column it does not match plain."""
+    name, kind = prefix + field.name, field.type
+    if pa.types.is_struct(kind):
+        return [leaf for child in kind for leaf in leaf_columns(child, name + ".")]
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        return leaf_columns(pa.field("element", kind.value_type), name + ".list.")
+    return [name]
+
+
+def shard_compression(schema: pa.Schema) -> dict[str, str]:
+    """zstd for every column but the PNG bytes, which are compressed already."""
+    return {leaf: "none" if leaf == "image.bytes" else "zstd" for field in schema for leaf in leaf_columns(field)}

@@ -55,6 +55,7 @@ class SampleInfo:
     temperature: torch.Tensor | None  # per-sample T_i (Energy KD); None for constant-T methods
     teacher_logits: torch.Tensor | None
     epoch: int
+    high: torch.Tensor | None = None  # in the high-energy group (online HE-DA mixes these); None when unused
 
 
 class Distiller(nn.Module):

@@ -33,7 +33,8 @@ from ..options import as_dict
 from ..table import write_parquet
 from .evaluation import evaluate
 from .loaders import TrainLoader
-from .runtime import autocast, deterministic, resolve_device, to_device
+from ..transfer import to_device
+from .runtime import autocast, deterministic, resolve_device
 
 
 def model_meta(arch: str, dataset, data_cfg) -> dict:
@@ -110,6 +111,8 @@ def train_one_epoch(epoch: int, model: nn.Module, forward: Callable, step: StepF
     if progress is not None:
         task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(loader), info="",
                                  visible=context().is_main)
+    # the bar moves about 100 times an epoch: an update per step costs more than a tiny model's step
+    refresh = max(1, len(loader) // 100)
     model.train()
     sums: dict[str, torch.Tensor] = {}
     seen = 0
@@ -145,9 +148,9 @@ def train_one_epoch(epoch: int, model: nn.Module, forward: Callable, step: StepF
             continue
         if cfg.sync_every and step_index % cfg.sync_every == 0:
             total = _check_finite(sum(sums.values()), epoch)
-            progress.update(task, advance=1, info=f"loss {total / seen:.3f}")
-        else:
-            progress.update(task, advance=1)
+            progress.update(task, completed=step_index, info=f"loss {total / seen:.3f}")
+        elif step_index % refresh == 0:
+            progress.update(task, completed=step_index)
     if task is not None:
         progress.remove_task(task)
     if sums:

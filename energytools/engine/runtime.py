@@ -55,16 +55,6 @@ def autocast(device: torch.device, enabled: bool = True):
     return torch.autocast("cuda", dtype=dtype)
 
 
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``tensor`` on ``device``; a CPU tensor goes to cuda through pinned memory with a
-    non-blocking copy, so the host does not wait for the device's queue."""
-    if tensor.device == device:
-        return tensor
-    if device.type == "cuda" and tensor.device.type == "cpu":
-        return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
-    return tensor.to(device)
-
-
 @contextlib.contextmanager
 def float32_exact(device: torch.device, enabled: bool = True):
     """On cuda, float32 convolutions and matmuls in full precision inside the block: PyTorch lets

@@ -20,22 +20,20 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from ..config import DataConfig, ScoreConfig, as_dict, content_of
 from ..console import console, headline, progress_bar
-from ..distributed import context
 from ..data.views import ScoredViews
-from ..energy import GROUPS, TemperatureRule, logit_statistics
+from ..distributed import context
 from ..engine import float32_exact, make_loader
 from ..errors import UserError
 from ..io import check_output_free, sha256_json, write_json
 from ..preprocessing import describe_preprocessing
 from ..resume import resumable_parts
-from ..table import (OPTIONAL_SCORE_COLUMNS, SCORE_COLUMNS, VIEW_COLUMNS, DatasetRecord, TableMeta, TeacherRecord,
-                     ViewsRecord, load_table, versions, write_parquet)
-from ..teacher import TeacherRun, check_logits, open_teacher, teacher_data_config
-from ..view_logits import logits_array, score_views
+from ..score_table import finish_table, format_summary, rows_to_arrow
+from ..table import DatasetRecord, TeacherRecord, ViewsRecord, load_table, write_parquet
+from ..teacher import TeacherRun, open_teacher, teacher_data_config
+from ..teacher_pass import teacher_columns
 
 
 def resolve_data(cfg: ScoreConfig) -> DataConfig:
@@ -44,35 +42,6 @@ def resolve_data(cfg: ScoreConfig) -> DataConfig:
         return cfg.data
     given = {k: v for k, v in as_dict(cfg.data).items() if v is not None}
     return dataclasses.replace(teacher_data_config(cfg.teacher), **given)
-
-
-def score_rows(teacher: TeacherRun, images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, info,
-               energy_temperature: float, save_logits: bool) -> dict:
-    """The per-sample columns for one batch (numpy arrays / lists)."""
-    logits = teacher.logits(images, info).cpu()
-    check_logits(logits, ids)
-    stats = logit_statistics(logits, labels, energy_temperature)
-    row = {"sample_id": ids.numpy().astype(np.int64), "label": labels.numpy().astype(np.int64)}
-    row.update({k: v.numpy() for k, v in stats.items()})
-    if save_logits:
-        row["logits"] = logits.half().numpy()
-        if info.train_flip:  # the other view a flip-only train transform can produce
-            flipped = teacher.logits(images.flip(-1), info).cpu()
-            check_logits(flipped, ids)
-            row["logits_flipped"] = flipped.half().numpy()
-    return row
-
-
-def _rows_to_arrow(rows: dict, paths: list | None) -> pa.Table:
-    columns = {}
-    for name, values in rows.items():
-        if name in ("logits", "logits_flipped", *VIEW_COLUMNS):
-            columns[name] = logits_array(name, values)
-        else:
-            columns[name] = pa.array(values, type=SCORE_COLUMNS.get(name, OPTIONAL_SCORE_COLUMNS.get(name)))
-    if paths is not None:
-        columns["path"] = pa.array(paths, type=pa.string())
-    return pa.table(columns)
 
 
 def _parts_key(cfg: ScoreConfig, dataset, teacher_sha: str) -> str:
@@ -85,49 +54,6 @@ def _parts_key(cfg: ScoreConfig, dataset, teacher_sha: str) -> str:
     if cfg.views:
         key.update(views=cfg.views, top_k=cfg.top_k, seed=cfg.seed, transform=dataset.info.train_transform.to_dict())
     return sha256_json(key, 16)
-
-
-def group_table(frame: pl.DataFrame, rule: TemperatureRule, reference: tuple[pl.DataFrame, TableMeta] | None):
-    """Add energy_group and temperature; returns ``(frame, rule, thresholds, source)``.
-
-    The groups are fitted on this table, or with ``reference`` on that train table (its
-    fractions, this config's temperatures), by the one rule of :class:`EnergyGroups`.
-    """
-    if reference is None:
-        fitted, source = rule.fit(frame["energy"].to_numpy(), frame["sample_id"].to_numpy()), "this table"
-    else:
-        ref_frame, ref_meta = reference
-        rule = dataclasses.replace(rule, low_frac=ref_meta.rule.low_frac, high_frac=ref_meta.rule.high_frac)
-        fitted = ref_meta.fit_groups(ref_frame, rule)
-        source = f"reference {ref_meta.split} table {ref_meta.dataset.fingerprint[:12]}"
-    groups, temps = fitted.assign(frame["energy"].to_numpy(), frame["sample_id"].to_numpy())
-    frame = frame.with_columns(pl.Series("energy_group", groups.astype(str)),
-                               pl.Series("temperature", temps, dtype=pl.Float32))
-    return frame, rule, fitted.thresholds, source
-
-
-def summarize(frame: pl.DataFrame) -> dict:
-    """Accuracy, per-group confidence/accuracy and the energy-confidence Spearman correlation."""
-    per_group = (frame.group_by("energy_group")
-                 .agg(pl.len().alias("count"), pl.col("confidence").mean().alias("mean_confidence"),
-                      (pl.col("correct").mean() * 100).alias("accuracy"),
-                      pl.col("energy").mean().alias("mean_energy"))
-                 .to_dicts())
-    order = {g: i for i, g in enumerate(GROUPS)}
-    per_group.sort(key=lambda r: order.get(r["energy_group"], 9))
-    spearman = frame.select(pl.corr("energy", "confidence", method="spearman")).item()
-    return {"samples": frame.height, "accuracy": float(frame["correct"].mean() * 100),
-            "spearman_energy_confidence": None if spearman is None else float(spearman), "groups": per_group}
-
-
-def format_summary(summary: dict, thresholds: dict) -> str:
-    lines = [f"{summary['samples']} samples, teacher accuracy {summary['accuracy']:.2f}%, "
-             f"groups: low <= {thresholds['low_max']:.4f}, high >= {thresholds['high_min']:.4f}, "
-             f"Spearman(energy, confidence) = {summary['spearman_energy_confidence']:.3f}"]
-    for g in summary["groups"]:
-        lines.append(f"  {g['energy_group']:<4} {g['count']:>7} samples  mean energy {g['mean_energy']:9.3f}  "
-                     f"confidence {g['mean_confidence']:.3f}  accuracy {g['accuracy']:.2f}%")
-    return "\n".join(lines)
 
 
 def _load_reference(cfg: ScoreConfig, teacher: TeacherRun):
@@ -187,37 +113,31 @@ def score(cfg: ScoreConfig) -> Path:
                 with float32_exact(teacher.device, not cfg.amp):
                     for images, labels, ids, *views in make_loader(source, cfg.batch_size, teacher.device,
                                                                    cfg.num_workers):
-                        chunks.append(score_rows(teacher, images, labels, ids, info, cfg.energy_temperature,
-                                                 cfg.save_logits))
-                        if views:
-                            chunks[-1].update(score_views(teacher, views[0], ids, info, cfg.energy_temperature,
-                                                          cfg.top_k, cfg.batch_size))
+                        chunks.append({"sample_id": ids.numpy(), "label": labels.numpy(),
+                                       **teacher_columns(teacher, images, labels, ids, info, cfg.energy_temperature,
+                                                         save_logits=cfg.save_logits,
+                                                         views=views[0] if views else None, top_k=cfg.top_k,
+                                                         batch_size=cfg.batch_size)})
                         progress.update(task, advance=len(labels))
                 rows = {column: np.concatenate([c[column] for c in chunks]) for column in chunks[0]}
                 paths = [part.path(i) for i in range(len(part))] if part.path(0) is not None else None
-                write_parquet(_rows_to_arrow(rows, paths), parts_dir / name, {"kind": "score-part"})
+                write_parquet(rows_to_arrow(rows, paths), parts_dir / name, {"kind": "score-part"})
         if not work.gather():
             return out
         table = pa.concat_tables([pq.read_table(parts_dir / name) for name in names])
-        frame = pl.from_arrow(table.replace_schema_metadata(None)).sort("sample_id")
-        frame, rule, thresholds, source = group_table(frame, cfg.rule(), reference)
-        summary = summarize(frame)
+        frame = pl.from_arrow(table.replace_schema_metadata(None))
         # where the table goes does not change its content, so out stays out of the bytes
         config = {k: v for k, v in content_of(cfg).items() if k != "data"}
-        views = None
-        if cfg.views:
-            transform = info.train_transform
-            views = ViewsRecord(cfg.views, cfg.seed, transform.to_dict(), cfg.top_k, transform.describe())
-        meta = TableMeta(data, DatasetRecord(**dataset.describe()), TeacherRecord(**teacher.record()),
-                         cfg.energy_temperature, rule, thresholds, source, config, summary, versions(),
-                         views=views)
-        ordered = list(SCORE_COLUMNS) + [c for c in (*OPTIONAL_SCORE_COLUMNS, "path", "logits", "logits_flipped",
-                                                     *VIEW_COLUMNS)
-                                         if c in frame.columns]
-        write_parquet(frame.select(ordered), out, meta.to_json(), row_group_size=65536)
+        transform = info.train_transform
+        views = (ViewsRecord(cfg.views, cfg.seed, transform.to_dict(), cfg.top_k, transform.describe())
+                 if cfg.views else None)
+        meta, summary = finish_table(frame, out, data=data, dataset=DatasetRecord(**dataset.describe()),
+                                     teacher=TeacherRecord(**teacher.record()),
+                                     energy_temperature=cfg.energy_temperature, rule=cfg.rule(),
+                                     reference=reference, config=config, views=views)
         write_json(out.parent / f"{out.stem}.config.json", {**config, "data": as_dict(data)})
         shutil.rmtree(parts_dir)
-    console.print(format_summary(summary, thresholds))
+    console.print(format_summary(summary, meta.thresholds))
     console.print(fed)
     console.print(headline("done", f": wrote {out} ({frame.height} rows) in {time.perf_counter() - started:.1f}s"))
     return out

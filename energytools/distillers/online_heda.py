@@ -1,5 +1,6 @@
-"""The reference code's HE-DA, online: CutMix drawn afresh in every batch among the batch's
-high-energy samples, and one more KD term on the mixed images (METHOD.md):
+"""``--he-da online``, the reference code's HE-DA as a wrapper around the run's method: CutMix
+drawn afresh in every batch among the batch's high-energy samples (``SampleInfo.high``, from the
+run's temperature source), and one more KD term on the mixed images (METHOD.md):
 
     L = w_ce CE(batch) + w_kd KD(batch) + w_kd KD(mixed high-energy subset, T = 4)
 
@@ -19,14 +20,15 @@ statistics of the student's joint pass see the unmixed rows twice.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
+import torch.nn as nn
 
-from .losses import kd_loss
-from .policies import cutmix_box
+from ..losses import kd_loss
+from ..policies import cutmix_box
+from .base import Distiller, SampleInfo
 
 #: the reference's KD temperature for the mixed images
 MIXED_TEMPERATURE = 4.0
@@ -77,27 +79,30 @@ def mixed_kd_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, we
     return weight * (per_row * rows).sum() / rows.sum().clamp_min(1)
 
 
-@dataclass
-class OnlineHEDA:
-    """The HE-DA term of one run. ``high_of(images, ...)`` says which of a batch's samples are
-    high-energy; the boxes and partners come from a generator seeded by (seed, epoch, rank), so
-    a run resumed at an epoch boundary draws what it would have drawn."""
+class OnlineHEDA(Distiller):
+    """The run's method (``inner``) plus the HE-DA term. The boxes and partners come from
+    generators seeded by (seed, epoch, rank), so a run resumed at an epoch boundary draws what it
+    would have drawn. The teacher runs on the mixed images (the batch's own teacher logits,
+    cached or not, do not cover them); it is not a submodule, so its weights stay out of the
+    run's state."""
 
-    teacher: torch.nn.Module
-    high_of: Callable[..., torch.Tensor]
-    weight: float
-    seed: int
-    rank: int = 0
-    _epoch: int | None = None
-    _rng: np.random.Generator | None = None
-    _generator: torch.Generator | None = None
+    def __init__(self, inner: Distiller, teacher: Callable, weight: float, seed: int, rank: int = 0):
+        nn.Module.__init__(self)
+        self.inner, self.options = inner, inner.options
+        self._teacher = (teacher,)
+        self.weight, self.seed, self.rank = weight, seed, rank
+        self._epoch, self._rng, self._generator = None, None, None
 
-    def mix(self, images: torch.Tensor, epoch: int, *keys) -> Mixed:
-        """This batch's mixed images (see :func:`mix_high_energy`); ``keys`` go to ``high_of``."""
+    @property
+    def student(self) -> nn.Module:
+        return self.inner.student
+
+    def mix(self, images: torch.Tensor, epoch: int, high: torch.Tensor) -> Mixed:
+        """This batch's mixed images (see :func:`mix_high_energy`)."""
         if epoch != self._epoch:
             self._epoch, self._rng = epoch, np.random.default_rng([self.seed, epoch, self.rank])
             self._generator = torch.Generator(device=images.device).manual_seed(int(self._rng.integers(2**62)))
-        return mix_high_energy(images, self.high_of(*keys), self._rng, generator=self._generator)
+        return mix_high_energy(images, high, self._rng, generator=self._generator)
 
     def joint_forward(self, forward: Callable, mixed: Mixed | None, kept: dict) -> Callable:
         """``forward`` run once on the batch and ``mixed`` together; returns the batch's logits
@@ -116,8 +121,30 @@ class OnlineHEDA:
         if mixed is None:
             return like.new_zeros(())
         with torch.no_grad():
-            teacher_logits = self.teacher(mixed.images)
+            teacher_logits = self._teacher[0](mixed.images)
         return mixed_kd_term(kept["mixed"], teacher_logits, self.weight, mixed.weights)
+
+    def forward_train(self, images: torch.Tensor, info: SampleInfo, forward=None):
+        mixed, kept = self.mix(images, info.epoch, info.high), {}
+        logits, losses = self.inner.forward_train(images, info, self.joint_forward(forward or self.student, mixed,
+                                                                                       kept))
+        return logits, {**losses, "he_da": self.loss(mixed, kept, logits)}
+
+    def losses(self, logits: torch.Tensor, info: SampleInfo) -> dict[str, torch.Tensor]:
+        return self.inner.losses(logits, info)
+
+    # the method's own learnable parts are the inner method's
+    def extra_parameter_groups(self) -> list[dict]:
+        return self.inner.extra_parameter_groups()
+
+    def extra_state(self) -> dict:
+        return self.inner.extra_state()
+
+    def load_extra_state(self, state: dict) -> None:
+        self.inner.load_extra_state(state)
+
+    def epoch_metrics(self) -> dict[str, float]:
+        return self.inner.epoch_metrics()
 
     def to_dict(self) -> dict:
         return {"weight": self.weight, "temperature": MIXED_TEMPERATURE, "cutmix_alpha": CUTMIX_ALPHA}
