@@ -55,6 +55,7 @@ class SampleInfo:
     temperature: torch.Tensor | None  # per-sample T_i (Energy KD); None for constant-T methods
     teacher_logits: torch.Tensor | None
     epoch: int
+    label_smoothing: float = 0.0  # of the CE term (--label-smoothing)
 
 
 class Distiller(nn.Module):

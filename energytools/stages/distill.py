@@ -40,7 +40,10 @@ from ..errors import UserError
 from ..io import sha256_file, write_json
 from ..lookup import CachedLogits, CachedViewLogits, LogitsSource, OnlineTeacher, SampleLookup
 from ..models import create_model
+from ..models.init import init_from
+from ..models.preprocessed import StudentPreprocessed
 from ..online_heda import OnlineHEDA
+from ..preprocessing import student_preprocessing
 from ..resume import run_directory
 from ..table import TableMeta, ViewsRecord, load_table, read_parquet, versions
 from ..teacher import open_table_teacher
@@ -313,6 +316,10 @@ def distill(cfg: DistillConfig, on_step: Callable | None = None) -> FitResult:
     info = train_set.info
     seed_everything(cfg.train.seed)  # the model's initial weights come from the seed
     student = create_model(cfg.student, info.num_classes, info.in_channels, info.image_size)
+    init_report = init_from(student, cfg.student_init, info.num_classes) if cfg.student_init else None
+    student_prep = student_preprocessing(cfg.student, cfg.student_normalization, info)
+    if student_prep is not None:  # fed the weights' own mean and std; its state dict stays the student's
+        student = StudentPreprocessed(student, info, student_prep)
     distiller = spec.build(student, as_dict(cfg))
     he_da = open_online_heda(cfg, plan, lookup, meta, train_set, teacher_logits_of,
                              distiller.options.get("kd_weight", 0.9))
@@ -327,7 +334,8 @@ def distill(cfg: DistillConfig, on_step: Callable | None = None) -> FitResult:
         temperature = temperature_of(batch, positions, teacher_logits) if temperature_of else None
         partner, lam = ((lookup.get("partner_label", positions, device), lookup.get("lam", positions, device))
                         if mixed else (None, None))
-        sample_info = SampleInfo(batch.labels, partner, lam, temperature, teacher_logits, batch.epoch)
+        sample_info = SampleInfo(batch.labels, partner, lam, temperature, teacher_logits, batch.epoch,
+                                 cfg.train.label_smoothing)
         batch.extras["sample_info"] = sample_info
         if he_da is None:
             return distiller.forward_train(batch.images, sample_info, forward)
@@ -344,13 +352,19 @@ def distill(cfg: DistillConfig, on_step: Callable | None = None) -> FitResult:
                 "temperature_plan": plan.to_dict(), "teacher": dataclasses.asdict(meta.teacher), "data": as_dict(data)}
     if replay is not None:
         resolved["replayed_views"] = dataclasses.asdict(meta.views)
+    if init_report is not None:
+        resolved["student_init_weights"] = init_report.to_dict()
+    if student_prep is not None:
+        resolved["student_preprocessing"] = student_prep
     if he_da is not None:
         resolved["he_da_online"] = {**he_da.to_dict(), "high_energy_by": cfg.temperature_source}
     val_set, test_set = data.build("val"), data.build("test")
     n_aug = len(training_set) - len(train_set)
     with run_directory(out, cfg.resume, cfg.overwrite, resolved) as writes_files:
         run_meta = {**model_meta(cfg.student, train_set, data), "method": cfg.method, "config": resolved,
-                    "versions": versions()}
+                    "versions": versions(), **({"preprocessing": student_prep} if student_prep is not None else {})}
+        if init_report is not None:
+            console.print(f"student init from {cfg.student_init}: {init_report.summary()}")
         console.print(f"distill {cfg.student} with {cfg.method} on {info.name}: {len(train_set)} samples"
                       f"{f' + {n_aug} HE-DA' if n_aug else ''}{' + online HE-DA' if he_da else ''}, temperatures {plan.to_dict()['temperatures']} "
                       f"({plan.groups.rule.rule}, {cfg.temperature_source})")
