@@ -265,3 +265,34 @@ def test_new_options_resolve_and_are_checked():
                 {"betas": "0.9"}):
         with pytest.raises(UserError):
             resolve(TrainConfig, bad).check()
+
+
+def test_the_finetune_recipe_runs_on_a_small_subset(tmp_path):
+    from pathlib import Path
+
+    from energytools.pipeline import run_pipeline
+
+    pretrained = tmp_path / "pretrained"
+    half = DataConfig(dataset="digits", limit=150, eval_limit=60)  # the "pretraining" data: another subset
+    for role, model in (("teacher", "cnn_small"), ("student", "cnn_tiny")):
+        train(TrainStageConfig(model=model, out=str(pretrained / role), data=half,
+                               train=TrainConfig(epochs=1, seed=7)))
+    text = (Path(__file__).resolve().parents[1] / "pipelines" / "finetune.toml").read_text()
+    text = (text.replace('dataset = "fashion-mnist"', 'dataset = "digits"').replace("limit = 10000", "limit = 300")
+            .replace("eval_limit = 3000", "eval_limit = 100").replace('model = "resnet8"', 'model = "cnn_small"')
+            .replace('student = "cnn_small"', 'student = "cnn_tiny"').replace("epochs = 4", "epochs = 1")
+            .replace("epochs = 6", "epochs = 2").replace("runs/pretrained", str(pretrained)))
+    recipe = tmp_path / "finetune.toml"
+    recipe.write_text(text)
+    out = tmp_path / "run"
+    assert set(dict(run_pipeline(recipe, out)).values()) == {"ran"}
+    for name in ("kd", "energy-kd"):
+        config = json.loads((out / "runs" / name / "config.json").read_text())
+        assert config["student_init_weights"]["sha256"] and not config["student_init_weights"]["reinitialised"]
+        assert "ema" in load_checkpoint(out / "runs" / name / "last.pt")
+    assert json.loads((out / "teacher" / "config.json").read_text())["init_weights"]["loaded"]
+    # new pretrained weights make the steps that read them stale
+    train(TrainStageConfig(model="cnn_tiny", out=str(pretrained / "student"), data=half, overwrite=True,
+                           train=TrainConfig(epochs=1, seed=8)))
+    again = dict(run_pipeline(recipe, out))
+    assert again["teacher"] == "up to date" and again["kd"] == again["energy-kd"] == "ran"
