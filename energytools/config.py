@@ -17,7 +17,7 @@ from .energy import TEMPERATURE_RULES, TemperatureRule
 from .errors import UserError
 from .models import MODELS
 from .models.preprocessed import INTERPOLATION
-from .optim import SCHEDULES
+from .optim import OPTIMIZERS, SCHEDULES
 from .options import (as_dict, canonical_name, content_of, convert, flat_fields, flat_names, option, overrides,
                       registry, resolve)
 from .policies import POLICIES, make_policy
@@ -129,12 +129,29 @@ class TrainConfig:
     epochs: int = option(30, "training epochs (the reference recipe: 240)")
     batch_size: int = option(64, "batch size (per process under torchrun)")
     lr: float = option(0.05, "initial learning rate")
+    optimizer: str = option("sgd", "sgd (momentum, --nesterov) or adamw (--betas, --eps)",
+                            choices=registry(OPTIMIZERS))
     momentum: float = option(0.9, "SGD momentum")
-    weight_decay: float = option(5e-4, "SGD weight decay")
-    schedule: str = option("step", "step (x lr_decay at the milestones) or cosine (to zero)",
-                           choices=registry(SCHEDULES))
+    nesterov: bool = option(False, "SGD: Nesterov momentum")
+    betas: tuple[float, ...] = option((0.9, 0.999), "AdamW: beta1,beta2")
+    eps: float = option(1e-8, "AdamW: epsilon")
+    weight_decay: float = option(5e-4, "weight decay (AdamW: decoupled)")
+    decay_norm_and_bias: bool | None = option(None, "weight decay on 1-d parameters (biases, norm weights) too "
+                                              "(default: yes for sgd, as ever; no for adamw, as timm)")
+    schedule: str = option("step", "step (x lr_decay at the milestones) or cosine (to --min-lr); the lr is set "
+                           "every step at the fractional epoch", choices=registry(SCHEDULES))
     milestones: tuple[float, ...] = option((0.625, 0.75, 0.875), "step schedule: fractions of the epochs")
     lr_decay: float = option(0.1, "step schedule: lr factor at each milestone")
+    min_lr: float = option(0.0, "cosine schedule: the lr it ends at")
+    warmup_epochs: float = option(0.0, "linear warm-up over the first N epochs (fractions allowed), from "
+                                  "--warmup-lr to the schedule's lr at N")
+    warmup_lr: float = option(0.0, "the lr the warm-up starts from")
+    label_smoothing: float = option(0.0, "label smoothing of the CE term, in [0, 1)")
+    clip_grad: float | None = option(None, "clip the gradients' global norm to this value")
+    accumulate: int = option(1, "accumulate gradients over N batches per optimizer step (an N-times larger "
+                             "batch; N x batch_size samples per step)")
+    ema_decay: float | None = option(None, "keep an exponential moving average of the weights with this decay "
+                                     "(e.g. 0.999), evaluated each epoch; best.pt takes the better of the two")
     seed: int = option(0, "seed for every random choice")
     device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1 ...")
     num_workers: int = option(0, "DataLoader worker processes")
@@ -163,6 +180,20 @@ class TrainConfig:
             raise UserError(f"milestones are fractions of the epochs in (0, 1), got {list(self.milestones)}")
         if self.schedule not in SCHEDULES:
             raise UserError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas) or not self.eps > 0:
+            raise UserError(f"betas must be two numbers in [0, 1) and eps positive, got {list(self.betas)}, {self.eps}")
+        if self.warmup_epochs < 0 or self.warmup_lr < 0 or self.min_lr < 0:
+            raise UserError("warmup_epochs, warmup_lr and min_lr must be >= 0")
+        if not 0 <= self.label_smoothing < 1:
+            raise UserError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            raise UserError(f"clip_grad must be positive, got {self.clip_grad}")
+        if self.accumulate < 1:
+            raise UserError(f"accumulate must be >= 1, got {self.accumulate}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise UserError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
 
 
 @dataclass(kw_only=True)
@@ -171,6 +202,9 @@ class TrainStageConfig:
     out: str = option(help="run directory", content=False)
     data: DataConfig = option(help="the dataset", factory=DataConfig)
     train: TrainConfig = option(help="optimisation", factory=TrainConfig)
+    init: str | None = option(None, "start from these weights: an energytools, mdistiller, torchvision or timm "
+                              "checkpoint (.pt, .pth, .safetensors) or, for hf: models, a save_pretrained folder; "
+                              "a head for another class count is re-initialised")
     resume: bool = option(False, "continue from OUT/last.pt", content=False)
     overwrite: bool = option(False, "replace an existing run", content=False)
 
@@ -301,8 +335,12 @@ class DistillConfig:
     student_normalization: str | None = option(None, "a timm or Hugging Face student that starts from pretrained "
                                                "weights: `dataset` (the dataset's mean and std, as every student; "
                                                "the default) or `weights` (the mean and std the weights were "
-                                               "trained with); no effect until students can start from weights "
-                                               "(--student-init)", choices=lambda: STUDENT_NORMALIZATIONS)
+                                               "trained with, e.g. ImageNet's, for a --student-init checkpoint)",
+                                               choices=lambda: STUDENT_NORMALIZATIONS)
+    student_init: str | None = option(None, "start the student from these weights: an energytools, mdistiller, "
+                                      "torchvision or timm checkpoint (.pt, .pth, .safetensors) or, for hf: "
+                                      "students, a save_pretrained folder; a head for another class count is "
+                                      "re-initialised")
     temperature_source: str = option("table", "table (the clean image's energy, by sample_id), views (each "
                                      "stored view's energy against thresholds over all views; needs score "
                                      "--views) or online (the teacher's energy on each augmented view)",

@@ -33,11 +33,13 @@ def _per_sample_t(temperature, logits: torch.Tensor) -> torch.Tensor:
 
 
 def mixed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, partner: torch.Tensor | None = None,
-                        lam: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
-    """``lam * CE(logits, target) + (1 - lam) * CE(logits, partner)``; plain CE without a partner."""
-    ce = F.cross_entropy(logits, target, reduction="none")
+                        lam: torch.Tensor | None = None, reduction: str = "mean",
+                        label_smoothing: float = 0.0) -> torch.Tensor:
+    """``lam * CE(logits, target) + (1 - lam) * CE(logits, partner)``; plain CE without a partner.
+    ``label_smoothing`` as ``F.cross_entropy``'s (0: none)."""
+    ce = F.cross_entropy(logits, target, reduction="none", label_smoothing=label_smoothing)
     if partner is not None and lam is not None:
-        ce = lam * ce + (1 - lam) * F.cross_entropy(logits, partner, reduction="none")
+        ce = lam * ce + (1 - lam) * F.cross_entropy(logits, partner, reduction="none", label_smoothing=label_smoothing)
     return _reduce(ce, reduction)
 
 

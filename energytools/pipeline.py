@@ -177,7 +177,12 @@ def _digest(obj) -> str:
 
 
 def content_digest(path: Path) -> str | None:
-    """sha256 of a file (None when absent): what a step's freshness depends on."""
+    """sha256 of a file, or over a save_pretrained folder's model files (None when absent): what a
+    step's freshness depends on."""
+    if path.is_dir():
+        from .models.init import init_sha256
+
+        return init_sha256(path)
     return sha256_file(path) if path.is_file() else None
 
 
@@ -209,7 +214,8 @@ def plan(recipe: Recipe, out: Path) -> list[Step]:
     else:
         train_cfg = dataclasses.replace(t.train, out=str(out / "teacher"), overwrite=True)
         teacher_path = out / "teacher" / "best.pt"
-        steps.append(Step("train", "teacher", _content(train_cfg), [], [teacher_path], lambda: train(train_cfg)))
+        inputs = [Path(train_cfg.init)] if train_cfg.init else []  # its pretrained weights
+        steps.append(Step("train", "teacher", _content(train_cfg), inputs, [teacher_path], lambda: train(train_cfg)))
     scores = out / "scores.parquet"
     score_cfg = dataclasses.replace(recipe.score, teacher=str(teacher_path), out=str(scores), overwrite=True)
     steps.append(Step("score", "scores", _content(score_cfg), [teacher_path], [scores], lambda: score(score_cfg)))
@@ -224,6 +230,7 @@ def plan(recipe: Recipe, out: Path) -> list[Step]:
                                   shards=(str(manifest.parent),) if run.shards else ())
         summaries.append(run_dir / "summary.json")
         inputs = [scores, teacher_path] + ([manifest] if run.shards else [])
+        inputs += [Path(cfg.student_init)] if cfg.student_init else []
         steps.append(Step("distill", run.name, _content(cfg), inputs, [summaries[-1]], lambda cfg=cfg: distill(cfg)))
     if recipe.report:
         inputs = [scores] + ([manifest] if recipe.augment else []) + summaries

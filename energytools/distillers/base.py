@@ -56,6 +56,7 @@ class SampleInfo:
     teacher_logits: torch.Tensor | None
     epoch: int
     high: torch.Tensor | None = None  # in the high-energy group (online HE-DA mixes these); None when unused
+    label_smoothing: float = 0.0  # of the CE term (--label-smoothing)
 
 
 class Distiller(nn.Module):

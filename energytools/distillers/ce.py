@@ -6,4 +6,5 @@ from .base import Distiller, register_method
 @register_method("ce", teacher_logits=False)
 class CrossEntropy(Distiller):
     def losses(self, logits, info):
-        return {"ce": mixed_cross_entropy(logits, info.labels, info.partner_labels, info.lam)}
+        return {"ce": mixed_cross_entropy(logits, info.labels, info.partner_labels, info.lam,
+                                   label_smoothing=info.label_smoothing)}

@@ -40,7 +40,8 @@ class CTKD(Distiller):
         opts = self.options
         tau = self.temperature(self.reversal_weight(info.epoch)).float()
         student, teacher = self.distill_logits(logits, info.teacher_logits)
-        return {"ce": opts["ce_weight"] * mixed_cross_entropy(logits, info.labels, info.partner_labels, info.lam),
+        return {"ce": opts["ce_weight"] * mixed_cross_entropy(logits, info.labels, info.partner_labels, info.lam,
+                                   label_smoothing=info.label_smoothing),
                 "kd": opts["kd_weight"] * kd_loss(student.float(), teacher.float(), tau)}
 
     def extra_parameter_groups(self) -> list[dict]:

@@ -13,7 +13,8 @@ class DKD(Distiller):
         temperature = info.temperature if info.temperature is not None else opts["kd_temperature"]
         weight = min((info.epoch + 1) / max(opts["dkd_warmup"], 1), 1.0)
         student, teacher = self.distill_logits(logits, info.teacher_logits)
-        return {"ce": opts["ce_weight"] * mixed_cross_entropy(logits, info.labels, info.partner_labels, info.lam),
+        return {"ce": opts["ce_weight"] * mixed_cross_entropy(logits, info.labels, info.partner_labels, info.lam,
+                                   label_smoothing=info.label_smoothing),
                 "dkd": weight * dkd_loss(student, teacher, info.labels, opts["dkd_alpha"],
                                          opts["dkd_beta"], temperature)}
 

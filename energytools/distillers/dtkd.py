@@ -25,7 +25,8 @@ class DTKD(Distiller):
         weight = min((info.epoch + 1) / max(opts["dkd_warmup"], 1), 1.0)
         student, teacher = self.distill_logits(logits.float(), info.teacher_logits.float())
         self._track(student, teacher)
-        return {"ce": opts["ce_weight"] * mixed_cross_entropy(logits, info.labels, info.partner_labels, info.lam),
+        return {"ce": opts["ce_weight"] * mixed_cross_entropy(logits, info.labels, info.partner_labels, info.lam,
+                                   label_smoothing=info.label_smoothing),
                 "dtkd": weight * dtkd_loss(student, teacher, opts["kd_temperature"], opts["dtkd_alpha"],
                                            opts["dtkd_beta"])}
 

@@ -13,7 +13,8 @@ class KD(Distiller):
         opts = self.options
         temperature = info.temperature if info.temperature is not None else opts["kd_temperature"]
         student, teacher = self.distill_logits(logits, info.teacher_logits)
-        return {"ce": opts["ce_weight"] * mixed_cross_entropy(logits, info.labels, info.partner_labels, info.lam),
+        return {"ce": opts["ce_weight"] * mixed_cross_entropy(logits, info.labels, info.partner_labels, info.lam,
+                                   label_smoothing=info.label_smoothing),
                 "kd": opts["kd_weight"] * kd_loss(student, teacher, temperature)}
 
 

@@ -31,6 +31,7 @@ from ..models import load_checkpoint, save_checkpoint
 from ..optim import create_optimizer, create_schedule, set_lr
 from ..options import as_dict
 from ..table import write_parquet
+from .ema import ModelEma
 from .evaluation import evaluate
 from .loaders import TrainLoader
 from ..transfer import to_device
@@ -73,6 +74,7 @@ class StepEvent:
     batch: Batch
     logits: torch.Tensor
     losses: dict[str, torch.Tensor]
+    lr: float | None = None  # the lr of the model's parameters at this step
 
 
 @dataclass
@@ -84,9 +86,11 @@ class FitResult:
     last_test_acc: float
     seconds: float
     metrics: pl.DataFrame = field(repr=False)
+    best_weights: str = "raw"  # which weights best.pt holds: "raw" or "ema" (--ema-decay)
 
     def summary(self) -> str:
-        return (f"best.pt (epoch {self.best_epoch}, val {self.best_val_acc:.2f}%): test {self.best_test_acc:.2f}% | "
+        which = " EMA" if self.best_weights == "ema" else ""
+        return (f"best.pt (epoch {self.best_epoch}{which}, val {self.best_val_acc:.2f}%): test {self.best_test_acc:.2f}% | "
                 f"last.pt: test {self.last_test_acc:.2f}% | {self.seconds:.0f}s")
 
 
@@ -101,10 +105,16 @@ def _check_finite(total: torch.Tensor, epoch: int) -> float:
 def train_one_epoch(epoch: int, model: nn.Module, forward: Callable, step: StepFn, loader: TrainLoader,
                     optimizer: torch.optim.Optimizer, scaler, cfg, device: torch.device, info,
                     progress=None, on_step: Callable[[StepEvent], None] | None = None,
-                    extra_groups: list[dict] = ()) -> tuple[dict, int]:
+                    extra_groups: list[dict] = (), lr_at: Callable[[float], float] | None = None,
+                    ema: ModelEma | None = None) -> tuple[dict, int]:
     """One pass over ``loader``: returns each loss term summed over samples (on the device) and
     the number of samples seen. The sums are read every ``cfg.sync_every`` steps (progress and
-    the divergence check), never per step."""
+    the divergence check), never per step.
+
+    ``lr_at`` (fractional epoch -> lr, :func:`energytools.optim.create_schedule`) sets the lr
+    before each optimizer step; ``ema`` is updated after each. With ``cfg.accumulate`` N the
+    optimizer steps every N batches (and at the epoch's end) on the mean of their losses;
+    ``on_step`` still sees every batch."""
     # float64 sums reproduce the per-step Python-float sums exactly; mps has no float64
     sum_dtype = torch.float32 if device.type == "mps" else torch.float64
     task = None
@@ -117,7 +127,12 @@ def train_one_epoch(epoch: int, model: nn.Module, forward: Callable, step: StepF
     sums: dict[str, torch.Tensor] = {}
     seen = 0
     replayed = loader.views is not None
+    accumulate, steps, clip = getattr(cfg, "accumulate", 1), len(loader), getattr(cfg, "clip_grad", None)
     for step_index, fetched in enumerate(loader, 1):
+        first = (step_index - 1) % accumulate == 0  # the first batch of an optimizer step
+        last = step_index % accumulate == 0 or step_index == steps  # the batch that steps
+        if lr_at is not None and first:  # the lr of this optimizer step, at its fractional epoch
+            set_lr(optimizer, lr_at(epoch + (step_index - 1) / steps))
         if replayed:
             images, labels, ids, flipped, chosen = fetched
         else:
@@ -131,19 +146,28 @@ def train_one_epoch(epoch: int, model: nn.Module, forward: Callable, step: StepF
         with autocast(device, cfg.amp):
             logits, losses = step(batch, forward)
         loss = sum(losses.values())
-        optimizer.zero_grad(set_to_none=True)
+        if first:
+            optimizer.zero_grad(set_to_none=True)
+        if accumulate > 1:  # --accumulate: the mean over the step's batches (fewer in the epoch's last)
+            loss = loss / min(accumulate, steps - (step_index - 1) // accumulate * accumulate)
         scaler.scale(loss).backward()
-        if extra_groups and context().distributed:  # not in DDP: average their gradients here
-            context().all_mean_grads([p for group in extra_groups for p in group["params"]])
-        scaler.step(optimizer)
-        scaler.update()
+        if last:
+            if extra_groups and context().distributed:  # not in DDP: average their gradients here
+                context().all_mean_grads([p for group in extra_groups for p in group["params"]])
+            if clip:  # --clip-grad: the global norm of every optimized gradient, unscaled first
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip)
+            scaler.step(optimizer)
+            scaler.update()
+            if ema is not None:
+                ema.update(model)
         count = len(labels)
         seen += count
         for name, value in losses.items():
             term = value.detach().to(sum_dtype) * count
             sums[name] = sums[name] + term if name in sums else term
         if on_step is not None:
-            on_step(StepEvent(epoch, step_index, batch, logits, losses))
+            on_step(StepEvent(epoch, step_index, batch, logits, losses, optimizer.param_groups[0]["lr"]))
         if task is None:
             continue
         if cfg.sync_every and step_index % cfg.sync_every == 0:
@@ -195,11 +219,12 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
         extra_groups = [{**group, "params": list(group["params"])} for group in distiller.extra_parameter_groups()]
     optimizer = create_optimizer(cfg, model, extra_groups)
     lr_at = create_schedule(cfg)
+    ema = ModelEma(model, cfg.ema_decay) if getattr(cfg, "ema_decay", None) else None
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp
                                   and not torch.cuda.is_bf16_supported(including_emulation=False))
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    start_epoch, best_val, best_epoch = 0, -1.0, 0
+    start_epoch, best_val, best_epoch, best_weights = 0, -1.0, 0, "raw"
     last_path = out_dir / "last.pt"
     if resume and last_path.exists():
         state = load_checkpoint(last_path)
@@ -209,6 +234,9 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
             distiller.load_extra_state(state["distiller"])
         if state.get("scaler"):  # fp16 runs: the loss scale goes on where it was
             scaler.load_state_dict(state["scaler"])
+        if ema is not None and state.get("ema"):
+            ema.load_state_dict(state["ema"])
+        best_weights = state.get("best_weights", "raw")
         start_epoch, best_val, best_epoch = state["epoch"], state["best_val_acc"], state["best_epoch"]
         rows = list(state["metrics"])
         console.print(f"resuming {out_dir} from epoch {start_epoch}")
@@ -220,7 +248,7 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
             set_lr(optimizer, lr)
             loader.start_epoch(epoch)
             sums, seen = train_one_epoch(epoch, model, forward, step, loader, optimizer, scaler, cfg, device, info,
-                                         progress, on_step, extra_groups)
+                                         progress, on_step, extra_groups, lr_at, ema)
             names = sorted(sums)
             values = torch.stack([sums[n] for n in names]).tolist() if names else []  # one read per epoch
             summed = ctx.all_sum(values + [seen])
@@ -232,23 +260,34 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
                    **{f"loss_{k}": v / max(seen, 1) for k, v in totals.items()},
                    "val_acc": val_acc, "test_acc": test_acc, "seconds": time.perf_counter() - started,
                    **(distiller.epoch_metrics() if distiller is not None else {})}
+            candidate, which = (model, "raw")
+            if ema is not None:  # the averaged weights, evaluated beside the raw ones; best.pt takes either
+                row["ema_val_acc"] = evaluate(ema.module, val_set, device, cfg.eval_batch_size, cfg.num_workers,
+                                              cfg.amp, cfg.channels_last)
+                row["ema_test_acc"] = evaluate(ema.module, test_set, device, cfg.eval_batch_size, cfg.num_workers,
+                                               cfg.amp, cfg.channels_last)
+                if row["ema_val_acc"] > val_acc:
+                    candidate, which, val_acc, test_acc = ema.module, "ema", row["ema_val_acc"], row["ema_test_acc"]
             rows.append(row)
             improved = val_acc > best_val or val_set is None or math.isnan(val_acc)  # no val samples: the last
             if improved:
-                best_val, best_epoch = val_acc, epoch + 1
+                best_val, best_epoch, best_weights = val_acc, epoch + 1, which
             if ctx.is_main:  # every rank holds the same weights; one writes them
                 if improved:
-                    save_checkpoint(out_dir / "best.pt", model, meta, epoch=epoch + 1, val_acc=val_acc,
-                                    test_acc=test_acc)
+                    save_checkpoint(out_dir / "best.pt", candidate, meta, epoch=epoch + 1, val_acc=val_acc,
+                                    test_acc=test_acc, **({"weights": which} if ema is not None else {}))
                 save_checkpoint(last_path, model, meta, epoch=epoch + 1, optimizer=optimizer.state_dict(),
                                 scaler=scaler.state_dict(), best_val_acc=best_val, best_epoch=best_epoch, metrics=rows,
-                                distiller=distiller.extra_state() if distiller is not None else {})
+                                distiller=distiller.extra_state() if distiller is not None else {},
+                                **({"ema": ema.state_dict(), "best_weights": best_weights} if ema is not None else {}))
                 write_parquet(pl.DataFrame(rows), out_dir / "metrics.parquet", {"kind": "metrics", **meta})
             ctx.barrier()
             if ctx.is_main:
-                console.print(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  val {val_acc:.2f}%  "
-                              f"test {test_acc:.2f}%  lr {lr:.4g}  {row['seconds']:.1f}s")
+                ema_text = f"  EMA val {row['ema_val_acc']:.2f}%" if ema is not None else ""
+                console.print(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  val {row['val_acc']:.2f}%  "
+                              f"test {row['test_acc']:.2f}%{ema_text}  lr {lr:.4g}  {row['seconds']:.1f}s")
     metrics = pl.DataFrame(rows)
     best_row = metrics.filter(pl.col("epoch") == best_epoch).row(0, named=True)
-    return FitResult(out_dir, best_epoch, best_row["val_acc"], best_row["test_acc"], rows[-1]["test_acc"],
-                     float(metrics["seconds"].sum()), metrics)
+    prefix = "ema_" if best_weights == "ema" else ""
+    return FitResult(out_dir, best_epoch, best_row[f"{prefix}val_acc"], best_row[f"{prefix}test_acc"],
+                     rows[-1]["test_acc"], float(metrics["seconds"].sum()), metrics, best_weights)

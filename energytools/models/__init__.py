@@ -203,7 +203,8 @@ def load_model(path: Path | str, arch: str | None = None, num_classes: int | Non
                         f"channel(s): {detail[:300]}") from None
     # energytools trained its own checkpoints on the dataset's normalisation; other files
     # were trained with the preprocessing their architecture publishes
-    preprocessing = None if payload.get("energytools") else model_preprocessing(arch)
+    # (a student trained on its weights' normalisation records it: --student-normalization weights)
+    preprocessing = meta.get("preprocessing") if payload.get("energytools") else model_preprocessing(arch)
     meta.update(arch=arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
                 sha256=sha256_file(path), path=str(path), preprocessing=preprocessing,
                 class_names=getattr(model, "class_names", None))

@@ -57,6 +57,19 @@ class Preprocessed(nn.Module):
         return self.model((pixels - self.mean) / self.std)
 
 
+class StudentPreprocessed(Preprocessed):
+    """A trained model (a student started from pretrained weights, ``--student-normalization
+    weights``) fed its weights' own normalisation. Its state dict is the wrapped model's, with no
+    ``model.`` prefix: checkpoints, the EMA and ``--student-init`` files keep the architecture's
+    own names, and the normalisation (no weights) is recorded in the checkpoint's metadata."""
+
+    def state_dict(self, *args, **kwargs):
+        return self.model.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
+
+
 def with_preprocessing(model: nn.Module, info, preprocessing: dict | None) -> nn.Module:
     """``model`` wrapped in :class:`Preprocessed`, or as it is when it has no preprocessing of its own."""
     return model if preprocessing is None else Preprocessed(model, info, preprocessing)

@@ -27,6 +27,9 @@ from ..engine import Batch, FitResult, fit, model_meta, resolve_device, seed_eve
 from ..io import sha256_file, write_json
 from ..lookup import OnlineTeacher
 from ..models import create_model
+from ..models.init import init_from
+from ..models.preprocessed import StudentPreprocessed
+from ..preprocessing import student_preprocessing
 from ..resume import run_directory
 from ..table import TableMeta, load_table, versions
 from ..teacher import open_table_teacher
@@ -34,12 +37,22 @@ from ..temperatures import TemperatureSource, plan_temperatures, temperature_sou
 from ..training_data import TrainingInputs, open_training_set, training_inputs
 
 
-def build_distiller(cfg: DistillConfig, spec: MethodSpec, info, inputs: TrainingInputs, meta: TableMeta,
-                    train_set) -> Distiller:
-    """The student (its initial weights from the seed) inside the method's distiller, wrapped by
-    online HE-DA with --he-da online."""
+def build_student(cfg: DistillConfig, info) -> tuple:
+    """The student: its initial weights from the seed, or loaded from --student-init (the report
+    of loaded, re-initialised and ignored tensors), fed the weights' own normalisation with
+    --student-normalization weights. Returns ``(student, init report, preprocessing)``."""
     seed_everything(cfg.train.seed)
     student = create_model(cfg.student, info.num_classes, info.in_channels, info.image_size)
+    report = init_from(student, cfg.student_init, info.num_classes) if cfg.student_init else None
+    preprocessing = student_preprocessing(cfg.student, cfg.student_normalization, info)
+    if preprocessing is not None:  # its state dict stays the student's
+        student = StudentPreprocessed(student, info, preprocessing)
+    return student, report, preprocessing
+
+
+def build_distiller(cfg: DistillConfig, spec: MethodSpec, student, inputs: TrainingInputs, meta: TableMeta,
+                    train_set) -> Distiller:
+    """The student inside the method's distiller, wrapped by online HE-DA with --he-da online."""
     distiller = spec.build(student, as_dict(cfg))
     if cfg.he_da is None:
         return distiller
@@ -53,7 +66,7 @@ def build_distiller(cfg: DistillConfig, spec: MethodSpec, info, inputs: Training
 
 
 def make_step(spec: MethodSpec, distiller: Distiller, inputs: TrainingInputs, source: TemperatureSource,
-              he_da: bool) -> Callable:
+              he_da: bool, label_smoothing: float = 0.0) -> Callable:
     """The training step: the batch's per-sample values by sample_id, then the method's losses."""
     lookup, teacher_logits_of, mixed = inputs.lookup, inputs.teacher_logits, inputs.mixed
     groups = spec.per_sample_temperature or he_da  # the step reads each sample's energy group
@@ -66,14 +79,14 @@ def make_step(spec: MethodSpec, distiller: Distiller, inputs: TrainingInputs, so
         partner, lam = ((lookup.get("partner_label", positions, device), lookup.get("lam", positions, device))
                         if mixed else (None, None))
         info = SampleInfo(batch.labels, partner, lam, temperature if spec.per_sample_temperature else None,
-                          teacher_logits, batch.epoch, high)
+                          teacher_logits, batch.epoch, high=high, label_smoothing=label_smoothing)
         batch.extras["sample_info"] = info
         return distiller.forward_train(batch.images, info, forward)
     return step
 
 
 def run_config(cfg: DistillConfig, distiller: Distiller, inputs: TrainingInputs, source: TemperatureSource,
-               meta: TableMeta, data, train_set) -> dict:
+               meta: TableMeta, data, train_set, init=None, preprocessing: dict | None = None) -> dict:
     """The resolved config every output of the run records (and resume compares)."""
     resolved = {"stage": "distill", **content_of(cfg), "scores_sha256": sha256_file(cfg.scores),
                 "method_options": distiller.options,
@@ -84,6 +97,10 @@ def run_config(cfg: DistillConfig, distiller: Distiller, inputs: TrainingInputs,
                 "teacher": dataclasses.asdict(meta.teacher), "data": as_dict(data)}
     if inputs.replay is not None:
         resolved["replayed_views"] = dataclasses.asdict(meta.views)
+    if init is not None:
+        resolved["student_init_weights"] = init.to_dict()
+    if preprocessing is not None:
+        resolved["student_preprocessing"] = preprocessing
     if isinstance(distiller, OnlineHEDA):
         resolved["he_da_online"] = {**distiller.to_dict(), "high_energy_by": cfg.temperature_source}
     return resolved
@@ -109,15 +126,18 @@ def distill(cfg: DistillConfig, on_step: Callable | None = None) -> FitResult:
     source = temperature_source(cfg.temperature_source, plan)
     inputs = training_inputs(cfg, spec, source, table, meta, train_set, resolve_device(cfg.train.device))
     info = train_set.info
-    distiller = build_distiller(cfg, spec, info, inputs, meta, train_set)
-    step = make_step(spec, distiller, inputs, source, cfg.he_da is not None)
-    resolved = run_config(cfg, distiller, inputs, source, meta, data, train_set)
+    student, init, preprocessing = build_student(cfg, info)
+    distiller = build_distiller(cfg, spec, student, inputs, meta, train_set)
+    step = make_step(spec, distiller, inputs, source, cfg.he_da is not None, cfg.train.label_smoothing)
+    resolved = run_config(cfg, distiller, inputs, source, meta, data, train_set, init, preprocessing)
     val_set, test_set = data.build("val"), data.build("test")
     n_aug = len(inputs.training_set) - len(train_set)
     temperatures = plan.to_dict()["temperatures"]
     with run_directory(out, cfg.resume, cfg.overwrite, resolved) as writes_files:
         run_meta = {**model_meta(cfg.student, train_set, data), "method": cfg.method, "config": resolved,
-                    "versions": versions()}
+                    "versions": versions(), **({"preprocessing": preprocessing} if preprocessing is not None else {})}
+        if init is not None:
+            console.print(f"student init from {cfg.student_init}: {init.summary()}")
         console.print(f"distill {cfg.student} with {cfg.method} on {info.name}: {len(train_set)} samples"
                       f"{f' + {n_aug} HE-DA' if n_aug else ''}{' + online HE-DA' if cfg.he_da else ''}, "
                       f"temperatures {temperatures} ({plan.groups.rule.rule}, {cfg.temperature_source})")

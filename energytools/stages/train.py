@@ -10,6 +10,7 @@ from ..config import TrainStageConfig, as_dict, content_of
 from ..console import console, headline
 from ..engine import Batch, FitResult, fit, model_meta, seed_everything, write_test_predictions
 from ..models import create_model
+from ..models.init import init_from
 from ..resume import run_directory
 from ..table import versions
 
@@ -25,13 +26,17 @@ def train(cfg: TrainStageConfig, on_step: Callable | None = None) -> FitResult:
     seed_everything(cfg.train.seed)  # the model's initial weights come from the seed
     net = create_model(cfg.model, info.num_classes, info.in_channels, info.image_size)
     config = {"stage": "train", **content_of(cfg)}
+    if cfg.init:  # pretrained weights: the loaded, re-initialised and ignored tensors go into the run's config
+        report = init_from(net, cfg.init, info.num_classes)
+        config["init_weights"] = report.to_dict()
+        console.print(f"init from {cfg.init}: {report.summary()}")
     with run_directory(out, cfg.resume, cfg.overwrite, config) as writes_files:
         meta = {**model_meta(cfg.model, train_set, data), "method": "ce", "train": as_dict(cfg.train),
                 "versions": versions()}
 
         def step(batch: Batch, forward):
             logits = forward(batch.images)
-            return logits, {"ce": F.cross_entropy(logits, batch.labels)}
+            return logits, {"ce": F.cross_entropy(logits, batch.labels, label_smoothing=cfg.train.label_smoothing)}
 
         console.print(f"train {cfg.model} on {info.name} ({len(train_set)} train / {len(val_set)} val / "
                       f"{len(test_set)} test) for {cfg.train.epochs} epochs")

@@ -1,0 +1,42 @@
+"""An exponential moving average of a model's weights (timm's ModelEmaV3, reduced): after each
+optimizer step ``ema = decay * ema + (1 - decay) * weights`` for the floating-point parameters
+and buffers, while other buffers (BatchNorm's ``num_batches_tracked``) are copied. A small
+object with its own state dict, saved in last.pt beside the model so a resumed run is exact."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+
+class ModelEma(nn.Module):
+    """The averaged copy of ``model`` (``.module``, in eval mode, no gradients).
+
+    Float parameters are averaged; buffers are copied from the model (the BatchNorm running
+    statistics are already averages), as ModelEmaV3 does by default."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        super().__init__()
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        ema_params = [p for p in self.module.parameters() if p.is_floating_point()]
+        params = [p.detach() for p in model.parameters() if p.is_floating_point()]
+        if ema_params:
+            torch._foreach_lerp_(ema_params, params, 1.0 - self.decay)
+        for ema_buffer, buffer in zip(self.module.buffers(), model.buffers()):
+            ema_buffer.copy_(buffer)
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def state_dict(self, *args, **kwargs):  # the averaged weights, keyed as the model's
+        return self.module.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
