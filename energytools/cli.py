@@ -174,21 +174,25 @@ def _register_stages() -> None:
     from .config import AugmentConfig, DistillConfig, ScoreConfig, SelectConfig, TrainStageConfig
     from .stages import augment, distill, score, select, train
 
-    stage_command("train", TrainStageConfig, train.train,
+    def call_stage(module, name: str) -> Callable:
+        """The stage function, looked up when the command runs (so a replaced one is the one run)."""
+        return lambda cfg: getattr(module, name)(cfg)
+
+    stage_command("train", TrainStageConfig, call_stage(train, "train"),
                   "Train a model with cross-entropy: how a teacher is made, and the no-distillation baseline.\n\n"
                   "Example: `energytools train --dataset fashion-mnist --model resnet20 --epochs 15 --out runs/teacher`")
-    stage_command("score", ScoreConfig, score.score,
+    stage_command("score", ScoreConfig, call_stage(score, "score"),
                   "Score every sample with the teacher: energy, confidence, groups and temperatures to Parquet.\n\n"
                   "Example: `energytools score --teacher runs/teacher/best.pt --out runs/scores.parquet`")
-    stage_command("distill", DistillConfig, distill.distill,
+    stage_command("distill", DistillConfig, call_stage(distill, "distill"),
                   "Distill a student from the teacher, with per-sample temperatures read from the score table.\n\n"
                   "Example: `energytools distill --scores runs/scores.parquet --student cnn_small --method energy-kd "
                   "--shards runs/he-da --out runs/energy-kd`")
-    stage_command("select", SelectConfig, select.select,
+    stage_command("select", SelectConfig, call_stage(select, "select"),
                   "Select the highest-energy fraction (curation only): prints count, class histogram, energy "
                   "range.\n\nExample: `energytools select --scores runs/scores.parquet --ratio 0.3 --out "
                   "runs/selected.parquet`")
-    stage_command("augment", AugmentConfig, augment.augment,
+    stage_command("augment", AugmentConfig, call_stage(augment, "augment"),
                   "Materialize HE-DA shards: augment the highest-energy samples and score them with the teacher."
                   "\n\nExample: `energytools augment --scores runs/scores.parquet --ratio 0.3 --out runs/he-da`")
 
