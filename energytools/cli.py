@@ -17,6 +17,7 @@ from typing import Annotated, Callable, Optional
 import typer
 
 from .errors import UserError
+from .preemption import Stopped
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode="markdown",
@@ -46,6 +47,9 @@ def handle_errors(fn):
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
+        except Stopped as exc:  # a scheduler's stop signal, handled at a safe point
+            print(f"energytools: {exc}", file=sys.stderr)
+            raise typer.Exit(exc.exit_code) from None
         except UserError as exc:
             print(f"energytools: error: {exc}", file=sys.stderr)
             raise typer.Exit(2) from None
@@ -61,6 +65,32 @@ def handle_errors(fn):
         except Exception as exc:  # noqa: BLE001
             _internal_error(exc)
     return wrapper
+
+
+@app.callback()
+def main_options(
+    stop_signal: Annotated[Optional[list[str]], typer.Option(
+        "--stop-signal", metavar="SIGNAL", envvar="ENERGYTOOLS_STOP_SIGNAL",
+        help="also stop cleanly on this signal (usr1, usr2, hup; repeatable), as on SIGTERM: SLURM's "
+             "`--signal=USR1@120` warns ahead of the deadline. A stopped stage saves where it is, prints how to "
+             "resume and exits with 128 + the signal's number (SIGTERM: 143, SIGUSR1: 138)")] = None,
+    collective_timeout: Annotated[Optional[float], typer.Option(
+        "--collective-timeout", metavar="SECONDS", envvar="ENERGYTOOLS_COLLECTIVE_TIMEOUT",
+        help="under torchrun: how long a rank waits in a collective for the others before it stops with one "
+             "line (a rank died) [default: 600]")] = None,
+):
+    """Energy scores, HE-DA curation and Energy KD for knowledge distillation."""
+    from . import preemption
+    from .distributed import TIMEOUT_ENV, collective_timeout as read_timeout
+
+    try:
+        preemption.install(preemption.parse_signals(stop_signal))
+        if collective_timeout is not None:
+            os.environ[TIMEOUT_ENV] = str(collective_timeout)
+            read_timeout()
+    except UserError as exc:
+        print(f"energytools: error: {exc}", file=sys.stderr)
+        raise typer.Exit(2) from None
 
 
 def command(name: str | None = None, **kwargs):

@@ -147,6 +147,9 @@ class TrainConfig:
     eval_batch_size: int = option(512, "batch size of validation and test passes")
     deterministic: bool = option(False, "deterministic algorithms (and CUBLAS_WORKSPACE_CONFIG=:4096:8): on cuda "
                                  "a resumed run ends with the same weights; slower")
+    checkpoint_every_steps: int = option(0, "also write last.pt every N optimizer steps, holding the position "
+                                         "inside the epoch (long epochs; --resume continues from it); 0: at the "
+                                         "end of each epoch only", content=False)
 
     def check(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -156,8 +159,8 @@ class TrainConfig:
             raise UserError(f"lr must be positive, got {self.lr}")
         if self.momentum < 0 or self.weight_decay < 0 or self.lr_decay <= 0 or self.num_workers < 0:
             raise UserError("momentum, weight_decay and num_workers must be >= 0 and lr_decay > 0")
-        if self.prefetch < 1 or self.sync_every < 0:
-            raise UserError("prefetch must be >= 1 and sync_every >= 0")
+        if self.prefetch < 1 or self.sync_every < 0 or self.checkpoint_every_steps < 0:
+            raise UserError("prefetch must be >= 1, sync_every and checkpoint_every_steps >= 0")
         if not all(0 < m < 1 for m in self.milestones):
             raise UserError(f"milestones are fractions of the epochs in (0, 1), got {list(self.milestones)}")
         if self.schedule not in SCHEDULES:

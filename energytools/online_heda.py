@@ -119,5 +119,22 @@ class OnlineHEDA:
             teacher_logits = self.teacher(mixed.images)
         return mixed_kd_term(kept["mixed"], teacher_logits, self.weight, mixed.weights)
 
+    def state_dict(self) -> dict:
+        """The generators' state mid-epoch (saved with a mid-epoch checkpoint)."""
+        if self._epoch is None:
+            return {}
+        return {"epoch": self._epoch, "rng": self._rng.bit_generator.state, "generator": self._generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        self._epoch, self._rng = int(state["epoch"]), np.random.default_rng()
+        self._rng.bit_generator.state = state["rng"]
+        self._generator = torch.Generator(device=self.teacher_device()).set_state(state["generator"])
+
+    def teacher_device(self) -> torch.device:
+        return next(self.teacher.parameters()).device if any(True for _ in self.teacher.parameters()) \
+            else torch.device("cpu")
+
     def to_dict(self) -> dict:
         return {"weight": self.weight, "temperature": MIXED_TEMPERATURE, "cutmix_alpha": CUTMIX_ALPHA}

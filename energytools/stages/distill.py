@@ -355,7 +355,8 @@ def distill(cfg: DistillConfig, on_step: Callable | None = None) -> FitResult:
                       f"{f' + {n_aug} HE-DA' if n_aug else ''}{' + online HE-DA' if he_da else ''}, temperatures {plan.to_dict()['temperatures']} "
                       f"({plan.groups.rule.rule}, {cfg.temperature_source})")
         result = fit(student, step, training_set, val_set, test_set, cfg.train, out, run_meta, resume=cfg.resume,
-                     views=replay.schedule if replay is not None else None, distiller=distiller, on_step=on_step)
+                     views=replay.schedule if replay is not None else None, distiller=distiller, on_step=on_step,
+                     stateful={"he_da": he_da} if he_da is not None else None)
         if writes_files:
             write_test_predictions(student, test_set, out, cfg.train)  # before summary.json: a run with one has both
             write_json(out / "summary.json", {
