@@ -35,6 +35,7 @@ from ..energy import logit_statistics
 from ..errors import UserError
 from ..io import check_output_free, check_output_path, sha256_file, sha256_json, write_json
 from ..policies import make_policy
+from ..preemption import Stopped, stop_requested
 from ..resume import resumable_parts
 from ..selection import describe_selection, select_samples
 from ..table import TableMeta, load_table, versions, write_parquet
@@ -350,6 +351,11 @@ def augment(cfg: AugmentConfig) -> Path:
                                      completed=total - sum(plan.rows for plan in todo), info="")
             for count in write_shards(todo, metadata, builder, pool):
                 progress.update(task, advance=count)
+                signum = stop_requested()
+                if signum is not None:  # the shards written so far stay; a half-built one is dropped
+                    done = len(work.mine) - sum(not (out / name).exists() for name in work.mine)
+                    raise Stopped(signum, f"{done} of {len(work.mine)} shards written to {out}; re-run the same "
+                                          "command to resume")
         if not work.gather():
             return out
         manifest = {**metadata, "shards": names, "rows": len(jobs),

@@ -31,6 +31,7 @@ from ..engine import float32_exact, make_loader
 from ..errors import UserError
 from ..io import check_output_free, sha256_json, write_json
 from ..preprocessing import describe_preprocessing
+from ..preemption import Stopped, stop_requested
 from ..resume import resumable_parts
 from ..table import (OPTIONAL_SCORE_COLUMNS, SCORE_COLUMNS, VIEW_COLUMNS, DatasetRecord, TableMeta, TeacherRecord,
                      ViewsRecord, load_table, versions, write_parquet)
@@ -145,6 +146,15 @@ def _load_reference(cfg: ScoreConfig, teacher: TeacherRun):
     return frame, meta
 
 
+def _stop_if_requested(parts_dir: Path, mine: list[str]) -> None:
+    """A stop signal came: drop the part being scored (the parts written stay) and stop."""
+    signum = stop_requested()
+    if signum is not None:
+        done = sum((parts_dir / name).exists() for name in mine)
+        raise Stopped(signum, f"{done} of {len(mine)} parts scored in {parts_dir}; re-run the same command to "
+                              "resume")
+
+
 def score(cfg: ScoreConfig) -> Path:
     """Score every sample of a split with the teacher; returns the table's path."""
     cfg.check()
@@ -193,6 +203,7 @@ def score(cfg: ScoreConfig) -> Path:
                             chunks[-1].update(score_views(teacher, views[0], ids, info, cfg.energy_temperature,
                                                           cfg.top_k, cfg.batch_size))
                         progress.update(task, advance=len(labels))
+                        _stop_if_requested(parts_dir, work.mine)
                 rows = {column: np.concatenate([c[column] for c in chunks]) for column in chunks[0]}
                 paths = [part.path(i) for i in range(len(part))] if part.path(0) is not None else None
                 write_parquet(_rows_to_arrow(rows, paths), parts_dir / name, {"kind": "score-part"})
