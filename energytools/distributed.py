@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -120,10 +122,67 @@ class _Collective:
     def __exit__(self, kind, exc, _tb):
         if kind is not None and issubclass(kind, (RuntimeError, dist.DistBackendError)) and not isinstance(exc, UserError):
             first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else kind.__name__
-            raise RankLost(f"rank {self.ctx.rank} of {self.ctx.world}: a collective failed while {self.what} "
-                           f"(another rank died, was killed or stopped answering for {collective_timeout():g}s: "
-                           f"{first}); re-run the same command to resume") from None
+            raise RankLost(f"rank {self.ctx.rank} of {self.ctx.world}: a collective failed while {self.what}: "
+                           f"{_lost_ranks(self.ctx)} ({first}); re-run the same command to resume (train and "
+                           "distill: with --resume)") from None
         return False
+
+
+#: where each rank records (host, pid) in the job's store, so that a survivor can name a dead rank
+_WHO = "energytools/rank/{}"
+
+
+def _record_self(rank: int) -> None:
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(_WHO.format(rank), f"{socket.gethostname()} {os.getpid()}")
+    except Exception:  # noqa: BLE001 - naming a dead rank is a courtesy, never a reason to fail
+        pass
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a killed one stays a zombie until torchrun reaps it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+def _lost_ranks(ctx: Context) -> str:
+    """Which ranks are gone, as far as this machine can tell: those on this host whose process
+    no longer exists (other hosts' ranks cannot be checked from here)."""
+    host, local, elsewhere, dead = socket.gethostname(), {}, [], []
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=5))
+        for rank in range(ctx.world):
+            if rank != ctx.rank:
+                their_host, pid = store.get(_WHO.format(rank)).decode().split()
+                if their_host == host:
+                    local[rank] = int(pid)
+                else:
+                    elsewhere.append(rank)
+    except Exception:  # noqa: BLE001 - the store itself may be gone with rank 0
+        pass
+    for _ in range(30):  # a killed peer's sockets close while it is still exiting: give it 3 s to be gone
+        dead = [rank for rank, pid in local.items() if not _alive(pid)]
+        if dead or not local:
+            break
+        time.sleep(0.1)
+    if dead:
+        return f"rank {', '.join(map(str, dead))} died or was killed (see torchrun's report for its exit code)"
+    timeout = f"{collective_timeout():g}s"
+    if elsewhere:
+        return (f"a rank on another host (one of {', '.join(map(str, elsewhere))}) died or did not answer within "
+                f"{timeout}")
+    return f"another rank died, was killed or did not answer within {timeout}"
 
 
 _CONTEXT: Context | None = None
@@ -155,6 +214,7 @@ def context() -> Context:
             # stop requests are agreed on the host, without a device synchronisation per step
             host_group = dist.new_group(backend="gloo", timeout=timeout) if device.type != "cpu" else None
             _CONTEXT = Context(dist.get_rank(), dist.get_world_size(), local_rank, device, host_group)
+            _record_self(_CONTEXT.rank)
         else:
             _CONTEXT = Context()
     return _CONTEXT

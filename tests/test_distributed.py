@@ -93,3 +93,71 @@ def test_two_process_distill_replays_stored_views(digits_run, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "config.json").read_text())["replayed_views"]["count"] == 2
     assert pl.read_parquet(out / "metrics.parquet")["val_acc"].is_not_null().all()
+
+
+DIE = """import os, signal, sys, time
+import importlib
+from energytools.cli import main
+
+module, name, at = os.environ["DIE_IN"].split(":")
+if os.environ["RANK"] == "1":  # rank 1 is SIGKILLed at its at-th call of module.name
+    owner = importlib.import_module(module)
+    path = name.split(".")
+    holder = owner if len(path) == 1 else getattr(owner, path[0])
+    original, calls = getattr(holder, path[-1]), [0]
+
+    def dying(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == int(at):
+            time.sleep(float(os.environ.get("DIE_AFTER", "0")))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(*args, **kwargs)
+    setattr(holder, path[-1], dying)
+sys.argv = ["energytools"] + sys.argv[1:]
+main()
+"""
+
+
+def torchrun_dying(tmp_path, die_in, *args, die_after=0):
+    import time
+
+    script = tmp_path / "die.py"
+    script.write_text(DIE)
+    os.environ["DIE_IN"], os.environ["DIE_AFTER"] = die_in, str(die_after)
+    try:
+        started = time.perf_counter()
+        result = torchrun("--collective-timeout", 30, *args, script=str(script))
+        return result, time.perf_counter() - started
+    finally:
+        del os.environ["DIE_IN"], os.environ["DIE_AFTER"]
+
+
+def test_a_killed_rank_ends_distill_on_the_other_with_one_line_and_a_rerun_resumes(digits_run, tmp_path):
+    out = tmp_path / "ddp"
+    args = ("distill", "--scores", digits_run["scores"], "--student", "cnn_tiny", "--method", "kd", "--epochs", 2,
+            "--out", out, "--device", "cpu")
+    # rank 1 dies in epoch 2 (an epoch is ~11 steps a rank; one stop agreement a step)
+    result, seconds = torchrun_dying(tmp_path, "energytools.distributed:Context.agree_stop:16", *args)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("energytools:")]
+    assert len(lines) == 1 and "rank 0 of 2" in lines[0] and "rank 1 died" in lines[0], result.stderr[-3000:]
+    assert seconds < 120  # not the collective timeout of torch (30 min), nor a hang
+    resumed = torchrun(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert pl.read_parquet(out / "metrics.parquet").height == 2
+
+
+def test_a_killed_rank_ends_score_on_the_other_with_one_line_and_a_rerun_resumes(digits_run, tmp_path):
+    out = tmp_path / "s.parquet"
+    args = ("score", "--teacher", digits_run["teacher"], "--out", out, "--part-size", 256)
+    # rank 1 dies scoring its second part, after rank 0 has reached the final barrier
+    result, seconds = torchrun_dying(tmp_path, "energytools.stages.score:score_rows:2", *args, die_after=3)
+    assert result.returncode != 0 and not out.exists()
+    lines = [line for line in result.stderr.splitlines() if line.startswith("energytools:")]
+    assert len(lines) == 1 and "rank 0 of 2" in lines[0] and "rank 1 died" in lines[0], result.stderr[-3000:]
+    assert seconds < 120
+    parts = sorted(p.name for p in (tmp_path / "s.parquet.parts").glob("part-*.parquet"))
+    assert "part-00001.parquet" in parts and "part-00003.parquet" not in parts  # what rank 1 finished stays
+    resumed = torchrun(*args)
+    assert resumed.returncode == 0 and "resuming" in resumed.stdout + resumed.stderr, resumed.stderr[-3000:]
+    assert out.exists()
