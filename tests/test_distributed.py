@@ -161,3 +161,41 @@ def test_a_killed_rank_ends_score_on_the_other_with_one_line_and_a_rerun_resumes
     resumed = torchrun(*args)
     assert resumed.returncode == 0 and "resuming" in resumed.stdout + resumed.stderr, resumed.stderr[-3000:]
     assert out.exists()
+
+
+def test_two_ranks_size_their_parts_and_write_the_one_process_table(tmp_path):
+    """2,000 samples with default options: before, "1 part(s) of part_size 8192, fewer than the 2 ranks"."""
+    import pytest
+    import torch
+
+    from energytools.config import DataConfig
+    from energytools.data.loaders import SYSTEM_FASHION_MNIST
+    from energytools.engine import model_meta
+    from energytools.models import create_model, save_checkpoint
+
+    if not SYSTEM_FASHION_MNIST.exists():
+        pytest.skip("Fashion-MNIST is not installed")
+    data = DataConfig(dataset="fashion-mnist", limit=2000, eval_limit=100)
+    teacher = tmp_path / "teacher.pt"
+    torch.manual_seed(0)
+    save_checkpoint(teacher, create_model("cnn_tiny", 10, 1, 28), model_meta("cnn_tiny", data.build("train"), data))
+    tables = {}
+    for nproc in (1, 2):
+        tables[nproc] = tmp_path / f"scores-{nproc}.parquet"
+        result = torchrun("score", "--teacher", teacher, "--out", tables[nproc], nproc=nproc)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert tables[1].read_bytes() == tables[2].read_bytes()
+
+
+def test_more_ranks_than_samples_is_refused_in_one_line(tmp_path):
+    from energytools.errors import UserError
+    from energytools.stages.score import choose_part_size
+
+    import pytest
+
+    with pytest.raises(UserError, match="3 samples cannot be shared by 4 ranks"):
+        choose_part_size(3, 4, 256, None)
+    assert choose_part_size(2000, 2, 256, None) == 1024  # whole batches: 4 a part
+    assert choose_part_size(2000, 1, 256, None) == 2048
+    assert choose_part_size(100_000, 2, 256, None) == 8192  # large splits: parts independent of the ranks
+    assert choose_part_size(2000, 2, 256, 512) == 512
