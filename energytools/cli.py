@@ -36,7 +36,7 @@ def _internal_error(exc: BaseException):
 
 
 # a full, read-only or forbidden disk is the user's environment, not a bug
-DISK_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM}
+DISK_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM, errno.EFBIG}
 
 
 def handle_errors(fn):
@@ -57,7 +57,8 @@ def handle_errors(fn):
             if exc.errno not in DISK_ERRORS:
                 _internal_error(exc)
             where = f" {exc.filename}" if exc.filename else ""
-            print(f"energytools: error: cannot write{where}: {exc.strerror}", file=sys.stderr)
+            also = f" (to {exc.filename2})" if exc.filename2 else ""
+            print(f"energytools: error: cannot write{where}{also}: {exc.strerror}", file=sys.stderr)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             print("energytools: interrupted; re-run the same command to resume", file=sys.stderr)
