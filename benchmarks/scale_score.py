@@ -16,6 +16,7 @@ Target: 2 processes >= 1.7x the samples/s of 1 process.
 import argparse
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -26,9 +27,15 @@ from common import benchmark_teacher, emit
 from energytools.config import DataConfig
 
 
-def run(teacher: Path, out: Path, nproc: int, threads: int) -> tuple[float, float, dict]:
-    """(wall seconds, the stage's own seconds) of one scoring command."""
+def cpu_of_children() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run(teacher: Path, out: Path, nproc: int, threads: int) -> tuple[float, float, float]:
+    """(wall seconds, the stage's own seconds, CPU seconds of all its processes) of one scoring command."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    cpu = cpu_of_children()
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                              f"--nproc-per-node={nproc}", "-m", "energytools", "score", "--teacher", str(teacher),
@@ -37,7 +44,7 @@ def run(teacher: Path, out: Path, nproc: int, threads: int) -> tuple[float, floa
     if result.returncode != 0:
         raise SystemExit(result.stderr[-2000:])
     stage = float(re.search(r"\(\d+ rows\) in ([\d.]+)s", result.stderr + result.stdout).group(1))
-    return wall, stage
+    return wall, stage, cpu_of_children() - cpu
 
 
 def main():
@@ -52,11 +59,13 @@ def main():
     load_before = os.getloadavg()
     wall = {1: [], 2: []}
     stage = {1: [], 2: []}
+    cpu = {1: [], 2: []}
     for repeat in range(args.repeats):
         for nproc in (1, 2):
-            w, s = run(teacher, work / f"scores-{nproc}-{repeat}.parquet", nproc, args.threads_per_rank)
+            w, s, c = run(teacher, work / f"scores-{nproc}-{repeat}.parquet", nproc, args.threads_per_rank)
             wall[nproc].append(w)
             stage[nproc].append(s)
+            cpu[nproc].append(c)
     load_after = os.getloadavg()
     samples = len(DataConfig(dataset="fashion-mnist", limit=args.limit).build("train"))
     best = {n: min(wall[n]) for n in wall}
@@ -67,7 +76,9 @@ def main():
                "one_process_per_s": samples / best[1], "two_processes_per_s": samples / best[2],
                "speedup": best[1] / best[2], "stage_speedup": best_stage[1] / best_stage[2],
                "startup_and_teardown_s": {n: best[n] - best_stage[n] for n in best},
-               "wall_s": wall, "stage_s": stage,
+               "wall_s": wall, "stage_s": stage, "cpu_s": cpu,
+               # cores the command got on average: at most nproc x threads; less means other jobs had them
+               "cores_used": {n: [c / w for c, w in zip(cpu[n], wall[n])] for n in wall},
                "load_average_before": load_before, "load_average_after": load_after,
                "target": ">= 1.7",
                "note": "speedup: whole commands (start-up included); stage_speedup: scoring, merge and write only; "
