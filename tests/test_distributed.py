@@ -199,3 +199,57 @@ def test_more_ranks_than_samples_is_refused_in_one_line(tmp_path):
     assert choose_part_size(2000, 1, 256, None) == 2048
     assert choose_part_size(100_000, 2, 256, None) == 8192  # large splits: parts independent of the ranks
     assert choose_part_size(2000, 2, 256, 512) == 512
+
+
+def worker_of_rank(launcher: int, rank: int) -> int:
+    """The pid of torchrun's worker process of ``rank`` (from /proc: its children and their RANK)."""
+    children = open(f"/proc/{launcher}/task/{launcher}/children").read().split()
+    for pid in children:
+        environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return int(pid)
+    raise AssertionError(f"no worker of rank {rank} among {children}")
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_and_resume_is_exact(digits_run, tmp_path):
+    """SIGTERM to one rank only (a launcher passes it on to its workers one by one, so one may
+    get it a step later): the ranks agree on the step to stop after, every rank stops there."""
+    import re
+    import signal
+    import time
+
+    import torch
+
+    args = ["distill", "--scores", digits_run["scores"], "--student", "cnn_tiny", "--method", "kd", "--epochs", 2,
+            "--batch-size", 16, "--device", "cpu"]
+    whole = torchrun(*args, "--out", tmp_path / "a")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    last = tmp_path / "b" / "last.pt"
+    # a short collective timeout: without the agreement the ranks would wait in different collectives
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+               "energytools", "--collective-timeout", 60, *map(str, args), "--out", str(tmp_path / "b"),
+               "--checkpoint-every-steps", 2]
+    process = subprocess.Popen(list(map(str, command)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while not last.exists():
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.005)
+    os.kill(worker_of_rank(process.pid, 1), signal.SIGTERM)
+    try:
+        _, stderr = process.communicate(timeout=240)
+    finally:
+        if process.poll() is None:  # torchrun ends its workers when it is killed this way
+            process.send_signal(signal.SIGTERM)
+            process.wait(60)
+    assert process.returncode != 0
+    # one line from each rank (the two may interleave on torchrun's stderr), at the same step
+    stopped = re.findall(r"energytools: stopped by SIGTERM; (epoch \d+ step \d+/\d+)", stderr)
+    assert len(stopped) == 2 and stopped[0] == stopped[1], stderr[-3000:]
+    assert torch.load(last, weights_only=True)["position"] is not None
+    resumed = torchrun(*args, "--out", tmp_path / "b", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["model"]
+    b = torch.load(last, weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
