@@ -43,8 +43,11 @@ def handle_errors(fn):
     """Bad input -> one line on stderr, exit 2; a bug -> one line naming the traceback file, exit 1."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from . import preemption
+
         try:
-            return fn(*args, **kwargs)
+            with preemption.handling(preemption.chosen):
+                return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
         except Stopped as exc:  # a scheduler's stop signal, handled at a safe point
@@ -85,10 +88,12 @@ def main_options(
     from .distributed import TIMEOUT_ENV, collective_timeout as read_timeout
 
     try:
-        preemption.install(preemption.parse_signals(stop_signal))
+        preemption.chosen[:] = preemption.parse_signals(stop_signal)
         if collective_timeout is not None:
-            os.environ[TIMEOUT_ENV] = str(collective_timeout)
-            read_timeout()
+            if not collective_timeout > 0:
+                raise UserError(f"--collective-timeout must be positive, got {collective_timeout:g}")
+            os.environ[TIMEOUT_ENV] = str(collective_timeout)  # read when the process group starts
+        read_timeout()  # a bad ENERGYTOOLS_COLLECTIVE_TIMEOUT is one line here too
     except UserError as exc:
         print(f"energytools: error: {exc}", file=sys.stderr)
         raise typer.Exit(2) from None

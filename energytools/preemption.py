@@ -13,7 +13,9 @@ Standard library only, so the CLI installs the handlers before torch is imported
 """
 from __future__ import annotations
 
+import contextlib
 import signal
+import threading
 
 #: the signals --stop-signal accepts, by the names users write
 SIGNALS = {"term": signal.SIGTERM, "usr1": signal.SIGUSR1, "usr2": signal.SIGUSR2, "hup": signal.SIGHUP}
@@ -58,11 +60,31 @@ def _record(signum, _frame) -> None:
         _received = signum
 
 
-def install(extra=()) -> None:
-    """Handle SIGTERM and the ``extra`` signals (numbers) by recording them. Call from the main
-    thread (signal handlers can only be set there)."""
-    for signum in {signal.SIGTERM, *extra}:
-        signal.signal(signum, _record)
+def install(extra=()) -> dict:
+    """Handle SIGTERM and the ``extra`` signals (numbers) by recording them; returns the handlers
+    they replace. Call from the main thread (signal handlers can only be set there)."""
+    return {signum: signal.signal(signum, _record) for signum in {signal.SIGTERM, *extra}}
+
+
+#: the extra signals the CLI's --stop-signal chose, installed while a command runs
+chosen: list[int] = []
+
+
+@contextlib.contextmanager
+def handling(extra=()):
+    """The stop handlers while the block runs (a command), the previous ones after it, so a
+    process that calls the CLI in-process (tests, notebooks) keeps its own SIGTERM afterwards.
+    Outside the main thread (where handlers cannot be set) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    reset()  # a request left from an earlier command in this process is not this one's
+    previous = install(extra)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def stop_requested() -> int | None:

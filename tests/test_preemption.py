@@ -164,3 +164,17 @@ def load_step(path) -> int:
         return 0
     position = state.get("position")
     return 10**6 if position is None else position["step"]
+
+
+def test_bad_stop_signal_and_collective_timeout_are_one_line(runner, tmp_path):
+    from conftest import invoke
+
+    for args, needle in ((["--stop-signal", "kill", "models"], "--stop-signal must be one of"),
+                         (["--collective-timeout", "-5", "models"], "must be positive")):
+        result = invoke(runner, *args)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(lines) == 1 and needle in lines[0], result.stderr
+    # a command run in-process (tests, notebooks) leaves the process's own handlers as they were
+    before = signal.getsignal(signal.SIGTERM)
+    assert invoke(runner, "models").exit_code == 0 and signal.getsignal(signal.SIGTERM) is before
+    assert preemption.parse_signals(["USR1", "sigusr2", "term"]) == [signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM]
