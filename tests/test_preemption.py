@@ -36,21 +36,22 @@ def stop_at(epoch: int, step: int):
     return on_step
 
 
-def train_cfg(out, resume=False, every=0):
+def train_cfg(out, resume=False, every=0, workers=0):
     return TrainStageConfig(model="cnn_tiny", out=str(out), data=DataConfig(dataset="digits", crop_pad=2), resume=resume,
                             train=TrainConfig(epochs=2, batch_size=32, seed=0, device="cpu",
-                                              checkpoint_every_steps=every))
+                                              checkpoint_every_steps=every, num_workers=workers))
 
 
-def test_train_stopped_mid_epoch_resumes_to_the_same_weights(tmp_path):
-    train(train_cfg(tmp_path / "a"))
+@pytest.mark.parametrize("workers", [0, 2])
+def test_train_stopped_mid_epoch_resumes_to_the_same_weights(tmp_path, workers):
+    train(train_cfg(tmp_path / "a", workers=workers))
     with pytest.raises(preemption.Stopped) as stopped:
-        train(train_cfg(tmp_path / "b", every=5), on_step=stop_at(1, 7))
+        train(train_cfg(tmp_path / "b", every=5, workers=workers), on_step=stop_at(1, 7))
     assert stopped.value.exit_code == 143 and "--resume" in str(stopped.value)
     state = load_checkpoint(tmp_path / "b" / "last.pt")
     assert state["epoch"] == 1 and state["position"]["step"] == 7  # the position inside epoch 2
     preemption.reset()
-    result = train(train_cfg(tmp_path / "b", resume=True))
+    result = train(train_cfg(tmp_path / "b", resume=True, workers=workers))
     assert same_weights(tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt")
     first = load_checkpoint(tmp_path / "a" / "last.pt")["metrics"]
     assert [r["loss"] for r in result.metrics.to_dicts()] == [r["loss"] for r in first]  # the sums were kept
