@@ -16,6 +16,7 @@ from typing import Annotated, Callable, Optional
 import typer
 
 from .errors import UserError
+from .preemption import Stopped
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode="markdown",
@@ -34,17 +35,23 @@ def _internal_error(exc: BaseException):
 
 
 # a full, read-only or forbidden disk is the user's environment, not a bug
-DISK_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM}
+DISK_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM, errno.EFBIG}
 
 
 def handle_errors(fn):
     """Bad input -> one line on stderr, exit 2; a bug -> one line naming the traceback file, exit 1."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from . import preemption
+
         try:
-            return fn(*args, **kwargs)
+            with preemption.handling(preemption.chosen):
+                return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
+        except Stopped as exc:  # a scheduler's stop signal, handled at a safe point
+            print(f"energytools: {exc}", file=sys.stderr)
+            raise typer.Exit(exc.exit_code) from None
         except UserError as exc:
             print(f"energytools: error: {exc}", file=sys.stderr)
             raise typer.Exit(2) from None
@@ -52,7 +59,8 @@ def handle_errors(fn):
             if exc.errno not in DISK_ERRORS:
                 _internal_error(exc)
             where = f" {exc.filename}" if exc.filename else ""
-            print(f"energytools: error: cannot write{where}: {exc.strerror}", file=sys.stderr)
+            also = f" (to {exc.filename2})" if exc.filename2 else ""
+            print(f"energytools: error: cannot write{where}{also}: {exc.strerror}", file=sys.stderr)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             print("energytools: interrupted; re-run the same command to resume", file=sys.stderr)
@@ -60,6 +68,34 @@ def handle_errors(fn):
         except Exception as exc:  # noqa: BLE001
             _internal_error(exc)
     return wrapper
+
+
+@app.callback()
+def main_options(
+    stop_signal: Annotated[Optional[list[str]], typer.Option(
+        "--stop-signal", metavar="SIGNAL", envvar="ENERGYTOOLS_STOP_SIGNAL",
+        help="also stop cleanly on this signal (usr1, usr2, hup; repeatable), as on SIGTERM: SLURM's "
+             "`--signal=USR1@120` warns ahead of the deadline. A stopped stage saves where it is, prints how to "
+             "resume and exits with 128 + the signal's number (SIGTERM: 143, SIGUSR1: 138)")] = None,
+    collective_timeout: Annotated[Optional[float], typer.Option(
+        "--collective-timeout", metavar="SECONDS", envvar="ENERGYTOOLS_COLLECTIVE_TIMEOUT",
+        help="under torchrun: how long a rank waits in a collective for the others before it stops with one "
+             "line (a rank died) [default: 600]")] = None,
+):
+    """Energy scores, HE-DA curation and Energy KD for knowledge distillation."""
+    from . import preemption
+    from .distributed import TIMEOUT_ENV, collective_timeout as read_timeout
+
+    try:
+        preemption.chosen[:] = preemption.parse_signals(stop_signal)
+        if collective_timeout is not None:
+            if not collective_timeout > 0:
+                raise UserError(f"--collective-timeout must be positive, got {collective_timeout:g}")
+            os.environ[TIMEOUT_ENV] = str(collective_timeout)  # read when the process group starts
+        read_timeout()  # a bad ENERGYTOOLS_COLLECTIVE_TIMEOUT is one line here too
+    except UserError as exc:
+        print(f"energytools: error: {exc}", file=sys.stderr)
+        raise typer.Exit(2) from None
 
 
 def command(name: str | None = None, **kwargs):

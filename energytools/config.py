@@ -165,6 +165,9 @@ class TrainConfig:
     eval_batch_size: int = option(512, "batch size of validation and test passes")
     deterministic: bool = option(False, "deterministic algorithms (and CUBLAS_WORKSPACE_CONFIG=:4096:8): on cuda "
                                  "a resumed run ends with the same weights; slower")
+    checkpoint_every_steps: int = option(0, "also write last.pt every N optimizer steps, holding the position "
+                                         "inside the epoch (long epochs; --resume continues from it); 0: at the "
+                                         "end of each epoch only", content=False)
 
     def check(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -174,8 +177,8 @@ class TrainConfig:
             raise UserError(f"lr must be positive, got {self.lr}")
         if self.momentum < 0 or self.weight_decay < 0 or self.lr_decay <= 0 or self.num_workers < 0:
             raise UserError("momentum, weight_decay and num_workers must be >= 0 and lr_decay > 0")
-        if self.prefetch < 1 or self.sync_every < 0:
-            raise UserError("prefetch must be >= 1 and sync_every >= 0")
+        if self.prefetch < 1 or self.sync_every < 0 or self.checkpoint_every_steps < 0:
+            raise UserError("prefetch must be >= 1, sync_every and checkpoint_every_steps >= 0")
         if not all(0 < m < 1 for m in self.milestones):
             raise UserError(f"milestones are fractions of the epochs in (0, 1), got {list(self.milestones)}")
         if self.schedule not in SCHEDULES:
@@ -234,7 +237,9 @@ class ScoreConfig:
                                "that rebuilds the rest of the softmax (many-class datasets)")
     seed: int = option(0, "seed of the views: view v of sample i is drawn from (seed, i, v)")
     batch_size: int = option(256, "images per forward pass")
-    part_size: int = option(8192, "rows per resumable part written to OUT.parts/")
+    part_size: int | None = option(None, "rows per resumable part written to OUT.parts/, rounded to a multiple of "
+                                   "batch_size (default: from the sample count and the number of processes, at most "
+                                   "8192; the table's bytes do not depend on it)", content=False)
     device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1 ...")
     num_workers: int = option(0, "DataLoader worker processes")
     amp: bool = option(False, "bf16/fp16 autocast on cuda: faster, but energies from low-precision logits "
@@ -249,13 +254,14 @@ class ScoreConfig:
         self.preprocessing.check()
         if not self.energy_temperature > 0:
             raise UserError(f"energy_temperature must be positive, got {self.energy_temperature}")
-        if self.batch_size <= 0 or self.part_size <= 0:
+        if self.batch_size <= 0 or (self.part_size is not None and self.part_size <= 0):
             raise UserError("batch_size and part_size must be positive")
         if self.views < 0:
             raise UserError(f"views must be >= 0, got {self.views}")
         if self.top_k is not None and (self.top_k < 1 or not self.views):
             raise UserError("--top-k takes a positive N and needs --views K")
-        self.part_size = max(self.batch_size, self.part_size // self.batch_size * self.batch_size)
+        if self.part_size is not None:
+            self.part_size = max(self.batch_size, self.part_size // self.batch_size * self.batch_size)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -15,6 +16,28 @@ from .errors import UserError
 
 #: what atomic_path names a file while it is being written
 PARTIAL_PREFIX = ".tmp-"
+
+#: a full, read-only or forbidden disk: the user's environment, not a bug
+DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM, errno.EFBIG}
+_DISK_WORDS = ("No space left on device", "Disk quota exceeded", "Read-only file system", "Permission denied",
+               "File too large")
+
+
+class WriteError(UserError):
+    """An output could not be written (disk full, read-only, forbidden): names the file and the
+    operation. What atomic_path was writing is removed; finished work stays (resumable)."""
+
+
+def disk_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is the disk's fault (pyarrow's errors may carry the reason only as text)."""
+    return isinstance(exc, OSError) and (exc.errno in DISK_ERRNOS or any(w in str(exc) for w in _DISK_WORDS))
+
+
+def write_error(exc: OSError, path, operation: str) -> WriteError:
+    reason = exc.strerror or next((w for w in _DISK_WORDS if w in str(exc)), str(exc).splitlines()[0][:200])
+    return WriteError(f"cannot write {path} ({operation}): {reason}; the half-written file was removed: free "
+                      "space (or fix the permissions) and re-run the same command, which resumes what was "
+                      "finished (score parts, augment shards, last.pt)")
 
 
 def remove_partial_files(directory: Path) -> None:
@@ -39,11 +62,17 @@ def atomic_path(final: Path | str) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     tmp.unlink()
+    operation = f"writing {tmp.name}"
     try:
         yield tmp
         if final.is_dir() and tmp.is_dir():
             shutil.rmtree(final)
+        operation = f"renaming {tmp.name} into place"
         os.replace(tmp, final)
+    except OSError as exc:
+        if disk_error(exc):
+            raise write_error(exc, final, operation) from None
+        raise
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)

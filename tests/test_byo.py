@@ -345,3 +345,19 @@ def test_a_shard_directory_is_a_hugging_face_dataset(digits_run):
     first = train[0]
     assert first["image"].size == (8, 8) and first["sample_id"] == rows["sample_id"][0]
     assert pl.read_parquet(shards / "*.parquet").height == rows.height  # nothing but shards matches
+
+
+@pytest.mark.parametrize("remove, needle", [
+    ("config.json", "missing config.json"),
+    ("model.safetensors", "missing the weights (model.safetensors or pytorch_model.bin)"),
+    ("everything", "holds none of config.json, the weights and preprocessor_config.json"),
+])
+def test_a_model_folder_says_which_file_it_lacks(runner, tmp_path, remove, needle):
+    save_hf_model(tmp_path / "hf", NAMES)
+    for file in (tmp_path / "hf").iterdir():
+        if remove in (file.name, "everything"):
+            file.unlink()
+    result = invoke(runner, "score", "--teacher", tmp_path / "hf", "--dataset", "digits", "--out", tmp_path / "s.parquet")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and needle in lines[0], result.stderr
+    assert "does not exist" not in lines[0] and not (tmp_path / "s.parquet").exists()

@@ -123,7 +123,10 @@ def test_a_full_disk_is_one_line(runner, digits_run, tmp_path, monkeypatch):
     monkeypatch.setattr(eio.os, "replace", full)
     result = invoke(runner, "score", "--teacher", digits_run["teacher"], "--out", tmp_path / "s.parquet")
     assert result.exit_code == 2 and "No space left on device" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "s.parquet").exists()
+    # one error line (the stage's progress notes go to stderr too), naming the file and the operation
+    errors = [line for line in result.stderr.splitlines() if line.startswith("energytools:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr and not (tmp_path / "s.parquet").exists()
+    assert "part-00000.parquet (renaming .tmp-part-00000.parquet" in errors[0]
 
 
 def test_internal_errors_point_to_the_traceback(runner, monkeypatch, tmp_path):
@@ -156,3 +159,32 @@ def test_generated_help_names_types_and_defaults_plainly(runner):
     assert result.exit_code == 0 and "<str>" not in text and "<float>" not in text and "(scores.parquet)" not in text
     assert "NUMBER" in text and "INTEGER" in text and "TEXT" in text
     assert "[default: scores.parquet]" in text and "[required]" in text and "[default: no-cached-logits]" in text
+
+
+def test_a_full_disk_while_writing_a_part_names_the_file_and_the_run_resumes(runner, digits_run, tmp_path,
+                                                                             monkeypatch):
+    """pyarrow's own error ("Error writing bytes to file ...") named no file; the second part fails here."""
+    import errno
+
+    import energytools.table as table
+
+    real, calls = table.pq.write_table, []
+
+    def full_on_second(data, where, **kwargs):
+        calls.append(where)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+        return real(data, where, **kwargs)
+
+    monkeypatch.setattr(table.pq, "write_table", full_on_second)
+    out = tmp_path / "s.parquet"
+    args = ("score", "--teacher", digits_run["teacher"], "--out", out, "--part-size", 256)
+    result = invoke(runner, *args)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("energytools:")]
+    assert result.exit_code == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"cannot write {out}.parts/part-00001.parquet (writing .tmp-part-00001.parquet" in lines[0]
+    assert "No space left on device" in lines[0] and "re-run the same command" in lines[0]
+    assert [p.name for p in (tmp_path / "s.parquet.parts").iterdir() if p.name != ".key"] == ["part-00000.parquet"]
+    monkeypatch.setattr(table.pq, "write_table", real)
+    resumed = invoke(runner, *args)
+    assert resumed.exit_code == 0 and "resuming: 1 of 6 parts" in resumed.output, resumed.output

@@ -93,3 +93,163 @@ def test_two_process_distill_replays_stored_views(digits_run, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "config.json").read_text())["replayed_views"]["count"] == 2
     assert pl.read_parquet(out / "metrics.parquet")["val_acc"].is_not_null().all()
+
+
+DIE = """import os, signal, sys, time
+import importlib
+from energytools.cli import main
+
+module, name, at = os.environ["DIE_IN"].split(":")
+if os.environ["RANK"] == "1":  # rank 1 is SIGKILLed at its at-th call of module.name
+    owner = importlib.import_module(module)
+    path = name.split(".")
+    holder = owner if len(path) == 1 else getattr(owner, path[0])
+    original, calls = getattr(holder, path[-1]), [0]
+
+    def dying(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == int(at):
+            time.sleep(float(os.environ.get("DIE_AFTER", "0")))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(*args, **kwargs)
+    setattr(holder, path[-1], dying)
+sys.argv = ["energytools"] + sys.argv[1:]
+main()
+"""
+
+
+def torchrun_dying(tmp_path, die_in, *args, die_after=0):
+    import time
+
+    script = tmp_path / "die.py"
+    script.write_text(DIE)
+    os.environ["DIE_IN"], os.environ["DIE_AFTER"] = die_in, str(die_after)
+    try:
+        started = time.perf_counter()
+        result = torchrun("--collective-timeout", 30, *args, script=str(script))
+        return result, time.perf_counter() - started
+    finally:
+        del os.environ["DIE_IN"], os.environ["DIE_AFTER"]
+
+
+def test_a_killed_rank_ends_distill_on_the_other_with_one_line_and_a_rerun_resumes(digits_run, tmp_path):
+    out = tmp_path / "ddp"
+    args = ("distill", "--scores", digits_run["scores"], "--student", "cnn_tiny", "--method", "kd", "--epochs", 2,
+            "--out", out, "--device", "cpu")
+    # rank 1 dies in epoch 2 (an epoch is ~11 steps a rank; one stop agreement a step)
+    result, seconds = torchrun_dying(tmp_path, "energytools.distributed:Context.agree_stop:16", *args)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("energytools:")]
+    assert len(lines) == 1 and "rank 0 of 2" in lines[0] and "rank 1 died" in lines[0], result.stderr[-3000:]
+    assert seconds < 120  # not the collective timeout of torch (30 min), nor a hang
+    resumed = torchrun(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert pl.read_parquet(out / "metrics.parquet").height == 2
+
+
+def test_a_killed_rank_ends_score_on_the_other_with_one_line_and_a_rerun_resumes(digits_run, tmp_path):
+    out = tmp_path / "s.parquet"
+    args = ("score", "--teacher", digits_run["teacher"], "--out", out, "--part-size", 256)
+    # rank 1 dies scoring its second part, after rank 0 has reached the final barrier
+    result, seconds = torchrun_dying(tmp_path, "energytools.stages.score:score_rows:2", *args, die_after=3)
+    assert result.returncode != 0 and not out.exists()
+    lines = [line for line in result.stderr.splitlines() if line.startswith("energytools:")]
+    assert len(lines) == 1 and "rank 0 of 2" in lines[0] and "rank 1 died" in lines[0], result.stderr[-3000:]
+    assert seconds < 120
+    parts = sorted(p.name for p in (tmp_path / "s.parquet.parts").glob("part-*.parquet"))
+    assert "part-00001.parquet" in parts and "part-00003.parquet" not in parts  # what rank 1 finished stays
+    resumed = torchrun(*args)
+    assert resumed.returncode == 0 and "resuming" in resumed.stdout + resumed.stderr, resumed.stderr[-3000:]
+    assert out.exists()
+
+
+def test_two_ranks_size_their_parts_and_write_the_one_process_table(tmp_path):
+    """2,000 samples with default options: before, "1 part(s) of part_size 8192, fewer than the 2 ranks"."""
+    import pytest
+    import torch
+
+    from energytools.config import DataConfig
+    from energytools.data.loaders import SYSTEM_FASHION_MNIST
+    from energytools.engine import model_meta
+    from energytools.models import create_model, save_checkpoint
+
+    if not SYSTEM_FASHION_MNIST.exists():
+        pytest.skip("Fashion-MNIST is not installed")
+    data = DataConfig(dataset="fashion-mnist", limit=2000, eval_limit=100)
+    teacher = tmp_path / "teacher.pt"
+    torch.manual_seed(0)
+    save_checkpoint(teacher, create_model("cnn_tiny", 10, 1, 28), model_meta("cnn_tiny", data.build("train"), data))
+    tables = {}
+    for nproc in (1, 2):
+        tables[nproc] = tmp_path / f"scores-{nproc}.parquet"
+        result = torchrun("score", "--teacher", teacher, "--out", tables[nproc], nproc=nproc)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert tables[1].read_bytes() == tables[2].read_bytes()
+
+
+def test_more_ranks_than_samples_is_refused_in_one_line(tmp_path):
+    from energytools.errors import UserError
+    from energytools.stages.score import choose_part_size
+
+    import pytest
+
+    with pytest.raises(UserError, match="3 samples cannot be shared by 4 ranks"):
+        choose_part_size(3, 4, 256, None)
+    assert choose_part_size(2000, 2, 256, None) == 1024  # whole batches: 4 a part
+    assert choose_part_size(2000, 1, 256, None) == 2048
+    assert choose_part_size(100_000, 2, 256, None) == 8192  # large splits: parts independent of the ranks
+    assert choose_part_size(2000, 2, 256, 512) == 512
+
+
+def worker_of_rank(launcher: int, rank: int) -> int:
+    """The pid of torchrun's worker process of ``rank`` (from /proc: its children and their RANK)."""
+    children = open(f"/proc/{launcher}/task/{launcher}/children").read().split()
+    for pid in children:
+        environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return int(pid)
+    raise AssertionError(f"no worker of rank {rank} among {children}")
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_and_resume_is_exact(digits_run, tmp_path):
+    """SIGTERM to one rank only (a launcher passes it on to its workers one by one, so one may
+    get it a step later): the ranks agree on the step to stop after, every rank stops there."""
+    import re
+    import signal
+    import time
+
+    import torch
+
+    args = ["distill", "--scores", digits_run["scores"], "--student", "cnn_tiny", "--method", "kd", "--epochs", 2,
+            "--batch-size", 16, "--device", "cpu"]
+    whole = torchrun(*args, "--out", tmp_path / "a")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    last = tmp_path / "b" / "last.pt"
+    # a short collective timeout: without the agreement the ranks would wait in different collectives
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+               "energytools", "--collective-timeout", 60, *map(str, args), "--out", str(tmp_path / "b"),
+               "--checkpoint-every-steps", 2]
+    process = subprocess.Popen(list(map(str, command)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while not last.exists():
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.005)
+    os.kill(worker_of_rank(process.pid, 1), signal.SIGTERM)
+    try:
+        _, stderr = process.communicate(timeout=240)
+    finally:
+        if process.poll() is None:  # torchrun ends its workers when it is killed this way
+            process.send_signal(signal.SIGTERM)
+            process.wait(60)
+    assert process.returncode != 0
+    # one line from each rank (the two may interleave on torchrun's stderr), at the same step
+    stopped = re.findall(r"energytools: stopped by SIGTERM; (epoch \d+ step \d+/\d+)", stderr)
+    assert len(stopped) == 2 and stopped[0] == stopped[1], stderr[-3000:]
+    assert torch.load(last, weights_only=True)["position"] is not None
+    resumed = torchrun(*args, "--out", tmp_path / "b", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["model"]
+    b = torch.load(last, weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -79,6 +79,37 @@ def mixed_kd_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, we
     return weight * (per_row * rows).sum() / rows.sum().clamp_min(1)
 
 
+class MixDraws:
+    """Online HE-DA's random draws: the boxes (NumPy) and the partners (torch, on the batch's
+    device), seeded by (seed, epoch, rank) at the first batch of each epoch. Its state is saved
+    with a mid-epoch checkpoint (``state_dict``), so a run stopped inside an epoch draws on as an
+    uninterrupted one would."""
+
+    def __init__(self, seed: int, rank: int = 0):
+        self.seed, self.rank = seed, rank
+        self.epoch, self.rng, self.generator = None, None, None
+
+    def for_epoch(self, epoch: int, device: torch.device) -> tuple[np.random.Generator, torch.Generator]:
+        if epoch != self.epoch:
+            self.epoch, self.rng = epoch, np.random.default_rng([self.seed, epoch, self.rank])
+            self.generator = torch.Generator(device=device).manual_seed(int(self.rng.integers(2**62)))
+        return self.rng, self.generator
+
+    def state_dict(self) -> dict:
+        if self.epoch is None:
+            return {}
+        return {"epoch": self.epoch, "rng": self.rng.bit_generator.state, "generator": self.generator.get_state(),
+                "device": str(self.generator.device)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        self.epoch, self.rng = int(state["epoch"]), np.random.default_rng()
+        self.rng.bit_generator.state = state["rng"]
+        self.generator = torch.Generator(device=state.get("device", "cpu"))
+        self.generator.set_state(state["generator"])
+
+
 class OnlineHEDA(Distiller):
     """The run's method (``inner``) plus the HE-DA term. The boxes and partners come from
     generators seeded by (seed, epoch, rank), so a run resumed at an epoch boundary draws what it
@@ -90,8 +121,8 @@ class OnlineHEDA(Distiller):
         nn.Module.__init__(self)
         self.inner, self.options = inner, inner.options
         self._teacher = (teacher,)
-        self.weight, self.seed, self.rank = weight, seed, rank
-        self._epoch, self._rng, self._generator = None, None, None
+        self.weight = weight
+        self.draws = MixDraws(seed, rank)
 
     @property
     def student(self) -> nn.Module:
@@ -99,10 +130,8 @@ class OnlineHEDA(Distiller):
 
     def mix(self, images: torch.Tensor, epoch: int, high: torch.Tensor) -> Mixed:
         """This batch's mixed images (see :func:`mix_high_energy`)."""
-        if epoch != self._epoch:
-            self._epoch, self._rng = epoch, np.random.default_rng([self.seed, epoch, self.rank])
-            self._generator = torch.Generator(device=images.device).manual_seed(int(self._rng.integers(2**62)))
-        return mix_high_energy(images, high, self._rng, generator=self._generator)
+        rng, generator = self.draws.for_epoch(epoch, images.device)
+        return mix_high_energy(images, high, rng, generator=generator)
 
     def joint_forward(self, forward: Callable, mixed: Mixed | None, kept: dict) -> Callable:
         """``forward`` run once on the batch and ``mixed`` together; returns the batch's logits

@@ -46,6 +46,8 @@ class TrainLoader:
                                                                                           False)
         else:
             dataset, batches = train_set, torch.utils.data.BatchSampler(self.sampler, cfg.batch_size, False)
+        batches = self._batches = SkippingBatches(batches)
+        self._on_resumed = None
         self.loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches,
                                                   generator=None if ctx.distributed else self.generator,
                                                   **loader_options(device, cfg.num_workers, cfg.prefetch,
@@ -75,5 +77,42 @@ class TrainLoader:
         stay those of a loader made every epoch, as runs before persistent workers had."""
         torch.empty((), dtype=torch.int64).random_(generator=self.loader.generator)
 
+    def resume_at(self, step: int, on_resumed) -> None:
+        """Make the next pass skip its first ``step`` batches without loading them (the order is
+        drawn as ever: a function of seed and epoch), then call ``on_resumed()`` once the pass
+        has made its draws, before the first batch is handed out (it restores the generators
+        saved with the position; with no batch left it is called at the end)."""
+        self._batches.skip, self._on_resumed = step, on_resumed
+
     def __iter__(self):
-        return iter(self.loader)
+        if self._on_resumed is None:
+            return iter(self.loader)
+        return self._resumed()
+
+    def _resumed(self):
+        on_resumed, self._on_resumed = self._on_resumed, None
+        pending = True
+        for batch in self.loader:
+            if pending:
+                on_resumed()
+                pending = False
+            yield batch
+        if pending:
+            on_resumed()
+
+
+class SkippingBatches:
+    """A batch sampler that drops its first ``skip`` batches once (a resumed epoch): the indices
+    are drawn and thrown away, no sample is loaded."""
+
+    def __init__(self, batches):
+        self.batches, self.skip = batches, 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        skip, self.skip = self.skip, 0
+        for index, batch in enumerate(self.batches):
+            if index >= skip:
+                yield batch

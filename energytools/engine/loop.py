@@ -31,6 +31,8 @@ from ..models import load_checkpoint, save_checkpoint
 from ..optim import create_optimizer, create_schedule, set_lr
 from ..options import as_dict
 from ..table import write_parquet
+from ..preemption import Stopped, stop_requested
+from .checkpoint import Position, StepBoundary, restore_rngs
 from .ema import ModelEma
 from .evaluation import evaluate
 from .loaders import TrainLoader
@@ -106,7 +108,8 @@ def train_one_epoch(epoch: int, model: nn.Module, forward: Callable, step: StepF
                     optimizer: torch.optim.Optimizer, scaler, cfg, device: torch.device, info,
                     progress=None, on_step: Callable[[StepEvent], None] | None = None,
                     extra_groups: list[dict] = (), lr_at: Callable[[float], float] | None = None,
-                    ema: ModelEma | None = None) -> tuple[dict, int]:
+                    ema: ModelEma | None = None, position: Position | None = None,
+                    at_boundary: Callable[[int, int, dict, int], None] | None = None) -> tuple[dict, int]:
     """One pass over ``loader``: returns each loss term summed over samples (on the device) and
     the number of samples seen. The sums are read every ``cfg.sync_every`` steps (progress and
     the divergence check), never per step.
@@ -114,7 +117,9 @@ def train_one_epoch(epoch: int, model: nn.Module, forward: Callable, step: StepF
     ``lr_at`` (fractional epoch -> lr, :func:`energytools.optim.create_schedule`) sets the lr
     before each optimizer step; ``ema`` is updated after each. With ``cfg.accumulate`` N the
     optimizer steps every N batches (and at the epoch's end) on the mean of their losses;
-    ``on_step`` still sees every batch."""
+    ``on_step`` still sees every batch. ``position`` (a resumed epoch) gives the batches already
+    done, which ``loader`` skips, and the sums so far; ``at_boundary(epoch, step, sums, seen)``
+    runs after each optimizer step (mid-epoch checkpoints, stop requests)."""
     # float64 sums reproduce the per-step Python-float sums exactly; mps has no float64
     sum_dtype = torch.float32 if device.type == "mps" else torch.float64
     task = None
@@ -124,11 +129,14 @@ def train_one_epoch(epoch: int, model: nn.Module, forward: Callable, step: StepF
     # the bar moves about 100 times an epoch: an update per step costs more than a tiny model's step
     refresh = max(1, len(loader) // 100)
     model.train()
-    sums: dict[str, torch.Tensor] = {}
-    seen = 0
+    sums: dict[str, torch.Tensor] = dict(position.sums) if position is not None else {}
+    seen = position.seen if position is not None else 0
+    done = position.step if position is not None else 0
+    if task is not None and done:
+        progress.update(task, completed=done)
     replayed = loader.views is not None
     accumulate, steps, clip = getattr(cfg, "accumulate", 1), len(loader), getattr(cfg, "clip_grad", None)
-    for step_index, fetched in enumerate(loader, 1):
+    for step_index, fetched in enumerate(loader, done + 1):
         first = (step_index - 1) % accumulate == 0  # the first batch of an optimizer step
         last = step_index % accumulate == 0 or step_index == steps  # the batch that steps
         if lr_at is not None and first:  # the lr of this optimizer step, at its fractional epoch
@@ -168,6 +176,8 @@ def train_one_epoch(epoch: int, model: nn.Module, forward: Callable, step: StepF
             sums[name] = sums[name] + term if name in sums else term
         if on_step is not None:
             on_step(StepEvent(epoch, step_index, batch, logits, losses, optimizer.param_groups[0]["lr"]))
+        if at_boundary is not None and last:  # between optimizer steps: no gradient is half accumulated
+            at_boundary(epoch, step_index, sums, seen)
         if task is None:
             continue
         if cfg.sync_every and step_index % cfg.sync_every == 0:
@@ -184,7 +194,7 @@ def train_one_epoch(epoch: int, model: nn.Module, forward: Callable, step: StepF
 
 def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, test_set: ImageSet | None,
         cfg, out_dir: Path, meta: dict, resume: bool = True, views=None,
-        on_step: Callable[[StepEvent], None] | None = None, distiller=None) -> FitResult:
+        on_step: Callable[[StepEvent], None] | None = None, distiller=None, stateful: dict | None = None) -> FitResult:
     """Train ``model`` with ``step`` and write best.pt, last.pt and metrics.parquet to ``out_dir``.
 
     ``step(batch, forward) -> (logits, {name: loss})``; the losses are summed. ``train_set``
@@ -200,6 +210,12 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
     ``extra_parameter_groups()`` join the optimizer (their gradients averaged across ranks),
     its ``extra_state()`` is saved in last.pt and restored on resume, and its
     ``epoch_metrics()`` join each epoch's metrics row.
+
+    A stop signal (energytools.preemption) ends the run after the current optimizer step with
+    last.pt holding the position inside the epoch (energytools.engine.checkpoint), as
+    ``cfg.checkpoint_every_steps`` does periodically; ``resume`` continues from there.
+    ``stateful`` names objects with ``state_dict()``/``load_state_dict()`` whose random state a
+    step advances (online HE-DA's generators), saved with that position.
     """
     cfg.check()
     ctx = context()
@@ -226,6 +242,7 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
     rows: list[dict] = []
     start_epoch, best_val, best_epoch, best_weights = 0, -1.0, 0, "raw"
     last_path = out_dir / "last.pt"
+    position, stateful = None, stateful or {}
     if resume and last_path.exists():
         state = load_checkpoint(last_path)
         model.load_state_dict(state["model"])
@@ -239,16 +256,35 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
         best_weights = state.get("best_weights", "raw")
         start_epoch, best_val, best_epoch = state["epoch"], state["best_val_acc"], state["best_epoch"]
         rows = list(state["metrics"])
-        console.print(f"resuming {out_dir} from epoch {start_epoch}")
+        position = Position.from_state(state["position"], device) if state.get("position") else None
+        console.print(f"resuming {out_dir} from epoch {start_epoch}"
+                      + (f", step {position.step}" if position is not None else ""))
     loader = TrainLoader(train_set, cfg, device, ctx, views)
+
+    def save_last(epochs_done: int, epoch_position: Position | None = None) -> None:
+        """last.pt: everything a resumed run needs, after ``epochs_done`` epochs (and a position
+        inside the next one); rank 0 writes it, every rank holding the same weights."""
+        if ctx.is_main:
+            save_checkpoint(last_path, model, meta, epoch=epochs_done, optimizer=optimizer.state_dict(),
+                            scaler=scaler.state_dict(), best_val_acc=best_val, best_epoch=best_epoch, metrics=rows,
+                            distiller=distiller.extra_state() if distiller is not None else {},
+                            position=epoch_position.to_state() if epoch_position else None,
+                            **({"ema": ema.state_dict(), "best_weights": best_weights} if ema is not None else {}))
+
+    at_boundary = StepBoundary(getattr(cfg, "checkpoint_every_steps", 0), len(loader),
+                               lambda p: save_last(p.epoch, p), loader.generator, stateful, out_dir)
     with progress_bar() as progress, deterministic(cfg.deterministic):
         for epoch in range(start_epoch, cfg.epochs):
             started = time.perf_counter()
             lr = lr_at(epoch)
             set_lr(optimizer, lr)
             loader.start_epoch(epoch)
+            resumed = position if position is not None and position.epoch == epoch else None
+            if resumed is not None:
+                loader.resume_at(resumed.step, lambda p=resumed: restore_rngs(p.rngs, loader.generator, stateful))
+            position = None
             sums, seen = train_one_epoch(epoch, model, forward, step, loader, optimizer, scaler, cfg, device, info,
-                                         progress, on_step, extra_groups, lr_at, ema)
+                                         progress, on_step, extra_groups, lr_at, ema, resumed, at_boundary)
             names = sorted(sums)
             values = torch.stack([sums[n] for n in names]).tolist() if names else []  # one read per epoch
             summed = ctx.all_sum(values + [seen])
@@ -276,18 +312,25 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
                 if improved:
                     save_checkpoint(out_dir / "best.pt", candidate, meta, epoch=epoch + 1, val_acc=val_acc,
                                     test_acc=test_acc, **({"weights": which} if ema is not None else {}))
-                save_checkpoint(last_path, model, meta, epoch=epoch + 1, optimizer=optimizer.state_dict(),
-                                scaler=scaler.state_dict(), best_val_acc=best_val, best_epoch=best_epoch, metrics=rows,
-                                distiller=distiller.extra_state() if distiller is not None else {},
-                                **({"ema": ema.state_dict(), "best_weights": best_weights} if ema is not None else {}))
+                save_last(epoch + 1)
                 write_parquet(pl.DataFrame(rows), out_dir / "metrics.parquet", {"kind": "metrics", **meta})
             ctx.barrier()
             if ctx.is_main:
                 ema_text = f"  EMA val {row['ema_val_acc']:.2f}%" if ema is not None else ""
                 console.print(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  val {row['val_acc']:.2f}%  "
                               f"test {row['test_acc']:.2f}%{ema_text}  lr {lr:.4g}  {row['seconds']:.1f}s")
+            _stop_after_epoch(epoch, cfg.epochs, last_path)
     metrics = pl.DataFrame(rows)
     best_row = metrics.filter(pl.col("epoch") == best_epoch).row(0, named=True)
     prefix = "ema_" if best_weights == "ema" else ""
     return FitResult(out_dir, best_epoch, best_row[f"{prefix}val_acc"], best_row[f"{prefix}test_acc"],
                      rows[-1]["test_acc"], float(metrics["seconds"].sum()), metrics, best_weights)
+
+
+def _stop_after_epoch(epoch: int, epochs: int, last_path: Path) -> None:
+    """A stop signal that came during evaluation or the epoch's checkpoint: last.pt holds the
+    finished epoch, so stop there (every rank agrees first)."""
+    signum = context().agree_stop(stop_requested())
+    if signum is not None and epoch + 1 < epochs:
+        raise Stopped(signum, f"epoch {epoch + 1} saved in {last_path}; re-run the same command with --resume "
+                              "to continue")

@@ -138,6 +138,8 @@ def load_checkpoint(path: Path | str) -> dict:
     """Read a checkpoint without running code from it: ``.safetensors``, or a torch file
     through ``torch.load(weights_only=True)``. A file that needs code to load is refused."""
     path = Path(path)
+    if path.is_dir():  # a model folder lacking config.json lands here
+        raise UserError(f"checkpoint {hf_source.describe_folder(path)}")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:

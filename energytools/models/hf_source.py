@@ -66,10 +66,38 @@ def _transformers():
             logging.enable_progress_bar()
 
 
+#: the weight files save_pretrained writes (one file, or shards named by an index)
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def missing_files(directory: str | Path) -> list[str]:
+    """Which of config.json, the weights and preprocessor_config.json ``directory`` lacks."""
+    directory = Path(directory)
+    missing = [] if (directory / "config.json").is_file() else ["config.json"]
+    if not any((directory / name).is_file() for name in WEIGHT_FILES):
+        missing.append("the weights (model.safetensors or pytorch_model.bin)")
+    if not (directory / "preprocessor_config.json").is_file():
+        missing.append("preprocessor_config.json")
+    return missing
+
+
+def describe_folder(directory: str | Path) -> str:
+    """One line on a folder given as a model: which of save_pretrained's files it lacks."""
+    missing = missing_files(directory)
+    if len(missing) == 3:
+        return (f"{directory} is a folder, not a model: it holds none of config.json, the weights and "
+                "preprocessor_config.json (what save_pretrained writes), nor is it a checkpoint file")
+    return (f"{directory} is a Hugging Face model folder missing {', '.join(missing)}"
+            " (save_pretrained writes config.json, model.safetensors and preprocessor_config.json)")
+
+
 def _folder(directory: str | Path) -> Path:
     directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"hf:{directory}: no such folder")
     if not is_hf_folder(directory):
-        raise UserError(f"hf:{directory}: not a folder with a config.json (one that save_pretrained wrote)")
+        raise UserError(f"hf:{describe_folder(directory)}")
     return directory
 
 
@@ -102,6 +130,8 @@ def load_folder(directory: str | Path) -> tuple[HFClassifier, dict]:
     count and channels of its config, ``class_names`` and a sha256 over the model's files.
     """
     path = _folder(directory)
+    if any(name.startswith("the weights") for name in missing_files(path)):  # a teacher needs them
+        raise UserError(describe_folder(path))
     with _transformers() as transformers:
         try:
             model = transformers.AutoModelForImageClassification.from_pretrained(path, local_files_only=True)

@@ -19,6 +19,7 @@ from ..data.shards import MANIFEST, shard_name
 from ..distributed import context
 from ..errors import UserError
 from ..io import check_output_path, sha256_file, sha256_json, write_json
+from ..preemption import Stopped, stop_requested
 from ..resume import resumable_parts
 from ..selection import describe_selection
 from ..table import load_table, versions
@@ -70,6 +71,11 @@ def augment(cfg: AugmentConfig) -> Path:
                                      completed=total - sum(plan.rows for plan in todo), info="")
             for count in write_shards(todo, metadata, builder, pool):
                 progress.update(task, advance=count)
+                signum = stop_requested()
+                if signum is not None:  # the shards written so far stay; a half-built one is dropped
+                    done = len(work.mine) - sum(not (out / name).exists() for name in work.mine)
+                    raise Stopped(signum, f"{done} of {len(work.mine)} shards written to {out}; re-run the same "
+                                          "command to resume")
         if not work.gather():
             return out
         manifest = {**metadata, "shards": names, "rows": len(jobs),

@@ -143,7 +143,8 @@ def distill(cfg: DistillConfig, on_step: Callable | None = None) -> FitResult:
                       f"temperatures {temperatures} ({plan.groups.rule.rule}, {cfg.temperature_source})")
         result = fit(distiller.student, step, inputs.training_set, val_set, test_set, cfg.train, out, run_meta,
                      resume=cfg.resume, views=inputs.replay.schedule if inputs.replay is not None else None,
-                     distiller=distiller, on_step=on_step)
+                     distiller=distiller, on_step=on_step,
+                     stateful={"he_da": distiller.draws} if isinstance(distiller, OnlineHEDA) else None)
         if writes_files:  # test predictions before summary.json: a run with one has both
             write_test_predictions(distiller.student, test_set, out, cfg.train)
             write_json(out / "summary.json", {

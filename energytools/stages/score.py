@@ -28,6 +28,7 @@ from ..distributed import context
 from ..engine import float32_exact, make_loader
 from ..errors import UserError
 from ..io import check_output_free, sha256_json, write_json
+from ..preemption import Stopped, stop_requested
 from ..preprocessing import describe_preprocessing
 from ..resume import resumable_parts
 from ..score_table import finish_table, format_summary, rows_to_arrow
@@ -44,10 +45,32 @@ def resolve_data(cfg: ScoreConfig) -> DataConfig:
     return dataclasses.replace(teacher_data_config(cfg.teacher), **given)
 
 
-def _parts_key(cfg: ScoreConfig, dataset, teacher_sha: str) -> str:
+#: the largest part a default run makes (rows)
+MAX_PART_SIZE = 8192
+
+
+def choose_part_size(samples: int, world: int, batch_size: int, given: int | None) -> int:
+    """Rows per part: ``given``, or the largest multiple of ``batch_size`` (at most
+    MAX_PART_SIZE) that still gives every rank a part. Parts made of whole batches score the
+    same batches as one process does, so the table's bytes do not depend on the number of
+    ranks; only when there are fewer batches than ranks are parts cut inside a batch."""
+    if samples < world:
+        raise UserError(f"{samples} samples cannot be shared by {world} ranks: launch at most {samples} processes")
+    if given is not None:
+        return given
+    batches = -(-samples // batch_size)
+    if batches < world:
+        console.print(f"note: {batches} batch(es) of {batch_size} for {world} ranks: parts of "
+                      f"{-(-samples // world)} rows, so batches differ from a one-process run (energies may differ "
+                      "in the last bits); lower --batch-size to keep them")
+        return -(-samples // world)
+    return min(MAX_PART_SIZE // batch_size or 1, -(-batches // world)) * batch_size
+
+
+def _parts_key(cfg: ScoreConfig, dataset, teacher_sha: str, part_size: int) -> str:
     """What the parts depend on; a resumed run reuses parts only when this matches."""
     key = {"dataset": dataset.fingerprint(), "teacher": teacher_sha, "T_E": cfg.energy_temperature,
-           "save_logits": cfg.save_logits, "part_size": cfg.part_size, "batch_size": cfg.batch_size,
+           "save_logits": cfg.save_logits, "part_size": part_size, "batch_size": cfg.batch_size,
            "split": cfg.split, "amp": cfg.amp}
     if cfg.preprocessing.given():  # (keys of runs without overrides are as before)
         key["preprocessing"] = cfg.preprocessing.given()
@@ -71,6 +94,15 @@ def _load_reference(cfg: ScoreConfig, teacher: TeacherRun):
     return frame, meta
 
 
+def _stop_if_requested(parts_dir: Path, mine: list[str]) -> None:
+    """A stop signal came: drop the part being scored (the parts written stay) and stop."""
+    signum = stop_requested()
+    if signum is not None:
+        done = sum((parts_dir / name).exists() for name in mine)
+        raise Stopped(signum, f"{done} of {len(mine)} parts scored in {parts_dir}; re-run the same command to "
+                              "resume")
+
+
 def score(cfg: ScoreConfig) -> Path:
     """Score every sample of a split with the teacher; returns the table's path."""
     cfg.check()
@@ -88,18 +120,19 @@ def score(cfg: ScoreConfig) -> Path:
         raise UserError(f"--top-k must be smaller than the {info.num_classes} classes of {info.name}, got {cfg.top_k}")
     started = time.perf_counter()
     ctx.check_same(as_dict(cfg), "score config")
-    n_parts = (len(dataset) + cfg.part_size - 1) // cfg.part_size
+    part_size = choose_part_size(len(dataset), ctx.world, cfg.batch_size, cfg.part_size)
+    n_parts = (len(dataset) + part_size - 1) // part_size
     if n_parts < ctx.world:
-        raise UserError(f"{len(dataset)} samples make {n_parts} part(s) of part_size {cfg.part_size}, fewer than "
-                        f"the {ctx.world} ranks: lower part_size or the number of processes")
+        raise UserError(f"{len(dataset)} samples make {n_parts} part(s) of part_size {part_size}, fewer than "
+                        f"the {ctx.world} ranks: lower part_size (or leave it out) or the number of processes")
     names = [f"part-{k:05d}.parquet" for k in range(n_parts)]
 
     def rows_in(name: str) -> range:
         k = names.index(name)
-        return range(k * cfg.part_size, min((k + 1) * cfg.part_size, len(dataset)))
+        return range(k * part_size, min((k + 1) * part_size, len(dataset)))
 
     parts_dir = out.parent / f"{out.name}.parts"
-    with resumable_parts(out, parts_dir, _parts_key(cfg, dataset, teacher.sha256), names) as work:
+    with resumable_parts(out, parts_dir, _parts_key(cfg, dataset, teacher.sha256, part_size), names) as work:
         if len(work.todo) < len(work.mine):
             console.print(f"resuming: {len(work.mine) - len(work.todo)} of {len(work.mine)} parts already scored")
         with progress_bar() as progress:
@@ -119,6 +152,7 @@ def score(cfg: ScoreConfig) -> Path:
                                                          views=views[0] if views else None, top_k=cfg.top_k,
                                                          batch_size=cfg.batch_size)})
                         progress.update(task, advance=len(labels))
+                        _stop_if_requested(parts_dir, work.mine)
                 rows = {column: np.concatenate([c[column] for c in chunks]) for column in chunks[0]}
                 paths = [part.path(i) for i in range(len(part))] if part.path(0) is not None else None
                 write_parquet(rows_to_arrow(rows, paths), parts_dir / name, {"kind": "score-part"})

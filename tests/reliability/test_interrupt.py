@@ -135,3 +135,55 @@ def test_a_second_writer_is_refused_and_a_killed_one_leaves_no_stuck_lock(teache
         process.wait()
     run(*args)  # the kernel released the dead process's lock
     assert out.exists()
+
+
+def run_and_stop(args, ready, signum=signal.SIGTERM, timeout=180) -> subprocess.CompletedProcess:
+    """Start the command, send ``signum`` (a scheduler's stop) once ``ready()`` holds, wait for it."""
+    process = subprocess.Popen(cli(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + timeout
+    while not ready():
+        if process.poll() is not None:
+            pytest.fail(f"finished before the signal: {process.stderr.read()[-500:]}")
+        assert time.time() < deadline, "never reached the signal point"
+        time.sleep(0.01)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(args, process.returncode, "", stderr)
+
+
+def one_stop_line(result) -> str:
+    assert result.returncode == 143, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("energytools:")]
+    assert len(lines) == 1 and "stopped by SIGTERM" in lines[0] and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def test_score_stops_on_sigterm_and_resumes(teacher, clean_scores, tmp_path):
+    out = tmp_path / "scores.parquet"
+    args = ("score", "--teacher", teacher, "--out", out, "--part-size", 1024, "--save-logits")
+    line = one_stop_line(run_and_stop(args, lambda: len(parts(out)) >= 3))
+    assert "parts scored" in line and "re-run the same command" in line
+    assert not out.exists() and 3 <= len(parts(out)) < 12
+    for part in parts(out):
+        pq.read_table(part)  # the part being scored was dropped, not half-written
+    run(*args)
+    assert out.read_bytes() == clean_scores.read_bytes()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_augment_stops_on_sigterm_and_resumes(clean_scores, tmp_path, workers):
+    def args(out):
+        return ("augment", "--scores", clean_scores, "--ratio", 0.5, "--shard-size", 500, "--out", out,
+                "--workers", workers)
+
+    run(*args(tmp_path / "clean"))
+    out = tmp_path / "stopped"
+    line = one_stop_line(run_and_stop(args(out), lambda: len(list(out.glob("train-*.parquet"))) >= 2))
+    assert "shards written" in line and not (out / "manifest.json").exists()
+    assert not list(out.glob(".tmp-*"))  # a clean stop leaves no half-written shard
+    run(*args(out))
+    names = sorted(p.name for p in (tmp_path / "clean").iterdir())
+    assert names == sorted(p.name for p in out.iterdir())
+    for name in names:
+        assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name

@@ -1,0 +1,86 @@
+"""The position inside an epoch, saved in last.pt so a stopped run resumes mid-epoch.
+
+A run stopped by a scheduler (:mod:`energytools.preemption`) or checkpointed every
+``--checkpoint-every-steps`` steps writes last.pt with the usual state (weights, optimizer,
+GradScaler, the distiller's extra state, the finished epochs' metrics) plus ``position``:
+the epoch and the number of optimizer steps done in it, the loss sums and sample count so
+far, and every random generator's state (the training loader's, torch's global ones, and
+those of ``stateful`` objects such as online HE-DA). The epoch's sample order is a function
+of (seed, epoch, rank), so a resumed run re-draws it, skips the batches already trained on
+without loading them (:meth:`energytools.engine.loaders.TrainLoader.resume_at`), restores the
+generators and goes on: on the CPU it ends with the weights of an uninterrupted run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..console import console
+from ..distributed import context
+from ..preemption import Stopped, stop_requested
+
+
+@dataclass
+class Position:
+    """Where a run stands inside ``epoch`` (0-based): ``step`` optimizer steps done."""
+
+    epoch: int
+    step: int
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    seen: int = 0
+    rngs: dict = field(default_factory=dict)
+
+    def to_state(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "sums": {k: v.detach().cpu() for k, v in self.sums.items()},
+                "seen": self.seen, "rngs": self.rngs}
+
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device) -> Position:
+        return cls(int(state["epoch"]), int(state["step"]), {k: v.to(device) for k, v in state["sums"].items()},
+                   int(state["seen"]), state.get("rngs", {}))
+
+
+def capture_rngs(loader_generator: torch.Generator, stateful: dict) -> dict:
+    """Every generator a training step may draw from, as tensors and plain values."""
+    rngs = {"loader": loader_generator.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rngs["cuda"] = torch.cuda.get_rng_state_all()
+    rngs["objects"] = {name: obj.state_dict() for name, obj in stateful.items()}
+    return rngs
+
+
+def restore_rngs(rngs: dict, loader_generator: torch.Generator, stateful: dict) -> None:
+    loader_generator.set_state(rngs["loader"])
+    torch.set_rng_state(rngs["torch"])
+    if "cuda" in rngs and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rngs["cuda"])
+    for name, obj in stateful.items():
+        if name in rngs.get("objects", {}):
+            obj.load_state_dict(rngs["objects"][name])
+
+
+class StepBoundary:
+    """What happens after each optimizer step: a periodic mid-epoch checkpoint every
+    ``every`` steps (0: never) and, when a stop signal came to any rank, a last one, then
+    :class:`~energytools.preemption.Stopped`. ``save(position)`` writes last.pt (rank 0)."""
+
+    def __init__(self, every: int, total_steps: int, save, loader_generator: torch.Generator, stateful: dict,
+                 out_dir):
+        self.every, self.total, self.save = every, total_steps, save
+        self.generator, self.stateful, self.out_dir = loader_generator, stateful, out_dir
+
+    def __call__(self, epoch: int, step: int, sums: dict, seen: int) -> None:
+        ctx = context()
+        signum = ctx.agree_stop(stop_requested())
+        if signum is None and not (self.every and step % self.every == 0 and step < self.total):
+            return
+        position = Position(epoch, step, sums, seen, capture_rngs(self.generator, self.stateful))
+        self.save(position)
+        ctx.barrier("writing the mid-epoch checkpoint")
+        if signum is not None:
+            if ctx.is_main:
+                console.print(f"stopping at epoch {epoch + 1}, step {step}/{self.total}: {self.out_dir}/last.pt "
+                              "holds the position")
+            raise Stopped(signum, f"epoch {epoch + 1} step {step}/{self.total} saved in {self.out_dir / 'last.pt'}; "
+                                  "re-run the same command with --resume to continue")

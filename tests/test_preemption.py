@@ -1,0 +1,181 @@
+"""Preemption: a stop signal ends a stage at a safe point, says how to resume, and the resumed
+run equals an uninterrupted one (training mid-epoch included)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from energytools import preemption
+from energytools.config import DataConfig, DistillConfig, TrainConfig, TrainStageConfig
+from energytools.models import load_checkpoint
+from energytools.stages.distill import distill
+from energytools.stages.train import train
+
+
+@pytest.fixture(autouse=True)
+def no_stop_left_over():
+    preemption.reset()
+    yield
+    preemption.reset()
+
+
+def same_weights(a, b) -> bool:
+    a, b = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def stop_at(epoch: int, step: int):
+    """An on_step callback that asks for a stop (as the SIGTERM handler does) after that step."""
+    def on_step(event):
+        if (event.epoch, event.step) == (epoch, step):
+            preemption.request_stop()
+    return on_step
+
+
+def train_cfg(out, resume=False, every=0, workers=0):
+    return TrainStageConfig(model="cnn_tiny", out=str(out), data=DataConfig(dataset="digits", crop_pad=2), resume=resume,
+                            train=TrainConfig(epochs=2, batch_size=32, seed=0, device="cpu",
+                                              checkpoint_every_steps=every, num_workers=workers))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_train_stopped_mid_epoch_resumes_to_the_same_weights(tmp_path, workers):
+    train(train_cfg(tmp_path / "a", workers=workers))
+    with pytest.raises(preemption.Stopped) as stopped:
+        train(train_cfg(tmp_path / "b", every=5, workers=workers), on_step=stop_at(1, 7))
+    assert stopped.value.exit_code == 143 and "--resume" in str(stopped.value)
+    state = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert state["epoch"] == 1 and state["position"]["step"] == 7  # the position inside epoch 2
+    preemption.reset()
+    result = train(train_cfg(tmp_path / "b", resume=True, workers=workers))
+    assert same_weights(tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt")
+    first = load_checkpoint(tmp_path / "a" / "last.pt")["metrics"]
+    assert [r["loss"] for r in result.metrics.to_dicts()] == [r["loss"] for r in first]  # the sums were kept
+
+
+@pytest.mark.parametrize("options", [dict(method="kd"), dict(method="kd", he_da="online", cached_logits=True)],
+                         ids=["kd", "online-he-da"])
+def test_distill_stopped_mid_epoch_resumes_to_the_same_weights(digits_run, tmp_path, options):
+    def cfg(out, resume=False):
+        return DistillConfig(scores=str(digits_run["scores"]), student="cnn_tiny", out=str(out), resume=resume,
+                             train=TrainConfig(epochs=2, batch_size=32, seed=0, device="cpu"), **options)
+
+    distill(cfg(tmp_path / "a"))
+    with pytest.raises(preemption.Stopped):
+        distill(cfg(tmp_path / "b"), on_step=stop_at(1, 5))
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["position"]["step"] == 5
+    preemption.reset()
+    distill(cfg(tmp_path / "b", resume=True))
+    assert same_weights(tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt")
+
+
+def cli(*args) -> list[str]:
+    return [sys.executable, "-m", "energytools", *map(str, args)]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def signal_when(args, ready, signum=signal.SIGTERM, timeout=180) -> subprocess.CompletedProcess:
+    """Start the command, send ``signum`` once ``ready()`` holds, and wait for it to end."""
+    process = subprocess.Popen(cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + timeout
+    while not ready():
+        if process.poll() is not None:
+            pytest.fail(f"finished before the signal: {process.stderr.read()[-800:]}")
+        assert time.time() < deadline, "never reached the signal point"
+        time.sleep(0.005)
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
+
+
+@pytest.fixture(scope="module")
+def views_table(digits_run, tmp_path_factory):
+    from energytools.config import ScoreConfig
+    from energytools.stages.score import score
+
+    out = tmp_path_factory.mktemp("views") / "views.parquet"
+    return score(ScoreConfig(teacher=str(digits_run["teacher"]), out=str(out), views=2))
+
+
+@pytest.mark.parametrize("cached_views", [False, True], ids=["online-teacher", "cached-views"])
+def test_sigterm_mid_epoch_then_resume_gives_the_weights_of_an_uninterrupted_run(digits_run, views_table, tmp_path,
+                                                                                cached_views):
+    scores = views_table if cached_views else digits_run["scores"]
+    common = ["distill", "--scores", scores, "--student", "cnn_tiny", "--method", "kd", "--epochs", 2,
+              "--batch-size", 8, "--device", "cpu"] + (["--cached-logits"] if cached_views else [])
+    whole = subprocess.run(cli(*common, "--out", tmp_path / "a"), capture_output=True, text=True, env=ENV)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    last = tmp_path / "b" / "last.pt"
+    # a checkpoint every 2 steps tells the test that training has started; the signal comes right after
+    stopped = signal_when([*common, "--out", tmp_path / "b", "--checkpoint-every-steps", 2], last.exists)
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    lines = [line for line in stopped.stderr.splitlines() if line.startswith("energytools:")]
+    assert len(lines) == 1 and "stopped by SIGTERM" in lines[0] and "--resume" in lines[0], stopped.stderr[-2000:]
+    assert "Traceback" not in stopped.stderr
+    position = load_checkpoint(last)["position"]
+    assert position is not None and position["step"] > 0  # stopped inside an epoch, not at its end
+    resumed = subprocess.run(cli(*common, "--out", tmp_path / "b", "--resume"), capture_output=True, text=True,
+                             env=ENV)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stdout + resumed.stderr and "step" in resumed.stdout + resumed.stderr
+    assert same_weights(tmp_path / "a" / "last.pt", last)
+
+
+def test_usr1_stops_only_when_asked(digits_run, tmp_path):
+    common = ["distill", "--scores", digits_run["scores"], "--student", "cnn_tiny", "--method", "kd", "--epochs", 2,
+              "--batch-size", 8, "--device", "cpu", "--checkpoint-every-steps", 2]
+    stopped = signal_when(["--stop-signal", "usr1", *common, "--out", tmp_path / "b"],
+                          (tmp_path / "b" / "last.pt").exists, signal.SIGUSR1)
+    assert stopped.returncode == 138 and "stopped by SIGUSR1" in stopped.stderr, stopped.stderr[-2000:]
+    # without the option SIGUSR1 keeps its default action (the process ends at once, nothing printed)
+    killed = signal_when([*common, "--out", tmp_path / "c"], (tmp_path / "c" / "last.pt").exists, signal.SIGUSR1)
+    assert killed.returncode == -signal.SIGUSR1 and "stopped by" not in killed.stderr
+
+
+def test_checkpoint_every_steps_survives_sigkill(digits_run, tmp_path):
+    """The periodic checkpoint is atomic: a SIGKILL at any moment leaves a last.pt to resume from."""
+    common = ["distill", "--scores", digits_run["scores"], "--student", "cnn_tiny", "--method", "kd", "--epochs", 2,
+              "--batch-size", 8, "--device", "cpu"]
+    whole = subprocess.run(cli(*common, "--out", tmp_path / "a"), capture_output=True, text=True, env=ENV)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    last = tmp_path / "b" / "last.pt"
+
+    def second_checkpoint():
+        return last.exists() and load_step(last) >= 6
+
+    killed = signal_when([*common, "--out", tmp_path / "b", "--checkpoint-every-steps", 3], second_checkpoint,
+                         signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    resumed = subprocess.run(cli(*common, "--out", tmp_path / "b", "--resume"), capture_output=True, text=True,
+                             env=ENV)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert same_weights(tmp_path / "a" / "last.pt", last)
+
+
+def load_step(path) -> int:
+    try:
+        state = load_checkpoint(path)
+    except Exception:  # noqa: BLE001 - being replaced at this moment
+        return 0
+    position = state.get("position")
+    return 10**6 if position is None else position["step"]
+
+
+def test_bad_stop_signal_and_collective_timeout_are_one_line(runner, tmp_path):
+    from conftest import invoke
+
+    for args, needle in ((["--stop-signal", "kill", "models"], "--stop-signal must be one of"),
+                         (["--collective-timeout", "-5", "models"], "must be positive")):
+        result = invoke(runner, *args)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(lines) == 1 and needle in lines[0], result.stderr
+    # a command run in-process (tests, notebooks) leaves the process's own handlers as they were
+    before = signal.getsignal(signal.SIGTERM)
+    assert invoke(runner, "models").exit_code == 0 and signal.getsignal(signal.SIGTERM) is before
+    assert preemption.parse_signals(["USR1", "sigusr2", "term"]) == [signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM]
