@@ -151,7 +151,7 @@ def test_a_killed_rank_ends_score_on_the_other_with_one_line_and_a_rerun_resumes
     out = tmp_path / "s.parquet"
     args = ("score", "--teacher", digits_run["teacher"], "--out", out, "--part-size", 256)
     # rank 1 dies scoring its second part, after rank 0 has reached the final barrier
-    result, seconds = torchrun_dying(tmp_path, "energytools.stages.score:score_rows:2", *args, die_after=3)
+    result, seconds = torchrun_dying(tmp_path, "energytools.stages.score:teacher_columns:2", *args, die_after=3)
     assert result.returncode != 0 and not out.exists()
     lines = [line for line in result.stderr.splitlines() if line.startswith("energytools:")]
     assert len(lines) == 1 and "rank 0 of 2" in lines[0] and "rank 1 died" in lines[0], result.stderr[-3000:]
