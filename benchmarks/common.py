@@ -128,10 +128,17 @@ def replace_block(doc: Path, name: str, body: str, heading: str = "## Notes") ->
 EPOCH_STARTS: list[float] = []
 
 
+_NOTED: list = []  # the epoch of the last stamp
+
+
 def _timed_schedule(epoch, cfg) -> float:
-    if EPOCH_STARTS and torch.cuda.is_available():
-        torch.cuda.synchronize()  # the epoch before has finished on the device too
-    EPOCH_STARTS.append(time.perf_counter())
+    """The schedule is asked for the lr at every step's fractional epoch: note the first ask of
+    each whole epoch only."""
+    if float(epoch).is_integer() and (not _NOTED or _NOTED[-1] != epoch or not EPOCH_STARTS):
+        if EPOCH_STARTS and torch.cuda.is_available():
+            torch.cuda.synchronize()  # the epoch before has finished on the device too
+        EPOCH_STARTS.append(time.perf_counter())
+        _NOTED[:] = [epoch]
     return 1.0
 
 
