@@ -1,6 +1,10 @@
 import gzip
 import os
+import signal
 import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -95,3 +99,24 @@ def digits_run(tmp_path_factory):
                                save_logits=True))
     shards = augment(AugmentConfig(scores=str(scores), out=str(root / "he-da"), ratio=0.3, shard_size=200))
     return {"root": root, "teacher": root / "teacher" / "best.pt", "scores": scores, "shards": shards}
+
+
+def energytools_command(*args) -> list[str]:
+    """``python -m energytools ARGS`` as a subprocess argument list."""
+    return [sys.executable, "-m", "energytools", *map(str, args)]
+
+
+def signal_when(args, ready, signum=signal.SIGTERM, timeout=180) -> subprocess.CompletedProcess:
+    """Run ``energytools ARGS`` (one torch thread), send ``signum`` once ``ready()`` holds (it must
+    not finish first), and wait for it to end; a scheduler's stop or, with SIGKILL, a crash."""
+    process = subprocess.Popen(energytools_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + timeout
+    while not ready():
+        if process.poll() is not None:
+            pytest.fail(f"finished before the signal: {process.stderr.read()[-800:]}")
+        assert time.time() < deadline, "never reached the signal point"
+        time.sleep(0.005)
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)

@@ -4,11 +4,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
+from conftest import signal_when
 from energytools import preemption
 from energytools.config import DataConfig, DistillConfig, TrainConfig, TrainStageConfig
 from energytools.models import load_checkpoint
@@ -78,20 +78,6 @@ def cli(*args) -> list[str]:
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def signal_when(args, ready, signum=signal.SIGTERM, timeout=180) -> subprocess.CompletedProcess:
-    """Start the command, send ``signum`` once ``ready()`` holds, and wait for it to end."""
-    process = subprocess.Popen(cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    deadline = time.time() + timeout
-    while not ready():
-        if process.poll() is not None:
-            pytest.fail(f"finished before the signal: {process.stderr.read()[-800:]}")
-        assert time.time() < deadline, "never reached the signal point"
-        time.sleep(0.005)
-    process.send_signal(signum)
-    stdout, stderr = process.communicate(timeout=timeout)
-    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from conftest import signal_when
+
 from energytools.config import DataConfig
 from energytools.data.loaders import SYSTEM_FASHION_MNIST
 from energytools.models import create_model, save_checkpoint
@@ -31,16 +33,7 @@ def cli(*args) -> list[str]:
 
 def run_and_kill(args, ready, timeout=120) -> None:
     """Start the command, SIGKILL it as soon as ``ready()`` is true (it must not finish first)."""
-    process = subprocess.Popen(cli(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + timeout
-    while not ready():
-        if process.poll() is not None:
-            pytest.fail(f"finished before it could be killed: {process.stderr.read().decode()[-500:]}")
-        assert time.time() < deadline, "never reached the kill point"
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    signal_when(args, ready, signal.SIGKILL, timeout)
 
 
 def run(*args) -> subprocess.CompletedProcess:
@@ -137,21 +130,6 @@ def test_a_second_writer_is_refused_and_a_killed_one_leaves_no_stuck_lock(teache
     assert out.exists()
 
 
-def run_and_stop(args, ready, signum=signal.SIGTERM, timeout=180) -> subprocess.CompletedProcess:
-    """Start the command, send ``signum`` (a scheduler's stop) once ``ready()`` holds, wait for it."""
-    process = subprocess.Popen(cli(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + timeout
-    while not ready():
-        if process.poll() is not None:
-            pytest.fail(f"finished before the signal: {process.stderr.read()[-500:]}")
-        assert time.time() < deadline, "never reached the signal point"
-        time.sleep(0.01)
-    process.send_signal(signum)
-    _, stderr = process.communicate(timeout=timeout)
-    return subprocess.CompletedProcess(args, process.returncode, "", stderr)
-
-
 def one_stop_line(result) -> str:
     assert result.returncode == 143, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("energytools:")]
@@ -162,7 +140,7 @@ def one_stop_line(result) -> str:
 def test_score_stops_on_sigterm_and_resumes(teacher, clean_scores, tmp_path):
     out = tmp_path / "scores.parquet"
     args = ("score", "--teacher", teacher, "--out", out, "--part-size", 1024, "--save-logits")
-    line = one_stop_line(run_and_stop(args, lambda: len(parts(out)) >= 3))
+    line = one_stop_line(signal_when(args, lambda: len(parts(out)) >= 3))
     assert "parts scored" in line and "re-run the same command" in line
     assert not out.exists() and 3 <= len(parts(out)) < 12
     for part in parts(out):
@@ -179,7 +157,7 @@ def test_augment_stops_on_sigterm_and_resumes(clean_scores, tmp_path, workers):
 
     run(*args(tmp_path / "clean"))
     out = tmp_path / "stopped"
-    line = one_stop_line(run_and_stop(args(out), lambda: len(list(out.glob("train-*.parquet"))) >= 2))
+    line = one_stop_line(signal_when(args(out), lambda: len(list(out.glob("train-*.parquet"))) >= 2))
     assert "shards written" in line and not (out / "manifest.json").exists()
     assert not list(out.glob(".tmp-*"))  # a clean stop leaves no half-written shard
     run(*args(out))
