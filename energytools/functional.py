@@ -23,7 +23,9 @@ __all__ = ["SIGN_CONVENTION", "energy_groups", "energy_scores", "sample_scores",
            "select_indices"]
 
 
-def _logits(logits, where: str = "logits") -> torch.Tensor:
+def as_logits(logits, where: str = "logits", sample_ids: np.ndarray | None = None) -> torch.Tensor:
+    """``logits`` (NumPy or torch, (N, C), floating point, finite) as a float32 CPU tensor; a
+    bad array is one UserError naming ``where`` and the first bad row (its sample id when given)."""
     tensor = torch.as_tensor(np.asarray(logits) if not isinstance(logits, torch.Tensor) else logits)
     if tensor.ndim != 2 or tensor.shape[1] < 2:
         raise UserError(f"{where} must have shape (N, C) with C >= 2 classes, got {tuple(tensor.shape)}")
@@ -32,6 +34,8 @@ def _logits(logits, where: str = "logits") -> torch.Tensor:
     tensor = tensor.detach().float().cpu()
     if not torch.isfinite(tensor).all():
         row = int((~torch.isfinite(tensor).all(dim=1)).nonzero()[0, 0])
+        if sample_ids is not None and row < len(sample_ids):
+            raise UserError(f"{where} hold NaN or Inf, first at sample_id {sample_ids[row]}")
         raise UserError(f"{where} holds NaN or Inf, first in row {row}")
     return tensor
 
@@ -61,7 +65,7 @@ def sample_scores(logits, labels=None, *, energy_temperature: float = 4.0) -> di
     softmax), ``entropy`` (nats) and ``pred``; with labels also ``true_prob`` (softmax of the
     label), ``el2n`` (``||softmax - onehot(label)||``, Paul et al. 2021) and ``correct``.
     """
-    tensor = _logits(logits)
+    tensor = as_logits(logits)
     label_tensor = None
     if labels is not None:
         label_array = _vector(labels, "labels", np.int64)

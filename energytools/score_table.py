@@ -16,6 +16,7 @@ import torch
 from .config import DataConfig, resolve
 from .energy import GROUPS, TemperatureRule, logit_statistics
 from .errors import UserError
+from .functional import as_logits
 from .teacher import EXTERNAL_TEACHER
 from .table import (OPTIONAL_SCORE_COLUMNS, SCORE_COLUMNS, VIEW_COLUMNS, DatasetRecord, TableMeta, TeacherRecord,
                     ViewsRecord, versions, write_parquet)
@@ -111,22 +112,17 @@ def write_score_table(path: str | Path, logits, labels, *, sample_ids=None, clas
     dataset's. Without it the table serves select and report only. The teacher is recorded as
     ``external`` with ``source`` as its path, and the sha256 of the logits as its identity.
     """
-    logit_tensor = torch.as_tensor(np.asarray(logits) if not isinstance(logits, torch.Tensor) else logits)
-    if logit_tensor.ndim != 2 or not logit_tensor.is_floating_point():
-        raise UserError(f"logits must be a floating-point (N, C) array, got shape {tuple(logit_tensor.shape)}")
-    logit_tensor = logit_tensor.detach().float().cpu()
+    ids = None if sample_ids is None else np.asarray(sample_ids, dtype=np.int64).reshape(-1)
+    logit_tensor = as_logits(logits, "logits", np.arange(len(logits)) if ids is None else ids)
     n, num_classes = logit_tensor.shape
     label_array = np.asarray(labels, dtype=np.int64).reshape(-1)
-    ids = np.arange(n, dtype=np.int64) if sample_ids is None else np.asarray(sample_ids, dtype=np.int64).reshape(-1)
+    ids = np.arange(n, dtype=np.int64) if ids is None else ids
     if len(label_array) != n or len(ids) != n:
         raise UserError(f"labels ({len(label_array)}) and sample_ids ({len(ids)}) must have one entry per logits row ({n})")
     if len(np.unique(ids)) != n:
         raise UserError("sample_ids must be unique")
     if n and not (0 <= label_array.min() and label_array.max() < num_classes):
         raise UserError(f"labels must be class indices in [0, {num_classes})")
-    if not torch.isfinite(logit_tensor).all():
-        row = int((~torch.isfinite(logit_tensor).all(dim=1)).nonzero()[0, 0])
-        raise UserError(f"logits hold NaN or Inf, first at sample_id {ids[row]}")
     data_config, record = _dataset_record(dataset, ids, label_array, num_classes, class_names)
     stats = logit_statistics(logit_tensor, torch.from_numpy(label_array), energy_temperature)
     rows = {"sample_id": ids, "label": label_array, **{k: v.numpy() for k, v in stats.items()}}
