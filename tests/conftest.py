@@ -106,11 +106,13 @@ def energytools_command(*args) -> list[str]:
     return [sys.executable, "-m", "energytools", *map(str, args)]
 
 
-def signal_when(args, ready, signum=signal.SIGTERM, timeout=180) -> subprocess.CompletedProcess:
-    """Run ``energytools ARGS`` (one torch thread), send ``signum`` once ``ready()`` holds (it must
-    not finish first), and wait for it to end; a scheduler's stop or, with SIGKILL, a crash."""
-    process = subprocess.Popen(energytools_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+def signal_when(args, ready, signum=signal.SIGTERM, timeout=180, program=None) -> subprocess.CompletedProcess:
+    """Run ``energytools ARGS`` (or ``program + ARGS``; one torch thread), send ``signum`` once
+    ``ready()`` holds (it must not finish first), and wait for it to end; a scheduler's stop or,
+    with SIGKILL, a crash."""
+    command = [*program, *map(str, args)] if program else energytools_command(*args)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + timeout
     while not ready():
         if process.poll() is not None:

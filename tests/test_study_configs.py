@@ -27,7 +27,7 @@ def test_pair_table_gives_intervals_and_holm():
 
     runs = pl.DataFrame({"config": ["kd"] * 3 + ["kd + online HE-DA"] * 3, "seed": [0, 1, 2] * 2,
                          "best": [80.0, 81.0, 79.0, 78.0, 79.1, 76.9], "last": [80.0] * 6})
-    pairs = evidence.pair_table(runs)
+    pairs = evidence.pair_table(runs, evidence.PAIRS)
     row = pairs.row(0, named=True)
     assert (row["against"], row["verdict"], row["holm"]) == ("kd", "worse", "worse")
     assert row["interval"].startswith("[-2.") and row["wins"] == "0/3"
