@@ -114,41 +114,60 @@ def check_made_with(path: Path, recorded: dict, wanted: dict) -> None:
         raise SystemExit(f"{path} was made with {', '.join(found)}: remove it or pass another --out")
 
 
+def ensure_shards(cfg: AugmentConfig) -> Path:
+    """The shard directory ``cfg`` asks for: made unless it exists, refused if it was made from
+    another score table or with other options."""
+    from energytools.data.shards import read_manifest
+    from energytools.stages.augment import augment
+
+    path = Path(cfg.out)
+    if not (path / "manifest.json").exists():
+        augment(cfg)
+    check_made_with(path, read_manifest(path), _wanted(cfg))
+    return path
+
+
+def ensure_selection(cfg: SelectConfig) -> Path:
+    """The selection file ``cfg`` asks for: made unless it exists, refused if it was made from
+    another score table or with other options."""
+    from energytools.stages.select import select
+    from energytools.table import read_metadata
+
+    path = Path(cfg.out)
+    if not path.exists():
+        select(cfg)
+    check_made_with(path, read_metadata(path), _wanted(cfg))
+    return path
+
+
+def _wanted(cfg) -> dict:
+    from energytools.config import content_of
+    from energytools.io import sha256_file
+
+    return {"config": content_of(cfg), "scores_sha256": sha256_file(cfg.scores)}
+
+
 def prepare(setting_dir: Path, setting: Setting, data: DataConfig, teacher: Path, rows: dict[str, Row]) -> None:
     """The score table, the shard directories and the selections the setting's rows need, the
     random ones (:func:`draw_seed`) once per run seed; existing ones are checked, not trusted."""
-    from energytools.config import content_of
-    from energytools.data.shards import read_manifest
-    from energytools.io import sha256_file
-    from energytools.stages.augment import augment
     from energytools.stages.score import score
-    from energytools.stages.select import select
-    from energytools.table import read_metadata
 
     table = setting_dir / "scores.parquet"
     if not table.exists():
         score(ScoreConfig(teacher=str(teacher), out=str(table), data=data, views=setting.views, save_logits=True))
     check_table(table, teacher, data, setting.views)
-    table_sha = sha256_file(table)
     for name in setting.rows:
         row = rows[name]
         for seed in dict.fromkeys(draw_seed(row, s) or 0 for s in setting.seeds):
             if row.shards:
                 ratio, mode = row.shards
-                path = shard_dir(setting_dir, row, seed)
-                cfg = AugmentConfig(scores=str(table), out=str(path), ratio=ratio, select=mode,
-                                    seed=draw_seed(row, seed), overwrite=True)
-                if not (path / "manifest.json").exists():
-                    augment(cfg)
-                check_made_with(path, read_manifest(path), {"config": cfg.content(), "scores_sha256": table_sha})
+                ensure_shards(AugmentConfig(scores=str(table), out=str(shard_dir(setting_dir, row, seed)), ratio=ratio,
+                                            select=mode, seed=draw_seed(row, seed), overwrite=True))
             if row.drop:
                 ratio, mode, by = row.drop
-                path = drop_file(setting_dir, row, seed)
-                cfg = SelectConfig(scores=str(table), out=str(path), ratio=ratio, mode=mode, by=by,
-                                   per_class=row.drop_per_class, seed=draw_seed(row, seed) or 0, overwrite=True)
-                if not path.exists():
-                    select(cfg)
-                check_made_with(path, read_metadata(path), {"config": content_of(cfg), "scores_sha256": table_sha})
+                ensure_selection(SelectConfig(scores=str(table), out=str(drop_file(setting_dir, row, seed)),
+                                              ratio=ratio, mode=mode, by=by, per_class=row.drop_per_class,
+                                              seed=draw_seed(row, seed) or 0, overwrite=True))
 
 
 @dataclass(frozen=True)
@@ -252,6 +271,7 @@ def markdown(study: Study, settings: dict[str, Setting], results: pl.DataFrame, 
         ran = results.filter(pl.col("setting") == name)
         if not ran.height:
             continue
+        cut = [row for row in setting.rows if row not in set(ran["config"])]
         aggregated = aggregate_runs(ran, setting.baseline)
         columns = {k.format(baseline=setting.baseline): v for k, v in COLUMNS.items()}
         lines += [f"## {name}", "", f"Teacher on this training set: {checks[name]}", "",
@@ -259,6 +279,8 @@ def markdown(study: Study, settings: dict[str, Setting], results: pl.DataFrame, 
                   f"{setting.baseline}; Holm adjusts the verdicts for them.", "",
                   markdown_table(summary_cells(aggregated), columns,
                                  decimals={"seconds": 0, "samples": 0, "epochs": 0}), ""]
+        if cut:
+            lines += [f"Not run (cut for time with `--configs`): {', '.join(cut)}.", ""]
         pairs = pair_table(ran, setting.pairs)
         if pairs.height:
             lines += ["The comparisons the controls are for, each against its own baseline on the same seeds "

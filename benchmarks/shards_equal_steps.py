@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 import energytools
+from energytools.config import AugmentConfig
+from runner import ensure_shards
 from views_study import (paired_table, parser_with_common_options, prepare, run_once, runs_frame, teacher_line,
                          write_records)
 
@@ -32,10 +34,8 @@ def main():
         """The high-energy shards (views_study's, so its runs are shared: their CutMix draws are fixed
         on purpose, seed 0, as views_study made them) or the random control's, drawn per run seed."""
         path = out / (f"he-da-k{VIEWS}-r{ratio:g}" if select == "high" else f"random-k{VIEWS}-r{ratio:g}-s{seed}")
-        if not (path / "manifest.json").exists():
-            energytools.augment(tables[VIEWS], path, ratio=ratio, select=select, overwrite=True,
-                                seed=0 if select == "high" else seed)
-        return path
+        return ensure_shards(AugmentConfig(scores=str(tables[VIEWS]), out=str(path), ratio=ratio, select=select,
+                                           seed=0 if select == "high" else seed, overwrite=True))
     equal_epochs = round(args.epochs * (1 + ratio))
     rows = {  # name: (run directory prefix, epochs, shards)
         f"kd {args.epochs} ep": (f"views{VIEWS}", args.epochs, None),

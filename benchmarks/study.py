@@ -31,8 +31,8 @@ import polars as pl
 import torch
 
 from common import check_table, record, record_lines, teacher_check
+from runner import ensure_shards
 from energytools.config import AugmentConfig, DataConfig, DistillConfig, ScoreConfig, TrainConfig, TrainStageConfig
-from energytools.stages.augment import augment
 from energytools.stages.distill import distill
 from energytools.stages.score import score
 from energytools.summaries import VERDICT_RULE, aggregate_runs, comparison_count, markdown_table, summary_cells
@@ -79,8 +79,7 @@ def run_setting(setting: str, data: DataConfig, teacher: Path, out: Path, seeds,
         if heda:
             ratio, mode = heda
             shard_dir = out / f"he-da-{mode}-{ratio}"
-            if not (shard_dir / "manifest.json").exists():
-                augment(AugmentConfig(scores=str(table), out=str(shard_dir), ratio=ratio, select=mode, overwrite=True))
+            ensure_shards(AugmentConfig(scores=str(table), out=str(shard_dir), ratio=ratio, select=mode, overwrite=True))
             shards = (str(shard_dir),)
         for seed in seeds:
             run_dir = out / slug(name) / f"seed{seed}"

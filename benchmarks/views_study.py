@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 import energytools
+from energytools.config import AugmentConfig
+from runner import ensure_shards
 
 
 def run_once(path: Path, fn):
@@ -125,8 +127,7 @@ def main():
         suffix, tag = f" + HE-DA {args.shards:g}", f"+heda{args.shards:g}"
         for k in counts:
             shards[k] = out / f"he-da-k{k}-r{args.shards:g}"
-            if not (shards[k] / "manifest.json").exists():
-                energytools.augment(tables[k], shards[k], ratio=args.shards, overwrite=True)
+            ensure_shards(AugmentConfig(scores=str(tables[k]), out=str(shards[k]), ratio=args.shards, overwrite=True))
 
     def run(name: str, k: int, seed: int, **options) -> dict:
         """kd from table K (and its shards) on ``seed``, unless that run has finished already."""

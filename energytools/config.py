@@ -16,11 +16,11 @@ from .distillers import METHODS, method_spec
 from .energy import TEMPERATURE_RULES, TemperatureRule
 from .errors import UserError
 from .models import MODELS
-from .models.preprocessed import INTERPOLATION
 from .optim import OPTIMIZERS, SCHEDULES
 from .options import (as_dict, canonical_name, content_of, convert, flat_fields, flat_names, option, overrides,
                       registry, resolve)
 from .policies import POLICIES, make_policy
+from .preprocessing import STUDENT_NORMALIZATIONS, TeacherPreprocessing
 from .selection import SELECT_BY, SELECT_MODES
 from .temperatures import TEMPERATURE_SOURCES
 
@@ -54,71 +54,6 @@ class DataConfig:
         limit = self.limit if split == "train" else self.eval_limit
         return build_dataset(self.dataset, split, self.data_root, limit, self.imbalance_factor, self.image_size,
                              self.crop_pad)
-
-
-#: how --teacher-input-size spells "the data's own size"
-DATA_SIZE = "data"
-
-
-def input_size_value(value, where: str) -> str:
-    """``--teacher-input-size``: a positive whole number (``32`` or ``"32"``) or ``data``, as text."""
-    text = str(value).strip().lower() if isinstance(value, (int, str)) and not isinstance(value, bool) else None
-    if text in (DATA_SIZE, "dataset", "data-size", "data_size"):
-        return DATA_SIZE
-    if text is not None and text.isdigit() and int(text) > 0:
-        return str(int(text))
-    raise UserError(f"{where} must be a positive whole number or 'data' (the dataset's own size), got {value!r}")
-
-
-@dataclass
-class TeacherPreprocessing:
-    """What the teacher was trained to see, where it differs from what its model config says.
-
-    Each field given overrides the same field of the model's own preprocessing (timm's
-    pretrained_cfg, a Hugging Face folder's preprocessor_config.json; for energytools' own
-    checkpoints the dataset's size and normalisation); the others keep it. Resolved by
-    :func:`energytools.preprocessing.resolve_preprocessing`; score records the result and these
-    overrides in the table, and augment and distill reuse the table's.
-    """
-
-    teacher_input_size: str | None = option(None, "side of the square input the teacher sees: N, or `data` for the "
-                                            "dataset's own size (default: the model config's, e.g. 224 for timm "
-                                            "resnet18; use `data` for a teacher fine-tuned on the data as it is)",
-                                            parse=input_size_value)
-    teacher_mean: tuple[float, ...] | None = option(None, "per-channel mean the teacher normalises with, on [0, 1] "
-                                                    "pixels, e.g. 0.5,0.5,0.5 (default: the model config's)")
-    teacher_std: tuple[float, ...] | None = option(None, "per-channel std the teacher normalises with "
-                                                   "(default: the model config's)")
-    teacher_interpolation: str | None = option(None, "filter that resizes to the teacher's input size: bilinear, "
-                                               "bicubic, nearest ... (default: the model config's)",
-                                               choices=registry(INTERPOLATION))
-
-    def given(self) -> dict:
-        """The fields the user set, by the names a preprocessing dict uses (input_size, mean, std,
-        interpolation): ``{"input_size": "data", "mean": [0.5, 0.5, 0.5]}``."""
-        size = self.teacher_input_size
-        values = {"input_size": int(size) if size is not None and size.isdigit() else size,
-                  "mean": self.teacher_mean, "std": self.teacher_std,
-                  "interpolation": self.teacher_interpolation}
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items() if v is not None}
-
-    def check(self) -> None:
-        if self.teacher_input_size is not None:
-            input_size_value(self.teacher_input_size, "teacher_input_size")
-        for name in ("teacher_mean", "teacher_std"):
-            values = getattr(self, name)
-            if values is not None and not values:
-                raise UserError(f"{name} needs one value per channel (or one for all), got none")
-        if self.teacher_std is not None and not all(v > 0 for v in self.teacher_std):
-            raise UserError(f"teacher_std must be positive, got {list(self.teacher_std)}")
-        if self.teacher_interpolation is not None and self.teacher_interpolation not in INTERPOLATION:
-            raise UserError(f"teacher_interpolation must be one of {', '.join(INTERPOLATION)}, "
-                            f"got {self.teacher_interpolation!r}")
-
-
-#: distill --student-normalization: a timm or Hugging Face student that starts from pretrained
-#: weights sees batches normalised with the dataset's mean and std, or with the weights' own
-STUDENT_NORMALIZATIONS = ("dataset", "weights")
 
 
 @dataclass

@@ -9,15 +9,87 @@ and the score table records it (``teacher.preprocessing``)::
 
 None means the dataset's own size and normalisation (energytools' own checkpoints). Tables
 written before the per-field ``sources`` existed lack that key; their fields count as the
-model config's. Everything here is plain values in, plain values out: no torch.
+model config's. The functions here take and return plain values (no tensors). The options that
+override a teacher's preprocessing (:class:`TeacherPreprocessing`) live here too, beside what
+resolves them; the stage configs hold them as a group.
 """
 from __future__ import annotations
 
-from .config import DATA_SIZE, STUDENT_NORMALIZATIONS
-from .errors import UserError
+from dataclasses import dataclass
 
-__all__ = ["DATASET", "FIELDS", "FLAGS", "MODEL_CONFIG", "USER_OPTION", "describe_preprocessing", "resize_factor",
+from .errors import UserError
+from .models.preprocessed import INTERPOLATION
+from .options import option, registry
+
+__all__ = ["DATASET", "DATA_SIZE", "FIELDS", "FLAGS", "MODEL_CONFIG", "STUDENT_NORMALIZATIONS", "USER_OPTION",
+           "TeacherPreprocessing", "describe_preprocessing", "input_size_value", "resize_factor",
            "resolve_preprocessing", "reuse_preprocessing", "student_preprocessing"]
+
+
+#: how --teacher-input-size spells "the data's own size"
+DATA_SIZE = "data"
+
+
+def input_size_value(value, where: str) -> str:
+    """``--teacher-input-size``: a positive whole number (``32`` or ``"32"``) or ``data``, as text."""
+    text = str(value).strip().lower() if isinstance(value, (int, str)) and not isinstance(value, bool) else None
+    if text in (DATA_SIZE, "dataset", "data-size", "data_size"):
+        return DATA_SIZE
+    if text is not None and text.isdigit() and int(text) > 0:
+        return str(int(text))
+    raise UserError(f"{where} must be a positive whole number or 'data' (the dataset's own size), got {value!r}")
+
+
+@dataclass
+class TeacherPreprocessing:
+    """What the teacher was trained to see, where it differs from what its model config says.
+
+    Each field given overrides the same field of the model's own preprocessing (timm's
+    pretrained_cfg, a Hugging Face folder's preprocessor_config.json; for energytools' own
+    checkpoints the dataset's size and normalisation); the others keep it. Resolved by
+    :func:`energytools.preprocessing.resolve_preprocessing`; score records the result and these
+    overrides in the table, and augment and distill reuse the table's.
+    """
+
+    teacher_input_size: str | None = option(None, "side of the square input the teacher sees: N, or `data` for the "
+                                            "dataset's own size (default: the model config's, e.g. 224 for timm "
+                                            "resnet18; use `data` for a teacher fine-tuned on the data as it is)",
+                                            parse=input_size_value)
+    teacher_mean: tuple[float, ...] | None = option(None, "per-channel mean the teacher normalises with, on [0, 1] "
+                                                    "pixels, e.g. 0.5,0.5,0.5 (default: the model config's)")
+    teacher_std: tuple[float, ...] | None = option(None, "per-channel std the teacher normalises with "
+                                                   "(default: the model config's)")
+    teacher_interpolation: str | None = option(None, "filter that resizes to the teacher's input size: bilinear, "
+                                               "bicubic, nearest ... (default: the model config's)",
+                                               choices=registry(INTERPOLATION))
+
+    def given(self) -> dict:
+        """The fields the user set, by the names a preprocessing dict uses (input_size, mean, std,
+        interpolation): ``{"input_size": "data", "mean": [0.5, 0.5, 0.5]}``."""
+        size = self.teacher_input_size
+        values = {"input_size": int(size) if size is not None and size.isdigit() else size,
+                  "mean": self.teacher_mean, "std": self.teacher_std,
+                  "interpolation": self.teacher_interpolation}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items() if v is not None}
+
+    def check(self) -> None:
+        if self.teacher_input_size is not None:
+            input_size_value(self.teacher_input_size, "teacher_input_size")
+        for name in ("teacher_mean", "teacher_std"):
+            values = getattr(self, name)
+            if values is not None and not values:
+                raise UserError(f"{name} needs one value per channel (or one for all), got none")
+        if self.teacher_std is not None and not all(v > 0 for v in self.teacher_std):
+            raise UserError(f"teacher_std must be positive, got {list(self.teacher_std)}")
+        if self.teacher_interpolation is not None and self.teacher_interpolation not in INTERPOLATION:
+            raise UserError(f"teacher_interpolation must be one of {', '.join(INTERPOLATION)}, "
+                            f"got {self.teacher_interpolation!r}")
+
+
+#: distill --student-normalization: a timm or Hugging Face student that starts from pretrained
+#: weights sees batches normalised with the dataset's mean and std, or with the weights' own
+STUDENT_NORMALIZATIONS = ("dataset", "weights")
+
 
 FIELDS = ("input_size", "mean", "std", "interpolation")
 #: where a field's value came from
