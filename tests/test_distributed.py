@@ -136,8 +136,9 @@ def test_a_killed_rank_ends_distill_on_the_other_with_one_line_and_a_rerun_resum
     out = tmp_path / "ddp"
     args = ("distill", "--scores", digits_run["scores"], "--student", "cnn_tiny", "--method", "kd", "--epochs", 2,
             "--out", out, "--device", "cpu")
-    # rank 1 dies in epoch 2 (an epoch is ~11 steps a rank; one stop agreement a step)
-    result, seconds = torchrun_dying(tmp_path, "energytools.distributed:Context.agree_stop:16", *args)
+    # rank 1 dies in epoch 2 (an epoch is ~11 steps a rank; the ranks agree on stops after
+    # step 10, the epoch's last and its end: the 4th agreement is in epoch 2)
+    result, seconds = torchrun_dying(tmp_path, "energytools.distributed:Context.agree_stop:4", *args)
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.startswith("energytools:")]
     assert len(lines) == 1 and "rank 0 of 2" in lines[0] and "rank 1 died" in lines[0], result.stderr[-3000:]

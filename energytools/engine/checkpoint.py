@@ -60,10 +60,17 @@ def restore_rngs(rngs: dict, loader_generator: torch.Generator, stateful: dict) 
             obj.load_state_dict(rngs["objects"][name])
 
 
+#: under torchrun the ranks agree on a stop request (a host-side all-reduce, a rendezvous of
+#: every rank) after every Nth optimizer step and the epoch's last, not after each: a step's
+#: host work then never waits for the slowest rank, and a stop comes at most N steps later
+STOP_AGREEMENT_EVERY = 10
+
+
 class StepBoundary:
     """What happens after each optimizer step: a periodic mid-epoch checkpoint every
     ``every`` steps (0: never) and, when a stop signal came to any rank, a last one, then
-    :class:`~energytools.preemption.Stopped`. ``save(position)`` writes last.pt (rank 0)."""
+    :class:`~energytools.preemption.Stopped` (under torchrun at the next agreement step,
+    :data:`STOP_AGREEMENT_EVERY`). ``save(position)`` writes last.pt (rank 0)."""
 
     def __init__(self, every: int, total_steps: int, save, loader_generator: torch.Generator, stateful: dict,
                  out_dir):
@@ -72,7 +79,10 @@ class StepBoundary:
 
     def __call__(self, epoch: int, step: int, sums: dict, seen: int) -> None:
         ctx = context()
-        signum = ctx.agree_stop(stop_requested())
+        if ctx.distributed and step % STOP_AGREEMENT_EVERY and step < self.total:
+            signum = None  # a stop request waits for the next agreement step (the flag stays set)
+        else:
+            signum = ctx.agree_stop(stop_requested())
         if signum is None and not (self.every and step % self.every == 0 and step < self.total):
             return
         position = Position(epoch, step, sums, seen, capture_rngs(self.generator, self.stateful))
