@@ -14,9 +14,11 @@ What every study gets from here:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -123,7 +125,7 @@ def ensure_shards(cfg: AugmentConfig) -> Path:
     path = Path(cfg.out)
     if not (path / "manifest.json").exists():
         augment(cfg)
-    check_made_with(path, read_manifest(path), _wanted(cfg))
+    check_made_with(path, read_manifest(path), _wanted(cfg, cfg.content()))  # what augment records
     return path
 
 
@@ -136,15 +138,16 @@ def ensure_selection(cfg: SelectConfig) -> Path:
     path = Path(cfg.out)
     if not path.exists():
         select(cfg)
-    check_made_with(path, read_metadata(path), _wanted(cfg))
+    from energytools.config import content_of
+
+    check_made_with(path, read_metadata(path), _wanted(cfg, content_of(cfg)))  # what select records
     return path
 
 
-def _wanted(cfg) -> dict:
-    from energytools.config import content_of
+def _wanted(cfg, content: dict) -> dict:
     from energytools.io import sha256_file
 
-    return {"config": content_of(cfg), "scores_sha256": sha256_file(cfg.scores)}
+    return {"config": content, "scores_sha256": sha256_file(cfg.scores)}
 
 
 def prepare(setting_dir: Path, setting: Setting, data: DataConfig, teacher: Path, rows: dict[str, Row]) -> None:
@@ -217,9 +220,26 @@ def run_all(jobs: list[Job], workers: int) -> list[dict]:
     if workers <= 1:
         return [run_one(job) for job in jobs]
     # spawned, not forked: a fork of a process whose torch threads are running can hang
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:  # __exit__ terminates the pool
+    with multiprocessing.get_context("spawn").Pool(workers) as pool, _stop_raises():  # __exit__ terminates it
         results = dict(pool.imap_unordered(_indexed, list(enumerate(jobs))))
     return [results[i] for i in range(len(jobs))]
+
+
+@contextlib.contextmanager
+def _stop_raises():
+    """SIGTERM to the study while its pool runs raises Stopped in the main thread, so the pool
+    is terminated on the way out (its workers end; their runs resume from their last epoch's
+    checkpoint) rather than left running as orphans."""
+    from energytools.preemption import Stopped
+
+    def stop(signum, _frame):
+        raise Stopped(signum, "the pool's runs resume from their last epoch's checkpoint")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _indexed(item: tuple[int, Job]) -> tuple[int, dict]:

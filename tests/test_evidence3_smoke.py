@@ -3,6 +3,7 @@ run and its resume, the refusal of stale inputs, and a failing run stopping the 
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import polars as pl
@@ -24,11 +25,19 @@ def test_evidence3_smoke_stops_resumes_refuses_stale_inputs_and_fails_fast(tmp_p
     runs = out / "digits"
     # a scheduler's stop in the middle of the third run (after its first epoch's checkpoint)
     stopped = signal_when(["--smoke", "--workers", "1", "--out", out, "--doc", doc],
-                          (runs / "ctkd" / "seed0" / "last.pt").exists, program=STUDY)
+                          (runs / "ctkd" / "seed0" / "last.pt").exists, program=STUDY, timeout=600)
     assert stopped.returncode == 143, stopped.stderr[-2000:]
     assert "re-run the same command to resume the study" in stopped.stderr
     assert not (runs / "ctkd" / "seed0" / "summary.json").exists()
     kept = (runs / "kd" / "seed0" / "summary.json").stat().st_mtime_ns
+    # the resumed study in a pool, stopped again: its workers end with it (no orphan trains on)
+    pooled = signal_when(["--smoke", "--workers", "2", "--out", out, "--doc", doc],
+                         (runs / "kd" / "seed1" / "last.pt").exists, program=STUDY, timeout=600)
+    assert pooled.returncode == 143, pooled.stderr[-2000:]
+    time.sleep(3)
+    frozen = sorted((f, f.stat().st_mtime_ns) for f in runs.rglob("*") if f.is_file())
+    time.sleep(3)
+    assert sorted((f, f.stat().st_mtime_ns) for f in runs.rglob("*") if f.is_file()) == frozen
 
     done = study(out, doc, "--workers", "2")  # the same study, resumed
     assert done.returncode == 0, done.stderr[-2000:]
