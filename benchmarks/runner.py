@@ -205,6 +205,14 @@ def run_one(job: Job) -> dict:
             exclude=str(drop_file(setting_dir, row, job.seed)) if row.drop else None, cached_logits=row.cached,
             eval_limit=job.eval_limit, train=TrainConfig(epochs=job.epochs, seed=job.seed), resume=started,
             overwrite=not started, **row.options))
+    return result_of(job)
+
+
+def result_of(job: Job) -> dict | None:
+    """The numbers of a finished run (None while it has no summary.json)."""
+    run_dir = Path(job.setting_dir) / slug(job.name) / f"seed{job.seed}"
+    if not (run_dir / "summary.json").exists():
+        return None
     summary = json.loads((run_dir / "summary.json").read_text())
     config = json.loads((run_dir / "config.json").read_text())
     return {"setting": job.setting, "config": job.name, "seed": job.seed, "best": summary["best_test_acc"],
@@ -292,6 +300,8 @@ def markdown(study: Study, settings: dict[str, Setting], results: pl.DataFrame, 
         if not ran.height:
             continue
         cut = [row for row in setting.rows if row not in set(ran["config"])]
+        seeds = ran.group_by("config").agg(pl.col("seed").n_unique()).rows()
+        short = [f"{row} ({n} of {len(setting.seeds)})" for row, n in seeds if n < len(setting.seeds)]
         aggregated = aggregate_runs(ran, setting.baseline)
         columns = {k.format(baseline=setting.baseline): v for k, v in COLUMNS.items()}
         lines += [f"## {name}", "", f"Teacher on this training set: {checks[name]}", "",
@@ -301,6 +311,9 @@ def markdown(study: Study, settings: dict[str, Setting], results: pl.DataFrame, 
                                  decimals={"seconds": 0, "samples": 0, "epochs": 0}), ""]
         if cut:
             lines += [f"Not run (cut for time with `--configs`): {', '.join(cut)}.", ""]
+        if short:
+            lines += [f"Stopped for time before every seed ran (`--report-only` wrote this table): "
+                      f"{', '.join(sorted(short))}.", ""]
         pairs = pair_table(ran, setting.pairs)
         if pairs.height:
             lines += ["The comparisons the controls are for, each against its own baseline on the same seeds "
@@ -343,6 +356,9 @@ def main(study: Study, argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="digits, CI-sized, teachers trained here")
     parser.add_argument("--doc", type=Path, default=None, help="default: docs/results.md (none with --smoke)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: write the tables from the runs that have finished (the doc says which "
+                             "rows and seeds are missing)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     settings = study.smoke if args.smoke else {s: study.settings[s] for s in (args.settings or study.settings)}
@@ -357,7 +373,12 @@ def main(study: Study, argv: list[str] | None = None) -> None:
             if teacher is None:
                 parser.error(f"setting {name!r} needs --{setting.teacher.replace('_', '-')}")
         rows = [r for r in setting.rows if args.configs is None or r in args.configs or r == setting.baseline]
-        prepare(setting_dir, Setting(**{**setting.__dict__, "rows": rows}), data, teacher, study.rows)
+        if args.report_only:
+            if not (setting_dir / "scores.parquet").exists():
+                continue
+            check_table(setting_dir / "scores.parquet", teacher, data, setting.views)
+        else:
+            prepare(setting_dir, Setting(**{**setting.__dict__, "rows": rows}), data, teacher, study.rows)
         checks[name] = teacher_check(setting_dir / "scores.parquet")
         scale = study.smoke_epoch_scale if args.smoke else 1.0
         # seed-major: an interrupted study has whole seeds first
@@ -369,7 +390,8 @@ def main(study: Study, argv: list[str] | None = None) -> None:
     if args.workers <= 1:  # SIGTERM: the in-process run stops after a step, with a checkpoint (workers
         install()          # are killed by it and resume from their last epoch's checkpoint)
     try:
-        frame = pl.DataFrame(run_all(jobs, args.workers))
+        results = [result_of(job) for job in jobs] if args.report_only else run_all(jobs, args.workers)
+        frame = pl.DataFrame([r for r in results if r is not None])
     except Stopped as exc:
         print(f"{exc}; re-run the same command to resume the study", file=sys.stderr)
         raise SystemExit(exc.exit_code) from None

@@ -38,6 +38,11 @@ def test_evidence3_smoke_stops_resumes_refuses_stale_inputs_and_fails_fast(tmp_p
     frozen = sorted((f, f.stat().st_mtime_ns) for f in runs.rglob("*") if f.is_file())
     time.sleep(3)
     assert sorted((f, f.stat().st_mtime_ns) for f in runs.rglob("*") if f.is_file()) == frozen
+    # the tables of what has finished, running nothing
+    partial = study(out, tmp_path / "partial.md", "--report-only")
+    assert partial.returncode == 0, partial.stderr[-2000:]
+    assert "Stopped for time before every seed ran" in (tmp_path / "partial.md").read_text()
+    assert sorted((f, f.stat().st_mtime_ns) for f in runs.rglob("*") if f.is_file()) == frozen
 
     done = study(out, doc, "--workers", "2")  # the same study, resumed
     assert done.returncode == 0, done.stderr[-2000:]
