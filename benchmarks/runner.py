@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -186,6 +187,10 @@ class Job:
     epochs: int
     student: str
 
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.setting_dir) / slug(self.name) / f"seed{self.seed}"
+
 
 def run_one(job: Job) -> dict:
     """Distill one (row, seed) in this process with one torch thread; resumes a started run."""
@@ -195,8 +200,7 @@ def run_one(job: Job) -> dict:
     from energytools.stages.distill import distill
 
     torch.set_num_threads(1)
-    row, setting_dir = job.row, Path(job.setting_dir)
-    run_dir = setting_dir / slug(job.name) / f"seed{job.seed}"
+    row, setting_dir, run_dir = job.row, Path(job.setting_dir), job.run_dir
     if not (run_dir / "summary.json").exists():
         started = (run_dir / "last.pt").exists()
         distill(DistillConfig(
@@ -210,7 +214,7 @@ def run_one(job: Job) -> dict:
 
 def result_of(job: Job) -> dict | None:
     """The numbers of a finished run (None while it has no summary.json)."""
-    run_dir = Path(job.setting_dir) / slug(job.name) / f"seed{job.seed}"
+    run_dir = job.run_dir
     if not (run_dir / "summary.json").exists():
         return None
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -378,7 +382,7 @@ def main(study: Study, argv: list[str] | None = None) -> None:
                 continue
             check_table(setting_dir / "scores.parquet", teacher, data, setting.views)
         else:
-            prepare(setting_dir, Setting(**{**setting.__dict__, "rows": rows}), data, teacher, study.rows)
+            prepare(setting_dir, dataclasses.replace(setting, rows=rows), data, teacher, study.rows)
         checks[name] = teacher_check(setting_dir / "scores.parquet")
         scale = study.smoke_epoch_scale if args.smoke else 1.0
         # seed-major: an interrupted study has whole seeds first
