@@ -1,7 +1,8 @@
 """Distill epoch costs: energytools against a bare PyTorch loop doing the same work, and the
 epoch of energy-kd on cached views against the ce epoch.
 
-    python benchmarks/distill_overhead.py [--limit 10000] [--epochs 4] [--repeats 3] [--only ce,kd] [--json out.json]
+    python benchmarks/distill_overhead.py [--limit 10000] [--epochs 4] [--repeats 3] [--threads 1] [--only ce,kd]
+        [--json out.json] [--write docs/benchmarks.md]
 
 Fashion-MNIST (real data), cnn_small student, batch 64, SGD (momentum 0.9, wd 5e-4), resnet20
 teacher with random weights (speed does not depend on them). An epoch is measured from the
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import EPOCH_STARTS, benchmark_teacher, emit, fastest_epoch
+from common import EPOCH_STARTS, benchmark_teacher, command, emit, fastest_epoch, machine, replace_block
 from energytools.config import DataConfig, TrainConfig
 from energytools.data.transforms import normalize
 from energytools.data.views import TrainTransform, draw_views
@@ -90,7 +91,7 @@ class Bare:
             order = torch.randperm(n, generator=generator)
             for start in range(0, n, 64):
                 index = order[start:start + 64]
-                x, y = self.images[index], self.labels[index]
+                x, y = self.images.index_select(0, index), self.labels.index_select(0, index)  # the fastest gather
                 if self.views is not None:  # a random stored view: its crop, flip and logits
                     logits_all, params, count = self.views
                     v = torch.randint(0, count, (len(index),), generator=generator)
@@ -148,6 +149,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     parser.add_argument("--only", help="comma-separated run names (default: all)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--write", type=Path, help="replace this script's block in a Markdown file with the results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp())
@@ -216,6 +218,22 @@ def main():
         if top in best and bottom in best:
             figures[figure] = best[top][0] / best[bottom][0]
     emit("distill_overhead", figures, args.json)
+    if args.write:
+        write_block(args.write, best, figures, args)
+
+
+def write_block(path: Path, best: dict, figures: dict, args) -> None:
+    lines = [f"`{command()}` ({machine()}; cnn_small, batch 64, {args.limit} training and {2 * args.eval_limit} "
+             f"val + test images; an epoch from one start to the next, the fastest of {args.repeats} repeats of "
+             f"{args.epochs - 1} timed epochs).", "",
+             "| run | energytools s/epoch | bare s/epoch | energytools / bare |", "|---|---|---|---|"]
+    for name, (ours, bare) in best.items():
+        ratio = f"{ours / bare:.3f}" if math.isfinite(bare) else "(no bare loop)"
+        bare_text = f"{bare:.2f}" if math.isfinite(bare) else ""
+        lines.append(f"| {name} | {ours:.2f} | {bare_text} | {ratio} |")
+    if "energy_kd_views_over_ce" in figures:
+        lines += ["", f"energy-kd on cached views / ce on the same crops: {figures['energy_kd_views_over_ce']:.3f}."]
+    replace_block(path, "distill overhead", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -107,10 +107,11 @@ def drop_file(setting_dir: Path, row: Row, seed: int) -> Path:
 
 def check_made_with(path: Path, recorded: dict, wanted: dict) -> None:
     """Refuse (one line, exit) an input whose recorded provenance (its config and its score
-    table's hash) differs from what the study would make now; paths do not count."""
-    ignore = {"scores", "out", "overwrite", "resume", "workers"}
+    table's hash) differs from what the study would make now. ``wanted["config"]`` holds only the
+    options that change the output (``content_of``: no out, overwrite, workers); the score
+    table counts by its hash, not its path."""
     found = [f"{k} {recorded['config'].get(k)!r} (not {v!r})" for k, v in wanted["config"].items()
-             if k not in ignore and recorded["config"].get(k) != v]
+             if k != "scores" and recorded["config"].get(k) != v]
     if recorded.get("scores", {}).get("sha256") != wanted["scores_sha256"]:
         found.append("another score table")
     if found:

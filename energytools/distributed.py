@@ -198,6 +198,14 @@ def collective_device(local_rank: int = 0, group=None) -> torch.device:
     return torch.device("cpu")
 
 
+def reset() -> None:
+    """Forget this process's context: the next :func:`context` reads the environment again (a
+    process that runs jobs of different shapes in turn, such as a test suite). The process group,
+    if one was made, stays as it is."""
+    global _CONTEXT
+    _CONTEXT = None
+
+
 def context() -> Context:
     """The process's place in a torchrun job (rank 0 of 1 when not launched by torchrun)."""
     global _CONTEXT

@@ -33,10 +33,11 @@ class SampleLookup:
 
     def positions(self, sample_ids: torch.Tensor) -> torch.Tensor:
         ids = sample_ids.numpy()
-        pos = np.searchsorted(self.ids, ids).clip(0, max(len(self.ids) - 1, 0))
-        if len(ids) and not (self.ids[pos] == ids).all():
-            missing = ids[self.ids[pos] != ids][0]
-            raise UserError(f"sample_id {missing} is not in the score table")
+        pos = self.ids.searchsorted(ids)
+        np.minimum(pos, len(self.ids) - 1, out=pos)  # not ndarray.clip: per step it costs more than the search
+        missing = self.ids[pos] != ids
+        if missing.any():
+            raise UserError(f"sample_id {ids[missing][0]} is not in the score table")
         return torch.from_numpy(pos)
 
     def to(self, device: torch.device, budget: int = DEVICE_BUDGET) -> "SampleLookup":

@@ -27,6 +27,7 @@ from .config import (AugmentConfig, DataConfig, DistillConfig, ScoreConfig, Trai
 from .console import console, headline
 from .errors import UserError
 from .io import check_output_path, sha256_file, sha256_json, write_json
+from .preemption import Stopped
 
 STAGES = ("train", "score", "augment", "distill", "report")
 SECTIONS = {"name", "data", "teacher", "score", "augment", "distill", "report"}
@@ -193,7 +194,8 @@ class Step:
     config: dict  # what the output depends on besides the input files
     inputs: list[Path]  # files whose content the output depends on
     outputs: list[Path]
-    action: Callable[[], object]
+    action: Callable[[bool], object]  # action(resume): resume continues a stopped run of this same step
+    run_dir: Path | None = None  # a training step's run directory (last.pt), None for the other stages
 
     def key(self) -> str:
         return _digest([self.stage, self.config, {str(p): content_digest(p) for p in self.inputs}])
@@ -215,14 +217,17 @@ def plan(recipe: Recipe, out: Path) -> list[Step]:
         train_cfg = dataclasses.replace(t.train, out=str(out / "teacher"), overwrite=True)
         teacher_path = out / "teacher" / "best.pt"
         inputs = [Path(train_cfg.init)] if train_cfg.init else []  # its pretrained weights
-        steps.append(Step("train", "teacher", _content(train_cfg), inputs, [teacher_path], lambda: train(train_cfg)))
+        steps.append(Step("train", "teacher", _content(train_cfg), inputs, [teacher_path],
+                          lambda resume: train(_resuming(train_cfg, resume)), teacher_path.parent))
     scores = out / "scores.parquet"
     score_cfg = dataclasses.replace(recipe.score, teacher=str(teacher_path), out=str(scores), overwrite=True)
-    steps.append(Step("score", "scores", _content(score_cfg), [teacher_path], [scores], lambda: score(score_cfg)))
+    steps.append(Step("score", "scores", _content(score_cfg), [teacher_path], [scores],
+                      lambda resume: score(score_cfg)))  # score and augment resume their parts themselves
     manifest = out / "he-da" / "manifest.json"
     if recipe.augment:
         aug_cfg = dataclasses.replace(recipe.augment, scores=str(scores), out=str(manifest.parent), overwrite=True)
-        steps.append(Step("augment", "he-da", aug_cfg.content(), [scores], [manifest], lambda: augment(aug_cfg)))
+        steps.append(Step("augment", "he-da", aug_cfg.content(), [scores], [manifest],
+                          lambda resume: augment(aug_cfg)))
     summaries = []
     for run in recipe.runs:
         run_dir = out / "runs" / run.name
@@ -231,12 +236,18 @@ def plan(recipe: Recipe, out: Path) -> list[Step]:
         summaries.append(run_dir / "summary.json")
         inputs = [scores, teacher_path] + ([manifest] if run.shards else [])
         inputs += [Path(cfg.student_init)] if cfg.student_init else []
-        steps.append(Step("distill", run.name, _content(cfg), inputs, [summaries[-1]], lambda cfg=cfg: distill(cfg)))
+        steps.append(Step("distill", run.name, _content(cfg), inputs, [summaries[-1]],
+                          lambda resume, cfg=cfg: distill(_resuming(cfg, resume)), run_dir))
     if recipe.report:
         inputs = [scores] + ([manifest] if recipe.augment else []) + summaries
         steps.append(Step("report", "report", {}, inputs, [out / "report.html"],
-                          lambda: report([out], out / "report.html", overwrite=True)))
+                          lambda resume: report([out], out / "report.html", overwrite=True)))
     return steps
+
+
+def _resuming(cfg, resume: bool):
+    """A training step's config: continue the stopped run (``resume``) or replace what is there."""
+    return dataclasses.replace(cfg, resume=resume, overwrite=not resume)
 
 
 def _content(config) -> dict:
@@ -264,7 +275,7 @@ def run_pipeline(recipe_path: Path | str, out: Path | str, start: str | None = N
     try:
         results = _run_steps(steps, out, recipe, start, force, dry_run)
     except BaseException:
-        if created is not None and not (created / ".stamps").exists():
+        if created is not None and not _worth_keeping(created):
             shutil.rmtree(created, ignore_errors=True)  # nothing finished: leave nothing behind
         raise
     if not dry_run:
@@ -272,6 +283,14 @@ def run_pipeline(recipe_path: Path | str, out: Path | str, start: str | None = N
         console.print(headline(f"pipeline {recipe.name}", f": {ran} step(s) ran, {len(results) - ran} up to date; "
                                                           f"outputs in {out}"))
     return results
+
+
+def _worth_keeping(out: Path) -> bool:
+    """Whether a run that failed or stopped leaves something behind: a finished step, or a
+    training step's last.pt that the next run continues from."""
+    stamps = out / ".stamps"
+    finished = stamps.is_dir() and any(not p.name.endswith(".started.json") for p in stamps.glob("*.json"))
+    return finished or any(out.rglob("last.pt"))
 
 
 def _run_steps(steps: list[Step], out: Path, recipe: Recipe, start: str | None, force: bool,
@@ -297,7 +316,20 @@ def _run_steps(steps: list[Step], out: Path, recipe: Recipe, start: str | None, 
             status = "ran"
             console.rule(f"{step.stage}: {step.name}")
             stamp.unlink(missing_ok=True)
-            step.action()
+            started = stamps / f"{step.stage}-{step.name}.started.json"
+            # a training step stopped (a scheduler's SIGTERM, a crash) with these same inputs and
+            # config continues from its last.pt; --force and --from start it again
+            resume = (not forced and step.run_dir is not None and (step.run_dir / "last.pt").exists()
+                      and started.exists() and json.loads(started.read_text()).get("key") == step.key())
+            if resume:
+                console.print(f"{step.stage} {step.name}: resuming the stopped run in {step.run_dir}")
+            write_json(started, {"key": step.key()})
+            try:
+                step.action(resume)
+            except Stopped as stopped:  # the stage's hint says --resume; a recipe continues by itself
+                raise Stopped(stopped.signum, f"{step.stage} {step.name} saved where it stopped; re-run the same "
+                                              "command to continue") from None
             write_json(stamp, {"key": step.key()})
+            started.unlink(missing_ok=True)
         results.append((step.name, status))
     return results

@@ -3,6 +3,7 @@ across torchrun ranks (score's parts, augment's shards), resumed where they stop
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,43 @@ def resumable_parts(output: Path, directory: Path, key: str, names: list[str],
         ctx.barrier()
 
 
+#: options a resumed run may change: more (or fewer) epochs continue the same run
+RESUME_MAY_CHANGE = {"train.epochs"}
+
+
+def check_resumed_config(out: Path, config: dict) -> None:
+    """Refuse to resume the run in ``out`` with a config other than the one it was started with
+    (its config.json): one line naming what differs. Options that do not change a run's output
+    are not in either config; ``train.epochs`` may change."""
+    recorded_path = out / "config.json"
+    if not recorded_path.is_file():
+        return
+    try:
+        recorded = json.loads(recorded_path.read_text())
+    except (OSError, ValueError):
+        raise UserError(f"--resume: {recorded_path} is not readable JSON; pass --overwrite to start again") from None
+    wanted = json.loads(json.dumps(config, default=str))  # as config.json holds it
+    changed = [f"{key} {old!r} (now {new!r})" for key, old, new in _differences(recorded, wanted)
+               if key not in RESUME_MAY_CHANGE]
+    if changed:
+        raise UserError(f"--resume: {out} was started with {'; '.join(changed[:3])}"
+                        + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+                        + "; pass the options it was started with, or --overwrite to start again")
+
+
+def _differences(old, new, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, old value, new value) for each leaf that differs between two JSON dicts; a
+    key one side lacks counts as None there (an option a later version added, left unset)."""
+    found = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            found.append((f"{prefix}{key}", a, b))
+    return found
+
+
 def _first_missing(path: Path) -> Path | None:
     """The outermost of ``path`` and its parents that does not exist yet."""
     missing = None
@@ -91,6 +129,8 @@ def run_directory(out: Path, resume: bool, overwrite: bool, config: dict) -> Ite
         raise UserError(f"--resume: {out} holds no run to resume (no last.pt)")
     if checkpoint.exists() and not resume and not overwrite:
         raise UserError(f"{out} already holds a run (pass --resume to continue it or --overwrite to replace it)")
+    if resume:
+        check_resumed_config(out, config)
     created = _first_missing(out) if ctx.is_main else None
     try:
         with run_lock(out) if ctx.is_main else contextlib.nullcontext():

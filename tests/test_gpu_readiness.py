@@ -26,7 +26,7 @@ def torchrun_env(monkeypatch):
     collectives reduce over itself alone)."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    monkeypatch.setattr(distributed, "_CONTEXT", None)
+    distributed.reset()
 
     def join(backend):
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
@@ -35,6 +35,7 @@ def torchrun_env(monkeypatch):
     yield join
     if dist.is_initialized():
         dist.destroy_process_group()
+    distributed.reset()
 
 
 def test_collectives_put_their_tensors_on_the_device_the_backend_serves(torchrun_env):
@@ -67,7 +68,7 @@ def test_the_device_is_chosen_after_the_distributed_context(torchrun_env, monkey
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     assert resolve_device("auto") == torch.device("cuda", 1)
-    assert chosen == [1] and distributed._CONTEXT is not None and distributed._CONTEXT.local_rank == 1
+    assert chosen == [1] and context().local_rank == 1  # the context this call made
     assert resolve_device("cuda") == resolve_device("cuda:1") == torch.device("cuda", 1)
     assert resolve_device("cpu") == torch.device("cpu") and chosen == [1]  # joined once
     with pytest.raises(UserError, match="under torchrun"):

@@ -165,3 +165,58 @@ def test_bad_stop_signal_and_collective_timeout_are_one_line(runner, tmp_path):
     before = signal.getsignal(signal.SIGTERM)
     assert invoke(runner, "models").exit_code == 0 and signal.getsignal(signal.SIGTERM) is before
     assert preemption.parse_signals(["USR1", "sigusr2", "term"]) == [signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM]
+
+
+RECIPE = """name = "stopped"
+[data]
+dataset = "digits"
+limit = 400
+eval_limit = 100
+[teacher]
+model = "cnn_tiny"
+epochs = 2
+batch_size = 8
+device = "cpu"
+checkpoint_every_steps = 2
+[distill]
+student = "cnn_tiny"
+epochs = 1
+device = "cpu"
+runs = [{ method = "kd" }]
+"""
+
+
+def test_a_stopped_recipe_continues_its_training_step_when_run_again(tmp_path):
+    """`energytools run` after a SIGTERM inside the teacher's training continues that run from
+    its last.pt (not from scratch) and ends with the weights of an uninterrupted pipeline."""
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(RECIPE)
+    whole = subprocess.run(cli("run", recipe, "--out", tmp_path / "a"), capture_output=True, text=True, env=ENV)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    last = tmp_path / "b" / "teacher" / "last.pt"
+    stopped = signal_when(["run", recipe, "--out", tmp_path / "b"], last.exists)
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    lines = [line for line in stopped.stderr.splitlines() if line.startswith("energytools:")]
+    assert len(lines) == 1 and "re-run the same command" in lines[0] and "--resume" not in lines[0], lines
+    assert load_step(last) > 0  # stopped inside the teacher's training, which was kept
+    again = subprocess.run(cli("run", recipe, "--out", tmp_path / "b"), capture_output=True, text=True, env=ENV)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming the stopped run" in again.stdout + again.stderr
+    assert same_weights(tmp_path / "a" / "teacher" / "last.pt", last)
+    assert same_weights(tmp_path / "a" / "runs" / "kd" / "last.pt", tmp_path / "b" / "runs" / "kd" / "last.pt")
+
+
+def test_resume_with_other_options_is_refused_but_more_epochs_continue(tmp_path):
+    common = ["train", "--model", "cnn_tiny", "--dataset", "digits", "--limit", 300, "--eval-limit", 100,
+              "--device", "cpu", "--out", tmp_path / "t"]
+    first = subprocess.run(cli(*common, "--epochs", 1), capture_output=True, text=True, env=ENV)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = (tmp_path / "t" / "last.pt").read_bytes()
+    refused = subprocess.run(cli(*common, "--epochs", 1, "--lr", 0.1, "--resume"), capture_output=True, text=True,
+                             env=ENV)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "train.lr 0.05 (now 0.1)" in refused.stderr and "--overwrite" in refused.stderr, refused.stderr
+    assert (tmp_path / "t" / "last.pt").read_bytes() == before  # nothing touched
+    longer = subprocess.run(cli(*common, "--epochs", 2, "--resume"), capture_output=True, text=True, env=ENV)
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    assert load_checkpoint(tmp_path / "t" / "last.pt")["epoch"] == 2

@@ -222,8 +222,11 @@ class ImageSet(torch.utils.data.Dataset):
         positions = self.positions[np.asarray(indices, dtype=np.int64)]
         # contiguous NCHW, exactly what stacking single items gives: the memory format picks the
         # conv kernel, and another kernel changes the last bits of the logits
-        images = torch.from_numpy(self.images.array[positions]).permute(0, 3, 1, 2).clone(
-            memory_format=torch.contiguous_format)
+        batch = self.images.array[positions]
+        if batch.shape[-1] == 1:  # one channel: the NHWC bytes are NCHW's, so a view, not a copy per step
+            images = torch.from_numpy(batch).view(len(positions), 1, *batch.shape[1:3])
+        else:
+            images = torch.from_numpy(batch).permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format)
         return Collated((images, torch.from_numpy(self._all_labels[positions]),
                          torch.from_numpy(self._all_ids[positions])))
 

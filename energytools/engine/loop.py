@@ -104,6 +104,15 @@ def _check_finite(total: torch.Tensor, epoch: int) -> float:
     return value
 
 
+def _total(losses: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The sum of the loss terms, without ``sum()``'s extra ``0 + first`` op a step."""
+    terms = iter(losses.values())
+    total = next(terms)
+    for term in terms:
+        total = total + term
+    return total
+
+
 def train_one_epoch(epoch: int, model: nn.Module, forward: Callable, step: StepFn, loader: TrainLoader,
                     optimizer: torch.optim.Optimizer, scaler, cfg, device: torch.device, info,
                     progress=None, on_step: Callable[[StepEvent], None] | None = None,
@@ -126,10 +135,11 @@ def train_one_epoch(epoch: int, model: nn.Module, forward: Callable, step: StepF
     if progress is not None:
         task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(loader), info="",
                                  visible=context().is_main)
-    # the bar moves about 100 times an epoch: an update per step costs more than a tiny model's step
-    refresh = max(1, len(loader) // 100)
+    # the bar moves at most 10 times a second (rich redraws it no faster): an update per step
+    # costs more than a tiny model's step
+    next_update = 0.0
     model.train()
-    sums: dict[str, torch.Tensor] = dict(position.sums) if position is not None else {}
+    sums: dict[str, torch.Tensor] = {k: v.clone() for k, v in position.sums.items()} if position is not None else {}
     seen = position.seen if position is not None else 0
     done = position.step if position is not None else 0
     if task is not None and done:
@@ -153,7 +163,7 @@ def train_one_epoch(epoch: int, model: nn.Module, forward: Callable, step: StepF
         batch = Batch(images, to_device(labels, device), ids, flipped, epoch, chosen)
         with autocast(device, cfg.amp):
             logits, losses = step(batch, forward)
-        loss = sum(losses.values())
+        loss = _total(losses)
         if first:
             optimizer.zero_grad(set_to_none=True)
         if accumulate > 1:  # --accumulate: the mean over the step's batches (fewer in the epoch's last)
@@ -171,9 +181,10 @@ def train_one_epoch(epoch: int, model: nn.Module, forward: Callable, step: StepF
                 ema.update(model)
         count = len(labels)
         seen += count
-        for name, value in losses.items():
-            term = value.detach().to(sum_dtype) * count
-            sums[name] = sums[name] + term if name in sums else term
+        for name, value in losses.items():  # one in-place op a term; value * count is exact in float64
+            if name not in sums:
+                sums[name] = torch.zeros((), dtype=sum_dtype, device=value.device)
+            sums[name].add_(value.detach(), alpha=count)
         if on_step is not None:
             on_step(StepEvent(epoch, step_index, batch, logits, losses, optimizer.param_groups[0]["lr"]))
         if at_boundary is not None and last:  # between optimizer steps: no gradient is half accumulated
@@ -183,8 +194,9 @@ def train_one_epoch(epoch: int, model: nn.Module, forward: Callable, step: StepF
         if cfg.sync_every and step_index % cfg.sync_every == 0:
             total = _check_finite(sum(sums.values()), epoch)
             progress.update(task, completed=step_index, info=f"loss {total / seen:.3f}")
-        elif step_index % refresh == 0:
+        elif time.perf_counter() >= next_update:
             progress.update(task, completed=step_index)
+            next_update = time.perf_counter() + 0.1
     if task is not None:
         progress.remove_task(task)
     if sums:
