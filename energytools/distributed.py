@@ -90,6 +90,15 @@ class Context:
             dist.all_reduce(tensor)
         return tensor.tolist()
 
+    def all_max(self, values: list[float]) -> list[float]:
+        """Each value's largest over the ranks (for a minimum, pass the negated value)."""
+        if not self.distributed:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64).to(self.device)
+        with self.collective("taking the epoch's extremes"):
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor.tolist()
+
     def all_mean_grads(self, params) -> None:
         """Average the gradients of ``params`` over the ranks (parameters DDP does not hold)."""
         if not self.distributed:

@@ -254,3 +254,95 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_and_resume_is_exa
     a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["model"]
     b = torch.load(last, weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+ACCUMULATE_SCRIPT = '''
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from energytools.config import DataConfig, TrainConfig
+from energytools.distributed import context
+from energytools.engine import fit
+
+data = DataConfig(dataset="digits", limit=200, eval_limit=60)
+train_set, val_set = data.build("train"), data.build("val")
+
+
+def run(out, **options):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))  # no BatchNorm: one batch and its parts agree
+    step = lambda batch, forward: (lambda logits: (logits, {"ce": F.cross_entropy(logits, batch.labels)}))(
+        forward(batch.images))
+    cfg = TrainConfig(epochs=2, lr=0.1, seed=0, device="cpu", **options)
+    fit(model, step, train_set, val_set, None, cfg, Path(sys.argv[1]) / out, {}, resume=False)
+    return model[1].weight.detach()
+
+
+big = run("big", batch_size=20)
+accumulated = run("acc", batch_size=5, accumulate=4)
+plain = run("plain", batch_size=5)
+if context().is_main:
+    print("accumulated", torch.allclose(big, accumulated, atol=1e-6), "plain", torch.allclose(big, plain, atol=1e-4))
+'''
+
+
+def test_accumulation_under_torchrun_matches_the_larger_batch(tmp_path):
+    """Two ranks: --accumulate 4 of batch 5 gives the weights of batch 20 (the batches before the
+    stepping one keep their gradients local, the last one's all-reduce averages the sums)."""
+    script = tmp_path / "accumulate.py"
+    script.write_text(ACCUMULATE_SCRIPT)
+    result = torchrun(tmp_path, script=str(script))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "accumulated True plain False" in result.stdout, result.stdout[-2000:]
+
+
+DTKD_SCRIPT = '''
+import json
+import os
+import sys
+
+import energytools
+from energytools.losses import dtkd_temperatures
+
+seen = []
+
+
+def track(event):
+    info = event.batch.extras["sample_info"]
+    t_t, t_s = dtkd_temperatures(event.logits.float(), info.teacher_logits.float(), 4.0)
+    seen.append([event.epoch, t_t.min().item(), t_t.max().item(), t_s.min().item(), t_s.max().item()])
+
+
+energytools.distill(sys.argv[1], "cnn_tiny", sys.argv[2], method="dtkd", epochs=2, batch_size=16, device="cpu",
+                    on_step=track)
+with open(os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.json"), "w") as handle:
+    json.dump(seen, handle)
+'''
+
+
+def test_dtkd_temperature_range_covers_every_rank(digits_run, tmp_path):
+    """metrics.parquet's DTKD temperature range is over the samples of both ranks, not rank 0's."""
+    script = tmp_path / "dtkd.py"
+    script.write_text(DTKD_SCRIPT)
+    out = tmp_path / "run"
+    result = torchrun(digits_run["scores"], out, script=str(script))
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+
+    steps = {rank: json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)}
+    metrics = pl.read_parquet(out / "metrics.parquet")
+    rank1_holds_an_extreme = False
+    for epoch, row in enumerate(metrics.iter_rows(named=True)):
+        mine = {rank: [s for s in rows if s[0] == epoch] for rank, rows in steps.items()}
+        expected = {}
+        for name, column, pick in (("teacher_t_min", 1, min), ("teacher_t_max", 2, max),
+                                   ("student_t_min", 3, min), ("student_t_max", 4, max)):
+            per_rank = {rank: pick(s[column] for s in rows) for rank, rows in mine.items()}
+            expected[name] = pick(per_rank.values())
+            rank1_holds_an_extreme |= per_rank[1] != per_rank[0] and expected[name] == per_rank[1]
+            assert abs(row[f"method_{name}"] - expected[name]) < 1e-5, (epoch, name, row, per_rank)
+    assert rank1_holds_an_extreme  # the test can fail: rank 0's range alone differs

@@ -7,6 +7,7 @@ reference's config). The range of T_t and T_s over each epoch's samples goes to 
 """
 import torch
 
+from ..distributed import context
 from ..losses import dtkd_loss, dtkd_temperatures, mixed_cross_entropy
 from .base import Distiller, register_method
 
@@ -39,10 +40,12 @@ class DTKD(Distiller):
         self._range = torch.stack([low, high])
 
     def epoch_metrics(self) -> dict[str, float]:
-        """This process's samples' range of the two temperatures in the epoch (rank 0's under torchrun)."""
+        """The range of the two temperatures over the epoch's samples (every rank's under torchrun)."""
         if self._range is None:
             return {}
         (t_min, s_min), (t_max, s_max) = self._range.tolist()
         self._range = None
+        low_t, low_s, t_max, s_max = context().all_max([-t_min, -s_min, t_max, s_max])
+        t_min, s_min = -low_t, -low_s
         return {"method_teacher_t_min": t_min, "method_teacher_t_max": t_max,
                 "method_student_t_min": s_min, "method_student_t_max": s_max}

@@ -11,6 +11,7 @@ callers watch the loop through it instead of patching its internals).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -161,14 +162,17 @@ def train_one_epoch(epoch: int, model: nn.Module, forward: Callable, step: StepF
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         batch = Batch(images, to_device(labels, device), ids, flipped, epoch, chosen)
-        with autocast(device, cfg.amp):
-            logits, losses = step(batch, forward)
-        loss = _total(losses)
-        if first:
-            optimizer.zero_grad(set_to_none=True)
-        if accumulate > 1:  # --accumulate: the mean over the step's batches (fewer in the epoch's last)
-            loss = loss / min(accumulate, steps - (step_index - 1) // accumulate * accumulate)
-        scaler.scale(loss).backward()
+        # --accumulate under torchrun: the batches before the one that steps keep their gradients
+        # local (DDP's no_sync, around the forward too); the last one's backward all-reduces the sum
+        with forward.no_sync() if not last and hasattr(forward, "no_sync") else contextlib.nullcontext():
+            with autocast(device, cfg.amp):
+                logits, losses = step(batch, forward)
+            loss = _total(losses)
+            if first:
+                optimizer.zero_grad(set_to_none=True)
+            if accumulate > 1:  # --accumulate: the mean over the step's batches (fewer in the epoch's last)
+                loss = loss / min(accumulate, steps - (step_index - 1) // accumulate * accumulate)
+            scaler.scale(loss).backward()
         if last:
             if extra_groups and context().distributed:  # not in DDP: average their gradients here
                 context().all_mean_grads([p for group in extra_groups for p in group["params"]])
