@@ -106,7 +106,7 @@ def command(name: str | None = None, **kwargs):
 
 # --- stage commands: one option per config field ---------------------------------------------
 
-def _cli_option(spec, hint) -> tuple[object, object]:
+def _cli_option(spec, hint, panel: str | None) -> tuple[object, object]:
     """(annotation, default) of the typer parameter for one config field."""
     from .options import _optional
 
@@ -134,33 +134,45 @@ def _cli_option(spec, hint) -> tuple[object, object]:
         help_text += " [required]"
     elif show:  # typer would print a string default in parentheses: "(scores.parquet)"
         help_text += f" [default: {show}]"
-    return Annotated[kind, typer.Option(*names, help=help_text, show_default=False, metavar=metavar)], None
+    return Annotated[kind, typer.Option(*names, help=help_text, show_default=False, metavar=metavar,
+                                        rich_help_panel=panel or "Options")], None
 
 
 #: how --help names a value of each type (the generated signatures would otherwise show <str>)
 METAVARS = {str: "TEXT", int: "INTEGER", float: "NUMBER", bool: " "}
 
 
+CONFIG_PANEL = "Config file"
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", metavar="FILE", help="a TOML file of this command's options; "
-                                                    "flags override it")]
+                                                    "flags override it", rich_help_panel=CONFIG_PANEL)]
+PrintConfig = Annotated[bool, typer.Option("--print-config", help="print the resolved options as TOML (what --config "
+                                           "reads) and exit without running", rich_help_panel=CONFIG_PANEL)]
 
 
 def stage_command(name: str, config_class, run: Callable, doc: str) -> None:
     """Register ``energytools NAME``: every field of ``config_class`` (nested configs flattened)
     is an option with the dataclass's default, and ``--config FILE`` sets any of them from TOML;
     the resolved config goes to ``run``, as the Python API and recipes do."""
-    from .config import flat_fields, overrides, resolve
+    from .config import as_dict, flat_fields, overrides, resolve
+    from .options import check_all, flat_panels, to_toml
 
-    params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ConfigFile)]
+    params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ConfigFile),
+              inspect.Parameter("print_config", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=PrintConfig)]
+    panels = flat_panels(config_class)
     for spec, hint in flat_fields(config_class):
-        annotation, default = _cli_option(spec, hint)
+        annotation, default = _cli_option(spec, hint, panels[spec.name])
         params.append(inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                         annotation=annotation))
 
-    def command(config: Path | None = None, **flags):
+    def command(config: Path | None = None, print_config: bool = False, **flags):
         values = _read_config_file(config) if config else {}
         values.update(overrides(**flags))
-        run(resolve(config_class, values, f"energytools {name}"))
+        resolved = resolve(config_class, values, f"energytools {name}")
+        if print_config:
+            check_all(resolved)
+            typer.echo(to_toml(as_dict(resolved)))
+            return
+        run(resolved)
 
     command.__signature__ = inspect.Signature(params)
     command.__annotations__ = {p.name: p.annotation for p in params}

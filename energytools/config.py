@@ -34,6 +34,21 @@ RULE_NAMES = registry(TEMPERATURE_RULES)
 SELECT_MODE_NAMES = registry(SELECT_MODES)
 
 
+# the help panels a command's options are grouped in (`energytools distill --help`), as timm groups its flags
+INPUTS = "Inputs"
+OUTPUT = "Output"
+DATA = "Data"
+OPTIMISATION = "Optimisation"
+HARDWARE = "Hardware"
+TEMPERATURES = "Temperatures"
+METHOD = "Method"
+TEACHER_INPUT = "Teacher input"
+VIEWS = "Views"
+SELECTION = "Selection"
+AUGMENTATION = "Selection and augmentation"
+HE_DA = "HE-DA"
+
+
 @dataclass
 class DataConfig:
     """Which samples: a dataset by name and the options that subset it."""
@@ -88,21 +103,21 @@ class TrainConfig:
     ema_decay: float | None = option(None, "keep an exponential moving average of the weights with this decay "
                                      "(e.g. 0.999), evaluated each epoch; best.pt takes the better of the two")
     seed: int = option(0, "seed for every random choice")
-    device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1 ...")
-    num_workers: int = option(0, "DataLoader worker processes")
+    device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1 ...", panel=HARDWARE)
+    num_workers: int = option(0, "DataLoader worker processes", panel=HARDWARE)
     prefetch: int = option(2, "batches each DataLoader worker loads ahead (with --num-workers; the random "
-                           "augmentation's draws depend on it, so keep it to reproduce a run)")
-    amp: bool = option(True, "mixed precision on cuda (no effect elsewhere)")
+                           "augmentation's draws depend on it, so keep it to reproduce a run)", panel=HARDWARE)
+    amp: bool = option(True, "mixed precision on cuda (no effect elsewhere)", panel=HARDWARE)
     channels_last: bool = option(False, "channels-last memory format for the model and batches (faster "
-                                 "convolutions on cuda with AMP)")
+                                 "convolutions on cuda with AMP)", panel=HARDWARE)
     sync_every: int = option(100, "read the loss from the device every N steps (progress and divergence "
-                             "check); 0: once per epoch")
-    eval_batch_size: int = option(512, "batch size of validation and test passes")
+                             "check); 0: once per epoch", panel=OUTPUT)
+    eval_batch_size: int = option(512, "batch size of validation and test passes", panel=HARDWARE)
     deterministic: bool = option(False, "deterministic algorithms (and CUBLAS_WORKSPACE_CONFIG=:4096:8): on cuda "
-                                 "a resumed run ends with the same weights; slower")
+                                 "a resumed run ends with the same weights; slower", panel=HARDWARE)
     checkpoint_every_steps: int = option(0, "also write last.pt every N optimizer steps, holding the position "
                                          "inside the epoch (long epochs; --resume continues from it); 0: at the "
-                                         "end of each epoch only", content=False)
+                                         "end of each epoch only", content=False, panel=OUTPUT)
 
     def check(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -136,50 +151,52 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class TrainStageConfig:
-    model: str = option(help="architecture, see `energytools models`", choices=MODEL_NAMES)
-    out: str = option(help="run directory", content=False)
-    data: DataConfig = option(help="the dataset", factory=DataConfig)
-    train: TrainConfig = option(help="optimisation", factory=TrainConfig)
+    model: str = option(help="architecture, see `energytools models`", choices=MODEL_NAMES, panel=INPUTS)
+    out: str = option(help="run directory", content=False, panel=OUTPUT)
+    data: DataConfig = option(help="the dataset", factory=DataConfig, panel=DATA)
+    train: TrainConfig = option(help="optimisation", factory=TrainConfig, panel=OPTIMISATION)
     init: str | None = option(None, "start from these weights: an energytools, mdistiller, torchvision or timm "
                               "checkpoint (.pt, .pth, .safetensors) or, for hf: models, a save_pretrained folder; "
-                              "a head for another class count is re-initialised")
-    resume: bool = option(False, "continue from OUT/last.pt", content=False)
-    overwrite: bool = option(False, "replace an existing run", content=False)
+                              "a head for another class count is re-initialised", panel=INPUTS)
+    resume: bool = option(False, "continue from OUT/last.pt", content=False, panel=OUTPUT)
+    overwrite: bool = option(False, "replace an existing run", content=False, panel=OUTPUT)
 
 
 @dataclass
 class ScoreConfig:
-    teacher: str = option(help="teacher checkpoint (.pt, .pth, .safetensors) or save_pretrained folder")
-    out: str = option("scores.parquet", "the table to write", content=False)
+    teacher: str = option(help="teacher checkpoint (.pt, .pth, .safetensors) or save_pretrained folder", panel=INPUTS)
+    out: str = option("scores.parquet", "the table to write", content=False, panel=OUTPUT)
     data: DataConfig = option(help="the dataset; unless `dataset` is given, the teacher checkpoint's, with the "
-                              "fields that are given changed", factory=DataConfig)
+                              "fields that are given changed", factory=DataConfig, panel=DATA)
     teacher_arch: str | None = option(None, "architecture, for checkpoints that do not record it",
-                                      choices=MODEL_NAMES)
+                                      choices=MODEL_NAMES, panel=INPUTS)
     preprocessing: TeacherPreprocessing = option(help="the teacher's input size and normalisation",
-                                                 factory=TeacherPreprocessing)
-    split: str = option("train", "train, val or test", choices=lambda: ("train", "val", "test"))
-    energy_temperature: float = option(4.0, "T_E in E = -T_E * logsumexp(z / T_E)")
-    low_frac: float = option(0.2, "fraction of lowest-energy samples in the low group")
-    high_frac: float = option(0.2, "fraction of highest-energy samples in the high group")
+                                                 factory=TeacherPreprocessing, panel=TEACHER_INPUT)
+    split: str = option("train", "train, val or test", choices=lambda: ("train", "val", "test"), panel=INPUTS)
+    energy_temperature: float = option(4.0, "T_E in E = -T_E * logsumexp(z / T_E)", panel=TEMPERATURES)
+    low_frac: float = option(0.2, "fraction of lowest-energy samples in the low group", panel=TEMPERATURES)
+    high_frac: float = option(0.2, "fraction of highest-energy samples in the high group", panel=TEMPERATURES)
     temperatures: tuple[float, ...] = option((6.0, 4.0, 2.0), "KD temperature of the low,mid,high groups "
-                                             "(paper: 6,4,2; reference code: 2,4,6)")
-    temperature_rule: str = option("groups", "groups, or rank (linear in energy rank)", choices=RULE_NAMES)
-    reference: str | None = option(None, "a train table whose groups (fractions, boundaries) group this split")
-    save_logits: bool = option(False, "store float16 logits (and of the flipped image)")
+                                             "(paper: 6,4,2; reference code: 2,4,6)", panel=TEMPERATURES)
+    temperature_rule: str = option("groups", "groups, or rank (linear in energy rank)", choices=RULE_NAMES,
+                                   panel=TEMPERATURES)
+    reference: str | None = option(None, "a train table whose groups (fractions, boundaries) group this split",
+                                   panel=TEMPERATURES)
+    save_logits: bool = option(False, "store float16 logits (and of the flipped image)", panel=OUTPUT)
     views: int = option(0, "also score K training views per sample, drawn from the dataset's train transform "
-                        "(crop, flip): their float16 logits and energies, for distill --cached-logits")
+                        "(crop, flip): their float16 logits and energies, for distill --cached-logits", panel=VIEWS)
     top_k: int | None = option(None, "with --views: store the N largest logits of each view and one value "
-                               "that rebuilds the rest of the softmax (many-class datasets)")
-    seed: int = option(0, "seed of the views: view v of sample i is drawn from (seed, i, v)")
-    batch_size: int = option(256, "images per forward pass")
+                               "that rebuilds the rest of the softmax (many-class datasets)", panel=VIEWS)
+    seed: int = option(0, "seed of the views: view v of sample i is drawn from (seed, i, v)", panel=VIEWS)
+    batch_size: int = option(256, "images per forward pass", panel=HARDWARE)
     part_size: int | None = option(None, "rows per resumable part written to OUT.parts/, rounded to a multiple of "
                                    "batch_size (default: from the sample count and the number of processes, at most "
-                                   "8192; the table's bytes do not depend on it)", content=False)
-    device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1 ...")
-    num_workers: int = option(0, "DataLoader worker processes")
+                                   "8192; the table's bytes do not depend on it)", content=False, panel=OUTPUT)
+    device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1 ...", panel=HARDWARE)
+    num_workers: int = option(0, "DataLoader worker processes", panel=HARDWARE)
     amp: bool = option(False, "bf16/fp16 autocast on cuda: faster, but energies from low-precision logits "
-                       "(docs/benchmarks.md); default float32 (no TF32)")
-    overwrite: bool = option(False, "replace an existing output", content=False)
+                       "(docs/benchmarks.md); default float32 (no TF32)", panel=HARDWARE)
+    overwrite: bool = option(False, "replace an existing output", content=False, panel=OUTPUT)
 
     def rule(self):
         return TemperatureRule(self.temperatures, self.low_frac, self.high_frac, self.temperature_rule)
@@ -201,39 +218,41 @@ class ScoreConfig:
 
 @dataclass
 class SelectConfig:
-    scores: str = option("scores.parquet", "the train score table")
-    out: str | None = option(None, "write the selected ids to this Parquet file (for distill --exclude/--keep)", content=False)
-    ratio: float = option(0.3, "fraction of samples to select, in (0, 1]")
+    scores: str = option("scores.parquet", "the train score table", panel=INPUTS)
+    out: str | None = option(None, "write the selected ids to this Parquet file (for distill --exclude/--keep)",
+                             content=False, panel=OUTPUT)
+    ratio: float = option(0.3, "fraction of samples to select, in (0, 1]", panel=SELECTION)
     mode: str = option("high", "high (the hardest: HE-DA), low (the easiest: pruning) or random (a control)",
-                       choices=SELECT_MODE_NAMES)
+                       choices=SELECT_MODE_NAMES, panel=SELECTION)
     by: str = option("energy", "the score to rank by: energy, margin, confidence, true_prob, entropy or el2n "
-                     "(||softmax - onehot||, Paul et al. 2021)", choices=registry(SELECT_BY))
-    per_class: bool = option(False, "take the fraction within each class")
-    seed: int = option(0, "seed for every random choice")
-    overwrite: bool = option(False, "replace an existing output", content=False)
+                     "(||softmax - onehot||, Paul et al. 2021)", choices=registry(SELECT_BY), panel=SELECTION)
+    per_class: bool = option(False, "take the fraction within each class", panel=SELECTION)
+    seed: int = option(0, "seed for every random choice", panel=SELECTION)
+    overwrite: bool = option(False, "replace an existing output", content=False, panel=OUTPUT)
 
 
 @dataclass
 class AugmentConfig:
-    scores: str = option("scores.parquet", "the train score table")
-    out: str = option("he-da", "shard directory", content=False)
-    ratio: float = option(0.3, "fraction of samples to select, in (0, 1]")
-    select: str = option("high", "high (HE-DA), low or random (controls)", choices=SELECT_MODE_NAMES)
-    per_class: bool = option(False, "take the fraction within each class")
+    scores: str = option("scores.parquet", "the train score table", panel=INPUTS)
+    out: str = option("he-da", "shard directory", content=False, panel=OUTPUT)
+    ratio: float = option(0.3, "fraction of samples to select, in (0, 1]", panel=AUGMENTATION)
+    select: str = option("high", "high (HE-DA), low or random (controls)", choices=SELECT_MODE_NAMES,
+                         panel=AUGMENTATION)
+    per_class: bool = option(False, "take the fraction within each class", panel=AUGMENTATION)
     policy: str = option("cutmix", "cutmix, mixup, randaug, light, or an albumentations .json/.yaml file",
-                         choices=registry(POLICIES))
-    copies: int = option(1, "augmented samples per selected sample")
-    seed: int = option(0, "seed for every random choice")
-    workers: int = option(1, "processes writing shards", content=False)
-    shard_size: int = option(2048, "rows per shard")
-    teacher: str | None = option(None, "teacher checkpoint (default: the one that scored the table)")
+                         choices=registry(POLICIES), panel=AUGMENTATION)
+    copies: int = option(1, "augmented samples per selected sample", panel=AUGMENTATION)
+    seed: int = option(0, "seed for every random choice", panel=AUGMENTATION)
+    workers: int = option(1, "processes writing shards", content=False, panel=OUTPUT)
+    shard_size: int = option(2048, "rows per shard", panel=OUTPUT)
+    teacher: str | None = option(None, "teacher checkpoint (default: the one that scored the table)", panel=INPUTS)
     teacher_arch: str | None = option(None, "architecture, for checkpoints that do not record it",
-                                      choices=MODEL_NAMES)
+                                      choices=MODEL_NAMES, panel=INPUTS)
     preprocessing: TeacherPreprocessing = option(help="the teacher's input size and normalisation (default: the "
                                                  "table's; one that contradicts it is refused)",
-                                                 factory=TeacherPreprocessing)
-    batch_size: int = option(256, "images per teacher forward pass")
-    overwrite: bool = option(False, "replace an existing output", content=False)
+                                                 factory=TeacherPreprocessing, panel=TEACHER_INPUT)
+    batch_size: int = option(256, "images per teacher forward pass", panel=HARDWARE)
+    overwrite: bool = option(False, "replace an existing output", content=False, panel=OUTPUT)
 
     def content(self) -> dict:
         """The options that decide the shards' bytes: not where the input and output live (the
@@ -258,69 +277,79 @@ HE_DA_MODES = ("online",)
 
 @dataclass(kw_only=True)
 class DistillConfig:
-    scores: str = option("scores.parquet", "the train score table")
-    student: str = option(help="student architecture, see `energytools models`", choices=MODEL_NAMES)
-    out: str = option(help="run directory", content=False)
+    scores: str = option("scores.parquet", "the train score table", panel=INPUTS)
+    student: str = option(help="student architecture, see `energytools models`", choices=MODEL_NAMES, panel=INPUTS)
+    out: str = option(help="run directory", content=False, panel=OUTPUT)
     method: str = option("energy-kd", "ce; kd, energy-kd (Kim et al. 2024); dkd, energy-dkd (Zhao et al. 2022); "
                          "ctkd (learnable T, Li et al. 2023); dtkd (per-sample T from max logits, Wei et al. 2024); "
                          "ls-kd, ls-energy-kd, ls-dkd, ls-energy-dkd (logit standardization, Sun et al. 2024, with "
                          "its defaults); see docs/methods.md",
-                         choices=registry(METHODS))
-    shards: tuple[str, ...] = option((), "HE-DA shard directory (repeatable)")
-    teacher: str | None = option(None, "teacher checkpoint (default: the one that scored the table)")
+                         choices=registry(METHODS), panel=METHOD)
+    shards: tuple[str, ...] = option((), "HE-DA shard directory (repeatable)", panel=INPUTS)
+    teacher: str | None = option(None, "teacher checkpoint (default: the one that scored the table)", panel=INPUTS)
     teacher_arch: str | None = option(None, "architecture, for checkpoints that do not record it",
-                                      choices=MODEL_NAMES)
+                                      choices=MODEL_NAMES, panel=INPUTS)
     preprocessing: TeacherPreprocessing = option(help="the online teacher's input size and normalisation "
                                                  "(default: the table's; one that contradicts it is refused)",
-                                                 factory=TeacherPreprocessing)
+                                                 factory=TeacherPreprocessing, panel=TEACHER_INPUT)
     student_normalization: str | None = option(None, "a timm or Hugging Face student that starts from pretrained "
                                                "weights: `dataset` (the dataset's mean and std, as every student; "
                                                "the default) or `weights` (the mean and std the weights were "
                                                "trained with, e.g. ImageNet's, for a --student-init checkpoint)",
-                                               choices=lambda: STUDENT_NORMALIZATIONS)
+                                               choices=lambda: STUDENT_NORMALIZATIONS, panel=INPUTS)
     student_init: str | None = option(None, "start the student from these weights: an energytools, mdistiller, "
                                       "torchvision or timm checkpoint (.pt, .pth, .safetensors) or, for hf: "
                                       "students, a save_pretrained folder; a head for another class count is "
-                                      "re-initialised")
+                                      "re-initialised", panel=INPUTS)
     temperature_source: str = option("table", "table (the clean image's energy, by sample_id), views (each "
                                      "stored view's energy against thresholds over all views; needs score "
                                      "--views) or online (the teacher's energy on each augmented view)",
-                                     choices=registry(TEMPERATURE_SOURCES))
-    temperatures: tuple[float, ...] | None = option(None, "re-derive: T of the low,mid,high groups, e.g. 2,4,6")
-    low_frac: float | None = option(None, "re-derive the groups with this low fraction")
-    high_frac: float | None = option(None, "re-derive the groups with this high fraction")
-    temperature_rule: str | None = option(None, "re-derive with this rule: groups or rank", choices=RULE_NAMES)
-    kd_temperature: float | None = option(None, "T of kd and dkd, DTKD's reference T (method default: 4; ls-*: 2)")
-    ce_weight: float | None = option(None, "weight of the CE term (method default: 0.1 kd and ctkd, 1.0 dkd and dtkd)")
-    kd_weight: float | None = option(None, "weight of the KD term (method default: 0.9; ls-kd: 9)")
-    dkd_alpha: float | None = option(None, "DKD's TCKD weight (method default: 1)")
-    dkd_beta: float | None = option(None, "DKD's NCKD weight (method default: 8; the reference's vgg13->vgg8: 6)")
-    dkd_warmup: int | None = option(None, "DKD's and DTKD's linear warm-up in epochs (method default: 20)")
+                                     choices=registry(TEMPERATURE_SOURCES), panel=TEMPERATURES)
+    temperatures: tuple[float, ...] | None = option(None, "re-derive: T of the low,mid,high groups, e.g. 2,4,6",
+                                                    panel=TEMPERATURES)
+    low_frac: float | None = option(None, "re-derive the groups with this low fraction", panel=TEMPERATURES)
+    high_frac: float | None = option(None, "re-derive the groups with this high fraction", panel=TEMPERATURES)
+    temperature_rule: str | None = option(None, "re-derive with this rule: groups or rank", choices=RULE_NAMES,
+                                          panel=TEMPERATURES)
+    kd_temperature: float | None = option(None, "T of kd and dkd, DTKD's reference T (method default: 4; ls-*: 2)",
+                                          panel=METHOD)
+    ce_weight: float | None = option(None, "weight of the CE term (method default: 0.1 kd and ctkd, 1.0 dkd and dtkd)",
+                                     panel=METHOD)
+    kd_weight: float | None = option(None, "weight of the KD term (method default: 0.9; ls-kd: 9)", panel=METHOD)
+    dkd_alpha: float | None = option(None, "DKD's TCKD weight (method default: 1)", panel=METHOD)
+    dkd_beta: float | None = option(None, "DKD's NCKD weight (method default: 8; the reference's vgg13->vgg8: 6)",
+                                    panel=METHOD)
+    dkd_warmup: int | None = option(None, "DKD's and DTKD's linear warm-up in epochs (method default: 20)",
+                                    panel=METHOD)
     standardize_logits: bool | None = option(None, "logit standardization (Sun et al. 2024): z-score each sample's "
                                              "teacher and student logits before the KD terms (method default: off; "
-                                             "on for the ls-* methods)")
-    ctkd_t_start: float | None = option(None, "CTKD: tau = t_start + t_end * sigmoid(theta) (method default: 1)")
-    ctkd_t_end: float | None = option(None, "CTKD: see ctkd_t_start (method default: 20)")
+                                             "on for the ls-* methods)", panel=METHOD)
+    ctkd_t_start: float | None = option(None, "CTKD: tau = t_start + t_end * sigmoid(theta) (method default: 1)",
+                                        panel=METHOD)
+    ctkd_t_end: float | None = option(None, "CTKD: see ctkd_t_start (method default: 20)", panel=METHOD)
     ctkd_grl_epochs: int | None = option(None, "CTKD: epochs of the cosine ramp of the gradient reversal (method "
-                                         "default: 10)")
+                                         "default: 10)", panel=METHOD)
     ctkd_grl_weight: float | None = option(None, "CTKD: the reversal weight reached after the ramp, as a magnitude "
-                                           "(method default: 1, i.e. the gradient times -1)")
-    dtkd_alpha: float | None = option(None, "DTKD: weight of the dynamic-temperature KL (method default: 3)")
-    dtkd_beta: float | None = option(None, "DTKD: weight of the KD term at kd_temperature (method default: 1)")
+                                           "(method default: 1, i.e. the gradient times -1)", panel=METHOD)
+    dtkd_alpha: float | None = option(None, "DTKD: weight of the dynamic-temperature KL (method default: 3)",
+                                      panel=METHOD)
+    dtkd_beta: float | None = option(None, "DTKD: weight of the KD term at kd_temperature (method default: 1)",
+                                     panel=METHOD)
     he_da: str | None = option(None, "online: the reference's HE-DA, CutMix drawn in every batch among its "
                                "high-energy samples (by --temperature-source) plus a KD term at T=4 on the mixed "
-                               "images; runs the teacher on them", choices=lambda: HE_DA_MODES)
+                               "images; runs the teacher on them", choices=lambda: HE_DA_MODES, panel=HE_DA)
     he_da_weight: float | None = option(None, "weight of --he-da online's KD term (default: the method's KD weight, "
-                                        "0.9)")
+                                        "0.9)", panel=HE_DA)
     cached_logits: bool = option(False, "use the table's stored teacher logits (per view with score --views): "
-                                 "the teacher is never run")
+                                 "the teacher is never run", panel=INPUTS)
     eval_limit: int | None = option(None, "class-stratified subset of the val and test splits "
-                                    "(default: the table's)")
-    exclude: str | None = option(None, "train without the sample ids in this Parquet file (`energytools select --out`)")
-    keep: str | None = option(None, "train only on the sample ids in this Parquet file")
-    train: TrainConfig = option(help="optimisation", factory=TrainConfig)
-    resume: bool = option(False, "continue from OUT/last.pt", content=False)
-    overwrite: bool = option(False, "replace an existing run", content=False)
+                                    "(default: the table's)", panel=DATA)
+    exclude: str | None = option(None, "train without the sample ids in this Parquet file (`energytools select --out`)",
+                                 panel=INPUTS)
+    keep: str | None = option(None, "train only on the sample ids in this Parquet file", panel=INPUTS)
+    train: TrainConfig = option(help="optimisation", factory=TrainConfig, panel=OPTIMISATION)
+    resume: bool = option(False, "continue from OUT/last.pt", content=False, panel=OUTPUT)
+    overwrite: bool = option(False, "replace an existing run", content=False, panel=OUTPUT)
 
     def check(self) -> None:
         spec = method_spec(self.method)

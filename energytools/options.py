@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import math
 import re
 import types
 import typing
@@ -18,7 +20,7 @@ from .errors import UserError
 
 
 def option(default=dataclasses.MISSING, help: str = "", factory=dataclasses.MISSING, choices=None, parse=None,
-           content: bool = True):
+           content: bool = True, panel: str | None = None):
     """A config field with its CLI help text (``factory`` for a nested config's default).
     ``choices``, for a name picked from a registry: a callable giving the names, read when a
     config is resolved (registries fill as modules import), so that :func:`resolve` can take
@@ -27,9 +29,10 @@ def option(default=dataclasses.MISSING, help: str = "", factory=dataclasses.MISS
     or raises one UserError naming ``where``. ``content=False`` marks an option that does not
     change what a stage writes (where its output goes, whether it may replace or resume it, how
     many processes write it): staleness keys, resume keys and config hashes leave it out
-    (:func:`content_of`)."""
+    (:func:`content_of`). ``panel``: the group its flag is listed in by ``--help`` (on a nested
+    config's field: the group of all its options that name none)."""
     return field(default=default, default_factory=factory,
-                 metadata={"help": help, "choices": choices, "parse": parse, "content": content})
+                 metadata={"help": help, "choices": choices, "parse": parse, "content": content, "panel": panel})
 
 
 def registry(names):
@@ -190,6 +193,25 @@ def flat_fields(cls) -> list[tuple[dataclasses.Field, object]]:
     return out
 
 
+def check_all(config) -> None:
+    """``check()`` of every nested config, then of ``config``: the checks a stage makes before work."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            check_all(value)
+    if hasattr(config, "check"):
+        config.check()
+
+
+def flat_panels(cls, inherited: str | None = None) -> dict[str, str | None]:
+    """Each leaf option's help panel: its own, else that of the nested config it lies in."""
+    hints, panels = _hints(cls), {}
+    for f in dataclasses.fields(cls):
+        panel, base = f.metadata.get("panel") or inherited, _optional(hints[f.name])[0]
+        panels.update(flat_panels(base, panel) if _is_config(base) else {f.name: panel})
+    return panels
+
+
 def as_dict(obj) -> dict:
     """A config as plain JSON-able values (nested configs as dicts, tuples as lists)."""
     return {f.name: as_dict_value(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
@@ -216,6 +238,39 @@ def as_dict_value(value):
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+def to_toml(values: dict) -> str:
+    """A config dict (:func:`as_dict`) as TOML that ``--config`` and recipes read back: scalars
+    first, nested configs as ``[tables]``; unset (None) options are left out."""
+    lines, tables = [], []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            tables.append((key, value))
+        elif value is not None:
+            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+    for key, table in tables:
+        body = to_toml({f"{key}.{k}" if isinstance(v, dict) else k: v for k, v in table.items()})
+        if body:  # a group none of whose options is set is left out
+            lines += ["", body if body.startswith("[") else f"[{_toml_key(key)}]\n{body}"]
+    return "\n".join(lines).strip("\n")
+
+
+def _toml_key(key: str) -> str:
+    return ".".join(part if part.replace("_", "").replace("-", "").isalnum() else json.dumps(part)
+                    for part in key.split("."))
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else "-inf" if value < 0 else "inf")
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value if v is not None) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items() if v is not None) + "}"
+    return json.dumps(str(value))  # a JSON string is a TOML basic string
 
 
 def overrides(**flags) -> dict:

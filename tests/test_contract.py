@@ -11,7 +11,7 @@ import torch
 
 from conftest import StepRecorder, invoke
 from energytools.config import (AugmentConfig, DistillConfig, ScoreConfig, SelectConfig, TrainConfig, TrainStageConfig,
-                                flat_names)
+                                flat_names, resolve)
 from energytools.errors import UserError
 from energytools.table import SCHEMA_VERSION, TableMeta, load_table
 
@@ -420,3 +420,39 @@ def test_a_table_rewritten_by_polars_is_refused_with_what_happened(runner, digit
     result = invoke(runner, "distill", "--scores", edited, "--student", "cnn_tiny", "--out", tmp_path / "d")
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and "lost energytools' metadata" in lines[0]
+
+
+@pytest.mark.parametrize("command", ["train", "score", "select", "augment", "distill"])
+def test_every_stage_option_is_in_a_named_help_panel(command):
+    """--help groups a command's options (inputs, data, temperatures, optimisation, output ...),
+    as timm groups its flags: no option is left in the catch-all panel."""
+    import typer.main
+
+    from energytools.cli import app
+
+    params = typer.main.get_command(app).commands[command].params
+    loose = [p.name for p in params if p.name != "help" and getattr(p, "rich_help_panel", None) in (None, "Options")]
+    assert not loose, loose
+    panels = {p.rich_help_panel for p in params if p.name != "help"}
+    assert {"Inputs", "Output", "Config file"} < panels, panels
+
+
+def test_print_config_prints_toml_that_config_reads_back_and_runs_nothing(runner, tmp_path):
+    import tomllib
+
+    flags = ["distill", "--scores", tmp_path / "s.parquet", "--student", "cnn_tiny", "--out", tmp_path / "run",
+             "--method", "DKD", "--temperatures", "2,4,6", "--shards", "a", "--shards", "b", "--lr", "0.01",
+             "--teacher-input-size", "data"]
+    printed = invoke(runner, *flags, "--print-config")
+    assert printed.exit_code == 0, printed.output
+    parsed = tomllib.loads(printed.stdout)
+    assert parsed["method"] == "dkd" and parsed["temperatures"] == [2.0, 4.0, 6.0] and parsed["shards"] == ["a", "b"]
+    assert parsed["train"]["lr"] == 0.01 and parsed["preprocessing"]["teacher_input_size"] == "data"
+    saved = tmp_path / "distill.toml"
+    saved.write_text(printed.stdout)
+    again = invoke(runner, "distill", "--config", saved, "--print-config")
+    assert again.exit_code == 0 and again.stdout == printed.stdout
+    assert resolve(DistillConfig, parsed) == resolve(DistillConfig, tomllib.loads(again.stdout))
+    assert not (tmp_path / "run").exists()
+    bad = invoke(runner, "distill", "--student", "cnn_tiny", "--out", tmp_path / "run", "--lr", "-1", "--print-config")
+    assert bad.exit_code == 2  # the same checks as a run

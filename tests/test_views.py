@@ -421,16 +421,15 @@ def test_imagefolder_cached_views_replay_the_resized_crops(tmp_path, monkeypatch
 
 # --- the crop option, the engine, precision --------------------------------------------------------
 
-def test_fashion_mnist_crop_option_from_cli_and_recipe(tmp_path, monkeypatch, runner):
-    import energytools.stages.train as stage
+def test_fashion_mnist_crop_option_from_cli_and_recipe(tmp_path, runner):
+    import tomllib
+
     from energytools.pipeline import load_recipe
 
-    seen = []
-    monkeypatch.setattr(stage, "train", seen.append)
     result = invoke(runner, "train", "--model", "cnn_tiny", "--dataset", "fashion-mnist", "--crop-pad", "2",
-                    "--out", tmp_path / "t")
+                    "--out", tmp_path / "t", "--print-config")
     assert result.exit_code == 0, result.output
-    assert seen[0].data.crop_pad == 2
+    assert tomllib.loads(result.stdout)["data"]["crop_pad"] == 2
     recipe = tmp_path / "r.toml"
     recipe.write_text('[data]\ndataset = "fashion-mnist"\ncrop_pad = 2\n[teacher]\nmodel = "cnn_tiny"\n'
                       '[score]\nviews = 4\ntop_k = 3\n')
