@@ -91,11 +91,11 @@ def check_resumed_config(out: Path, config: dict) -> None:
 
 
 def _differences(old, new, prefix: str = "") -> list[tuple[str, object, object]]:
-    """(dotted key, old value, new value) for each leaf that differs between two JSON dicts; a
-    key one side lacks counts as None there (an option a later version added, left unset)."""
+    """(dotted key, old value, new value) for each leaf that differs between two JSON dicts. A
+    key one side lacks does not count: an option another version of energytools added or removed."""
     found = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
+    for key in sorted(set(old) & set(new)):
+        a, b = old[key], new[key]
         if isinstance(a, dict) and isinstance(b, dict):
             found += _differences(a, b, f"{prefix}{key}.")
         elif a != b:

@@ -217,6 +217,11 @@ def test_resume_with_other_options_is_refused_but_more_epochs_continue(tmp_path)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "train.lr 0.05 (now 0.1)" in refused.stderr and "--overwrite" in refused.stderr, refused.stderr
     assert (tmp_path / "t" / "last.pt").read_bytes() == before  # nothing touched
+    import json  # a run another version started, which had no --nesterov: resumes
+    recorded = tmp_path / "t" / "config.json"
+    config = json.loads(recorded.read_text())
+    del config["train"]["nesterov"]
+    recorded.write_text(json.dumps(config))
     longer = subprocess.run(cli(*common, "--epochs", 2, "--resume"), capture_output=True, text=True, env=ENV)
     assert longer.returncode == 0, longer.stderr[-2000:]
     assert load_checkpoint(tmp_path / "t" / "last.pt")["epoch"] == 2
