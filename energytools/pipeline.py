@@ -274,6 +274,8 @@ def run_pipeline(recipe_path: Path | str, out: Path | str, start: str | None = N
     created = None if out.exists() or dry_run else out
     try:
         results = _run_steps(steps, out, recipe, start, force, dry_run)
+    except Stopped:  # a scheduler's stop: what was written is what the re-run continues from
+        raise
     except BaseException:
         if created is not None and not _worth_keeping(created):
             shutil.rmtree(created, ignore_errors=True)  # nothing finished: leave nothing behind
