@@ -129,11 +129,10 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp())
-    sizes = {limit: DataConfig(dataset="fashion-mnist", limit=limit).build("train")
-             for limit in (args.limit, args.long_limit)}
     runs = [(model, args.limit) for model in args.models.split(",")]
-    if "tiny" in args.models.split(",") and args.long_limit:
+    if "tiny" in args.models.split(",") and args.long_limit and args.long_limit != args.limit:
         runs.append(("tiny", args.long_limit))
+    sizes = {limit: DataConfig(dataset="fashion-mnist", limit=limit).build("train") for limit in {n for _, n in runs}}
     rows = []
     for model_name, limit in runs:
         train_set = sizes[limit]
@@ -145,7 +144,7 @@ def main():
               f"ratio {engine_best / bare_best:.3f}, difference {per_step_us:.0f} us/step")
     tiny = [(steps, (e - b)) for m, _, steps, e, b, _ in rows if m == "tiny"]
     split = ""
-    if len(tiny) == 2:  # difference = per_epoch + steps * per_step, from the two sizes
+    if len(tiny) == 2 and tiny[0][0] != tiny[1][0]:  # difference = per_epoch + steps * per_step, from two sizes
         (short_steps, short_diff), (long_steps, long_diff) = tiny
         per_step = (long_diff - short_diff) / (long_steps - short_steps)
         per_epoch = short_diff - short_steps * per_step

@@ -390,7 +390,7 @@ def main(study: Study, argv: list[str] | None = None) -> None:
         jobs += [Job(name, row, study.rows[row], seed, str(setting_dir), data.eval_limit,
                      round(study.rows[row].epochs * scale), study.student)
                  for seed in setting.seeds for row in rows]
-    from energytools.preemption import Stopped, install
+    from energytools.preemption import Stopped, install, signal_name
 
     if args.workers <= 1:  # SIGTERM: the in-process run stops after a step, with a checkpoint (workers
         install()          # are killed by it and resume from their last epoch's checkpoint)
@@ -398,7 +398,8 @@ def main(study: Study, argv: list[str] | None = None) -> None:
         results = [result_of(job) for job in jobs] if args.report_only else run_all(jobs, args.workers)
         frame = pl.DataFrame([r for r in results if r is not None])
     except Stopped as exc:
-        print(f"{exc}; re-run the same command to resume the study", file=sys.stderr)
+        print(f"stopped by {signal_name(exc.signum)}; {exc.where}; re-run the same command to resume the study",
+              file=sys.stderr)
         raise SystemExit(exc.exit_code) from None
     frame.write_csv(args.out / "results.csv")
     with open(args.out / "wall.jsonl", "a") as log:

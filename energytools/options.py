@@ -270,7 +270,8 @@ def _toml_value(value) -> str:
         return "[" + ", ".join(_toml_value(v) for v in value if v is not None) + "]"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items() if v is not None) + "}"
-    return json.dumps(str(value))  # a JSON string is a TOML basic string
+    # a JSON string is a TOML basic string, once DEL is escaped too (and no surrogate pairs are made)
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def overrides(**flags) -> dict:

@@ -325,12 +325,14 @@ def _run_steps(steps: list[Step], out: Path, recipe: Recipe, start: str | None, 
                       and started.exists() and json.loads(started.read_text()).get("key") == step.key())
             if resume:
                 console.print(f"{step.stage} {step.name}: resuming the stopped run in {step.run_dir}")
+            elif step.run_dir is not None and step.run_dir.is_dir():  # another run's: never resumed under this key
+                shutil.rmtree(step.run_dir)
             write_json(started, {"key": step.key()})
             try:
                 step.action(resume)
             except Stopped as stopped:  # the stage's hint says --resume; a recipe continues by itself
-                raise Stopped(stopped.signum, f"{step.stage} {step.name} saved where it stopped; re-run the same "
-                                              "command to continue") from None
+                raise Stopped(stopped.signum, f"{step.stage} {step.name}: {stopped.where}",
+                              "re-run the same command to continue") from None
             write_json(stamp, {"key": step.key()})
             started.unlink(missing_ok=True)
         results.append((step.name, status))

@@ -23,13 +23,17 @@ SIGNALS = {"term": signal.SIGTERM, "usr1": signal.SIGUSR1, "usr2": signal.SIGUSR
 _received: int | None = None
 
 
+#: how a stopped training run continues
+RESUME_RUN = "re-run the same command with --resume to continue"
+
+
 class Stopped(BaseException):
     """A stage stopped at a safe point because a stop signal came. A BaseException (as
     KeyboardInterrupt is), so ``except Exception`` blocks do not swallow it."""
 
-    def __init__(self, signum: int, resume: str):
-        self.signum, self.resume = signum, resume
-        super().__init__(f"stopped by {signal_name(signum)}; {resume}")
+    def __init__(self, signum: int, where: str, resume: str = "re-run the same command to resume"):
+        self.signum, self.where, self.resume = signum, where, resume
+        super().__init__(f"stopped by {signal_name(signum)}; {where}; {resume}")
 
     @property
     def exit_code(self) -> int:

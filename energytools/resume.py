@@ -66,14 +66,17 @@ def resumable_parts(output: Path, directory: Path, key: str, names: list[str],
         ctx.barrier()
 
 
-#: options a resumed run may change: more (or fewer) epochs continue the same run
-RESUME_MAY_CHANGE = {"train.epochs"}
+#: what a resumed run may change: more (or fewer) epochs; where it runs and how often it reports;
+#: and the paths of its inputs, whose content the config compares through their sha256
+RESUME_MAY_CHANGE = {"train.epochs", "train.device", "train.eval_batch_size", "train.sync_every",
+                     "scores", "teacher", "shards", "init", "student_init", "exclude", "keep",
+                     "init_weights.path", "student_init_weights.path"}
 
 
 def check_resumed_config(out: Path, config: dict) -> None:
     """Refuse to resume the run in ``out`` with a config other than the one it was started with
     (its config.json): one line naming what differs. Options that do not change a run's output
-    are not in either config; ``train.epochs`` may change."""
+    are not in either config; those in :data:`RESUME_MAY_CHANGE` may change."""
     recorded_path = out / "config.json"
     if not recorded_path.is_file():
         return

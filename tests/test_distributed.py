@@ -268,6 +268,10 @@ from energytools.config import DataConfig, TrainConfig
 from energytools.distributed import context
 from energytools.engine import fit
 
+skipped = []  # the backward passes that kept their gradients local (DDP's no_sync)
+no_sync = torch.nn.parallel.DistributedDataParallel.no_sync
+torch.nn.parallel.DistributedDataParallel.no_sync = lambda self: skipped.append(1) or no_sync(self)
+
 data = DataConfig(dataset="digits", limit=200, eval_limit=60)
 train_set, val_set = data.build("train"), data.build("val")
 
@@ -283,10 +287,12 @@ def run(out, **options):
 
 
 big = run("big", batch_size=20)
+local_in_big = len(skipped)
 accumulated = run("acc", batch_size=5, accumulate=4)
 plain = run("plain", batch_size=5)
 if context().is_main:
     print("accumulated", torch.allclose(big, accumulated, atol=1e-6), "plain", torch.allclose(big, plain, atol=1e-4))
+    print("local backward passes", local_in_big, len(skipped))
 '''
 
 
@@ -298,6 +304,8 @@ def test_accumulation_under_torchrun_matches_the_larger_batch(tmp_path):
     result = torchrun(tmp_path, script=str(script))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "accumulated True plain False" in result.stdout, result.stdout[-2000:]
+    # 100 samples a rank: 20 batches of 5 an epoch, 5 optimizer steps, so 15 batches local; 2 epochs
+    assert "local backward passes 0 30" in result.stdout, result.stdout[-2000:]
 
 
 DTKD_SCRIPT = '''

@@ -18,7 +18,7 @@ import torch
 
 from ..console import console
 from ..distributed import context
-from ..preemption import Stopped, stop_requested
+from ..preemption import RESUME_RUN, Stopped, stop_requested
 
 
 @dataclass
@@ -92,5 +92,5 @@ class StepBoundary:
             if ctx.is_main:
                 console.print(f"stopping at epoch {epoch + 1}, step {step}/{self.total}: {self.out_dir}/last.pt "
                               "holds the position")
-            raise Stopped(signum, f"epoch {epoch + 1} step {step}/{self.total} saved in {self.out_dir / 'last.pt'}; "
-                                  "re-run the same command with --resume to continue")
+            raise Stopped(signum, f"epoch {epoch + 1} step {step}/{self.total} saved in {self.out_dir / 'last.pt'}",
+                          RESUME_RUN)

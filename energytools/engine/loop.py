@@ -32,7 +32,7 @@ from ..models import load_checkpoint, save_checkpoint
 from ..optim import create_optimizer, create_schedule, set_lr
 from ..options import as_dict
 from ..table import write_parquet
-from ..preemption import Stopped, stop_requested
+from ..preemption import RESUME_RUN, Stopped, stop_requested
 from .checkpoint import Position, StepBoundary, restore_rngs
 from .ema import ModelEma
 from .evaluation import evaluate
@@ -107,6 +107,8 @@ def _check_finite(total: torch.Tensor, epoch: int) -> float:
 
 def _total(losses: dict[str, torch.Tensor]) -> torch.Tensor:
     """The sum of the loss terms, without ``sum()``'s extra ``0 + first`` op a step."""
+    if not losses:
+        raise ValueError("the training step returned no loss terms")
     terms = iter(losses.values())
     total = next(terms)
     for term in terms:
@@ -188,7 +190,7 @@ def train_one_epoch(epoch: int, model: nn.Module, forward: Callable, step: StepF
         for name, value in losses.items():  # one in-place op a term; value * count is exact in float64
             if name not in sums:
                 sums[name] = torch.zeros((), dtype=sum_dtype, device=value.device)
-            sums[name].add_(value.detach(), alpha=count)
+            sums[name].add_(value.detach().reshape(()), alpha=count)
         if on_step is not None:
             on_step(StepEvent(epoch, step_index, batch, logits, losses, optimizer.param_groups[0]["lr"]))
         if at_boundary is not None and last:  # between optimizer steps: no gradient is half accumulated
@@ -348,5 +350,4 @@ def _stop_after_epoch(epoch: int, epochs: int, last_path: Path) -> None:
     finished epoch, so stop there (every rank agrees first)."""
     signum = context().agree_stop(stop_requested())
     if signum is not None and epoch + 1 < epochs:
-        raise Stopped(signum, f"epoch {epoch + 1} saved in {last_path}; re-run the same command with --resume "
-                              "to continue")
+        raise Stopped(signum, f"epoch {epoch + 1} saved in {last_path}", RESUME_RUN)

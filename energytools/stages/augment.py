@@ -74,8 +74,7 @@ def augment(cfg: AugmentConfig) -> Path:
                 signum = stop_requested()
                 if signum is not None:  # the shards written so far stay; a half-built one is dropped
                     done = len(work.mine) - sum(not (out / name).exists() for name in work.mine)
-                    raise Stopped(signum, f"{done} of {len(work.mine)} shards written to {out}; re-run the same "
-                                          "command to resume")
+                    raise Stopped(signum, f"{done} of {len(work.mine)} shards written to {out}")
         if not work.gather():
             return out
         manifest = {**metadata, "shards": names, "rows": len(jobs),

@@ -99,8 +99,7 @@ def _stop_if_requested(parts_dir: Path, mine: list[str]) -> None:
     signum = stop_requested()
     if signum is not None:
         done = sum((parts_dir / name).exists() for name in mine)
-        raise Stopped(signum, f"{done} of {len(mine)} parts scored in {parts_dir}; re-run the same command to "
-                              "resume")
+        raise Stopped(signum, f"{done} of {len(mine)} parts scored in {parts_dir}")
 
 
 def score(cfg: ScoreConfig) -> Path:
