@@ -69,7 +69,7 @@ def resumable_parts(output: Path, directory: Path, key: str, names: list[str],
 #: what a resumed run may change: more (or fewer) epochs; where it runs and how often it reports;
 #: and the paths of its inputs, whose content the config compares through their sha256
 RESUME_MAY_CHANGE = {"train.epochs", "train.device", "train.eval_batch_size", "train.sync_every",
-                     "scores", "teacher", "shards", "init", "student_init", "exclude", "keep",
+                     "scores", "init", "student_init", "exclude", "keep",
                      "init_weights.path", "student_init_weights.path"}
 
 
