@@ -102,6 +102,9 @@ class TrainConfig:
                              "batch; N x batch_size samples per step)")
     ema_decay: float | None = option(None, "keep an exponential moving average of the weights with this decay "
                                      "(e.g. 0.999), evaluated each epoch; best.pt takes the better of the two")
+    # None, not False: an option a version adds unset leaves the stamps of finished pipeline steps fresh
+    ema_warmup: bool | None = option(None, "EMA: the decay rises as 1 - (1 + updates)^(-2/3) up to --ema-decay "
+                                     "(timm's warm-up), so a short run's average does not hold on to the first weights")
     seed: int = option(0, "seed for every random choice")
     device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1 ...", panel=HARDWARE)
     num_workers: int = option(0, "DataLoader worker processes", panel=HARDWARE)
@@ -147,6 +150,8 @@ class TrainConfig:
             raise UserError(f"accumulate must be >= 1, got {self.accumulate}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise UserError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.ema_warmup and self.ema_decay is None:
+            raise UserError("ema_warmup needs ema_decay (the decay the warm-up rises to)")
 
 
 @dataclass(kw_only=True)

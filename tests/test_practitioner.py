@@ -161,9 +161,26 @@ def test_ema_matches_its_closed_form_on_a_toy_model():
     assert not any(p.requires_grad for p in ema.module.parameters())
 
 
+def test_ema_warmup_follows_timms_schedule_and_forgets_the_start():
+    model = nn.Linear(3, 2)
+    ema = ModelEma(model, 0.9, warmup=True)
+    decays = []
+    for k in range(40):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        decays.append(ema.current_decay())
+        ema.update(model)
+        if k == 0:  # decay 0: the first update takes the weights as they are
+            assert torch.equal(ema.module.weight, model.weight)
+    assert decays[:3] == pytest.approx([0.0, 1 - 2 ** (-2 / 3), 1 - 3 ** (-2 / 3)])
+    assert decays[-1] == 0.9 and max(decays) == 0.9 and ema.updates == 40
+    plain = ModelEma(nn.Linear(3, 2), 0.9)
+    assert plain.current_decay() == 0.9  # without warmup: the decay from the first update
+
+
 ALL_OPTIONS = dict(optimizer="adamw", lr=0.01, weight_decay=0.05, schedule="cosine", warmup_epochs=1.5,
                    warmup_lr=0.001, min_lr=0.0001, label_smoothing=0.1, clip_grad=1.0, accumulate=2,
-                   ema_decay=0.9, batch_size=32)
+                   ema_decay=0.9, ema_warmup=True, batch_size=32)
 
 
 def test_resume_is_exact_with_every_option(tmp_path):

@@ -14,21 +14,30 @@ class ModelEma(nn.Module):
     """The averaged copy of ``model`` (``.module``, in eval mode, no gradients).
 
     Float parameters are averaged; buffers are copied from the model (the BatchNorm running
-    statistics are already averages), as ModelEmaV3 does by default."""
+    statistics are already averages), as ModelEmaV3 does by default. With ``warmup`` the decay
+    of update n (0-based) is ``min(decay, 1 - (1 + n)^(-2/3))``, ModelEmaV3's warm-up (gamma 1,
+    power 2/3): the first update copies the weights, and ``updates`` travels in last.pt."""
 
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
         super().__init__()
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
-        self.decay = decay
+        self.decay, self.warmup, self.updates = decay, warmup, 0
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def current_decay(self) -> float:
+        """The decay the next update uses."""
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, 1.0 - (1.0 + self.updates) ** (-2.0 / 3.0))
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         ema_params = [p for p in self.module.parameters() if p.is_floating_point()]
         params = [p.detach() for p in model.parameters() if p.is_floating_point()]
         if ema_params:
-            torch._foreach_lerp_(ema_params, params, 1.0 - self.decay)
+            torch._foreach_lerp_(ema_params, params, 1.0 - self.current_decay())
+        self.updates += 1
         for ema_buffer, buffer in zip(self.module.buffers(), model.buffers()):
             ema_buffer.copy_(buffer)
 
