@@ -307,6 +307,26 @@ def test_hf_teacher_scores_parquet_data_and_class_order_is_checked(runner, tmp_p
     assert not (tmp_path / "swapped.parquet").exists()
 
 
+def test_hf_student_starts_from_its_folders_weights(digits_run, tmp_path):
+    """A Hugging Face folder as a pretrained student (`--student hf:DIR --student-init DIR`): the body's
+    tensors are the folder's, the 3-class head is re-initialised for the data's 10 classes and the RGB
+    stem adapted to gray; the run records what it loaded and the file's sha256."""
+    import energytools
+    from energytools.models import load_checkpoint
+
+    hf_model = save_hf_model(tmp_path / "hf", NAMES)
+    energytools.distill(digits_run["scores"], f"hf:{tmp_path / 'hf'}", tmp_path / "run", method="kd", epochs=1,
+                        lr=1e-12, device="cpu", student_init=str(tmp_path / "hf"))  # lr ~0: the weights stay
+    record = json.loads((tmp_path / "run" / "config.json").read_text())["student_init_weights"]
+    assert record["reinitialised"] == ["model.classifier.1.weight", "model.classifier.1.bias"]
+    assert record["adapted_input_channels"] == ["model.resnet.embedder.embedder.convolution.weight 3->1"]
+    assert len(record["loaded"]) > 20 and not record["ignored"] and len(record["sha256"]) == 64
+    trained = load_checkpoint(tmp_path / "run" / "last.pt")["model"]
+    body = "resnet.encoder.stages.1.layers.0.layer.0.convolution.weight"
+    torch.testing.assert_close(trained[f"model.{body}"], hf_model.state_dict()[body], atol=1e-6, rtol=0)
+    assert trained["model.classifier.1.weight"].shape == (10, 16)
+
+
 def test_class_names_in_another_language_are_not_an_error():
     info = build_info(3, 8, classes=NAMES)
     model = torch.nn.Identity()
