@@ -83,20 +83,19 @@ class Context:
         return int(flag) or None
 
     def all_sum(self, values: list[float]) -> list[float]:
-        if not self.distributed:
-            return values
-        tensor = torch.tensor(values, dtype=torch.float64).to(self.device)
-        with self.collective("summing the epoch's losses"):
-            dist.all_reduce(tensor)
-        return tensor.tolist()
+        return self._all_reduce(values, dist.ReduceOp.SUM, "summing the epoch's losses")
 
     def all_max(self, values: list[float]) -> list[float]:
         """Each value's largest over the ranks (for a minimum, pass the negated value)."""
+        return self._all_reduce(values, dist.ReduceOp.MAX, "taking the epoch's extremes")
+
+    def _all_reduce(self, values: list[float], op, what: str) -> list[float]:
+        """A few host floats reduced over the ranks (float64, on the backend's device)."""
         if not self.distributed:
             return values
         tensor = torch.tensor(values, dtype=torch.float64).to(self.device)
-        with self.collective("taking the epoch's extremes"):
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        with self.collective(what):
+            dist.all_reduce(tensor, op=op)
         return tensor.tolist()
 
     def all_mean_grads(self, params) -> None:

@@ -10,6 +10,12 @@ import torch
 import torch.nn as nn
 
 
+def create_ema(model: nn.Module, cfg) -> "ModelEma | None":
+    """The EMA a train config asks for (``ema_decay``, ``ema_warmup``), or None."""
+    decay = getattr(cfg, "ema_decay", None)
+    return ModelEma(model, decay, warmup=bool(getattr(cfg, "ema_warmup", None))) if decay else None
+
+
 class ModelEma(nn.Module):
     """The averaged copy of ``model`` (``.module``, in eval mode, no gradients).
 
@@ -40,6 +46,16 @@ class ModelEma(nn.Module):
         self.updates += 1
         for ema_buffer, buffer in zip(self.module.buffers(), model.buffers()):
             ema_buffer.copy_(buffer)
+
+    def checkpoint_state(self) -> dict:
+        """What last.pt holds of the average: its weights (keyed as the model's) and update count."""
+        return {"ema": self.state_dict(), "ema_updates": self.updates}
+
+    def restore(self, checkpoint: dict) -> None:
+        """Continue the average :meth:`checkpoint_state` saved in ``checkpoint`` (when it holds one)."""
+        if checkpoint.get("ema"):
+            self.load_state_dict(checkpoint["ema"])
+            self.updates = checkpoint.get("ema_updates", 0)
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)

@@ -34,7 +34,7 @@ from ..options import as_dict
 from ..table import write_parquet
 from ..preemption import RESUME_RUN, Stopped, stop_requested
 from .checkpoint import Position, StepBoundary, restore_rngs
-from .ema import ModelEma
+from .ema import ModelEma, create_ema
 from .evaluation import evaluate
 from .loaders import TrainLoader
 from ..transfer import to_device
@@ -253,9 +253,7 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
         extra_groups = [{**group, "params": list(group["params"])} for group in distiller.extra_parameter_groups()]
     optimizer = create_optimizer(cfg, model, extra_groups)
     lr_at = create_schedule(cfg)
-    ema = None
-    if getattr(cfg, "ema_decay", None):
-        ema = ModelEma(model, cfg.ema_decay, warmup=bool(getattr(cfg, "ema_warmup", None)))
+    ema = create_ema(model, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp
                                   and not torch.cuda.is_bf16_supported(including_emulation=False))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -271,9 +269,8 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
             distiller.load_extra_state(state["distiller"])
         if state.get("scaler"):  # fp16 runs: the loss scale goes on where it was
             scaler.load_state_dict(state["scaler"])
-        if ema is not None and state.get("ema"):
-            ema.load_state_dict(state["ema"])
-            ema.updates = state.get("ema_updates", 0)
+        if ema is not None:
+            ema.restore(state)
         best_weights = state.get("best_weights", "raw")
         start_epoch, best_val, best_epoch = state["epoch"], state["best_val_acc"], state["best_epoch"]
         rows = list(state["metrics"])
@@ -290,8 +287,7 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
                             scaler=scaler.state_dict(), best_val_acc=best_val, best_epoch=best_epoch, metrics=rows,
                             distiller=distiller.extra_state() if distiller is not None else {},
                             position=epoch_position.to_state() if epoch_position else None,
-                            **({"ema": ema.state_dict(), "ema_updates": ema.updates, "best_weights": best_weights}
-                               if ema is not None else {}))
+                            **({**ema.checkpoint_state(), "best_weights": best_weights} if ema is not None else {}))
 
     at_boundary = StepBoundary(getattr(cfg, "checkpoint_every_steps", 0), len(loader),
                                lambda p: save_last(p.epoch, p), loader.generator, stateful, out_dir)
