@@ -10,6 +10,7 @@ import time
 from datetime import date
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import energytools.optim as optim
@@ -124,11 +125,31 @@ def replace_block(doc: Path, name: str, body: str, heading: str = "## Notes") ->
 
 
 #: epoch start times noted by the "timed" schedule (a constant learning rate): a benchmark
-#: clears it, runs energytools with ``schedule="timed"`` and reads its epochs off it
+#: calls :func:`start_clock`, runs energytools with ``schedule="timed"`` and reads its epochs off it
 EPOCH_STARTS: list[float] = []
+#: when each engine epoch ended (the next one's first ask, before a paired bare epoch runs)
+EPOCH_ENDS: list[float] = []
+#: seconds of the bare epochs run between the engine's epochs (:func:`start_clock`'s ``between``)
+BETWEEN_SECONDS: list[float] = []
+_BETWEEN: list = []  # the callable that runs one bare epoch, if any
 
 
 _NOTED: list = []  # the epoch of the last stamp
+
+
+def start_clock(between=None) -> None:
+    """Clear the stamps. With ``between`` (a callable running one epoch of a bare loop), the
+    "timed" schedule runs it at the start of every engine epoch, first one included, and
+    :data:`BETWEEN_SECONDS` gets its times: each engine epoch is paired with a bare epoch run
+    right before it, so a slow spell of a shared machine hits both members of a pair."""
+    for stamps in (EPOCH_STARTS, EPOCH_ENDS, BETWEEN_SECONDS, _NOTED):
+        stamps.clear()
+    _BETWEEN[:] = [between] if between is not None else []
+
+
+def stop_clock() -> None:
+    """Stamp the end of the last engine epoch (call it when the run returns)."""
+    EPOCH_ENDS.append(time.perf_counter())
 
 
 def _timed_schedule(epoch, cfg) -> float:
@@ -137,15 +158,37 @@ def _timed_schedule(epoch, cfg) -> float:
     if float(epoch).is_integer() and (not _NOTED or _NOTED[-1] != epoch or not EPOCH_STARTS):
         if EPOCH_STARTS and torch.cuda.is_available():
             torch.cuda.synchronize()  # the epoch before has finished on the device too
+        if EPOCH_STARTS:
+            EPOCH_ENDS.append(time.perf_counter())
+        for run_bare_epoch in _BETWEEN:
+            started = time.perf_counter()
+            run_bare_epoch()
+            BETWEEN_SECONDS.append(time.perf_counter() - started)
         EPOCH_STARTS.append(time.perf_counter())
         _NOTED[:] = [epoch]
     return 1.0
+
+
+def engine_epoch_seconds() -> list[float]:
+    """Seconds of each engine epoch with an end stamp (a paired bare epoch's time left out)."""
+    return [end - start for start, end in zip(EPOCH_STARTS, EPOCH_ENDS)]
 
 
 def fastest_epoch(stamps: list[float]) -> float:
     """Seconds of the fastest epoch from epoch-start stamps, leaving out the first epoch
     (warm-up) and the last (whose end has no stamp): the least disturbed by other load."""
     return min(b - a for a, b in zip(stamps[1:-1], stamps[2:]))
+
+
+def paired_ratios(engine: list[float], bare: list[float]) -> list[float]:
+    """Engine epoch k over the bare epoch run just before it, the warm-up pair (k = 0) left out."""
+    return [e / b for e, b in list(zip(engine, bare))[1:]]
+
+
+def quantiles(values: list[float]) -> tuple[float, float, float]:
+    """(25th percentile, median, 75th percentile)."""
+    q25, q50, q75 = np.quantile(np.asarray(values, dtype=float), [0.25, 0.5, 0.75])
+    return float(q25), float(q50), float(q75)
 
 
 optim.SCHEDULES["timed"] = _timed_schedule

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import energytools.engine as engine
-from common import EPOCH_STARTS, emit
+from common import EPOCH_STARTS, start_clock, emit
 from energytools.config import DataConfig, TrainConfig
 from energytools.data.synthetic import write_cifar
 from energytools.data.transforms import normalize
@@ -185,7 +185,7 @@ def main():
     error = np.abs(amp_energy - f32_energy)
 
     # distill: kd on cached views, the stage against a bare loop on the device
-    EPOCH_STARTS.clear()
+    start_clock()
     distill(DistillConfig(scores=str(table), student=args.student, out=str(work / "kd"), method="kd",
                           cached_logits=True, train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
                                                                 device=str(device), schedule="timed",

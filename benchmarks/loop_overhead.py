@@ -19,24 +19,31 @@ loss bookkeeping, the progress bar, the checkpoint and metrics files). Two model
 The bare loop gathers its batches with ``index_select`` from an NCHW tensor, the fastest way
 (plain ``images[index]`` costs ~25 µs more a step), so the baseline is the strict one.
 
-An epoch is timed from its start to the next one's; the first epoch (warm-up) is left out and
-the fastest of the others over all repeats is kept, on each side, alternating the sides.
+Paired epochs: energytools' loop runs with a bare epoch run at the start of each of its epochs
+(``common.start_clock``), so every energytools epoch has a bare epoch beside it in time, and a
+slow spell of a shared machine (the noise that moved unpaired fastest-epoch ratios by +-5%
+here) hits both members of a pair. The first pair (warm-up) is left out; the figure is the
+median of the pairs' ratios over all runs, with its quartiles, and the median of the pairs'
+differences for the per-step split. Each side's fastest epoch is shown too.
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import io
+import itertools
+import math
 import pstats
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import EPOCH_STARTS, command, fastest_epoch, machine, replace_block
+from common import (BETWEEN_SECONDS, command, engine_epoch_seconds, machine, paired_ratios, quantiles, replace_block,
+                    start_clock, stop_clock)
 from energytools.config import DataConfig, TrainConfig
 from energytools.data.transforms import normalize, train_augment
 from energytools.engine import Batch, fit
@@ -50,30 +57,31 @@ def make_model(name: str, info) -> nn.Module:
     return create_model(name, info.num_classes, info.in_channels, info.image_size)
 
 
-def engine_epochs(model_name: str, train_set, epochs: int, work: Path) -> float:
+def engine_epochs(model_name: str, train_set, epochs: int, work: Path, between=None) -> list[float]:
+    """Seconds of each epoch of energytools' loop (the first is the warm-up); ``between`` runs
+    one bare epoch before each of them (:func:`common.start_clock`)."""
     model = make_model(model_name, train_set.info)
 
     def step(batch: Batch, forward):
         logits = forward(batch.images)
         return logits, {"ce": F.cross_entropy(logits, batch.labels)}
 
-    EPOCH_STARTS.clear()
+    start_clock(between)
     cfg = TrainConfig(epochs=epochs + 1, device="cpu", schedule="timed")
     fit(model, step, train_set, None, None, cfg, work / "engine", {"arch": model_name}, resume=False)
-    EPOCH_STARTS.append(time.perf_counter())
-    return fastest_epoch(EPOCH_STARTS)
+    stop_clock()
+    return engine_epoch_seconds()
 
 
-def bare_epochs(model_name: str, train_set, epochs: int, work: Path) -> float:
+def bare_epochs(model_name: str, train_set, work: Path):
+    """The bare loop, one epoch per ``next()`` (it runs as long as it is asked)."""
     info = train_set.info
     images = torch.from_numpy(train_set.images.array[train_set.positions]).permute(0, 3, 1, 2).clone(
         memory_format=torch.contiguous_format)
     labels = torch.from_numpy(train_set.labels)
     model = make_model(model_name, info)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    stamps = []
-    for epoch in range(epochs + 1):
-        stamps.append(time.perf_counter())
+    for epoch in itertools.count():
         generator = torch.Generator().manual_seed(epoch)
         order = torch.randperm(len(labels), generator=generator)
         total = torch.zeros((), dtype=torch.float64)
@@ -89,8 +97,7 @@ def bare_epochs(model_name: str, train_set, epochs: int, work: Path) -> float:
             total += loss.detach() * len(index)
         float(total)
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, work / "bare.pt")
-    stamps.append(time.perf_counter())
-    return fastest_epoch(stamps)
+        yield
 
 
 def profile_engine(train_set, work: Path) -> str:
@@ -105,14 +112,17 @@ def profile_engine(train_set, work: Path) -> str:
     return "\n".join(line for line in out.getvalue().splitlines() if line.strip())[-3000:]
 
 
-def measure(model_name: str, train_set, epochs: int, repeats: int, work: Path) -> tuple[float, float]:
-    """The fastest epoch of each side, (energytools, bare), alternating the sides so that drift in
-    the machine's load hits both."""
-    engine_best = bare_best = float("inf")
+def measure(model_name: str, train_set, epochs: int, repeats: int, work: Path) -> dict:
+    """Engine epochs, each paired with a bare epoch run right before it, over ``repeats`` runs:
+    the pairs' ratios and differences (warm-up pairs left out) and each side's fastest epoch."""
+    ratios, differences, fastest = [], [], [math.inf, math.inf]
     for _ in range(repeats):
-        engine_best = min(engine_best, engine_epochs(model_name, train_set, epochs, work))
-        bare_best = min(bare_best, bare_epochs(model_name, train_set, epochs, work))
-    return engine_best, bare_best
+        bare = bare_epochs(model_name, train_set, work)
+        engine = engine_epochs(model_name, train_set, epochs, work, between=functools.partial(next, bare))
+        ratios += paired_ratios(engine, BETWEEN_SECONDS)
+        differences += [e - b for e, b in list(zip(engine, BETWEEN_SECONDS))[1:]]
+        fastest = [min(fastest[0], min(engine[1:])), min(fastest[1], min(BETWEEN_SECONDS[1:]))]
+    return {"ratios": ratios, "differences": differences, "fastest": fastest}
 
 
 def main():
@@ -137,29 +147,35 @@ def main():
     for model_name, limit in runs:
         train_set = sizes[limit]
         steps = (len(train_set) + 63) // 64
-        engine_best, bare_best = measure(model_name, train_set, args.epochs, args.repeats, work)
-        per_step_us = (engine_best - bare_best) / steps * 1e6
-        rows.append((model_name, len(train_set), steps, engine_best, bare_best, per_step_us))
-        print(f"{model_name}: {steps} steps, energytools {engine_best:.3f} s/epoch, bare {bare_best:.3f} s/epoch, "
-              f"ratio {engine_best / bare_best:.3f}, difference {per_step_us:.0f} us/step")
-    tiny = [(steps, (e - b)) for m, _, steps, e, b, _ in rows if m == "tiny"]
+        found = measure(model_name, train_set, args.epochs, args.repeats, work)
+        low, ratio, high = quantiles(found["ratios"])
+        difference = quantiles(found["differences"])[1]
+        rows.append((model_name, len(train_set), steps, *found["fastest"], ratio, low, high, difference,
+                     len(found["ratios"])))
+        print(f"{model_name}: {steps} steps, fastest epoch energytools {found['fastest'][0]:.3f} s, bare "
+              f"{found['fastest'][1]:.3f} s; paired ratio median {ratio:.3f} (quartiles {low:.3f}-{high:.3f}, "
+              f"{len(found['ratios'])} pairs), difference {difference / steps * 1e6:.0f} us/step")
+    tiny = [(steps, difference) for m, _, steps, *_, difference, _ in rows if m == "tiny"]
     split = ""
     if len(tiny) == 2 and tiny[0][0] != tiny[1][0]:  # difference = per_epoch + steps * per_step, from two sizes
         (short_steps, short_diff), (long_steps, long_diff) = tiny
         per_step = (long_diff - short_diff) / (long_steps - short_steps)
         per_epoch = short_diff - short_steps * per_step
-        split = (f"tiny model, the difference split by the two sizes: **{per_step * 1e6:.0f} µs per step** and "
-                 f"**{per_epoch * 1e3:.1f} ms per epoch** (checkpoints, metrics file, the epoch's setup).")
+        split = (f"tiny model, the median paired difference split by the two sizes: **{per_step * 1e6:.0f} µs per "
+                 f"step** and **{per_epoch * 1e3:.1f} ms per epoch** (checkpoints, metrics file, the epoch's setup).")
         print(split.replace("**", ""))
     if args.profile:
         print(profile_engine(sizes[args.limit], work))
     if args.write:
-        lines = [f"`{command()}` ({machine()}; {args.epochs} timed epochs a run after a warm-up one, "
-                 f"the fastest of {args.repeats} repeats; batch 64, no eval passes).", "",
-                 "| model | samples | steps | energytools s/epoch | bare s/epoch | ratio | difference per step |",
-                 "|---|---|---|---|---|---|---|"]
-        lines += [f"| {m} | {n} | {steps} | {e:.3f} | {b:.3f} | {e / b:.3f} | {us:.0f} µs |"
-                  for m, n, steps, e, b, us in rows]
+        lines = [f"`{command()}` ({machine()}; each of {args.repeats} runs trains {args.epochs} timed epochs after "
+                 "a warm-up one, every energytools epoch paired with a bare epoch run right before it; batch 64, "
+                 "no eval passes).", "",
+                 "| model | samples | steps | fastest energytools s/epoch | fastest bare s/epoch | paired ratio, "
+                 "median | quartiles | pairs | difference per step |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {m} | {n} | {steps} | {e:.3f} | {b:.3f} | **{ratio:.3f}** | {low:.3f}-{high:.3f} | {pairs} | "
+                  f"{difference / steps * 1e6:.0f} µs |"
+                  for m, n, steps, e, b, ratio, low, high, difference, pairs in rows]
         if split:
             lines += ["", split]
         replace_block(args.write, "loop overhead", "\n".join(lines))

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import EPOCH_STARTS, emit
+from common import EPOCH_STARTS, start_clock, emit
 from energytools.config import DataConfig, TrainConfig
 from energytools.data.synthetic import write_cifar
 from energytools.engine import model_meta
@@ -30,7 +30,7 @@ from energytools.stages.score import ScoreConfig, score
 
 
 def epoch_seconds(table, work, name, epochs, **kwargs) -> float:
-    EPOCH_STARTS.clear()
+    start_clock()
     distill(DistillConfig(scores=str(table), student="resnet8x4", out=str(work / name), method="kd", overwrite=True,
                           train=TrainConfig(epochs=epochs, device="cpu", schedule="timed"), **kwargs))
     return (EPOCH_STARTS[-1] - EPOCH_STARTS[1]) / (len(EPOCH_STARTS) - 2)
