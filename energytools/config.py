@@ -18,7 +18,7 @@ from .errors import UserError
 from .models import MODELS
 from .optim import OPTIMIZERS, SCHEDULES
 from .options import (as_dict, canonical_name, content_of, convert, flat_fields, flat_names, option, overrides,
-                      registry, resolve)
+                      registry, resolve, resume_may_change_keys)
 from .policies import POLICIES, make_policy
 from .preprocessing import STUDENT_NORMALIZATIONS, TeacherPreprocessing
 from .selection import SELECT_BY, SELECT_MODES
@@ -27,7 +27,7 @@ from .temperatures import TEMPERATURE_SOURCES
 __all__ = ["AugmentConfig", "DataConfig", "DistillConfig", "HE_DA_MODES", "STUDENT_NORMALIZATIONS", "ScoreConfig",
            "SelectConfig", "TEMPERATURE_SOURCES", "TeacherPreprocessing", "TrainConfig", "TrainStageConfig", "as_dict",
            "canonical_name", "content_of", "convert",
-           "flat_fields", "flat_names", "option", "overrides", "registry", "resolve"]
+           "flat_fields", "flat_names", "option", "overrides", "registry", "resolve", "resume_may_change_keys"]
 
 MODEL_NAMES = registry(MODELS)
 RULE_NAMES = registry(TEMPERATURE_RULES)
@@ -76,7 +76,7 @@ class TrainConfig:
     """Optimisation settings: mdistiller's CIFAR recipe (SGD 0.9, lr 0.05, wd 5e-4, batch 64,
     lr x0.1 at 150/180/210 of 240 epochs) with the milestones as fractions of ``epochs``."""
 
-    epochs: int = option(30, "training epochs (the reference recipe: 240)")
+    epochs: int = option(30, "training epochs (the reference recipe: 240)", resume_may_change=True)
     batch_size: int = option(64, "batch size (per process under torchrun)")
     lr: float = option(0.05, "initial learning rate")
     optimizer: str = option("sgd", "sgd (momentum, --nesterov) or adamw (--betas, --eps)",
@@ -106,7 +106,8 @@ class TrainConfig:
     ema_warmup: bool | None = option(None, "EMA: the decay rises as 1 - (1 + updates)^(-2/3) up to --ema-decay "
                                      "(timm's warm-up), so a short run's average does not hold on to the first weights")
     seed: int = option(0, "seed for every random choice")
-    device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1 ...", panel=HARDWARE)
+    device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1 ...", panel=HARDWARE,
+                         resume_may_change=True)
     num_workers: int = option(0, "DataLoader worker processes", panel=HARDWARE)
     prefetch: int = option(2, "batches each DataLoader worker loads ahead (with --num-workers; the random "
                            "augmentation's draws depend on it, so keep it to reproduce a run)", panel=HARDWARE)
@@ -114,8 +115,9 @@ class TrainConfig:
     channels_last: bool = option(False, "channels-last memory format for the model and batches (faster "
                                  "convolutions on cuda with AMP)", panel=HARDWARE)
     sync_every: int = option(100, "read the loss from the device every N steps (progress and divergence "
-                             "check); 0: once per epoch", panel=OUTPUT)
-    eval_batch_size: int = option(512, "batch size of validation and test passes", panel=HARDWARE)
+                             "check); 0: once per epoch", panel=OUTPUT, resume_may_change=True)
+    eval_batch_size: int = option(512, "batch size of validation and test passes", panel=HARDWARE,
+                                  resume_may_change=True)
     deterministic: bool = option(False, "deterministic algorithms (and CUBLAS_WORKSPACE_CONFIG=:4096:8): on cuda "
                                  "a resumed run ends with the same weights; slower", panel=HARDWARE)
     checkpoint_every_steps: int = option(0, "also write last.pt every N optimizer steps, holding the position "
@@ -162,7 +164,8 @@ class TrainStageConfig:
     train: TrainConfig = option(help="optimisation", factory=TrainConfig, panel=OPTIMISATION)
     init: str | None = option(None, "start from these weights: an energytools, mdistiller, torchvision or timm "
                               "checkpoint (.pt, .pth, .safetensors) or, for hf: models, a save_pretrained folder; "
-                              "a head for another class count is re-initialised", panel=INPUTS)
+                              "a head for another class count is re-initialised", panel=INPUTS,
+                              resume_may_change=True)  # its content is compared (init_weights' sha256)
     resume: bool = option(False, "continue from OUT/last.pt", content=False, panel=OUTPUT)
     overwrite: bool = option(False, "replace an existing run", content=False, panel=OUTPUT)
 
@@ -282,7 +285,8 @@ HE_DA_MODES = ("online",)
 
 @dataclass(kw_only=True)
 class DistillConfig:
-    scores: str = option("scores.parquet", "the train score table", panel=INPUTS)
+    # the paths of inputs whose content the run's config compares by sha256 may change on resume
+    scores: str = option("scores.parquet", "the train score table", panel=INPUTS, resume_may_change=True)
     student: str = option(help="student architecture, see `energytools models`", choices=MODEL_NAMES, panel=INPUTS)
     out: str = option(help="run directory", content=False, panel=OUTPUT)
     method: str = option("energy-kd", "ce; kd, energy-kd (Kim et al. 2024); dkd, energy-dkd (Zhao et al. 2022); "
@@ -305,7 +309,7 @@ class DistillConfig:
     student_init: str | None = option(None, "start the student from these weights: an energytools, mdistiller, "
                                       "torchvision or timm checkpoint (.pt, .pth, .safetensors) or, for hf: "
                                       "students, a save_pretrained folder; a head for another class count is "
-                                      "re-initialised", panel=INPUTS)
+                                      "re-initialised", panel=INPUTS, resume_may_change=True)
     temperature_source: str = option("table", "table (the clean image's energy, by sample_id), views (each "
                                      "stored view's energy against thresholds over all views; needs score "
                                      "--views) or online (the teacher's energy on each augmented view)",
@@ -350,8 +354,9 @@ class DistillConfig:
     eval_limit: int | None = option(None, "class-stratified subset of the val and test splits "
                                     "(default: the table's)", panel=DATA)
     exclude: str | None = option(None, "train without the sample ids in this Parquet file (`energytools select --out`)",
-                                 panel=INPUTS)
-    keep: str | None = option(None, "train only on the sample ids in this Parquet file", panel=INPUTS)
+                                 panel=INPUTS, resume_may_change=True)
+    keep: str | None = option(None, "train only on the sample ids in this Parquet file", panel=INPUTS,
+                              resume_may_change=True)
     train: TrainConfig = option(help="optimisation", factory=TrainConfig, panel=OPTIMISATION)
     resume: bool = option(False, "continue from OUT/last.pt", content=False, panel=OUTPUT)
     overwrite: bool = option(False, "replace an existing run", content=False, panel=OUTPUT)

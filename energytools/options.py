@@ -20,7 +20,7 @@ from .errors import UserError
 
 
 def option(default=dataclasses.MISSING, help: str = "", factory=dataclasses.MISSING, choices=None, parse=None,
-           content: bool = True, panel: str | None = None):
+           content: bool = True, panel: str | None = None, resume_may_change: bool = False):
     """A config field with its CLI help text (``factory`` for a nested config's default).
     ``choices``, for a name picked from a registry: a callable giving the names, read when a
     config is resolved (registries fill as modules import), so that :func:`resolve` can take
@@ -30,9 +30,13 @@ def option(default=dataclasses.MISSING, help: str = "", factory=dataclasses.MISS
     change what a stage writes (where its output goes, whether it may replace or resume it, how
     many processes write it): staleness keys, resume keys and config hashes leave it out
     (:func:`content_of`). ``panel``: the group its flag is listed in by ``--help`` (on a nested
-    config's field: the group of all its options that name none)."""
+    config's field: the group of all its options that name none). ``resume_may_change``: a
+    resumed run may take another value than the run was started with (more epochs, another
+    device, an input path whose content the run's config compares by hash;
+    :func:`resume_may_change_keys`)."""
     return field(default=default, default_factory=factory,
-                 metadata={"help": help, "choices": choices, "parse": parse, "content": content, "panel": panel})
+                 metadata={"help": help, "choices": choices, "parse": parse, "content": content, "panel": panel,
+                           "resume_may_change": resume_may_change})
 
 
 def registry(names):
@@ -227,6 +231,20 @@ def content_of(config) -> dict:
         value = getattr(config, f.name)
         out[f.name] = content_of(value) if dataclasses.is_dataclass(value) else as_dict_value(value)
     return out
+
+
+def resume_may_change_keys(config, prefix: str = "") -> set[str]:
+    """The dotted keys (``train.epochs``) of the options marked ``resume_may_change``, in
+    ``config`` (a config class or instance) and its nested configs."""
+    keys = set()
+    hints = typing.get_type_hints(config if isinstance(config, type) else type(config))
+    for f in dataclasses.fields(config):
+        base = _optional(hints[f.name])[0]
+        if _is_config(base):
+            keys |= resume_may_change_keys(base, f"{prefix}{f.name}.")
+        elif f.metadata.get("resume_may_change"):
+            keys.add(prefix + f.name)
+    return keys
 
 
 def as_dict_value(value):

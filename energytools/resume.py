@@ -7,7 +7,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Collection, Iterator
 
 from .distributed import Context, context
 from .errors import UserError
@@ -66,17 +66,12 @@ def resumable_parts(output: Path, directory: Path, key: str, names: list[str],
         ctx.barrier()
 
 
-#: what a resumed run may change: more (or fewer) epochs; where it runs and how often it reports;
-#: and the paths of its inputs, whose content the config compares through their sha256
-RESUME_MAY_CHANGE = {"train.epochs", "train.device", "train.eval_batch_size", "train.sync_every",
-                     "scores", "init", "student_init", "exclude", "keep",
-                     "init_weights.path", "student_init_weights.path"}
-
-
-def check_resumed_config(out: Path, config: dict) -> None:
+def check_resumed_config(out: Path, config: dict, may_change: Collection[str] = ()) -> None:
     """Refuse to resume the run in ``out`` with a config other than the one it was started with
     (its config.json): one line naming what differs. Options that do not change a run's output
-    are not in either config; those in :data:`RESUME_MAY_CHANGE` may change."""
+    are not in either config; the dotted keys in ``may_change`` may differ (the options marked
+    ``resume_may_change``, :func:`energytools.options.resume_may_change_keys`, and what the
+    stage derives from them)."""
     recorded_path = out / "config.json"
     if not recorded_path.is_file():
         return
@@ -86,7 +81,7 @@ def check_resumed_config(out: Path, config: dict) -> None:
         raise UserError(f"--resume: {recorded_path} is not readable JSON; pass --overwrite to start again") from None
     wanted = json.loads(json.dumps(config, default=str))  # as config.json holds it
     changed = [f"{key} {old!r} (now {new!r})" for key, old, new in _differences(recorded, wanted)
-               if key not in RESUME_MAY_CHANGE]
+               if key not in may_change]
     if changed:
         raise UserError(f"--resume: {out} was started with {'; '.join(changed[:3])}"
                         + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
@@ -117,12 +112,14 @@ def _first_missing(path: Path) -> Path | None:
 
 
 @contextlib.contextmanager
-def run_directory(out: Path, resume: bool, overwrite: bool, config: dict) -> Iterator[bool]:
+def run_directory(out: Path, resume: bool, overwrite: bool, config: dict,
+                  may_change: Collection[str] = ()) -> Iterator[bool]:
     """Lock and prepare a training run directory; yields whether this rank writes files.
 
-    Refuses an ``out`` that is a file or lies under one, ``resume`` with no run to resume and
-    a finished run without ``overwrite``. A run that fails before its first checkpoint leaves
-    nothing behind: the folders it created are removed.
+    Refuses an ``out`` that is a file or lies under one, ``resume`` with no run to resume, a
+    finished run without ``overwrite``, and ``resume`` with a config that differs from the
+    run's in more than the keys ``may_change`` (:func:`check_resumed_config`). A run that fails
+    before its first checkpoint leaves nothing behind: the folders it created are removed.
     """
     ctx = context()
     ctx.check_same(config, "run config")
@@ -133,7 +130,7 @@ def run_directory(out: Path, resume: bool, overwrite: bool, config: dict) -> Ite
     if checkpoint.exists() and not resume and not overwrite:
         raise UserError(f"{out} already holds a run (pass --resume to continue it or --overwrite to replace it)")
     if resume:
-        check_resumed_config(out, config)
+        check_resumed_config(out, config, may_change)
     created = _first_missing(out) if ctx.is_main else None
     try:
         with run_lock(out) if ctx.is_main else contextlib.nullcontext():

@@ -104,3 +104,36 @@ def test_batched_fetch_equals_stacking_items(fashion_root):
     stacked = torch.utils.data.default_collate([dataset[i] for i in indices])
     for got, want in zip(batched, stacked):
         assert torch.equal(got, want) and got.stride() == want.stride() and got.dtype == want.dtype
+
+
+@pytest.mark.parametrize("crop_pad", [0, 2])
+def test_train_loader_without_workers_hands_out_what_its_dataloader_would(crop_pad):
+    """Without workers the training loader fetches batches itself (no DataLoader iterator per
+    step): the batches, and every generator's state between them, stay those of the DataLoader."""
+    import torch
+
+    from energytools.config import DataConfig, TrainConfig
+    from energytools.data.transforms import train_augment
+    from energytools.data.views import FreshViews
+    from energytools.distributed import context
+    from energytools.engine.loaders import TrainLoader
+
+    train_set = DataConfig(dataset="digits", limit=300, crop_pad=crop_pad).build("train")
+    cfg = TrainConfig(batch_size=32, seed=3)
+    views = FreshViews(train_set.info.train_transform, cfg.seed) if crop_pad else None
+    loader = TrainLoader(train_set, cfg, torch.device("cpu"), context(), views)
+
+    def one_epoch(batches):
+        loader.start_epoch(1)
+        seen = []
+        for batch in batches:  # the loop's own draws between batches, as train_one_epoch makes them
+            flipped = train_augment(batch[0], train_set.info, loader.generator)[1] if views is None else None
+            seen.append([*batch, flipped, loader.generator.get_state(), torch.get_rng_state()])
+        return seen
+
+    ours, dataloader = one_epoch(loader), one_epoch(loader.loader)
+    assert len(ours) == len(dataloader) == len(loader) == 8
+    for mine, theirs in zip(ours, dataloader):
+        assert len(mine) == len(theirs)
+        for a, b in zip(mine, theirs):
+            assert (a is None and b is None) or torch.equal(a, b)

@@ -18,7 +18,7 @@ import dataclasses
 from pathlib import Path
 from typing import Callable
 
-from ..config import DistillConfig, as_dict, content_of
+from ..config import DistillConfig, as_dict, content_of, resume_may_change_keys
 from ..console import console, headline
 from ..distillers import Distiller, MethodSpec, SampleInfo, method_spec
 from ..distillers.online_heda import OnlineHEDA
@@ -133,7 +133,8 @@ def distill(cfg: DistillConfig, on_step: Callable | None = None) -> FitResult:
     val_set, test_set = data.build("val"), data.build("test")
     n_aug = len(inputs.training_set) - len(train_set)
     temperatures = plan.to_dict()["temperatures"]
-    with run_directory(out, cfg.resume, cfg.overwrite, resolved) as writes_files:
+    may_change = resume_may_change_keys(cfg) | {"student_init_weights.path"}  # its content is compared
+    with run_directory(out, cfg.resume, cfg.overwrite, resolved, may_change) as writes_files:
         run_meta = {**model_meta(cfg.student, train_set, data), "method": cfg.method, "config": resolved,
                     "versions": versions(), **({"preprocessing": preprocessing} if preprocessing is not None else {})}
         if init is not None:

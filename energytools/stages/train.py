@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch.nn.functional as F
 
-from ..config import TrainStageConfig, as_dict, content_of
+from ..config import TrainStageConfig, as_dict, content_of, resume_may_change_keys
 from ..console import console, headline
 from ..engine import Batch, FitResult, fit, model_meta, seed_everything, write_test_predictions
 from ..models import create_model
@@ -30,7 +30,9 @@ def train(cfg: TrainStageConfig, on_step: Callable | None = None) -> FitResult:
         report = init_from(net, cfg.init, info.num_classes)
         config["init_weights"] = report.to_dict()
         console.print(f"init from {cfg.init}: {report.summary()}")
-    with run_directory(out, cfg.resume, cfg.overwrite, config) as writes_files:
+    # a resumed run may change what is marked so, and init's path (its content is compared)
+    may_change = resume_may_change_keys(cfg) | {"init_weights.path"}
+    with run_directory(out, cfg.resume, cfg.overwrite, config, may_change) as writes_files:
         meta = {**model_meta(cfg.model, train_set, data), "method": "ce", "train": as_dict(cfg.train),
                 "versions": versions()}
 
