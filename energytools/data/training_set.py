@@ -11,6 +11,8 @@ from .base import Collated
 def parts_of(dataset, indices: np.ndarray):
     """``(part, local indices, mask)`` for each part of a ConcatDataset that ``indices`` reach
     (the dataset itself when it has no parts): the one batch-routing function."""
+    if isinstance(dataset, torch.utils.data.ConcatDataset) and len(dataset.datasets) == 1:
+        dataset = dataset.datasets[0]  # no shards: no routing to do
     if isinstance(dataset, torch.utils.data.ConcatDataset):
         which = np.searchsorted(dataset.cumulative_sizes, indices, side="right")
         starts = np.concatenate([[0], dataset.cumulative_sizes[:-1]])
@@ -24,8 +26,12 @@ def parts_of(dataset, indices: np.ndarray):
 def gather_parts(dataset, indices: np.ndarray, fetch) -> list[torch.Tensor]:
     """``fetch(part, local indices, mask) -> tensors`` for each part's share of ``indices``, put
     back together in the order of ``indices``."""
+    parts = list(parts_of(dataset, indices))
+    if len(parts) == 1:  # one part holds the whole batch, in its order: nothing to put back
+        part, local, mask = parts[0]
+        return list(fetch(part, local, mask))
     out = None
-    for part, local, mask in parts_of(dataset, indices):
+    for part, local, mask in parts:
         got = fetch(part, local, mask)
         if out is None:
             out = [t.new_empty((len(indices), *t.shape[1:])) for t in got]
