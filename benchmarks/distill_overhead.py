@@ -5,9 +5,10 @@ epoch of energy-kd on cached views against the ce epoch.
         [--json out.json] [--write docs/benchmarks.md]
 
 Fashion-MNIST (real data), cnn_small student, batch 64, SGD (momentum 0.9, wd 5e-4), resnet20
-teacher with random weights (speed does not depend on them). An epoch is measured from the
-start of one epoch to the start of the next, so everything an epoch does counts: the training
-pass, validation and test passes, checkpoints and the metrics file; the first epoch (warm-up)
+teacher with random weights (speed does not depend on them). An epoch is measured from its
+start to the next one's (the paired bare epoch run in between left out), so everything an
+epoch does counts: the training pass, validation and test passes, checkpoints and the metrics
+file; the first epoch (warm-up)
 and the last (whose end runs the stage's test predictions) are left out. Every energytools
 epoch is paired with a bare epoch run right before it (``common.start_clock``), so a slow spell
 of a shared machine hits both members of a pair; the figure is the median of the pairs' ratios
@@ -205,9 +206,9 @@ def main():
     for _ in range(args.repeats):  # alternate the runs, so drift on a noisy machine is spread over all
         for name, (table, options, new_bare) in runs.items():
             bare = new_bare() if new_bare is not None else None
-            engine = energytools_epochs(table, work, name, args.epochs, args.eval_limit,
-                                        between=functools.partial(next, bare) if bare is not None else None,
-                                        **options)
+            # a bare epoch before each engine epoch but the last, which is not timed
+            between = functools.partial(next, itertools.islice(bare, args.epochs - 1), None) if bare else None
+            engine = energytools_epochs(table, work, name, args.epochs, args.eval_limit, between=between, **options)
             found[name]["engine"] += engine[1:]
             if bare is not None:
                 found[name]["bare"] += BETWEEN_SECONDS[1:len(engine)]

@@ -106,10 +106,12 @@ def test_batched_fetch_equals_stacking_items(fashion_root):
         assert torch.equal(got, want) and got.stride() == want.stride() and got.dtype == want.dtype
 
 
-@pytest.mark.parametrize("crop_pad", [0, 2])
-def test_train_loader_without_workers_hands_out_what_its_dataloader_would(crop_pad):
+@pytest.mark.parametrize("crop_pad,skip", [(0, 0), (0, 3), (2, 0), (2, 3)])
+def test_train_loader_without_workers_hands_out_what_its_dataloader_would(fashion_root, crop_pad, skip):
     """Without workers the training loader fetches batches itself (no DataLoader iterator per
-    step): the batches, and every generator's state between them, stay those of the DataLoader."""
+    step): the batches, and every generator's state between them, stay those of the DataLoader,
+    with the loop's flips drawn between batches, with views, and in a resumed epoch that skips
+    its first batches."""
     import torch
 
     from energytools.config import DataConfig, TrainConfig
@@ -118,21 +120,26 @@ def test_train_loader_without_workers_hands_out_what_its_dataloader_would(crop_p
     from energytools.distributed import context
     from energytools.engine.loaders import TrainLoader
 
-    train_set = DataConfig(dataset="digits", limit=300, crop_pad=crop_pad).build("train")
+    train_set = DataConfig(dataset="fashion-mnist", data_root=str(fashion_root), crop_pad=crop_pad).build("train")
+    assert train_set.info.train_flip  # the loop draws flips from the loader's generator between batches
     cfg = TrainConfig(batch_size=32, seed=3)
     views = FreshViews(train_set.info.train_transform, cfg.seed) if crop_pad else None
     loader = TrainLoader(train_set, cfg, torch.device("cpu"), context(), views)
 
     def one_epoch(batches):
         loader.start_epoch(1)
+        resumed = []
+        if skip:  # the DataLoader skips through the same batch sampler; the loader's own path calls back
+            loader.resume_at(skip, lambda: resumed.append(loader.generator.get_state()))
         seen = []
-        for batch in batches:  # the loop's own draws between batches, as train_one_epoch makes them
+        for batch in batches:
             flipped = train_augment(batch[0], train_set.info, loader.generator)[1] if views is None else None
             seen.append([*batch, flipped, loader.generator.get_state(), torch.get_rng_state()])
-        return seen
+        return seen, resumed
 
-    ours, dataloader = one_epoch(loader), one_epoch(loader.loader)
-    assert len(ours) == len(dataloader) == len(loader) > 1
+    (ours, resumed), (dataloader, _) = one_epoch(loader), one_epoch(loader.loader)
+    assert len(ours) == len(dataloader) == len(loader) - skip > 1
+    assert len(resumed) == (1 if skip else 0)
     for mine, theirs in zip(ours, dataloader):
         assert len(mine) == len(theirs)
         for a, b in zip(mine, theirs):
