@@ -65,9 +65,10 @@ def distill(scores: str | Path, student: str, out: str | Path, *, on_step: Calla
 
 
 def report(*paths: str | Path, out: str | Path = "report.html", thumbnails: bool = True,
-           baseline: str | None = None) -> Path:
+           baseline: str | None = None, overwrite: bool | None = None) -> Path:
     """Write the HTML report for run directories or files; ``baseline`` names the configuration,
-    run or method the runs are compared with (default: kd)."""
+    run or method the runs are compared with (default: kd). An existing ``out`` is replaced when
+    energytools wrote it, or with ``overwrite=True``."""
     from .stages.report import report as run
 
-    return run(list(paths), out, thumbnails=thumbnails, baseline=baseline)
+    return run(list(paths), out, overwrite=overwrite, thumbnails=thumbnails, baseline=baseline)

@@ -55,6 +55,9 @@ def handle_errors(fn):
         except UserError as exc:
             print(f"energytools: error: {exc}", file=sys.stderr)
             raise typer.Exit(2) from None
+        except BrokenPipeError:  # the reader went away (`energytools models | head`): stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(141) from None
         except OSError as exc:
             if exc.errno not in DISK_ERRORS:
                 _internal_error(exc)
@@ -166,6 +169,8 @@ def stage_command(name: str, config_class, run: Callable, doc: str) -> None:
 
     def command(config: Path | None = None, print_config: bool = False, **flags):
         values = _read_config_file(config) if config else {}
+        if values:  # what is wrong in the file is named with the file
+            resolve(config_class, values, f"--config {config}", partial=True)
         values.update(overrides(**flags))
         resolved = resolve(config_class, values, f"energytools {name}")
         if print_config:
@@ -188,6 +193,10 @@ def _read_config_file(path: Path) -> dict:
         return tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"--config {path} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"--config {path} is a directory; pass a TOML file") from None
+    except OSError as exc:
+        raise UserError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"--config {path}: not valid TOML: {exc}") from None
 
@@ -253,7 +262,9 @@ def report_command(
     paths: Annotated[list[Path], typer.Argument(help="run directories or files (score tables, shard dirs, runs)")],
     out: Annotated[Path, typer.Option(help="the HTML file")] = Path("report.html"),
     no_images: Annotated[bool, typer.Option("--no-images", help="skip the image strips")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite/--no-overwrite", help="replace an existing report")] = True,
+    overwrite: Annotated[Optional[bool], typer.Option(
+        "--overwrite/--no-overwrite", help="replace an existing OUT whatever it is / never (default: replace "
+        "only a report energytools wrote)")] = None,
     baseline: Annotated[Optional[str], typer.Option(help="configuration, run or method the runs are compared "
                                                          "with (default: kd)")] = None,
 ):
@@ -286,7 +297,24 @@ def run_command(
 
 
 def main() -> None:
-    app()
+    """The ``energytools`` command. A usage error (an unknown command or option, a value of the
+    wrong type, a missing argument) is one line naming it and exit 2, as every other bad input."""
+    if len(sys.argv) <= 1:
+        app()  # no command: the help
+        return
+    try:
+        code = app(standalone_mode=False)  # click's errors are raised here instead of printed as a box
+    except (typer.Abort, KeyboardInterrupt):  # Ctrl-C before a command started
+        print("energytools: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:
+        if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code")):  # not click's: a bug
+            raise
+        context = getattr(exc, "ctx", None)
+        hint = f" (see `{context.command_path} --help`)" if context is not None and exc.exit_code == 2 else ""
+        print(f"energytools: error: {' '.join(exc.format_message().split())}{hint}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -134,13 +134,14 @@ def _number(text):
     return text
 
 
-def resolve(cls, values: dict, where: str = "config"):
+def resolve(cls, values: dict, where: str = "config", partial: bool = False):
     """Build dataclass ``cls`` from ``values``.
 
     Keys of nested config fields may be given flat (``epochs`` for ``train.epochs``), as the CLI
     and the API do, or as a nested dict, as a recipe may. Unknown keys are refused with the
     nearest valid one; every value is type-checked; names picked from a registry take their
-    registry's spelling (:func:`canonical_name`).
+    registry's spelling (:func:`canonical_name`). ``partial``: only check ``values`` (a part of
+    a config, such as a ``--config`` file that flags complete) and return None.
     """
     hints = _hints(cls)
     own = {f.name: f for f in dataclasses.fields(cls)}
@@ -169,7 +170,9 @@ def resolve(cls, values: dict, where: str = "config"):
         if sub_values:
             base = kwargs.get(name)
             start = as_dict(base) if base is not None else {}
-            kwargs[name] = resolve(nested[name], {**start, **sub_values}, where)
+            kwargs[name] = resolve(nested[name], {**start, **sub_values}, where, partial)
+    if partial:
+        return None
     missing = [f.name for f in own.values() if f.name not in kwargs
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:

@@ -1,4 +1,5 @@
 """Bad input through the command line: one line on stderr, exit status 2, nothing left behind."""
+import shlex
 import subprocess
 import sys
 
@@ -64,6 +65,37 @@ def test_console_script_and_module_entry_points():
     result = subprocess.run([sys.executable, "-m", "energytools", "train", "--model", "nope", "--out", "/tmp/x",
                              "--dataset", "digits"], capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "unknown model" in result.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train", "--model", "cnn_tiny", "--out", "o", "--epochs", "abc"], "'--epochs'"),
+    (["train", "--model", "cnn_tiny", "--out", "o", "--epoch", "1"], "--epoch"),
+    (["trian"], "'trian'"),
+    (["select", "--ratio", "abc"], "'--ratio'"),
+    (["distill", "--student"], "'--student'"),
+    (["report"], "paths"),
+    (["distill", "--config", "{tmp}", "--student", "cnn_tiny", "--out", "o"], "is a directory"),
+    (["distill", "--config", "{typo}", "--student", "cnn_tiny", "--out", "o"], "typo.toml: unknown key 'epochz'"),
+    (["distill", "--config", "{wrong_type}", "--student", "cnn_tiny", "--out", "o"], "wrong.toml: epochs"),
+])
+def test_usage_and_config_file_errors_are_one_line_from_the_command(tmp_path, args, needle):
+    """What the argument parser refuses, and a bad --config file, are one line naming the option
+    or the file, exit 2, from the installed command as from any other bad input."""
+    (tmp_path / "typo.toml").write_text("[train]\nepochz = 3\n")
+    (tmp_path / "wrong.toml").write_text('epochs = "abc"\n')
+    values = {"tmp": tmp_path, "typo": tmp_path / "typo.toml", "wrong_type": tmp_path / "wrong.toml"}
+    result = subprocess.run([sys.executable, "-m", "energytools", *[a.format(**values) for a in args]],
+                            capture_output=True, text=True, cwd=tmp_path)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("energytools: error:") and needle in lines[0], lines[0]
+
+
+def test_output_into_a_closed_pipe_stops_quietly():
+    """`energytools models | head`: the reader is gone (`true` reads nothing) before the list is written."""
+    command = f"{shlex.quote(sys.executable)} -m energytools models | true; echo ${{PIPESTATUS[0]}}"
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True)
+    assert result.stdout.strip() == "141" and result.stderr == "", result.stderr
 
 
 def test_bad_input_with_workers_is_still_one_line(digits_run, tmp_path):

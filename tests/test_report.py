@@ -35,6 +35,21 @@ def test_figures_hold_the_tables_numbers(digits_run):
     assert "Spearman" in figures["density"].layout.title.text
 
 
+def test_report_replaces_its_own_report_but_not_another_file(runner, digits_run, tmp_path):
+    scores = digits_run["scores"]
+    mine = tmp_path / "mine.html"
+    mine.write_text("<html>my notes</html>")
+    refused = invoke(runner, "report", scores, "--out", mine, "--no-images")
+    assert refused.exit_code == 2 and "mine.html already exists" in refused.stderr, refused.output
+    assert mine.read_text() == "<html>my notes</html>"  # nothing lost
+    assert invoke(runner, "report", scores, "--out", mine, "--no-images", "--overwrite").exit_code == 0
+    assert "energytools report" in mine.read_text()
+    again = invoke(runner, "report", scores, "--out", mine, "--no-images")  # its own report: replaced
+    assert again.exit_code == 0, again.output
+    kept = invoke(runner, "report", scores, "--out", mine, "--no-images", "--no-overwrite")
+    assert kept.exit_code == 2 and "already exists" in kept.stderr
+
+
 def test_report_file_is_self_contained(digits_run, tmp_path):
     out = report([digits_run["root"]], tmp_path / "report.html")
     text = out.read_text()

@@ -149,18 +149,34 @@ def render(sections: list[Section], title: str = "energytools report") -> str:
             body.append(f"<div class='{'table' if isinstance(part, str) else 'fig'}' "
                         f"data-name='{html.escape(name)}'>{content}</div>")
         body.append("</section>")
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'>{GENERATOR}<title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style><script type='text/javascript'>{get_plotlyjs()}</script></head>"
             f"<body><h1>{html.escape(title)}</h1>{''.join(body)}<script>{SORT_SCRIPT}</script></body></html>")
 
 
-def report(paths: list[Path | str], out: Path | str = "report.html", overwrite: bool = True,
+#: what marks a file as a report energytools wrote, which a new report may replace
+GENERATOR = "<meta name='generator' content='energytools report'>"
+
+
+def is_report(path: Path) -> bool:
+    """Whether ``path`` is an HTML report energytools wrote (reports before the marker have its title)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4096).decode("utf-8", "replace")
+    except OSError:
+        return False
+    return GENERATOR in head or "<title>energytools report</title>" in head
+
+
+def report(paths: list[Path | str], out: Path | str = "report.html", overwrite: bool | None = None,
            thumbnails: bool = True, baseline: str | None = None) -> Path:
     """Write the HTML report for run directories or files; returns its path. ``baseline`` names the
     configuration, run or method the runs are compared with (default: kd; see
-    :func:`~energytools.stages.report_runs.choose_baseline`)."""
+    :func:`~energytools.stages.report_runs.choose_baseline`). An existing ``out`` is replaced when
+    it is a report energytools wrote (``overwrite`` None, the default) or whatever it is
+    (``overwrite`` True); ``overwrite`` False replaces nothing."""
     out = Path(out)
-    check_output_free(out, overwrite)
+    check_output_free(out, overwrite if overwrite is not None else out.is_file() and is_report(out))
     inputs = discover([Path(p) for p in paths])
     html_text = render(build_report(inputs, thumbnails, baseline))
     with atomic_path(out) as tmp:
