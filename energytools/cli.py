@@ -111,10 +111,10 @@ def command(name: str | None = None, **kwargs):
 
 def _cli_option(spec, hint, panel: str | None) -> tuple[object, object]:
     """(annotation, default) of the typer parameter for one config field."""
-    from .options import _optional
+    from .options import _optional, flag as option_flag
 
     base, _ = _optional(hint)
-    flag = "--" + spec.name.replace("_", "-")
+    flag = option_flag(spec.name)
     required = spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING
     shown = None if required or spec.default is dataclasses.MISSING else spec.default
     if isinstance(shown, tuple):

@@ -18,7 +18,7 @@ from .errors import UserError
 from .models import MODELS
 from .optim import OPTIMIZERS, SCHEDULES
 from .options import (as_dict, canonical_name, content_of, convert, flat_fields, flat_names, option, overrides,
-                      registry, resolve, resume_may_change_keys)
+                      registry, require, resolve, resume_may_change_keys)
 from .policies import POLICIES, make_policy
 from .preprocessing import STUDENT_NORMALIZATIONS, TeacherPreprocessing
 from .selection import SELECT_BY, SELECT_MODES
@@ -67,6 +67,8 @@ class DataConfig:
         if self.dataset is None:
             raise UserError("no dataset given: pass --dataset (or `dataset` in the recipe's [data])")
         limit = self.limit if split == "train" else self.eval_limit
+        if limit is not None and limit <= 0:
+            raise UserError(f"{'--limit' if split == 'train' else '--eval-limit'} must be positive, got {limit}")
         return build_dataset(self.dataset, split, self.data_root, limit, self.imbalance_factor, self.image_size,
                              self.crop_pad)
 
@@ -125,35 +127,25 @@ class TrainConfig:
                                          "end of each epoch only", content=False, panel=OUTPUT)
 
     def check(self) -> None:
-        for name in ("epochs", "batch_size", "eval_batch_size"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise UserError(f"lr must be positive, got {self.lr}")
-        if self.momentum < 0 or self.weight_decay < 0 or self.lr_decay <= 0 or self.num_workers < 0:
-            raise UserError("momentum, weight_decay and num_workers must be >= 0 and lr_decay > 0")
-        if self.prefetch < 1 or self.sync_every < 0 or self.checkpoint_every_steps < 0:
-            raise UserError("prefetch must be >= 1, sync_every and checkpoint_every_steps >= 0")
-        if not all(0 < m < 1 for m in self.milestones):
-            raise UserError(f"milestones are fractions of the epochs in (0, 1), got {list(self.milestones)}")
+        for name in ("epochs", "batch_size", "eval_batch_size", "prefetch", "accumulate"):
+            require(self, name, getattr(self, name) >= 1, ">= 1")
+        for name in ("momentum", "weight_decay", "num_workers", "sync_every", "checkpoint_every_steps",
+                     "warmup_epochs", "warmup_lr", "min_lr"):
+            require(self, name, getattr(self, name) >= 0, ">= 0")
+        require(self, "lr", self.lr > 0 and math.isfinite(self.lr), "a positive finite number")
+        require(self, "lr_decay", self.lr_decay > 0, "positive")
+        require(self, "milestones", all(0 < m < 1 for m in self.milestones), "fractions of the epochs in (0, 1)")
         if self.schedule not in SCHEDULES:
             raise UserError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas) or not self.eps > 0:
-            raise UserError(f"betas must be two numbers in [0, 1) and eps positive, got {list(self.betas)}, {self.eps}")
-        if self.warmup_epochs < 0 or self.warmup_lr < 0 or self.min_lr < 0:
-            raise UserError("warmup_epochs, warmup_lr and min_lr must be >= 0")
-        if not 0 <= self.label_smoothing < 1:
-            raise UserError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.clip_grad is not None and not self.clip_grad > 0:
-            raise UserError(f"clip_grad must be positive, got {self.clip_grad}")
-        if self.accumulate < 1:
-            raise UserError(f"accumulate must be >= 1, got {self.accumulate}")
-        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
-            raise UserError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        require(self, "betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two numbers in [0, 1)")
+        require(self, "eps", self.eps > 0, "positive")
+        require(self, "label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)")
+        require(self, "clip_grad", self.clip_grad is None or self.clip_grad > 0, "positive")
+        require(self, "ema_decay", self.ema_decay is None or 0 < self.ema_decay < 1, "in (0, 1)")
         if self.ema_warmup and self.ema_decay is None:
-            raise UserError("ema_warmup needs ema_decay (the decay the warm-up rises to)")
+            raise UserError("--ema-warmup needs --ema-decay (the decay the warm-up rises to)")
 
 
 @dataclass(kw_only=True)
@@ -212,12 +204,10 @@ class ScoreConfig:
     def check(self) -> None:
         self.rule()  # fractions, temperatures and the rule's name
         self.preprocessing.check()
-        if not self.energy_temperature > 0:
-            raise UserError(f"energy_temperature must be positive, got {self.energy_temperature}")
-        if self.batch_size <= 0 or (self.part_size is not None and self.part_size <= 0):
-            raise UserError("batch_size and part_size must be positive")
-        if self.views < 0:
-            raise UserError(f"views must be >= 0, got {self.views}")
+        require(self, "energy_temperature", self.energy_temperature > 0, "positive")
+        require(self, "batch_size", self.batch_size >= 1, ">= 1")
+        require(self, "part_size", self.part_size is None or self.part_size >= 1, ">= 1")
+        require(self, "views", self.views >= 0, ">= 0")
         if self.top_k is not None and (self.top_k < 1 or not self.views):
             raise UserError("--top-k takes a positive N and needs --views K")
         if self.part_size is not None:
@@ -269,12 +259,9 @@ class AugmentConfig:
         return {k: v for k, v in content_of(self).items() if k not in ("scores", "preprocessing")}
 
     def check(self) -> None:
-        if not 0 < self.ratio <= 1:
-            raise UserError(f"ratio must be in (0, 1], got {self.ratio}")
-        if self.copies < 1:
-            raise UserError(f"copies must be >= 1, got {self.copies}")
-        if self.workers < 1 or self.shard_size < 1 or self.batch_size < 1:
-            raise UserError("workers, shard_size and batch_size must be >= 1")
+        require(self, "ratio", 0 < self.ratio <= 1, "in (0, 1]")
+        for name in ("copies", "workers", "shard_size", "batch_size"):
+            require(self, name, getattr(self, name) >= 1, ">= 1")
         self.preprocessing.check()
         make_policy(self.policy)  # fail on an unknown policy before any work
 
@@ -363,23 +350,20 @@ class DistillConfig:
 
     def check(self) -> None:
         spec = method_spec(self.method)
-        if self.temperature_source not in TEMPERATURE_SOURCES:
-            raise UserError(f"temperature_source must be one of {', '.join(TEMPERATURE_SOURCES)}, "
-                            f"got {self.temperature_source!r}")
-        if self.student_normalization not in (None, *STUDENT_NORMALIZATIONS):
-            raise UserError(f"student_normalization must be one of {', '.join(STUDENT_NORMALIZATIONS)}, "
-                            f"got {self.student_normalization!r}")
+        require(self, "temperature_source", self.temperature_source in TEMPERATURE_SOURCES,
+                f"one of {', '.join(TEMPERATURE_SOURCES)}")
+        require(self, "student_normalization", self.student_normalization in (None, *STUDENT_NORMALIZATIONS),
+                f"one of {', '.join(STUDENT_NORMALIZATIONS)}")
         self.preprocessing.check()
-        if self.he_da is not None and self.he_da not in HE_DA_MODES:
-            raise UserError(f"he_da must be one of {', '.join(HE_DA_MODES)} (materialized shards: --shards), "
-                            f"got {self.he_da!r}")
+        require(self, "he_da", self.he_da in (None, *HE_DA_MODES),
+                f"one of {', '.join(HE_DA_MODES)} (materialized shards: --shards)")
         if self.he_da and self.shards:
             raise UserError("--he-da online and --shards are two forms of HE-DA; use one")
-        if self.he_da_weight is not None and not self.he_da_weight >= 0:
-            raise UserError(f"he_da_weight must be a non-negative number, got {self.he_da_weight!r}")
-        for name, value in spec.options(as_dict(self)).items():
-            if name not in ("dkd_warmup", "standardize_logits") and not (isinstance(value, (int, float)) and value >= 0):
-                raise UserError(f"{name} must be a non-negative number, got {value!r}")
-        if not spec.options(as_dict(self)).get("kd_temperature", 1) > 0:
-            raise UserError("kd_temperature must be positive")
+        require(self, "he_da_weight", self.he_da_weight is None or self.he_da_weight >= 0, "a non-negative number")
+        options = spec.options(as_dict(self))
+        for name, value in options.items():
+            if name not in ("dkd_warmup", "standardize_logits", "kd_temperature"):
+                require(self, name, isinstance(value, (int, float)) and value >= 0, "a non-negative number", value)
+        require(self, "kd_temperature", options.get("kd_temperature", 1) > 0, "positive",
+                options.get("kd_temperature"))
         self.train.check()

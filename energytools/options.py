@@ -39,6 +39,20 @@ def option(default=dataclasses.MISSING, help: str = "", factory=dataclasses.MISS
                            "resume_may_change": resume_may_change})
 
 
+def flag(name: str) -> str:
+    """An option's command-line spelling: ``batch_size`` -> ``--batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
+def require(config, name: str, ok: bool, rule: str, value=dataclasses.MISSING) -> None:
+    """Refuse option ``name`` of ``config`` unless ``ok``: one line naming its flag, what it must
+    be and the value given (``value``, or the option's own)."""
+    if not ok:
+        value = getattr(config, name) if value is dataclasses.MISSING else value
+        shown = repr(value) if isinstance(value, str) else list(value) if isinstance(value, tuple) else value
+        raise UserError(f"{flag(name)} must be {rule}, got {shown}")
+
+
 def registry(names):
     """``choices`` read from a registry (a dict or tuple of names) when a config is resolved, so
     that entries registered later (a user's dataset or model) are choices too."""

@@ -113,9 +113,9 @@ def test_online_he_da_changes_training_and_replays_from_its_seed(digits_run, tmp
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--he-da", "offline"], "he_da must be one of online"),
+    (["--he-da", "offline"], "--he-da must be one of online"),
     (["--he-da", "online", "--shards", "SHARDS"], "two forms of HE-DA"),
-    (["--he-da", "online", "--he-da-weight", "-1"], "he_da_weight must be a non-negative number"),
+    (["--he-da", "online", "--he-da-weight", "-1"], "--he-da-weight must be a non-negative number"),
 ])
 def test_online_he_da_refuses_bad_options(runner, digits_run, tmp_path, args, message):
     from conftest import invoke

@@ -220,5 +220,5 @@ def test_student_normalization_dataset_or_the_weights_own():
     gray = DatasetInfo("g", 10, 1, 28, (0.3,), (0.3,))
     averaged = [(0.485 + 0.456 + 0.406) / 3]  # an RGB model's mean for gray images
     assert student_preprocessing("timm:resnet18", "weights", gray)["mean"] == pytest.approx(averaged)
-    with pytest.raises(UserError, match="student_normalization must be one of dataset, weights"):
+    with pytest.raises(UserError, match="--student-normalization must be one of dataset, weights"):
         resolve(DistillConfig, {"student": "x", "out": "o", "student_normalization": "imagenet"}).check()
