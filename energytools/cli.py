@@ -16,7 +16,7 @@ from typing import Annotated, Callable, Optional
 import typer
 
 from .errors import UserError
-from .preemption import Stopped
+from .preemption import Interrupted, Stopped
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode="markdown",
@@ -65,8 +65,9 @@ def handle_errors(fn):
             also = f" (to {exc.filename2})" if exc.filename2 else ""
             print(f"energytools: error: cannot write{where}{also}: {exc.strerror}", file=sys.stderr)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            print("energytools: interrupted; re-run the same command to resume", file=sys.stderr)
+        except KeyboardInterrupt as exc:
+            advice = str(exc) if isinstance(exc, Interrupted) else "re-run the same command to resume"
+            print(f"energytools: interrupted; {advice}", file=sys.stderr)
             raise typer.Exit(130) from None
         except Exception as exc:  # noqa: BLE001
             _internal_error(exc)

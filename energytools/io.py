@@ -105,6 +105,18 @@ def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def require_file(path: Path | str, what: str = "") -> Path:
+    """``path`` as a Path when it is a file; otherwise one line saying what it is instead
+    (``what``, e.g. "recipe", names the input in the message)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    name = f"{what} {path}" if what else str(path)
+    if path.is_dir():
+        raise UserError(f"{name} is a directory; pass a file")
+    raise UserError(f"{name} does not exist")
+
+
 def check_output_path(path: Path | str, directory: bool = False) -> None:
     """Refuse an output path that cannot be written: under a file, or a file where a folder
     is wanted (and the reverse)."""

@@ -26,8 +26,8 @@ from .config import (AugmentConfig, DataConfig, DistillConfig, ScoreConfig, Trai
                      convert, resolve)
 from .console import console, headline
 from .errors import UserError
-from .io import check_output_path, sha256_file, sha256_json, write_json
-from .preemption import Stopped
+from .io import check_output_path, require_file, sha256_file, sha256_json, write_json
+from .preemption import Interrupted, Stopped
 
 STAGES = ("train", "score", "augment", "distill", "report")
 SECTIONS = {"name", "data", "teacher", "score", "augment", "distill", "report"}
@@ -95,9 +95,7 @@ def _section(raw: dict, key: str, path: Path) -> dict | None:
 def load_recipe(path: Path | str) -> Recipe:
     """Parse and check a recipe; unknown keys are refused with the nearest valid key, and every
     value is type-checked, each with one line naming the file, section and key."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"recipe {path} does not exist")
+    path = require_file(path, "recipe")
     try:
         raw = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -333,6 +331,8 @@ def _run_steps(steps: list[Step], out: Path, recipe: Recipe, start: str | None, 
             except Stopped as stopped:  # the stage's hint says --resume; a recipe continues by itself
                 raise Stopped(stopped.signum, f"{step.stage} {step.name}: {stopped.where}",
                               "re-run the same command to continue") from None
+            except KeyboardInterrupt:  # Ctrl-C: the same, whatever the stage would advise
+                raise Interrupted(f"{step.stage} {step.name} stopped; re-run the same command to continue") from None
             write_json(stamp, {"key": step.key()})
             started.unlink(missing_ok=True)
         results.append((step.name, status))

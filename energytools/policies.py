@@ -13,6 +13,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import UserError
+from .io import require_file
 
 
 @dataclass
@@ -125,8 +126,7 @@ def make_policy(name_or_file: str):
         return POLICIES[name_or_file]()
     path = Path(name_or_file)
     if path.suffix.lower() in (".json", ".yaml", ".yml"):
-        if not path.is_file():
-            raise UserError(f"policy file {path} does not exist")
+        require_file(path, "policy file")
         import albumentations as A
         import yaml
 

@@ -27,6 +27,11 @@ _received: int | None = None
 RESUME_RUN = "re-run the same command with --resume to continue"
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with what the user does next (``str(exc)``): a stage that knows says it, e.g. a
+    training run with a checkpoint continues with --resume, one without has nothing to continue."""
+
+
 class Stopped(BaseException):
     """A stage stopped at a safe point because a stop signal came. A BaseException (as
     KeyboardInterrupt is), so ``except Exception`` blocks do not swallow it."""

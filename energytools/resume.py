@@ -11,6 +11,7 @@ from typing import Collection, Iterator
 
 from .distributed import Context, context
 from .errors import UserError
+from .preemption import RESUME_RUN, Interrupted
 from .io import check_output_path, remove_partial_files, run_lock, write_json
 
 #: the file that says which configuration a directory's parts belong to, while they are written
@@ -141,7 +142,10 @@ def run_directory(out: Path, resume: bool, overwrite: bool, config: dict,
                 write_json(out / "config.json", config)
             ctx.barrier()
             yield ctx.is_main
-    except BaseException:
+    except BaseException as exc:
         if created is not None and not checkpoint.exists():
             shutil.rmtree(created, ignore_errors=True)
+        if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, Interrupted):  # Ctrl-C: what now
+            raise Interrupted(RESUME_RUN if checkpoint.exists() else
+                              "no checkpoint was written yet; re-run the same command to start again") from None
         raise

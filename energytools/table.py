@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from .config import DataConfig, resolve
 from .energy import GROUPS, SIGN_CONVENTION, EnergyGroups, TemperatureRule
 from .errors import UserError
-from .io import atomic_path, unreadable_parquet
+from .io import atomic_path, require_file, unreadable_parquet
 from .version import __version__
 
 METADATA_KEY = b"energytools"
@@ -61,9 +61,7 @@ def write_parquet(table: pa.Table | pl.DataFrame, path: Path | str, metadata: di
 
 
 def read_schema(path: Path | str) -> pa.Schema:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} does not exist")
+    path = require_file(path)
     try:
         return pq.read_schema(path)
     except Exception as exc:  # noqa: BLE001 - corrupt or not Parquet

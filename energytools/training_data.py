@@ -21,7 +21,7 @@ from .data.shards import read_manifest, shard_dataset
 from .data.training_set import TrainingSet
 from .data.views import ReplayViews
 from .errors import UserError
-from .io import sha256_file
+from .io import require_file, sha256_file
 from .lookup import CachedLogits, CachedViewLogits, LogitsSource, OnlineTeacher, SampleLookup
 from .table import TableMeta, ViewsRecord, read_parquet
 from .teacher import open_table_teacher
@@ -50,8 +50,7 @@ def open_training_set(cfg, meta: TableMeta):
 
 def read_sample_ids(path: str) -> np.ndarray:
     """The ``sample_id`` column of a Parquet file (a selection written by `energytools select`)."""
-    if not Path(path).is_file():
-        raise UserError(f"{path} does not exist")
+    require_file(path)
     frame = read_parquet(path, None)
     if "sample_id" not in frame.columns or not frame["sample_id"].dtype.is_integer():
         raise UserError(f"{path} has no integer sample_id column")

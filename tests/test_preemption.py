@@ -227,3 +227,21 @@ def test_resume_with_other_options_is_refused_but_more_epochs_continue(tmp_path)
                             capture_output=True, text=True, env=ENV)
     assert longer.returncode == 0, longer.stderr[-2000:]
     assert load_checkpoint(tmp_path / "t" / "last.pt")["epoch"] == 2
+
+
+def test_ctrl_c_says_what_to_do_next(tmp_path):
+    """Ctrl-C (SIGINT, a KeyboardInterrupt) is not a scheduler's stop: the run ends at once, and
+    the line says what the user does next, which depends on whether a checkpoint was written."""
+    out = tmp_path / "t"
+    args = ["train", "--model", "cnn_tiny", "--dataset", "digits", "--epochs", 500, "--device", "cpu", "--out", out]
+    after = signal_when(args, lambda: (out / "last.pt").exists(), signal.SIGINT)
+    lines = [line for line in after.stderr.splitlines() if line.strip()]
+    assert after.returncode == 130 and lines[-1] == ("energytools: interrupted; re-run the same command with "
+                                                     "--resume to continue"), after.stderr[-800:]
+    # before the first checkpoint nothing is kept (the run directory goes), so there is nothing to resume
+    def ctrl_c(event):
+        raise KeyboardInterrupt
+
+    with pytest.raises(preemption.Interrupted, match="no checkpoint was written yet"):
+        train(train_cfg(tmp_path / "early"), on_step=ctrl_c)
+    assert not (tmp_path / "early").exists()
