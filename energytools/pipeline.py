@@ -198,6 +198,11 @@ class Step:
     def key(self) -> str:
         return _digest([self.stage, self.config, {str(p): content_digest(p) for p in self.inputs}])
 
+    def output_digests(self) -> dict:
+        """What the step wrote, recorded in its stamp: an output changed or damaged since (a
+        truncated table, a file copied over it) makes the step run again."""
+        return {str(p): content_digest(p) for p in self.outputs}
+
 
 def plan(recipe: Recipe, out: Path) -> list[Step]:
     """The ordered steps, each with the config and input files its stamp covers."""
@@ -303,8 +308,12 @@ def _run_steps(steps: list[Step], out: Path, recipe: Recipe, start: str | None, 
     for step in steps:
         forced = forced or step.stage == start
         stamp = stamps / f"{step.stage}-{step.name}.json"
-        fresh = (not forced and not pending & set(step.inputs) and stamp.exists()
-                 and all(p.exists() for p in step.outputs) and json.loads(stamp.read_text()).get("key") == step.key())
+        recorded = json.loads(stamp.read_text()) if stamp.exists() else {}
+        fresh = (not forced and not pending & set(step.inputs) and recorded.get("key") == step.key()
+                 and all(p.exists() for p in step.outputs))
+        if fresh and "outputs" in recorded and recorded["outputs"] != step.output_digests():
+            fresh = False  # (stamps written before outputs were recorded hold none)
+            console.print(f"{step.stage} {step.name}: its output changed since it was written; running it again")
         if dry_run:
             status = "up to date" if fresh else "planned"
             pending |= set() if fresh else set(step.outputs)
@@ -333,7 +342,7 @@ def _run_steps(steps: list[Step], out: Path, recipe: Recipe, start: str | None, 
                               "re-run the same command to continue") from None
             except KeyboardInterrupt:  # Ctrl-C: the same, whatever the stage would advise
                 raise Interrupted(f"{step.stage} {step.name} stopped; re-run the same command to continue") from None
-            write_json(stamp, {"key": step.key()})
+            write_json(stamp, {"key": step.key(), "outputs": step.output_digests()})
             started.unlink(missing_ok=True)
         results.append((step.name, status))
     return results

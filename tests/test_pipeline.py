@@ -53,6 +53,11 @@ def test_reduced_quickstart_runs_skips_and_reruns_what_changed(tmp_path):
     assert json.loads((out / "he-da" / "manifest.json").read_text())["selection"]["ratio"] == 0.2
     again = dict(run_pipeline(recipe, out, start="augment"))
     assert again["scores"] == "up to date" and again["he-da"] == "ran" and again["kd"] == "ran"
+    original = (out / "scores.parquet").read_bytes()
+    (out / "scores.parquet").write_bytes(original[:1000])  # damaged after it was written
+    repaired = dict(run_pipeline(recipe, out))
+    assert repaired["scores"] == "ran" and (out / "scores.parquet").read_bytes() == original
+    assert repaired["he-da"] == repaired["kd"] == "up to date"  # the same table again: what uses it stays
 
 
 def test_a_new_unset_option_leaves_finished_steps_fresh(monkeypatch):
