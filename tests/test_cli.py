@@ -34,7 +34,8 @@ def test_models_lists_the_zoo(runner):
     (["score", "--teacher", "{teacher}", "--out", "{tmp}/s.parquet", "--temperatures", "6,4"], "temperatures"),
     (["score", "--teacher", "{teacher}", "--out", "{tmp}/s.parquet", "--energy-temperature", "0"], "positive"),
     (["score", "--teacher", "{teacher}", "--out", "{scores}"], "already exists"),
-    (["score", "--teacher", "{corrupt}", "--out", "{tmp}/s.parquet"], "checkpoint"),
+    (["score", "--teacher", "{corrupt}", "--out", "{tmp}/s.parquet"], "not a complete torch checkpoint"),
+    (["score", "--teacher", "{cut_teacher}", "--out", "{tmp}/s.parquet"], "not a complete torch checkpoint"),
     (["augment", "--scores", "{scores}", "--ratio", "0", "--out", "{tmp}/a"], "ratio"),
     (["augment", "--scores", "{scores}", "--ratio", "1.01", "--out", "{tmp}/a"], "ratio"),
     (["augment", "--scores", "{scores}", "--workers", "0", "--out", "{tmp}/a"], "--workers must be >= 1, got 0"),
@@ -55,10 +56,12 @@ def test_bad_input_exits_2_with_one_line(runner, digits_run, tmp_path, args, nee
     corrupt.write_bytes(b"this is not parquet")
     truncated = tmp_path / "truncated.parquet"
     truncated.write_bytes(digits_run["scores"].read_bytes()[:500])
+    cut_teacher = tmp_path / "cut.pt"
+    cut_teacher.write_bytes(digits_run["teacher"].read_bytes()[:300])
     bad_recipe = tmp_path / "bad.toml"
     bad_recipe.write_text("[data]\ndatset = 'digits'\n")
     values = {"tmp": tmp_path, "teacher": digits_run["teacher"], "scores": digits_run["scores"], "corrupt": corrupt,
-              "truncated": truncated, "bad_recipe": bad_recipe}
+              "truncated": truncated, "bad_recipe": bad_recipe, "cut_teacher": cut_teacher}
     before = set(tmp_path.rglob("*"))
     result = invoke(runner, *[a.format(**values) for a in args])
     assert result.exit_code == 2, result.output

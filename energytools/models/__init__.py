@@ -155,13 +155,31 @@ def load_checkpoint(path: Path | str) -> dict:
             raise UserError(f"refusing checkpoint {path}: loading it would run code ({needed.group(1)}); "
                             "energytools loads only tensors and plain values (see docs/security.md)") from None
         raise UserError(f"cannot read checkpoint {path}: {_first_line(exc)}") from None
+    except EOFError:
+        raise UserError(f"cannot read checkpoint {path}: the file ends early (truncated, or still being "
+                        "written)") from None
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input
-        raise UserError(f"cannot read checkpoint {path}: {type(exc).__name__}: {_first_line(exc)}") from None
+        what = _first_line(exc)
+        named = what if what.startswith(type(exc).__name__) else f"{type(exc).__name__}: {what}"
+        if any(sign in what for sign in NOT_A_TORCH_FILE) or not _looks_like_torch_file(path):
+            named = "not a complete torch checkpoint (truncated, or another kind of file)"
+        raise UserError(f"cannot read checkpoint {path}: {named}") from None
     if isinstance(payload, dict) and "model" in payload and isinstance(payload["model"], dict):
         return payload
     if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
         return {"model": payload}  # a bare state dict (torchvision weights files)
     raise UserError(f"{path} is not a model checkpoint (expected a state dict or a dict with a 'model' entry)")
+
+
+#: what torch.load says of a file that is not (all of) a torch checkpoint
+NOT_A_TORCH_FILE = ("failed finding central directory", "Unsupported operand", "invalid load key")
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """A zip archive (torch.save since 1.6) or a pickle (the legacy format) by its first bytes."""
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    return head == b"PK" or head[:1] == b"\x80"
 
 
 def _first_line(exc: Exception) -> str:
