@@ -36,6 +36,7 @@ def test_models_lists_the_zoo(runner):
     (["score", "--teacher", "{teacher}", "--out", "{scores}"], "already exists"),
     (["score", "--teacher", "{corrupt}", "--out", "{tmp}/s.parquet"], "not a complete torch checkpoint"),
     (["score", "--teacher", "{cut_teacher}", "--out", "{tmp}/s.parquet"], "not a complete torch checkpoint"),
+    (["score", "--teacher", "{run_dir}", "--out", "{tmp}/s.parquet"], "is a training run's directory"),
     (["augment", "--scores", "{scores}", "--ratio", "0", "--out", "{tmp}/a"], "ratio"),
     (["augment", "--scores", "{scores}", "--ratio", "1.01", "--out", "{tmp}/a"], "ratio"),
     (["augment", "--scores", "{scores}", "--workers", "0", "--out", "{tmp}/a"], "--workers must be >= 1, got 0"),
@@ -61,7 +62,8 @@ def test_bad_input_exits_2_with_one_line(runner, digits_run, tmp_path, args, nee
     bad_recipe = tmp_path / "bad.toml"
     bad_recipe.write_text("[data]\ndatset = 'digits'\n")
     values = {"tmp": tmp_path, "teacher": digits_run["teacher"], "scores": digits_run["scores"], "corrupt": corrupt,
-              "truncated": truncated, "bad_recipe": bad_recipe, "cut_teacher": cut_teacher}
+              "truncated": truncated, "bad_recipe": bad_recipe, "cut_teacher": cut_teacher,
+              "run_dir": digits_run["teacher"].parent}
     before = set(tmp_path.rglob("*"))
     result = invoke(runner, *[a.format(**values) for a in args])
     assert result.exit_code == 2, result.output

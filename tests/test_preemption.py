@@ -239,6 +239,7 @@ def test_ctrl_c_says_what_to_do_next(tmp_path):
     assert after.returncode == 130 and lines[-1] == ("energytools: interrupted; re-run the same command with "
                                                      "--resume to continue"), after.stderr[-800:]
     # before the first checkpoint nothing is kept (the run directory goes), so there is nothing to resume
+
     def ctrl_c(event):
         raise KeyboardInterrupt
 

@@ -47,9 +47,14 @@ class HFClassifier(nn.Module):
         return super().load_state_dict(state_dict, *args, **kwargs)
 
 
+def is_run_directory(path: Path | str) -> bool:
+    """Whether ``path`` is an energytools training run's directory (its config.json is the run's)."""
+    return Path(path).is_dir() and any((Path(path) / name).is_file() for name in ("best.pt", "last.pt"))
+
+
 def is_hf_folder(path: Path | str) -> bool:
     """Whether ``path`` is a folder ``save_pretrained`` wrote (it has a config.json)."""
-    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+    return Path(path).is_dir() and (Path(path) / "config.json").is_file() and not is_run_directory(path)
 
 
 @contextlib.contextmanager
@@ -84,6 +89,9 @@ def missing_files(directory: str | Path) -> list[str]:
 
 def describe_folder(directory: str | Path) -> str:
     """One line on a folder given as a model: which of save_pretrained's files it lacks."""
+    if is_run_directory(directory):
+        return (f"{directory} is a training run's directory, not a model: pass {Path(directory) / 'best.pt'} "
+                "(the validation-selected weights) or last.pt")
     missing = missing_files(directory)
     if len(missing) == 3:
         return (f"{directory} is a folder, not a model: it holds none of config.json, the weights and "

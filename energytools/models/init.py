@@ -68,8 +68,7 @@ def _file_state(path: Path | str) -> dict[str, torch.Tensor]:
         model, _ = hf_source.load_folder(path)
         return model.state_dict()
     if Path(path).is_dir():
-        raise UserError(f"{path} is a folder without a config.json; --init takes a checkpoint file or a "
-                        "save_pretrained folder")
+        raise UserError(f"init weights: {hf_source.describe_folder(path)}")
     state = load_checkpoint(path)["model"]
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
