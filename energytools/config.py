@@ -228,6 +228,10 @@ class SelectConfig:
     seed: int = option(0, "seed for every random choice", panel=SELECTION)
     overwrite: bool = option(False, "replace an existing output", content=False, panel=OUTPUT)
 
+    def check(self) -> None:
+        require(self, "ratio", 0 < self.ratio <= 1, "in (0, 1]")
+        require(self, "by", self.by in SELECT_BY, f"one of {', '.join(SELECT_BY)}")
+
 
 @dataclass
 class AugmentConfig:

@@ -44,6 +44,7 @@ def test_models_lists_the_zoo(runner):
     (["augment", "--scores", "{corrupt}", "--out", "{tmp}/a"], "Parquet"),
     (["augment", "--scores", "{truncated}", "--out", "{tmp}/a"], "Parquet"),
     (["select", "--scores", "{tmp}/missing.parquet"], "does not exist"),
+    (["select", "--scores", "{scores}", "--by", "bogus"], "--by must be one of energy"),
     (["distill", "--scores", "{scores}", "--student", "cnn_tiny", "--method", "fitnet", "--out", "{tmp}/d"], "unknown method"),
     (["distill", "--scores", "{scores}", "--student", "nope", "--out", "{tmp}/d", "--epochs", "1"], "unknown model"),
     (["distill", "--scores", "{scores}", "--student", "cnn_tiny", "--out", "{tmp}/d", "--temperature-source", "x"], "online"),
@@ -232,3 +233,10 @@ def test_a_full_disk_while_writing_a_part_names_the_file_and_the_run_resumes(run
     monkeypatch.setattr(table.pq, "write_table", real)
     resumed = invoke(runner, *args)
     assert resumed.exit_code == 0 and "resuming: 1 of 6 parts" in resumed.output, resumed.output
+
+
+def test_scoring_another_dataset_than_the_teachers_is_noted(runner, digits_run, fashion_root, tmp_path):
+    result = invoke(runner, "score", "--teacher", digits_run["teacher"], "--dataset", "fashion-mnist", "--data-root",
+                    fashion_root, "--limit", "50", "--out", tmp_path / "s.parquet", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "the teacher was trained on digits; scoring fashion-mnist" in " ".join(result.output.split())

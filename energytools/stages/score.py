@@ -113,6 +113,9 @@ def score(cfg: ScoreConfig) -> Path:
     teacher = open_teacher(cfg.teacher, dataset, cfg.teacher_arch, cfg.device, cfg.amp, cfg.preprocessing.given())
     reference = _load_reference(cfg, teacher)
     info = dataset.info
+    trained_on = (teacher.meta.get("data") or {}).get("dataset")
+    if trained_on and trained_on != info.name:  # allowed (a related dataset), but rarely meant
+        console.print(f"note: the teacher was trained on {trained_on}; scoring {info.name}", style="yellow")
     fed = describe_preprocessing(teacher.meta["preprocessing"], info)
     console.print(fed)
     if cfg.top_k is not None and not cfg.top_k < info.num_classes:

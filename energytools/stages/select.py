@@ -13,6 +13,7 @@ from ..table import load_table, write_parquet
 
 def select(cfg: SelectConfig) -> pl.DataFrame:
     """`energytools select`: the selection alone, optionally written as a Parquet file of ids."""
+    cfg.check()
     if cfg.out:
         check_output_free(cfg.out, cfg.overwrite)
     table, meta = load_table(cfg.scores, list(dict.fromkeys(["sample_id", "label", "energy", cfg.by])))
