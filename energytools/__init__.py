@@ -12,7 +12,7 @@ from .version import __version__
 _EXPORTS = {
     **{name: "api" for name in ("score", "augment", "select", "distill", "train", "report")},
     **{name: "functional" for name in ("energy_scores", "sample_scores", "energy_groups", "sample_temperatures",
-                                       "select_indices")},
+                                       "select_indices", "SIGN_CONVENTION")},
     **{name: "losses" for name in ("kd_loss", "dkd_loss", "mixed_cross_entropy", "standardize_logits",
                                    "dtkd_loss")},
     "write_score_table": "score_table",

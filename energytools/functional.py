@@ -26,25 +26,72 @@ __all__ = ["SIGN_CONVENTION", "energy_groups", "energy_scores", "sample_scores",
 def as_logits(logits, where: str = "logits", sample_ids: np.ndarray | None = None) -> torch.Tensor:
     """``logits`` (NumPy or torch, (N, C), floating point, finite) as a float32 CPU tensor; a
     bad array is one UserError naming ``where`` and the first bad row (its sample id when given)."""
-    tensor = torch.as_tensor(np.asarray(logits) if not isinstance(logits, torch.Tensor) else logits)
+    if isinstance(logits, torch.Tensor):
+        tensor = logits.detach()
+    else:
+        array = _numeric(logits, where)
+        tensor = torch.from_numpy(np.ascontiguousarray(array))  # a reversed view has negative strides
     if tensor.ndim != 2 or tensor.shape[1] < 2:
         raise UserError(f"{where} must have shape (N, C) with C >= 2 classes, got {tuple(tensor.shape)}")
     if not tensor.is_floating_point():
         raise UserError(f"{where} must be floating point, got {tensor.dtype}")
-    tensor = tensor.detach().float().cpu()
-    if not torch.isfinite(tensor).all():
-        row = int((~torch.isfinite(tensor).all(dim=1)).nonzero()[0, 0])
-        if sample_ids is not None and row < len(sample_ids):
-            raise UserError(f"{where} hold NaN or Inf, first at sample_id {sample_ids[row]}")
-        raise UserError(f"{where} holds NaN or Inf, first in row {row}")
+    _check_finite(tensor.cpu(), where, sample_ids, "NaN or Inf")
+    tensor = tensor.float().cpu()
+    _check_finite(tensor, where, sample_ids, "values beyond float32's range")
     return tensor
 
 
-def _vector(values, where: str, dtype=np.float64) -> np.ndarray:
-    array = np.asarray(values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values)
+def _check_finite(tensor: torch.Tensor, where: str, sample_ids, what: str) -> None:
+    finite = torch.isfinite(tensor)
+    if not finite.all():
+        row = int((~finite.reshape(len(tensor), -1).all(dim=1)).nonzero()[0, 0])
+        at = f"sample_id {sample_ids[row]}" if sample_ids is not None and row < len(sample_ids) else f"row {row}"
+        raise UserError(f"{where} hold {what}, first at {at}")
+
+
+def _numeric(values, where: str) -> np.ndarray:
+    """``values`` as a numeric NumPy array, or one UserError naming ``where``."""
+    try:
+        array = np.asarray(values)
+    except (ValueError, TypeError):  # ragged nested lists
+        raise UserError(f"{where} must be an array of numbers") from None
+    if array.dtype.kind not in "biuf":
+        raise UserError(f"{where} must be an array of numbers, got {array.dtype} ({type(values).__name__})")
+    return array
+
+
+def _vector(values, where: str) -> np.ndarray:
+    """A finite (N,) float64 array: energies, scores."""
+    array = _numeric(values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values, where)
     if array.ndim != 1:
         raise UserError(f"{where} must be one-dimensional, got shape {array.shape}")
-    return array.astype(dtype, copy=False)
+    array = array.astype(np.float64, copy=False)
+    if not np.isfinite(array).all():
+        raise UserError(f"{where} hold NaN or Inf, first at position {int(np.flatnonzero(~np.isfinite(array))[0])}")
+    return array
+
+
+def as_indices(values, where: str) -> np.ndarray:
+    """A (N,) int64 array of whole numbers (labels, sample ids): 2.0 passes, 1.7 and NaN do not."""
+    array = _numeric(values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values, where)
+    if array.ndim != 1:
+        raise UserError(f"{where} must be one-dimensional, got shape {array.shape}")
+    if array.dtype.kind == "f" and not (np.isfinite(array).all() and (array == np.round(array)).all()):
+        raise UserError(f"{where} must be whole numbers")
+    return array.astype(np.int64, copy=False)
+
+
+def check_energy_temperature(value) -> float:
+    """The energy temperature T_E as a float, if it is a positive finite number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not 0 < value < float("inf"):
+        raise UserError(f"energy_temperature must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def _fraction(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        raise UserError(f"{where} must be a number, got {value!r}")
+    return float(value)
 
 
 def energy_scores(logits, *, energy_temperature: float = 4.0) -> np.ndarray:
@@ -53,8 +100,6 @@ def energy_scores(logits, *, energy_temperature: float = 4.0) -> np.ndarray:
     Lower (more negative) energy means larger logits: a more confident model. ``T_E = 4`` is
     the reference code's; energy-OOD code uses 1. Computed in float32.
     """
-    if not energy_temperature > 0:
-        raise UserError(f"energy_temperature must be positive, got {energy_temperature}")
     return sample_scores(logits, energy_temperature=energy_temperature)["energy"]
 
 
@@ -65,10 +110,11 @@ def sample_scores(logits, labels=None, *, energy_temperature: float = 4.0) -> di
     softmax), ``entropy`` (nats) and ``pred``; with labels also ``true_prob`` (softmax of the
     label), ``el2n`` (``||softmax - onehot(label)||``, Paul et al. 2021) and ``correct``.
     """
+    energy_temperature = check_energy_temperature(energy_temperature)
     tensor = as_logits(logits)
     label_tensor = None
     if labels is not None:
-        label_array = _vector(labels, "labels", np.int64)
+        label_array = as_indices(labels, "labels")
         if len(label_array) != tensor.shape[0]:
             raise UserError(f"labels has {len(label_array)} entries for {tensor.shape[0]} rows of logits")
         if len(label_array) and not (0 <= label_array.min() and label_array.max() < tensor.shape[1]):
@@ -81,14 +127,21 @@ def sample_scores(logits, labels=None, *, energy_temperature: float = 4.0) -> di
 
 
 def _rule(temperatures, low_frac, high_frac, rule) -> TemperatureRule:
-    return TemperatureRule(tuple(temperatures), low_frac, high_frac, rule)
+    if not isinstance(temperatures, str):  # "6,4,2" is parsed by the rule, as on the command line
+        try:
+            temperatures = tuple(temperatures)
+        except TypeError:
+            raise UserError(f"temperatures must be three numbers (low, mid, high), got {temperatures!r}") from None
+    return TemperatureRule(temperatures, _fraction(low_frac, "low_frac"), _fraction(high_frac, "high_frac"), rule)
 
 
 def _fitted(energies, low_frac, high_frac, reference, sample_ids, temperatures=(6.0, 4.0, 2.0), rule="groups"):
     energies = _vector(energies, "energies")
-    ids = np.arange(len(energies)) if sample_ids is None else _vector(sample_ids, "sample_ids", np.int64)
+    ids = np.arange(len(energies)) if sample_ids is None else as_indices(sample_ids, "sample_ids")
     if len(ids) != len(energies):
         raise UserError(f"sample_ids has {len(ids)} entries for {len(energies)} energies")
+    if len(np.unique(ids)) != len(ids):
+        raise UserError("sample_ids must be unique (they break ties between equal energies)")
     fitted_rule = _rule(temperatures, low_frac, high_frac, rule)
     if reference is None:
         groups = fitted_rule.fit(energies, ids)
@@ -131,13 +184,16 @@ def select_indices(scores, *, ratio: float, mode: str = "high", labels=None, per
     fraction is taken within each class. Ties are broken by position.
     """
     values = _vector(scores, "scores")
+    ratio = _fraction(ratio, "ratio")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise UserError(f"seed must be a non-negative whole number, got {seed!r}")
     if mode not in SELECT_MODES:
         raise UserError(f"unknown selection mode {mode!r}; choose from {', '.join(SELECT_MODES)}")
     if per_class and labels is None:
         raise UserError("per_class selection needs labels")
     frame = {"sample_id": np.arange(len(values), dtype=np.int64), "energy": values}
     if labels is not None:
-        frame["label"] = _vector(labels, "labels", np.int64)
+        frame["label"] = as_indices(labels, "labels")
         if len(frame["label"]) != len(values):
             raise UserError(f"labels has {len(frame['label'])} entries for {len(values)} scores")
     else:

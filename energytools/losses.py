@@ -14,8 +14,14 @@ import torch
 import torch.nn.functional as F
 
 
+#: reduction -> how per-sample values become the returned loss (torch's names)
+REDUCTIONS = {"mean": torch.mean, "sum": torch.sum, "none": lambda values: values}
+
+
 def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
-    return values.mean() if reduction == "mean" else values.sum() if reduction == "sum" else values
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+    return REDUCTIONS[reduction](values)
 
 
 def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:

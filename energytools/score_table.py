@@ -16,11 +16,15 @@ import torch
 from .config import DataConfig, resolve
 from .energy import GROUPS, TemperatureRule, logit_statistics
 from .errors import UserError
-from .functional import as_logits
+from .functional import as_indices, as_logits, check_energy_temperature
+from .io import check_output_path
 from .teacher import EXTERNAL_TEACHER
 from .table import (OPTIONAL_SCORE_COLUMNS, SCORE_COLUMNS, VIEW_COLUMNS, DatasetRecord, TableMeta, TeacherRecord,
                     ViewsRecord, versions, write_parquet)
 from .view_logits import logits_array
+
+#: the largest logit a float16 logits column holds
+FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
 def rows_to_arrow(rows: dict[str, np.ndarray], paths: list | None = None) -> pa.Table:
@@ -112,10 +116,14 @@ def write_score_table(path: str | Path, logits, labels, *, sample_ids=None, clas
     dataset's. Without it the table serves select and report only. The teacher is recorded as
     ``external`` with ``source`` as its path, and the sha256 of the logits as its identity.
     """
-    ids = None if sample_ids is None else np.asarray(sample_ids, dtype=np.int64).reshape(-1)
-    logit_tensor = as_logits(logits, "logits", np.arange(len(logits)) if ids is None else ids)
+    check_output_path(path)
+    energy_temperature = check_energy_temperature(energy_temperature)
+    ids = None if sample_ids is None else as_indices(sample_ids, "sample_ids")
+    logit_tensor = as_logits(logits, "logits", ids)
     n, num_classes = logit_tensor.shape
-    label_array = np.asarray(labels, dtype=np.int64).reshape(-1)
+    if labels is None:
+        raise UserError("labels are required: the table's true_prob, el2n and correct columns need them")
+    label_array = as_indices(labels, "labels")
     ids = np.arange(n, dtype=np.int64) if ids is None else ids
     if len(label_array) != n or len(ids) != n:
         raise UserError(f"labels ({len(label_array)}) and sample_ids ({len(ids)}) must have one entry per logits row ({n})")
@@ -123,6 +131,13 @@ def write_score_table(path: str | Path, logits, labels, *, sample_ids=None, clas
         raise UserError("sample_ids must be unique")
     if n and not (0 <= label_array.min() and label_array.max() < num_classes):
         raise UserError(f"labels must be class indices in [0, {num_classes})")
+    if class_names is not None:
+        class_names = [str(name) for name in class_names] if not isinstance(class_names, str) else None
+        if class_names is None or len(class_names) != num_classes:
+            raise UserError(f"class_names must name the {num_classes} classes in order")
+    if save_logits and n and float(logit_tensor.abs().max()) > FLOAT16_MAX:
+        raise UserError(f"logits beyond float16's range (±{FLOAT16_MAX:g}) cannot be stored: scale them, or pass "
+                        "save_logits=False")
     data_config, record = _dataset_record(dataset, ids, label_array, num_classes, class_names)
     stats = logit_statistics(logit_tensor, torch.from_numpy(label_array), energy_temperature)
     rows = {"sample_id": ids, "label": label_array, **{k: v.numpy() for k, v in stats.items()}}

@@ -62,10 +62,62 @@ def test_select_indices_counts_modes_and_classes():
 def test_bad_arrays_are_one_clear_error():
     with pytest.raises(et.UserError, match=r"shape \(N, C\)"):
         et.energy_scores(np.zeros(5))
-    with pytest.raises(et.UserError, match="NaN or Inf, first in row 1"):
+    with pytest.raises(et.UserError, match="NaN or Inf, first at row 1"):
         et.energy_scores(np.array([[0.0, 1.0], [np.nan, 0.0]]))
     with pytest.raises(et.UserError, match="labels"):
         et.sample_scores(np.zeros((3, 2)), [0, 1])
+
+
+LOGITS, LABELS = _logits(8, 4)
+ENERGIES = np.linspace(-3.0, 3.0, 10)
+
+
+@pytest.mark.parametrize("call,needle", [
+    (lambda: et.energy_groups(np.r_[np.nan, ENERGIES[1:]]), "energies hold NaN or Inf, first at position 0"),
+    (lambda: et.sample_temperatures(ENERGIES, reference=[np.inf, 1.0, 2.0]), "reference hold NaN or Inf"),
+    (lambda: et.select_indices([np.nan, 1.0, 2.0, 3.0], ratio=0.25), "scores hold NaN or Inf"),
+    (lambda: et.energy_groups(np.ones(10), sample_ids=np.zeros(10, int)), "sample_ids must be unique"),
+    (lambda: et.sample_scores(LOGITS, LABELS, energy_temperature=-4), "energy_temperature must be a positive finite"),
+    (lambda: et.energy_scores(LOGITS, energy_temperature=math.inf), "energy_temperature must be a positive finite"),
+    (lambda: et.energy_scores(LOGITS, energy_temperature="4"), "energy_temperature must be a positive finite"),
+    (lambda: et.sample_scores(LOGITS, LABELS + 0.5), "labels must be whole numbers"),
+    (lambda: et.energy_scores(None), "logits must be an array of numbers"),
+    (lambda: et.energy_scores([[1.0, 2.0], [3.0]]), "logits must be an array of numbers"),
+    (lambda: et.energy_scores(np.array([[1e39, 0.0]])), "beyond float32's range"),
+    (lambda: et.select_indices(ENERGIES, ratio="0.5"), "ratio must be a number"),
+    (lambda: et.select_indices(ENERGIES, ratio=0.5, mode="random", seed=None), "seed must be a non-negative"),
+    (lambda: et.sample_temperatures(ENERGIES, temperatures=5), "temperatures must be three numbers"),
+    (lambda: et.energy_groups(ENERGIES, low_frac=None), "low_frac must be a number"),
+])
+def test_odd_inputs_are_one_user_error_naming_the_argument(call, needle):
+    with pytest.raises(et.UserError, match=needle):
+        call()
+
+
+def test_other_layouts_and_spellings_give_the_same_answers():
+    reversed_rows = LOGITS[::-1]  # a view with negative strides
+    assert np.array_equal(et.energy_scores(reversed_rows), et.energy_scores(np.ascontiguousarray(reversed_rows)))
+    float_labels = et.sample_scores(LOGITS, LABELS.astype(float))["true_prob"]
+    assert np.array_equal(float_labels, et.sample_scores(LOGITS, LABELS)["true_prob"])
+    assert np.array_equal(et.sample_temperatures(ENERGIES, temperatures="6,4,2"),
+                          et.sample_temperatures(ENERGIES, temperatures=(6, 4, 2)))
+    assert "logsumexp" in et.SIGN_CONVENTION
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        et.kd_loss(torch.zeros(2, 3), torch.zeros(2, 3), 4.0, reduction="meen")
+
+
+def test_write_score_table_checks_names_range_and_labels(tmp_path):
+    with pytest.raises(et.UserError, match="class_names must name the 4 classes"):
+        et.write_score_table(tmp_path / "a.parquet", LOGITS, LABELS, class_names=["a", "b"])
+    with pytest.raises(et.UserError, match="float16's range"):
+        et.write_score_table(tmp_path / "b.parquet", LOGITS * 1e5, LABELS)
+    with pytest.raises(et.UserError, match="labels are required"):
+        et.write_score_table(tmp_path / "c.parquet", LOGITS, None)
+    with pytest.raises(et.UserError, match="energy_temperature"):
+        et.write_score_table(tmp_path / "d.parquet", LOGITS, LABELS, energy_temperature=0)
+    assert not any(tmp_path.iterdir())  # nothing written for any of them
+    table = et.write_score_table(tmp_path / "e.parquet", LOGITS, LABELS, class_names=np.array(list("abcd")))
+    assert et.load_table(table)[1].dataset.classes == tuple("abcd")
 
 
 def test_a_table_from_outside_logits_is_what_the_stages_take(tmp_path, runner):
