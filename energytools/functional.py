@@ -60,12 +60,17 @@ def _numeric(values, where: str) -> np.ndarray:
     return array
 
 
-def _vector(values, where: str) -> np.ndarray:
-    """A finite (N,) float64 array: energies, scores."""
+def _one_dimensional(values, where: str) -> np.ndarray:
+    """``values`` (NumPy, torch or a list) as a numeric (N,) NumPy array."""
     array = _numeric(values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values, where)
     if array.ndim != 1:
         raise UserError(f"{where} must be one-dimensional, got shape {array.shape}")
-    array = array.astype(np.float64, copy=False)
+    return array
+
+
+def _vector(values, where: str) -> np.ndarray:
+    """A finite (N,) float64 array: energies, scores."""
+    array = _one_dimensional(values, where).astype(np.float64, copy=False)
     if not np.isfinite(array).all():
         raise UserError(f"{where} hold NaN or Inf, first at position {int(np.flatnonzero(~np.isfinite(array))[0])}")
     return array
@@ -73,9 +78,7 @@ def _vector(values, where: str) -> np.ndarray:
 
 def as_indices(values, where: str) -> np.ndarray:
     """A (N,) int64 array of whole numbers (labels, sample ids): 2.0 passes, 1.7 and NaN do not."""
-    array = _numeric(values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values, where)
-    if array.ndim != 1:
-        raise UserError(f"{where} must be one-dimensional, got shape {array.shape}")
+    array = _one_dimensional(values, where)
     if array.dtype.kind == "f" and not (np.isfinite(array).all() and (array == np.round(array)).all()):
         raise UserError(f"{where} must be whole numbers")
     return array.astype(np.int64, copy=False)
