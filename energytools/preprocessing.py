@@ -74,15 +74,15 @@ class TeacherPreprocessing:
 
     def check(self) -> None:
         if self.teacher_input_size is not None:
-            input_size_value(self.teacher_input_size, "teacher_input_size")
-        for name in ("teacher_mean", "teacher_std"):
-            values = getattr(self, name)
+            input_size_value(self.teacher_input_size, FLAGS["input_size"])
+        for name in ("mean", "std"):
+            values = getattr(self, f"teacher_{name}")
             if values is not None and not values:
-                raise UserError(f"{name} needs one value per channel (or one for all), got none")
+                raise UserError(f"{FLAGS[name]} needs one value per channel (or one for all), got none")
         if self.teacher_std is not None and not all(v > 0 for v in self.teacher_std):
-            raise UserError(f"teacher_std must be positive, got {list(self.teacher_std)}")
+            raise UserError(f"{FLAGS['std']} must be positive, got {list(self.teacher_std)}")
         if self.teacher_interpolation is not None and self.teacher_interpolation not in INTERPOLATION:
-            raise UserError(f"teacher_interpolation must be one of {', '.join(INTERPOLATION)}, "
+            raise UserError(f"{FLAGS['interpolation']} must be one of {', '.join(INTERPOLATION)}, "
                             f"got {self.teacher_interpolation!r}")
 
 
@@ -267,7 +267,7 @@ def student_preprocessing(arch: str, normalization: str | None, info) -> dict | 
     architectures have no such statistics (their checkpoints were trained on the dataset's):
     None for them too."""
     if normalization is not None and normalization not in STUDENT_NORMALIZATIONS:
-        raise UserError(f"student_normalization must be one of {', '.join(STUDENT_NORMALIZATIONS)}, "
+        raise UserError(f"--student-normalization must be one of {', '.join(STUDENT_NORMALIZATIONS)}, "
                         f"got {normalization!r}")
     if normalization in (None, "dataset"):
         return None

@@ -191,9 +191,9 @@ def test_options_are_spelled_one_way_from_cli_api_and_recipes(tmp_path):
     for bad in ("big", 0, -3, True):
         with pytest.raises(UserError, match="teacher_input_size must be a positive whole number or 'data'"):
             resolve(ScoreConfig, {"teacher": "t", "teacher_input_size": bad})
-    with pytest.raises(UserError, match="teacher_std must be positive"):
+    with pytest.raises(UserError, match="--teacher-std must be positive"):
         resolve(ScoreConfig, {"teacher": "t", "teacher_std": "0,1,1"}).check()
-    with pytest.raises(UserError, match="teacher_interpolation must be one of"):
+    with pytest.raises(UserError, match="--teacher-interpolation must be one of"):
         resolve(ScoreConfig, {"teacher": "t", "teacher_interpolation": "cubic"}).check()
     # a recipe's finished steps stay fresh when none of the new options is set
     from energytools.pipeline import _content
