@@ -125,11 +125,19 @@ def test_gray_images_without_classlabel_and_resizing(tmp_path):
     ("file", "cannot read Parquet file"),
     ("image", "cannot decode the image in row 1 of"),
     ("label", "label 7, but there are 3 classes"),
+    ("string labels", "label column 'label' is string, not integer"),  # in a file after the first
+    ("names", "differ from the first train file's"),
 ])
 def test_bad_parquet_is_refused_with_one_line(runner, tmp_path, parquet_root, damage, needle):
     bad = parquet_root / "data" / "test-00000-of-00001.parquet"
     if damage == "file":
         bad.write_bytes(bad.read_bytes()[:300])
+    elif damage == "names":  # the same label numbers meaning other classes
+        write_hf_split(bad, 15, seed=2, names=tuple(reversed(NAMES)))
+    elif damage == "string labels":
+        table = pq.read_table(bad)
+        pq.write_table(table.set_column(table.schema.get_field_index("label"), "label",
+                                        pa.array([str(v) for v in table.column("label").to_pylist()])), bad)
     else:
         table = pq.read_table(bad)
         rows = table.to_pylist()

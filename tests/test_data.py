@@ -43,6 +43,32 @@ def test_imagefolder(tmp_path):
         [broken[i] for i in range(len(broken))]
 
 
+def test_imagefolder_reads_as_torchvision_does_and_skips_what_is_not_an_image(tmp_path):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / split / cls / "0.png")
+    train = tmp_path / "train"
+    (train / "cat" / "._0.png").write_bytes(b"\0\5\26\7 macOS resource fork")  # AppleDouble beside the image
+    (train / "__MACOSX").mkdir()
+    (train / ".ipynb_checkpoints").mkdir()
+    (train / "dog" / "more").mkdir()  # a subfolder: torchvision's ImageFolder reads it too
+    Image.fromarray(np.full((16, 16), 30000, np.uint16)).save(train / "dog" / "more" / "wide.png")  # 16-bit gray
+    test = build_dataset("imagefolder", "train", tmp_path, image_size=16)
+    assert test.info.classes == ("cat", "dog")
+    assert sorted(test.images.paths) == ["train/cat/0.png", "train/dog/0.png", "train/dog/more/wide.png"]
+    wide = test.images.paths.index("train/dog/more/wide.png")
+    assert int(test.images.load(wide).max()) == 30000 >> 8  # scaled to 8 bits, not clipped to 255
+    (train / "bird").mkdir()  # an empty class would still take a label and shift the others
+    with pytest.raises(UserError, match="class folder .*bird holds no images"):
+        build_dataset("imagefolder", "train", tmp_path, image_size=16)
+    (train / "bird").rmdir()
+    (train / "cat" / "1.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(UserError, match="cannot read image .*1.png"):
+        build_dataset("imagefolder", "train", tmp_path, image_size=16).fingerprint()
+
+
 def test_digits_ids_are_canonical():
     train, test = build_dataset("digits", "train"), build_dataset("digits", "test")
     assert (test.sample_ids % 5 == 0).all() and not (train.sample_ids % 5 == 0).any()

@@ -102,14 +102,27 @@ def as_array(image: Image.Image) -> np.ndarray:
     return array[..., None] if array.ndim == 2 else array
 
 
+def convert_mode(image: Image.Image, channels: int) -> Image.Image:
+    """``image`` as 8-bit gray (``channels`` 1) or RGB. 16-bit gray (PIL's I;16 and I modes) is
+    scaled to 8 bits first: PIL's own conversion clips it to 255."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        wide = np.asarray(image, dtype=np.int64)
+        image = Image.fromarray(np.clip(wide >> 8 if wide.max() > 255 else wide, 0, 255).astype(np.uint8), "L")
+    return image.convert("L" if channels == 1 else "RGB")
+
+
 def to_array(image: Image.Image, channels: int, size: int | None = None) -> np.ndarray:
     """``image`` as an HxWxC uint8 array with ``channels`` 1 (gray) or 3 (RGB), made :func:`square`
     of side ``size`` when given (after the conversion: PIL resizes palette images without filtering)."""
-    image = image.convert("L" if channels == 1 else "RGB")
+    image = convert_mode(image, channels)
     if size is not None:
         image = square(image, size)
     array = np.array(image, dtype=np.uint8)
     return array[..., None] if array.ndim == 2 else array
+
+
+#: what PIL raises for a file that is not a readable image (a decompression bomb included)
+UNREADABLE_IMAGE = (OSError, ValueError, Image.DecompressionBombError)
 
 
 class FileImages:
@@ -128,10 +141,10 @@ class FileImages:
         path = self.root / self.paths[position]
         try:
             with Image.open(path) as image:
-                image = image.convert("L" if self.channels == 1 else "RGB")
+                image = convert_mode(image, self.channels)
                 image.load()
                 return image
-        except (OSError, ValueError) as exc:
+        except UNREADABLE_IMAGE as exc:
             raise UserError(f"cannot read image {path}: {exc}") from None
 
     def load(self, position: int) -> np.ndarray:
@@ -141,7 +154,7 @@ class FileImages:
         try:
             with Image.open(path) as image:
                 return to_array(image, self.channels, self.size)
-        except (OSError, ValueError) as exc:
+        except UNREADABLE_IMAGE as exc:
             raise UserError(f"cannot read image {path}: {exc}") from None
 
     def path(self, position: int) -> str | None:
@@ -150,7 +163,11 @@ class FileImages:
     def digest(self, positions: np.ndarray, hasher) -> None:
         for position in positions:
             path = self.root / self.paths[position]
-            hasher.update(f"{self.paths[position]}:{path.stat().st_size}\n".encode())
+            try:
+                size = path.stat().st_size
+            except OSError as exc:  # a broken symlink, a file removed since the folder was listed
+                raise UserError(f"cannot read image {path}: {exc.strerror}") from None
+            hasher.update(f"{self.paths[position]}:{size}\n".encode())
 
 
 class Collated(tuple):

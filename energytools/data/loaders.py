@@ -187,6 +187,24 @@ EVAL_CROP_FRACTION = 0.875
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
 
 
+def _visible(name: str) -> bool:
+    """Not a hidden file or folder, nor what macOS and notebooks leave beside images (.DS_Store,
+    ._x.jpg, __MACOSX, .ipynb_checkpoints)."""
+    return not name.startswith(".") and name != "__MACOSX"
+
+
+def _image_files(directory: Path) -> list[Path]:
+    """The image files below ``directory``, subfolders included, in torchvision's ImageFolder order
+    (folders by path, then file names); hidden ones left out."""
+    found = []
+    for folder, _, names in sorted(os.walk(directory, followlinks=True)):
+        if any(not _visible(part) for part in Path(folder).relative_to(directory).parts):
+            continue
+        found += [Path(folder) / name for name in sorted(names)
+                  if _visible(name) and Path(name).suffix.lower() in IMAGE_SUFFIXES]
+    return found
+
+
 @register_dataset("imagefolder")
 def load_imagefolder(root: Path | None, part: str, image_size: int | None = None, channels: int = 3, **_):
     """``root/train/<class>/*`` and ``root/val/<class>/*``, as ImageNet is laid out.
@@ -201,7 +219,7 @@ def load_imagefolder(root: Path | None, part: str, image_size: int | None = None
     folder = root / ("train" if part == "train" else "val")
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder (imagefolder expects {root}/train and {root}/val)")
-    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir() and _visible(d.name))
     if not classes:
         raise UserError(f"{root / 'train'} has no class folders")
     paths, labels = [], []
@@ -209,10 +227,12 @@ def load_imagefolder(root: Path | None, part: str, image_size: int | None = None
         class_dir = folder / name
         if not class_dir.is_dir():
             continue
-        for file in sorted(class_dir.iterdir()):
-            if file.suffix.lower() in IMAGE_SUFFIXES:
-                paths.append(str(file.relative_to(root)))
-                labels.append(label)
+        files = _image_files(class_dir)
+        if not files and part == "train":  # it would still take a label, shifting every class after it
+            raise UserError(f"class folder {class_dir} holds no images (torchvision's ImageFolder refuses an "
+                            "empty class too); remove it or add its images")
+        paths += [str(file.relative_to(root)) for file in files]
+        labels += [label] * len(files)
     if not paths:
         raise UserError(f"{folder} holds no images")
     mean, std = imagenet_stats(channels)

@@ -91,11 +91,24 @@ def find_columns(file: Path) -> Columns:
     if image is None or label is None or image not in schema.names or label not in schema.names:
         raise UserError(f"{file} needs an image column (structs with bytes) and a label column; it has "
                         f"{', '.join(schema.names)}")
+    _check_labels(file, label, schema)
+    return Columns(image, label, _label_names(schema, label))
+
+
+def _label_names(schema: pa.Schema, label: str) -> tuple[str, ...] | None:
+    """The ClassLabel names of column ``label`` in a `datasets` schema, if it records them."""
+    feature = _features(schema).get(label)
+    names = feature.get("names") if isinstance(feature, dict) else None
+    return tuple(str(n) for n in names) if names else None
+
+
+def _check_labels(file: Path, label: str, schema: pa.Schema, names: tuple[str, ...] | None = None) -> None:
+    """Integer labels, and (given the first train file's ``names``) the same class names, in every file."""
     if not pa.types.is_integer(schema.field(label).type):
         raise UserError(f"{file}: label column {label!r} is {schema.field(label).type}, not integer")
-    feature = features.get(label)
-    names = feature.get("names") if isinstance(feature, dict) else None
-    return Columns(image, label, tuple(str(n) for n in names) if names else None)
+    own = _label_names(schema, label)
+    if names and own and own != names:
+        raise UserError(f"{file}: its label names {list(own)} differ from the first train file's {list(names)}")
 
 
 def _rows(files: list[Path], columns: Columns) -> Iterator[tuple[Path, int, Image.Image, int]]:
@@ -104,6 +117,7 @@ def _rows(files: list[Path], columns: Columns) -> Iterator[tuple[Path, int, Imag
         missing = [c for c in (columns.image, columns.label) if c not in _schema(file).names]
         if missing:
             raise UserError(f"{file} lacks column(s) {', '.join(missing)} that {files[0].name} has")
+        _check_labels(file, columns.label, _schema(file), columns.names)
         try:
             table = pq.read_table(file, columns=[columns.image, columns.label])
         except (pa.ArrowException, OSError) as exc:
