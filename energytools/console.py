@@ -6,11 +6,15 @@ codes off, "[red]" or ":warning:" in a name prints as it is. Styles go through `
 """
 from __future__ import annotations
 
+import sys
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-console = Console(stderr=True, markup=False, emoji=False)
+# piped or logged (not a terminal), a line stays one line: rich would wrap it at 80 columns,
+# splitting the summaries that scripts and log searches read
+console = Console(stderr=True, markup=False, emoji=False, soft_wrap=not sys.stderr.isatty())
 
 
 def headline(head: str, rest: str) -> Text:

@@ -1,4 +1,5 @@
 """Bad input through the command line: one line on stderr, exit status 2, nothing left behind."""
+import os
 import shlex
 import subprocess
 import sys
@@ -240,3 +241,13 @@ def test_scoring_another_dataset_than_the_teachers_is_noted(runner, digits_run, 
                     fashion_root, "--limit", "50", "--out", tmp_path / "s.parquet", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert "the teacher was trained on digits; scoring fashion-mnist" in " ".join(result.output.split())
+
+
+def test_summary_lines_are_not_wrapped_when_piped(digits_run, tmp_path):
+    """A piped or logged run keeps each summary on one line (rich wrapped them at 80 columns)."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}  # the tests' conftest widens the console
+    result = subprocess.run([sys.executable, "-m", "energytools", "select", "--scores", str(digits_run["scores"]),
+                             "--ratio", "0.3"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    summary = [line for line in result.stderr.splitlines() if line.startswith("selected ")]
+    assert len(summary) == 1 and " 9: " in summary[0] and len(summary[0]) > 80, result.stderr  # all ten classes
