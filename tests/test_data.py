@@ -60,6 +60,12 @@ def test_imagefolder_reads_as_torchvision_does_and_skips_what_is_not_an_image(tm
     assert sorted(test.images.paths) == ["train/cat/0.png", "train/dog/0.png", "train/dog/more/wide.png"]
     wide = test.images.paths.index("train/dog/more/wide.png")
     assert int(test.images.load(wide).max()) == 30000 >> 8  # scaled to 8 bits, not clipped to 255
+    lone = tmp_path / "lone"
+    for split in ("train", "val"):
+        (lone / split / "cat").mkdir(parents=True)
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(lone / split / "cat" / "0.png")
+    with pytest.raises(UserError, match="has 1 class; a classifier needs at least two"):
+        build_dataset("imagefolder", "train", lone, image_size=16)
     (train / "bird").mkdir()  # an empty class would still take a label and shift the others
     with pytest.raises(UserError, match="class folder .*bird holds no images"):
         build_dataset("imagefolder", "train", tmp_path, image_size=16)

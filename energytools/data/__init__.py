@@ -43,6 +43,9 @@ def build_dataset(name: str, split: str = "train", data_root: str | Path | None 
     if crop_pad is not None and crop_pad < 0:
         raise UserError(f"--crop-pad must be >= 0, got {crop_pad}")
     info, images, labels, ids = DATASETS[name](root, "test" if split == "test" else "train", image_size=image_size)
+    if info.num_classes < 2:  # softmax over one class is 1 everywhere: no energy, no distillation
+        raise UserError(f"{name}{f' in {root}' if root else ''} has {info.num_classes} class; a classifier needs "
+                        "at least two")
     if crop_pad is not None:
         if info.train_resized_crop:
             raise UserError(f"--crop-pad does not apply to {name}: it trains with a RandomResizedCrop")
