@@ -84,16 +84,17 @@ def as_indices(values, where: str) -> np.ndarray:
     return array.astype(np.int64, copy=False)
 
 
+def _number(value, where: str) -> float:
+    """``value`` as a float, if it is a number (not a bool, a string or None)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        raise UserError(f"{where} must be a number, got {value!r}")
+    return float(value)
+
+
 def check_energy_temperature(value) -> float:
     """The energy temperature T_E as a float, if it is a positive finite number."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not 0 < value < float("inf"):
         raise UserError(f"energy_temperature must be a positive finite number, got {value!r}")
-    return float(value)
-
-
-def _fraction(value, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-        raise UserError(f"{where} must be a number, got {value!r}")
     return float(value)
 
 
@@ -135,7 +136,7 @@ def _rule(temperatures, low_frac, high_frac, rule) -> TemperatureRule:
             temperatures = tuple(temperatures)
         except TypeError:
             raise UserError(f"temperatures must be three numbers (low, mid, high), got {temperatures!r}") from None
-    return TemperatureRule(temperatures, _fraction(low_frac, "low_frac"), _fraction(high_frac, "high_frac"), rule)
+    return TemperatureRule(temperatures, _number(low_frac, "low_frac"), _number(high_frac, "high_frac"), rule)
 
 
 def _fitted(energies, low_frac, high_frac, reference, sample_ids, temperatures=(6.0, 4.0, 2.0), rule="groups"):
@@ -187,7 +188,7 @@ def select_indices(scores, *, ratio: float, mode: str = "high", labels=None, per
     fraction is taken within each class. Ties are broken by position.
     """
     values = _vector(scores, "scores")
-    ratio = _fraction(ratio, "ratio")
+    ratio = _number(ratio, "ratio")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise UserError(f"seed must be a non-negative whole number, got {seed!r}")
     if mode not in SELECT_MODES:

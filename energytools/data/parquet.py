@@ -114,10 +114,11 @@ def _check_labels(file: Path, label: str, schema: pa.Schema, names: tuple[str, .
 def _rows(files: list[Path], columns: Columns) -> Iterator[tuple[Path, int, Image.Image, int]]:
     """``(file, row, image opened lazily, label)`` for every row of ``files`` in order."""
     for file in files:
-        missing = [c for c in (columns.image, columns.label) if c not in _schema(file).names]
+        schema = _schema(file)
+        missing = [c for c in (columns.image, columns.label) if c not in schema.names]
         if missing:
             raise UserError(f"{file} lacks column(s) {', '.join(missing)} that {files[0].name} has")
-        _check_labels(file, columns.label, _schema(file), columns.names)
+        _check_labels(file, columns.label, schema, columns.names)
         try:
             table = pq.read_table(file, columns=[columns.image, columns.label])
         except (pa.ArrowException, OSError) as exc:
