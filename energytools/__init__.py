@@ -6,6 +6,7 @@ on arrays (``energy_scores``, ``sample_scores``, ``energy_groups``, ``sample_tem
 ``select_indices``, the losses, and ``write_score_table`` to turn logits computed anywhere into
 a score table the stages accept). Both load lazily, so ``import energytools`` stays cheap.
 """
+from . import cuda_env  # noqa: F401 - before any CUDA work: cuBLAS reads it once per process
 from .version import __version__
 
 #: public name -> the module that defines it

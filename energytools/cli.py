@@ -85,10 +85,14 @@ def main_options(
         "--collective-timeout", metavar="SECONDS", envvar="ENERGYTOOLS_COLLECTIVE_TIMEOUT",
         help="under torchrun: how long a rank waits in a collective for the others before it stops with one "
              "line (a rank died) [default: 600]")] = None,
+    dist_backend: Annotated[Optional[str], typer.Option(
+        "--dist-backend", metavar="BACKEND", envvar="ENERGYTOOLS_DIST_BACKEND",
+        help="under torchrun: the process group's backend: auto (nccl for --device cuda, gloo otherwise), gloo "
+             "(ranks may share a GPU) or nccl [default: auto]")] = None,
 ):
     """Energy scores, HE-DA curation and Energy KD for knowledge distillation."""
     from . import preemption
-    from .distributed import TIMEOUT_ENV, collective_timeout as read_timeout
+    from .distributed import BACKEND_ENV, BACKENDS, TIMEOUT_ENV, collective_timeout as read_timeout
 
     try:
         preemption.chosen[:] = preemption.parse_signals(stop_signal)
@@ -97,6 +101,10 @@ def main_options(
                 raise UserError(f"--collective-timeout must be positive, got {collective_timeout:g}")
             os.environ[TIMEOUT_ENV] = str(collective_timeout)  # read when the process group starts
         read_timeout()  # a bad ENERGYTOOLS_COLLECTIVE_TIMEOUT is one line here too
+        if dist_backend is not None:
+            if dist_backend not in BACKENDS:
+                raise UserError(f"--dist-backend must be one of {', '.join(BACKENDS)}, got {dist_backend!r}")
+            os.environ[BACKEND_ENV] = dist_backend  # read when the process group starts
     except UserError as exc:
         print(f"energytools: error: {exc}", file=sys.stderr)
         raise typer.Exit(2) from None

@@ -66,6 +66,7 @@ def test_the_device_is_chosen_after_the_distributed_context(torchrun_env, monkey
     torchrun_env("cpu:gloo")
     chosen = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     assert resolve_device("auto") == torch.device("cuda", 1)
     assert chosen == [1] and context().local_rank == 1  # the context this call made
@@ -73,6 +74,73 @@ def test_the_device_is_chosen_after_the_distributed_context(torchrun_env, monkey
     assert resolve_device("cpu") == torch.device("cpu") and chosen == [1]  # joined once
     with pytest.raises(UserError, match="under torchrun"):
         resolve_device("cuda:0")
+
+
+def _fake_cuda_host(monkeypatch, gpus: int) -> list:
+    """This process as rank 1 of 2 on a host with ``gpus`` GPUs (torch's cuda queries answer so);
+    returns the devices set_device was given."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    return chosen
+
+
+@pytest.mark.parametrize("device", ["cuda", "auto"])
+def test_more_ranks_than_gpus_under_nccl_is_refused_in_one_line(torchrun_env, monkeypatch, device):
+    chosen = _fake_cuda_host(monkeypatch, gpus=1)
+    with pytest.raises(UserError, match="2 ranks on this host but 1 GPU.*--nproc-per-node 1.*--dist-backend gloo"):
+        context(device)
+    assert chosen == [] and not dist.is_initialized()  # refused before the group or a GPU is touched
+
+
+def test_the_backend_follows_the_device_not_the_machine(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv(distributed.BACKEND_ENV, raising=False)
+    assert distributed.chosen_backend(distributed.requested_device_type("cpu")) == "gloo"
+    assert distributed.chosen_backend(distributed.requested_device_type("cuda:0")) == "nccl"
+    assert distributed.chosen_backend(distributed.requested_device_type("auto")) == "nccl"
+    monkeypatch.setenv(distributed.BACKEND_ENV, "gloo")
+    assert distributed.chosen_backend("cuda") == "gloo"
+    monkeypatch.setenv(distributed.BACKEND_ENV, "nccl")
+    with pytest.raises(UserError, match="--dist-backend nccl reduces cuda tensors only"):
+        distributed.chosen_backend("cpu")
+
+
+def test_ranks_may_share_a_gpu_over_gloo(torchrun_env, monkeypatch):
+    chosen = _fake_cuda_host(monkeypatch, gpus=1)
+    torchrun_env("gloo")
+    assert resolve_device("cuda") == torch.device("cuda", 0) and chosen == [0]  # LOCAL_RANK 1 % 1 GPU
+
+
+FAKE_CUDA_HOST = """
+import sys
+import torch
+# a machine with one GPU as torch sees it; the run itself asks for the cpu
+torch.cuda.is_available = lambda: True
+torch.cuda.device_count = lambda: 1
+def no_gpu(*args, **kwargs):
+    raise AssertionError("a --device cpu run touched a GPU")
+torch.cuda.set_device = no_gpu
+from energytools.cli import main
+sys.argv = ["energytools"] + sys.argv[1:]
+main()
+"""
+
+
+def test_a_cpu_run_under_torchrun_on_a_cuda_machine_uses_gloo_and_no_gpu(digits_run, tmp_path):
+    """On a machine with CUDA, `torchrun ... --device cpu` used to make an nccl group (and claim
+    cuda:LOCAL_RANK, invalid for more ranks than GPUs), then fail to put cpu parameters in DDP."""
+    from test_distributed import torchrun
+
+    script = tmp_path / "fake_cuda_host.py"
+    script.write_text(FAKE_CUDA_HOST)
+    out = tmp_path / "ddp"
+    result = torchrun("distill", "--scores", digits_run["scores"], "--student", "cnn_tiny", "--method", "kd",
+                      "--epochs", 1, "--out", out, "--device", "cpu", script=str(script))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "best.pt").exists()
 
 
 # --- the step path: no host read, no data-dependent shape -----------------------------------
@@ -191,15 +259,37 @@ def test_float32_exact_sets_cudnn_as_a_whole():
 
 # --- reproducibility -----------------------------------------------------------------------
 
-def test_deterministic_sets_and_restores_the_flags(monkeypatch):
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+def test_deterministic_sets_and_restores_the_flags():
     assert not torch.are_deterministic_algorithms_enabled()
     with engine.deterministic(True):
         assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark is False
-        import os
-
-        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_importing_energytools_sets_the_cublas_workspace_before_any_matmul(tmp_path):
+    """cuBLAS reads CUBLAS_WORKSPACE_CONFIG at a process's first GPU matmul: a recipe's earlier stage,
+    a notebook or a test suite may run one before --deterministic's training starts, so the variable
+    is set at import (a value in the environment wins)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, energytools; print(os.environ.get('CUBLAS_WORKSPACE_CONFIG'))"
+    env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert plain.stdout.strip() == ":4096:8"
+    mine = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**env, "CUBLAS_WORKSPACE_CONFIG": ":16:8"})
+    assert mine.stdout.strip() == ":16:8"
+
+
+def test_deterministic_on_cuda_with_a_nondeterministic_cublas_setting_is_refused(monkeypatch):
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":0:0")
+    with pytest.raises(UserError, match="--deterministic on cuda: CUBLAS_WORKSPACE_CONFIG=':0:0'"):
+        with engine.deterministic(True, torch.device("cuda", 0)):
+            pass
+    with engine.deterministic(True, torch.device("cpu")):  # the cpu does not use cuBLAS
+        assert torch.are_deterministic_algorithms_enabled()
 
 
 def test_a_deterministic_run_saves_the_grad_scaler_for_resume(tmp_path, runner):

@@ -236,7 +236,7 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
     step advances (online HE-DA's generators), saved with that position.
     """
     cfg.check()
-    ctx = context()
+    ctx = context(cfg.device)
     device = resolve_device(cfg.device)
     info = train_set.info
     if views is None and info.train_transform.kind == "resized-crop":
@@ -291,7 +291,7 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
 
     at_boundary = StepBoundary(getattr(cfg, "checkpoint_every_steps", 0), len(loader),
                                lambda p: save_last(p.epoch, p), loader.generator, stateful, out_dir)
-    with progress_bar() as progress, deterministic(cfg.deterministic):
+    with progress_bar() as progress, deterministic(cfg.deterministic, device):
         for epoch in range(start_epoch, cfg.epochs):
             started = time.perf_counter()
             lr = lr_at(epoch)

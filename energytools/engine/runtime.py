@@ -3,10 +3,10 @@ seeding. Every stage and helper gets its device from :func:`resolve_device`."""
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 
+from ..cuda_env import CUBLAS_ENV, DETERMINISTIC_CUBLAS, cublas_deterministic_problem
 from ..distributed import context
 from ..errors import UserError
 
@@ -24,8 +24,9 @@ def seed_everything(seed: int) -> None:
 
 def resolve_device(name: str = "auto") -> torch.device:
     """cuda if present, else mps, else cpu (or exactly what the user asked for). Joins the torchrun
-    job first (:func:`context`), so a bare cuda is this rank's GPU, ``cuda:LOCAL_RANK``."""
-    ctx = context()  # the process group and this rank's GPU come before any device is chosen
+    job first (:func:`context`, whose process group follows this device), so a bare cuda is this
+    rank's GPU."""
+    ctx = context(name)  # the process group and this rank's GPU come before any device is chosen
     if name == "auto":
         if torch.cuda.is_available():
             name = "cuda"
@@ -39,12 +40,20 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise UserError(f"unknown device {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but no CUDA device is available")
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", ctx.local_rank if ctx.distributed else torch.cuda.current_device())
-    if device.type == "cuda" and ctx.distributed and device.index != ctx.local_rank:
-        raise UserError(f"--device {name} under torchrun: each rank trains on its own GPU (this one: "
-                        f"cuda:{ctx.local_rank}, LOCAL_RANK); pass --device cuda")
-    return device
+    if not ctx.distributed:
+        if device.type == "cuda" and device.index is None:
+            return torch.device("cuda", torch.cuda.current_device())
+        return device
+    if device.type != "cuda":
+        if ctx.backend == "nccl":  # a job that joined for cuda (an earlier stage) cannot run DDP on the cpu
+            raise UserError(f"--device {name} under torchrun: this job's process group is nccl (made for cuda); "
+                            "pass --device cuda, or --dist-backend gloo")
+        return device
+    index = ctx.cuda_index()
+    if device.index is not None and device.index != index:
+        raise UserError(f"--device {name} under torchrun: each rank trains on its own GPU (this one: cuda:{index}, "
+                        "from LOCAL_RANK); pass --device cuda")
+    return torch.device("cuda", index)
 
 
 def autocast(device: torch.device, enabled: bool = True):
@@ -93,16 +102,20 @@ def float32_exact(device: torch.device, enabled: bool = True):
 
 
 @contextlib.contextmanager
-def deterministic(enabled: bool = True):
+def deterministic(enabled: bool = True, device: torch.device | None = None):
     """Deterministic algorithms inside the block (``--deterministic``): on CUDA a resumed run then
     ends with the same weights as an uninterrupted one, at some cost in speed (no atomics in
-    cuDNN weight gradients and in some backward kernels, no cuDNN autotuning). Sets
-    ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless the environment sets it; cuBLAS reads it when it
-    first runs, so set it in the environment when the process uses cuda before training."""
+    cuDNN weight gradients and in some backward kernels, no cuDNN autotuning). cuBLAS needs
+    ``CUBLAS_WORKSPACE_CONFIG`` from the process's first GPU matrix multiply on, which importing
+    energytools sets (:mod:`energytools.cuda_env`); a cuda run where that came too late is refused
+    in one line."""
     if not enabled:
         yield
         return
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    problem = cublas_deterministic_problem()
+    if problem is not None and device is not None and device.type == "cuda":
+        raise UserError(f"--deterministic on cuda: {problem}; start the process with "
+                        f"{CUBLAS_ENV}={DETERMINISTIC_CUBLAS[0]} in the environment")
     saved = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False

@@ -55,7 +55,7 @@ def augment(cfg: AugmentConfig) -> Path:
                 "scores": {"sha256": table_sha, "dataset": recorded["dataset"]},
                 **{key: recorded[key] for key in ("teacher", "groups", "temperatures", "temperature_rule")}}
     started = time.perf_counter()
-    ctx = context()
+    ctx = context("cpu")  # the augmented images are scored on the cpu (see Augmenter)
     ctx.check_same(resolved, "augment config")
     if n_shards < ctx.world:
         raise UserError(f"{len(jobs)} augmented samples make {n_shards} shard(s), fewer than the {ctx.world} ranks")

@@ -116,7 +116,7 @@ def distill(cfg: DistillConfig, on_step: Callable | None = None) -> FitResult:
     (an :class:`energytools.engine.StepEvent` callback) sees every step, with the step's
     :class:`SampleInfo` in ``event.batch.extras["sample_info"]``."""
     cfg.check()
-    context()  # under torchrun: join the process group (and pick this rank's GPU) before any device
+    context(cfg.train.device)  # under torchrun: join the process group for this device before anything else
     spec, out = method_spec(cfg.method), Path(cfg.out)
     table, meta = load_table(cfg.scores)  # the per-view columns are read apart (training_data.plan_views)
     meta.require_train(cfg.scores, "distill")

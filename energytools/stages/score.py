@@ -105,7 +105,7 @@ def _stop_if_requested(parts_dir: Path, mine: list[str]) -> None:
 def score(cfg: ScoreConfig) -> Path:
     """Score every sample of a split with the teacher; returns the table's path."""
     cfg.check()
-    ctx = context()  # under torchrun: join the process group (and pick this rank's GPU) first
+    ctx = context(cfg.device)  # under torchrun: join the process group for this device first
     out = Path(cfg.out)
     check_output_free(out, cfg.overwrite)
     data = resolve_data(cfg)
