@@ -57,6 +57,25 @@ def test_train_stopped_mid_epoch_resumes_to_the_same_weights(tmp_path, workers):
     assert [r["loss"] for r in result.metrics.to_dicts()] == [r["loss"] for r in first]  # the sums were kept
 
 
+def test_checkpoint_every_steps_counts_optimizer_steps_under_accumulation(tmp_path):
+    """--checkpoint-every-steps 2 with --accumulate 2 writes last.pt every 2 optimizer steps (4
+    batches), not at every batch that steps (which was every lcm(N, A) batches)."""
+    written = []
+
+    def watch(event):  # last.pt as the previous optimizer step left it
+        last = tmp_path / "t" / "last.pt"
+        if last.exists():
+            position = load_checkpoint(last).get("position")
+            if position is not None and (not written or written[-1] != position["step"]):
+                written.append(position["step"])
+
+    cfg = TrainStageConfig(model="cnn_tiny", out=str(tmp_path / "t"), data=DataConfig(dataset="digits", limit=400),
+                           train=TrainConfig(epochs=1, batch_size=16, seed=0, device="cpu", accumulate=2,
+                                             checkpoint_every_steps=2))
+    train(cfg, on_step=watch)
+    assert written[:4] == [4, 8, 12, 16]
+
+
 @pytest.mark.parametrize("options", [dict(method="kd"), dict(method="kd", he_da="online", cached_logits=True)],
                          ids=["kd", "online-he-da"])
 def test_distill_stopped_mid_epoch_resumes_to_the_same_weights(digits_run, tmp_path, options):

@@ -33,7 +33,7 @@ from ..optim import create_optimizer, create_schedule, set_lr
 from ..options import as_dict
 from ..table import write_parquet
 from ..preemption import RESUME_RUN, Stopped, stop_requested
-from .checkpoint import Position, StepBoundary, restore_rngs
+from .checkpoint import Position, StepBoundary, own_rngs, restore_rngs
 from .ema import ModelEma, create_ema
 from .evaluation import evaluate
 from .loaders import TrainLoader
@@ -275,6 +275,8 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
         start_epoch, best_val, best_epoch = state["epoch"], state["best_val_acc"], state["best_epoch"]
         rows = list(state["metrics"])
         position = Position.from_state(state["position"], device) if state.get("position") else None
+        if position is not None:
+            own_rngs(position.rngs)  # refused now, before anything runs, when another number of ranks wrote it
         console.print(f"resuming {out_dir} from epoch {start_epoch}"
                       + (f", step {position.step}" if position is not None else ""))
     loader = TrainLoader(train_set, cfg, device, ctx, views)
@@ -290,7 +292,8 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
                             **({**ema.checkpoint_state(), "best_weights": best_weights} if ema is not None else {}))
 
     at_boundary = StepBoundary(getattr(cfg, "checkpoint_every_steps", 0), len(loader),
-                               lambda p: save_last(p.epoch, p), loader.generator, stateful, out_dir)
+                               lambda p: save_last(p.epoch, p), loader.generator, stateful, out_dir,
+                               getattr(cfg, "accumulate", 1), device)
     with progress_bar() as progress, deterministic(cfg.deterministic, device):
         for epoch in range(start_epoch, cfg.epochs):
             started = time.perf_counter()
@@ -299,7 +302,8 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
             loader.start_epoch(epoch)
             resumed = position if position is not None and position.epoch == epoch else None
             if resumed is not None:
-                loader.resume_at(resumed.step, lambda p=resumed: restore_rngs(p.rngs, loader.generator, stateful))
+                loader.resume_at(resumed.step, lambda p=resumed: restore_rngs(p.rngs, loader.generator, stateful,
+                                                                                device))
             position = None
             sums, seen = train_one_epoch(epoch, model, forward, step, loader, optimizer, scaler, cfg, device, info,
                                          progress, on_step, extra_groups, lr_at, ema, resumed, at_boundary)
