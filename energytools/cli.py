@@ -70,6 +70,12 @@ def handle_errors(fn):
             print(f"energytools: interrupted; {advice}", file=sys.stderr)
             raise typer.Exit(130) from None
         except Exception as exc:  # noqa: BLE001
+            from .distributed import as_rank_lost
+
+            lost = as_rank_lost(exc)  # a peer gone inside a collective no energytools code wraps (DDP's backward)
+            if lost is not None:
+                print(f"energytools: error: {lost}", file=sys.stderr)
+                raise typer.Exit(2) from None
             _internal_error(exc)
     return wrapper
 

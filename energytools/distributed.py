@@ -274,7 +274,7 @@ class PeerWatch(threading.Thread):
     is stuck in an asynchronous collective and cannot raise; without the watch it would wait for
     nccl's own watchdog to abort it at the collective timeout, with a C++ trace."""
 
-    def __init__(self, ctx: "Context", every: float = 1.0):
+    def __init__(self, ctx: "Context", every: float = 0.5):
         super().__init__(name="energytools-peer-watch", daemon=True)
         self.ctx, self.every, self.stopping = ctx, every, threading.Event()
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Collection, Iterator
 
-from .distributed import Context, context
+from .distributed import Context, collective_timeout, context
 from .errors import UserError
 from .preemption import RESUME_RUN, Interrupted
 from .io import check_output_path, remove_partial_files, run_lock, write_json
@@ -35,7 +35,7 @@ class PartsWork:
 
 @contextlib.contextmanager
 def resumable_parts(output: Path, directory: Path, key: str, names: list[str],
-                    restart: bool = False) -> Iterator[PartsWork]:
+                    restart: bool = False, finish_seconds: float | None = None) -> Iterator[PartsWork]:
     """Lock ``output`` and yield what this rank still has to write of the part files ``names``.
 
     ``directory`` holds the parts; ``key`` names what their content depends on, so parts left
@@ -43,7 +43,8 @@ def resumable_parts(output: Path, directory: Path, key: str, names: list[str],
     half-written files. A non-empty directory without a key file is not energytools' and is
     refused unless ``restart`` (the caller has checked it is its own finished output). Rank r
     writes names r, r + world, ... Leaving the block removes the key file (the output is
-    complete) and waits for every rank, so no rank returns before rank 0 has finished.
+    complete); the other ranks wait for rank 0 to finish the output (merge the parts) up to
+    ``finish_seconds`` (default: the collective timeout), a budget the caller sizes to that work.
     """
     ctx = context()
     with run_lock(output) if ctx.is_main else contextlib.nullcontext():
@@ -64,7 +65,7 @@ def resumable_parts(output: Path, directory: Path, key: str, names: list[str],
         yield PartsWork(directory, mine, [n for n in mine if not (directory / n).exists()], ctx)
         if ctx.is_main and directory.exists():
             (directory / KEY_FILE).unlink(missing_ok=True)
-        ctx.barrier()
+        ctx.wait_for_main("writing the output", finish_seconds or collective_timeout())
 
 
 def check_resumed_config(out: Path, config: dict, may_change: Collection[str] = ()) -> None:

@@ -112,6 +112,9 @@ if os.environ["RANK"] == "1":  # rank 1 is SIGKILLed at its at-th call of module
         calls[0] += 1
         if calls[0] == int(at):
             time.sleep(float(os.environ.get("DIE_AFTER", "0")))
+            if os.environ.get("DIE_HOW") == "hang":  # alive but silent, until torchrun ends it
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                time.sleep(600)
             os.kill(os.getpid(), signal.SIGKILL)
         return original(*args, **kwargs)
     setattr(holder, path[-1], dying)
@@ -120,18 +123,35 @@ main()
 """
 
 
-def torchrun_dying(tmp_path, die_in, *args, die_after=0):
+def torchrun_dying(tmp_path, die_in, *args, die_after=0, how="kill", timeout=30):
     import time
 
     script = tmp_path / "die.py"
     script.write_text(DIE)
-    os.environ["DIE_IN"], os.environ["DIE_AFTER"] = die_in, str(die_after)
+    os.environ["DIE_IN"], os.environ["DIE_AFTER"], os.environ["DIE_HOW"] = die_in, str(die_after), how
     try:
         started = time.perf_counter()
-        result = torchrun("--collective-timeout", 30, *args, script=str(script))
+        result = torchrun("--collective-timeout", timeout, *args, script=str(script))
         return result, time.perf_counter() - started
     finally:
-        del os.environ["DIE_IN"], os.environ["DIE_AFTER"]
+        del os.environ["DIE_IN"], os.environ["DIE_AFTER"], os.environ["DIE_HOW"]
+
+
+@pytest.mark.parametrize("how", ["kill", "hang"])
+def test_a_rank_lost_inside_backward_ends_the_other_with_one_line(digits_run, tmp_path, how):
+    """Rank 1 is SIGKILLed (or stops answering) right before its 5th backward: rank 0 fails inside
+    DDP's gradient all-reduce, which no energytools collective wraps. It used to end with
+    "internal error RuntimeError: [gloo/...] Connection reset by peer", a traceback and a crash file."""
+    args = ("distill", "--scores", digits_run["scores"], "--student", "cnn_tiny", "--method", "kd", "--epochs", 1,
+            "--out", tmp_path / "ddp", "--device", "cpu")
+    result, seconds = torchrun_dying(tmp_path, "torch:Tensor.backward:5", *args, how=how, timeout=5)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("energytools:")]
+    assert len(lines) == 1 and "rank 0 of 2" in lines[0] and "internal error" not in lines[0], result.stderr[-3000:]
+    assert ("rank 1 died" if how == "kill" else "did not answer within 5s") in lines[0], lines[0]
+    # torchrun prints its own report of failed workers; no energytools frame may appear in it
+    assert "re-run the same command" in lines[0] and "energytools/engine" not in result.stderr
+    assert seconds < 90
 
 
 def test_a_killed_rank_ends_distill_on_the_other_with_one_line_and_a_rerun_resumes(digits_run, tmp_path):
@@ -376,3 +396,74 @@ def test_dtkd_temperature_range_covers_every_rank(digits_run, tmp_path):
             assert abs(row[f"method_{name}"] - expected[name]) < 1e-5, (epoch, name, row, per_rank)
     assert rank1_holds_an_extreme  # the test can fail: rank 0's range alone differs
 
+
+SLOW_MERGE = """import os, sys, time
+from energytools.cli import main
+import energytools.stages.score as stage
+
+if os.environ["RANK"] == "0":  # rank 0 merges the table slower than the collective timeout
+    original = stage.finish_table
+
+    def slow(*args, **kwargs):
+        time.sleep(6)
+        return original(*args, **kwargs)
+    stage.finish_table = slow
+sys.argv = ["energytools"] + sys.argv[1:]
+main()
+"""
+
+
+def test_the_other_ranks_wait_for_a_merge_longer_than_the_collective_timeout(digits_run, tmp_path):
+    """score's other ranks used to wait for rank 0's merge in a barrier bounded by the collective
+    timeout: at ImageNet size with --views the merge can outlast it, and they were killed."""
+    script = tmp_path / "slow_merge.py"
+    script.write_text(SLOW_MERGE)
+    out = tmp_path / "s.parquet"
+    result = torchrun("--collective-timeout", 2, "score", "--teacher", digits_run["teacher"], "--out", out,
+                      "--part-size", 256, script=str(script))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert out.exists() and not (tmp_path / "s.parquet.parts").exists()
+
+
+PEER_GONE = """import os, signal, time
+from energytools.distributed import context
+
+ctx = context("cpu")
+if ctx.rank == 1:
+    os.kill(os.getpid(), signal.SIGKILL)
+time.sleep(120)  # rank 0 is busy, in no collective: only the watch can tell it rank 1 is gone
+print("rank 0 was not told")
+"""
+
+
+def test_the_peer_watch_ends_a_rank_whose_peer_died_with_one_line(tmp_path):
+    """Under nccl a survivor sits in an asynchronous collective until nccl's watchdog aborts it
+    with a C++ trace; the peer watch (on by default under nccl, here forced on gloo) ends it with
+    the one line as soon as the dead peer is seen. The ranks are started as a scheduler's launcher
+    (srun) starts them, with no torchrun agent that would tear the job down itself."""
+    import socket
+    import time
+
+    script = tmp_path / "peer_gone.py"
+    script.write_text(PEER_GONE)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ranks = []
+    started = time.perf_counter()
+    for rank in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "ENERGYTOOLS_PEER_WATCH": "1", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "LOCAL_WORLD_SIZE": "2"}
+        ranks.append(subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, env=env))
+    try:
+        out, err = ranks[0].communicate(timeout=90)
+    finally:
+        for process in ranks:
+            process.kill()
+            process.wait()
+    lines = [line for line in err.splitlines() if line.startswith("energytools:")]
+    assert ranks[0].returncode == 2 and "rank 0 was not told" not in out
+    assert len(lines) == 1 and "rank 0 of 2: rank 1 died or was killed" in lines[0], err[-3000:]
+    assert time.perf_counter() - started < 60

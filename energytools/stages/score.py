@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from ..config import DataConfig, ScoreConfig, as_dict, content_of
 from ..console import console, headline, progress_bar
 from ..data.views import ScoredViews
-from ..distributed import context
+from ..distributed import collective_timeout, context
 from ..engine import float32_exact, make_loader
 from ..errors import UserError
 from ..io import check_output_free, sha256_json, write_json
@@ -47,6 +47,9 @@ def resolve_data(cfg: ScoreConfig) -> DataConfig:
 
 #: the largest part a default run makes (rows)
 MAX_PART_SIZE = 8192
+#: seconds rank 0 may take to merge each row (and each stored view) before the other ranks give up on it;
+#: a generous upper bound, ended early when rank 0 is gone from this host
+MERGE_SECONDS_PER_ROW = 0.002
 
 
 def choose_part_size(samples: int, world: int, batch_size: int, given: int | None) -> int:
@@ -134,7 +137,10 @@ def score(cfg: ScoreConfig) -> Path:
         return range(k * part_size, min((k + 1) * part_size, len(dataset)))
 
     parts_dir = out.parent / f"{out.name}.parts"
-    with resumable_parts(out, parts_dir, _parts_key(cfg, dataset, teacher.sha256, part_size), names) as work:
+    # the other ranks wait while rank 0 merges the parts: a wait sized to the table, not the collective timeout
+    merge_seconds = collective_timeout() + 60 + MERGE_SECONDS_PER_ROW * len(dataset) * (1 + (cfg.views or 0))
+    with resumable_parts(out, parts_dir, _parts_key(cfg, dataset, teacher.sha256, part_size), names,
+                         finish_seconds=merge_seconds) as work:
         if len(work.todo) < len(work.mine):
             console.print(f"resuming: {len(work.mine) - len(work.todo)} of {len(work.mine)} parts already scored")
         with progress_bar() as progress:
