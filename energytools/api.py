@@ -17,7 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from .config import AugmentConfig, DistillConfig, ScoreConfig, SelectConfig, TrainStageConfig, resolve
+from .config import (AugmentConfig, DistillConfig, LabelIssuesConfig, ScoreConfig, SelectConfig, TrainStageConfig,
+                     resolve)
 from .engine import FitResult
 
 
@@ -50,6 +51,14 @@ def select(scores: str | Path = "scores.parquet", **kwargs):
     from .stages.select import select as run
 
     return run(resolve(SelectConfig, {"scores": scores, **kwargs}, "select"))
+
+
+def label_issues(scores: str | Path = "scores.parquet", out: str | Path = "label-issues.parquet", **kwargs) -> Path:
+    """Write the label-issues file (cleanlab's label quality and flags from the table's logits);
+    returns its path. Keywords: :class:`LabelIssuesConfig`'s fields (``method``, ``filter_by``)."""
+    from .stages.label_issues import label_issues as run
+
+    return run(resolve(LabelIssuesConfig, {"scores": scores, "out": out, **kwargs}, "label-issues"))
 
 
 def distill(scores: str | Path, student: str, out: str | Path, *, on_step: Callable | None = None,

@@ -229,8 +229,8 @@ def datasets_command():
 
 
 def _register_stages() -> None:
-    from .config import AugmentConfig, DistillConfig, ScoreConfig, SelectConfig, TrainStageConfig
-    from .stages import augment, distill, score, select, train
+    from .config import AugmentConfig, DistillConfig, LabelIssuesConfig, ScoreConfig, SelectConfig, TrainStageConfig
+    from .stages import augment, distill, label_issues, score, select, train
 
     def call_stage(module, name: str) -> Callable:
         """The stage function, looked up when the command runs (so a replaced one is the one run)."""
@@ -253,6 +253,10 @@ def _register_stages() -> None:
     stage_command("augment", AugmentConfig, call_stage(augment, "augment"),
                   "Materialize HE-DA shards: augment the highest-energy samples and score them with the teacher."
                   "\n\nExample: `energytools augment --scores runs/scores.parquet --ratio 0.3 --out runs/he-da`")
+    stage_command("label-issues", LabelIssuesConfig, call_stage(label_issues, "label_issues"),
+                  "Find likely label errors with cleanlab from the table's stored logits: label quality, suggested "
+                  "label and confident learning's flag per sample (needs `pip install 'energytools[cleanlab]'`)."
+                  "\n\nExample: `energytools label-issues --scores runs/scores.parquet --out runs/label-issues.parquet`")
 
 
 _register_stages()

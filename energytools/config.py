@@ -15,6 +15,7 @@ from .data import DATASETS, build_dataset
 from .distillers import METHODS, method_spec
 from .energy import TEMPERATURE_RULES, TemperatureRule
 from .errors import UserError
+from .functional import LABEL_ISSUE_FILTERS, LABEL_QUALITY_METHODS
 from .models import MODELS
 from .optim import OPTIMIZERS, SCHEDULES
 from .options import (as_dict, canonical_name, content_of, convert, flat_fields, flat_names, option, overrides,
@@ -24,9 +25,9 @@ from .preprocessing import STUDENT_NORMALIZATIONS, TeacherPreprocessing
 from .selection import SELECT_BY, SELECT_MODES
 from .temperatures import TEMPERATURE_SOURCES
 
-__all__ = ["AugmentConfig", "DataConfig", "DistillConfig", "HE_DA_MODES", "STUDENT_NORMALIZATIONS", "ScoreConfig",
-           "SelectConfig", "TEMPERATURE_SOURCES", "TeacherPreprocessing", "TrainConfig", "TrainStageConfig", "as_dict",
-           "canonical_name", "content_of", "convert",
+__all__ = ["AugmentConfig", "DataConfig", "DistillConfig", "HE_DA_MODES", "LabelIssuesConfig", "STUDENT_NORMALIZATIONS",
+           "ScoreConfig", "SelectConfig", "TEMPERATURE_SOURCES", "TeacherPreprocessing", "TrainConfig", "TrainStageConfig",
+           "as_dict", "canonical_name", "content_of", "convert",
            "flat_fields", "flat_names", "option", "overrides", "registry", "resolve", "resume_may_change_keys"]
 
 MODEL_NAMES = registry(MODELS)
@@ -46,6 +47,7 @@ TEACHER_INPUT = "Teacher input"
 VIEWS = "Views"
 SELECTION = "Selection"
 AUGMENTATION = "Selection and augmentation"
+LABEL_ISSUES = "Label issues (cleanlab)"
 HE_DA = "HE-DA"
 
 
@@ -231,6 +233,25 @@ class SelectConfig:
     def check(self) -> None:
         require(self, "ratio", 0 < self.ratio <= 1, "in (0, 1]")
         require(self, "by", self.by in SELECT_BY, f"one of {', '.join(SELECT_BY)}")
+
+
+@dataclass
+class LabelIssuesConfig:
+    scores: str = option("scores.parquet", "a score table with logits (score --save-logits); out-of-fold scores "
+                         "(a teacher that did not train on the sample) find what in-sample ones hide", panel=INPUTS)
+    out: str = option("label-issues.parquet", "the file to write (for distill --exclude, select --label-issues, "
+                      "report --label-issues)", content=False, panel=OUTPUT)
+    method: str = option("self_confidence", "label_quality: cleanlab.rank.get_label_quality_scores' method, "
+                         "self_confidence, normalized_margin or confidence_weighted_entropy",
+                         choices=registry(LABEL_QUALITY_METHODS), panel=LABEL_ISSUES)
+    filter_by: str = option("prune_by_noise_rate", "is_label_issue: cleanlab.filter.find_label_issues' rule, "
+                            f"{', '.join(LABEL_ISSUE_FILTERS)}", choices=registry(LABEL_ISSUE_FILTERS),
+                            panel=LABEL_ISSUES)
+    overwrite: bool = option(False, "replace an existing output", content=False, panel=OUTPUT)
+
+    def check(self) -> None:
+        require(self, "method", self.method in LABEL_QUALITY_METHODS, f"one of {', '.join(LABEL_QUALITY_METHODS)}")
+        require(self, "filter_by", self.filter_by in LABEL_ISSUE_FILTERS, f"one of {', '.join(LABEL_ISSUE_FILTERS)}")
 
 
 @dataclass
