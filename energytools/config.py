@@ -365,10 +365,10 @@ class DistillConfig:
                                  "the teacher is never run", panel=INPUTS)
     eval_limit: int | None = option(None, "class-stratified subset of the val and test splits "
                                     "(default: the table's)", panel=DATA)
-    exclude: str | None = option(None, "train without the sample ids in this Parquet file (`energytools select --out`)",
-                                 panel=INPUTS, resume_may_change=True)
-    keep: str | None = option(None, "train only on the sample ids in this Parquet file", panel=INPUTS,
-                              resume_may_change=True)
+    exclude: str | None = option(None, "train without the sample ids in this Parquet file (`energytools select --out`; "
+                                 "of a label-issues file, the flagged ones)", panel=INPUTS, resume_may_change=True)
+    keep: str | None = option(None, "train only on the sample ids in this Parquet file (of a label-issues file, the "
+                              "flagged ones)", panel=INPUTS, resume_may_change=True)
     train: TrainConfig = option(help="optimisation", factory=TrainConfig, panel=OPTIMISATION)
     resume: bool = option(False, "continue from OUT/last.pt", content=False, panel=OUTPUT)
     overwrite: bool = option(False, "replace an existing run", content=False, panel=OUTPUT)

@@ -1,4 +1,5 @@
-"""Label issues through cleanlab: `energytools label-issues` and the functional core."""
+"""Label issues through cleanlab: `energytools label-issues`, its file in `distill --exclude/--keep`;
+the functional core."""
 import json
 import os
 import subprocess
@@ -10,7 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import invoke
+from conftest import StepRecorder, invoke
+from energytools.config import DistillConfig, TrainConfig
 from energytools.io import sha256_file
 from energytools.table import METADATA_KEY
 
@@ -173,3 +175,31 @@ def test_without_cleanlab_one_line_names_the_extra(noisy, tmp_path):
     assert result.stderr.strip().splitlines() == ["energytools: error: this needs cleanlab: pip install "
                                                   "'energytools[cleanlab]'"]
     assert not out.exists()
+
+
+def test_distill_excludes_or_keeps_exactly_the_flagged_ids(runner, digits_run, issues, tmp_path):
+    import energytools.stages.distill as stage
+
+    flagged = flagged_ids(issues["frame"])
+    everything = set(issues["frame"]["sample_id"].to_list())
+    assert 0 < len(flagged) < len(everything)
+    for keyword, expected in (("exclude", everything - flagged), ("keep", flagged)):
+        recorder = StepRecorder()
+        stage.distill(DistillConfig(scores=str(digits_run["scores"]), student="cnn_tiny", method="ce",
+                                    out=str(tmp_path / keyword), train=TrainConfig(epochs=1),
+                                    **{keyword: str(issues["path"])}), on_step=recorder)
+        trained = np.concatenate([b.sample_ids.numpy() for b in recorder.batches]).tolist()
+        assert set(trained) == expected and len(trained) == len(expected)
+    # a file that flags nothing, or names another split's samples, is one line
+    none = tmp_path / "none.parquet"
+    pq.write_table(pq.read_table(issues["path"]).set_column(4, "is_label_issue", pa.array([False] * len(everything))),
+                   none)
+    test_split = tmp_path / "test-split.parquet"
+    table = pq.read_table(issues["path"])
+    meta = json.loads(table.schema.metadata[METADATA_KEY])
+    pq.write_table(with_metadata(table, dataset={**meta["dataset"], "split": "test"}), test_split)
+    for path, needle in ((none, "flags no label issues"), (test_split, "digits's test split")):
+        result = invoke(runner, "distill", "--scores", digits_run["scores"], "--student", "cnn_tiny", "--exclude", path,
+                        "--out", tmp_path / "x")
+        assert result.exit_code == 2 and needle in result.stderr, result.stderr
+        assert not (tmp_path / "x").exists()
