@@ -22,7 +22,7 @@ from .options import (as_dict, canonical_name, content_of, convert, flat_fields,
                       registry, require, resolve, resume_may_change_keys)
 from .policies import POLICIES, make_policy
 from .preprocessing import STUDENT_NORMALIZATIONS, TeacherPreprocessing
-from .selection import SELECT_BY, SELECT_MODES
+from .selection import LABEL_ISSUE_SCORES, SELECT_BY, SELECT_MODES
 from .temperatures import TEMPERATURE_SOURCES
 
 __all__ = ["AugmentConfig", "DataConfig", "DistillConfig", "HE_DA_MODES", "LabelIssuesConfig", "STUDENT_NORMALIZATIONS",
@@ -224,15 +224,21 @@ class SelectConfig:
     ratio: float = option(0.3, "fraction of samples to select, in (0, 1]", panel=SELECTION)
     mode: str = option("high", "high (the hardest: HE-DA), low (the easiest: pruning) or random (a control)",
                        choices=SELECT_MODE_NAMES, panel=SELECTION)
-    by: str = option("energy", "the score to rank by: energy, margin, confidence, true_prob, entropy or el2n "
-                     "(||softmax - onehot||, Paul et al. 2021)", choices=registry(SELECT_BY), panel=SELECTION)
+    by: str = option("energy", "the score to rank by: energy, margin, confidence, true_prob, entropy, el2n "
+                     "(||softmax - onehot||, Paul et al. 2021) or label_quality (cleanlab's, from --label-issues; "
+                     "lowest = most likely mislabeled)", choices=registry(SELECT_BY), panel=SELECTION)
     per_class: bool = option(False, "take the fraction within each class", panel=SELECTION)
     seed: int = option(0, "seed for every random choice", panel=SELECTION)
+    label_issues: str | None = option(None, "a label-issues file (`energytools label-issues`) of the same samples: "
+                                      "its label_quality joins the table, for --by label_quality --mode low",
+                                      panel=INPUTS)
     overwrite: bool = option(False, "replace an existing output", content=False, panel=OUTPUT)
 
     def check(self) -> None:
         require(self, "ratio", 0 < self.ratio <= 1, "in (0, 1]")
         require(self, "by", self.by in SELECT_BY, f"one of {', '.join(SELECT_BY)}")
+        if self.by in LABEL_ISSUE_SCORES and not self.label_issues:
+            raise UserError(f"--by {self.by} needs --label-issues FILE (written by `energytools label-issues`)")
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""Label issues through cleanlab: `energytools label-issues`, its file in `distill --exclude/--keep`;
-the functional core."""
+"""Label issues through cleanlab: `energytools label-issues`, its file in `distill --exclude/--keep`,
+`select --by label_quality`; the functional core."""
 import json
 import os
 import subprocess
@@ -203,3 +203,22 @@ def test_distill_excludes_or_keeps_exactly_the_flagged_ids(runner, digits_run, i
                         "--out", tmp_path / "x")
         assert result.exit_code == 2 and needle in result.stderr, result.stderr
         assert not (tmp_path / "x").exists()
+
+
+def test_select_by_label_quality(runner, digits_run, noisy, issues, tmp_path):
+    out = tmp_path / "relabel.parquet"
+    result = invoke(runner, "select", "--scores", noisy["scores"], "--by", "label_quality", "--mode", "low",
+                    "--ratio", "0.03", "--label-issues", issues["path"], "--out", out)
+    assert result.exit_code == 0, result.output
+    chosen = pl.read_parquet(out)
+    lowest = issues["frame"].sort(["label_quality", "sample_id"]).head(chosen.height)
+    assert chosen.height == int(0.03 * issues["frame"].height)
+    assert set(chosen["sample_id"]) == set(lowest["sample_id"])
+    assert json.loads(pq.read_schema(out).metadata[METADATA_KEY])["label_issues"]["sha256"] == \
+        sha256_file(issues["path"])
+    result = invoke(runner, "select", "--scores", noisy["scores"], "--by", "label_quality", "--out", tmp_path / "x.pq")
+    assert result.exit_code == 2 and "--label-issues" in result.stderr and not (tmp_path / "x.pq").exists()
+    # a file that gives the same ids other labels is of other samples
+    result = invoke(runner, "select", "--scores", digits_run["scores"], "--by", "label_quality", "--label-issues",
+                    issues["path"])
+    assert result.exit_code == 2 and "another label" in result.stderr
