@@ -74,10 +74,12 @@ def distill(scores: str | Path, student: str, out: str | Path, *, on_step: Calla
 
 
 def report(*paths: str | Path, out: str | Path = "report.html", thumbnails: bool = True,
-           baseline: str | None = None, overwrite: bool | None = None) -> Path:
+           baseline: str | None = None, overwrite: bool | None = None, label_issues=()) -> Path:
     """Write the HTML report for run directories or files; ``baseline`` names the configuration,
-    run or method the runs are compared with (default: kd). An existing ``out`` is replaced when
-    energytools wrote it, or with ``overwrite=True``."""
+    run or method the runs are compared with (default: kd); ``label_issues`` are label-issues
+    files, a section each. An existing ``out`` is replaced when energytools wrote it, or with
+    ``overwrite=True``."""
     from .stages.report import report as run
 
-    return run(list(paths), out, overwrite=overwrite, thumbnails=thumbnails, baseline=baseline)
+    return run(list(paths), out, overwrite=overwrite, thumbnails=thumbnails, baseline=baseline,
+               label_issues=list(label_issues))

@@ -272,16 +272,21 @@ def report_command(
         "only a report energytools wrote)")] = None,
     baseline: Annotated[Optional[str], typer.Option(help="configuration, run or method the runs are compared "
                                                          "with (default: kd)")] = None,
+    label_issues: Annotated[Optional[list[Path]], typer.Option(
+        "--label-issues", metavar="FILE", help="a label-issues file (`energytools label-issues`): a section with "
+        "the flagged samples per class, the most suspicious images and the given -> suggested class pairs "
+        "(repeatable)")] = None,
 ):
     """Write one self-contained HTML report: runs compared (mean ± std over seeds, paired Δ), energy/confidence
-    histograms, score tables compared, curation, training curves.
+    histograms, score tables compared, curation, label issues, training curves.
 
     Example: `energytools report runs/quickstart --out runs/quickstart/report.html`;
     `energytools report teacher-a.parquet teacher-b.parquet` compares two score tables.
     """
     from .stages.report import report
 
-    report(paths, out, overwrite=overwrite, thumbnails=not no_images, baseline=baseline)
+    report(paths, out, overwrite=overwrite, thumbnails=not no_images, baseline=baseline,
+           label_issues=label_issues or [])
 
 
 @command("run")

@@ -1,5 +1,5 @@
 """Label issues through cleanlab: `energytools label-issues`, its file in `distill --exclude/--keep`,
-`select --by label_quality`; the functional core."""
+`select --by label_quality` and the report's section; the functional core."""
 import json
 import os
 import subprocess
@@ -222,3 +222,32 @@ def test_select_by_label_quality(runner, digits_run, noisy, issues, tmp_path):
     result = invoke(runner, "select", "--scores", digits_run["scores"], "--by", "label_quality", "--label-issues",
                     issues["path"])
     assert result.exit_code == 2 and "another label" in result.stderr
+
+
+def test_report_has_a_label_issues_section(runner, noisy, issues, tmp_path):
+    out = tmp_path / "report.html"
+    result = invoke(runner, "report", noisy["scores"], "--label-issues", issues["path"], "--out", out)
+    assert result.exit_code == 0, result.output
+    page = out.read_text()
+    section = page[page.index("<h2>Label issues: label-issues.parquet</h2>"):]
+    section = section[:section.index("</section>")]
+    frame = issues["frame"]
+    flagged = frame.filter(pl.col("is_label_issue"))
+    assert f"{flagged.height} of {frame.height} samples" in section and "In-sample scores" in section
+    per_class = section[section.index("data-name='issues_per_class'"):section.index("data-name='issues_images'")]
+    counts = flagged.group_by("label").len()
+    for label, count in counts.iter_rows():
+        assert f"<td>{label} {label}</td><td class='num' data-sort='{(frame['label'] == label).sum()}'>" \
+               f"{(frame['label'] == label).sum()}</td><td class='num' data-sort='{count}'>" in per_class
+    images = section[section.index("data-name='issues_images'"):section.index("data-name='issues_matrix'")]
+    assert images.count("<img ") == 24
+    worst = flagged.sort(["label_quality", "sample_id"]).row(0, named=True)
+    assert f"{worst['label']} {worst['label']} → {worst['suggested_label']} {worst['suggested_label']} ⚑" in images
+    pairs = section[section.index("data-name='issues_pairs'"):]
+    top = flagged.group_by("label", "suggested_label").len().sort(["len", "label", "suggested_label"],
+                                                                  descending=[True, False, False]).row(0)
+    assert f"<td>{top[0]} {top[0]}</td><td>{top[1]} {top[1]}</td><td class='num' data-sort='{top[2]}'>" in pairs
+    # a file given as a path is found as well; one that is not a label-issues file is one line
+    assert invoke(runner, "report", issues["path"], "--out", tmp_path / "alone.html", "--no-images").exit_code == 0
+    result = invoke(runner, "report", noisy["scores"], "--label-issues", noisy["scores"], "--out", tmp_path / "x.html")
+    assert result.exit_code == 2 and "not an energytools label-issues file" in result.stderr
