@@ -1,19 +1,21 @@
 """energytools: energy scores, HE-DA curation and Energy KD for knowledge distillation.
 
 Two ways in: the stages (``score``, ``augment``, ``select``, ``distill``, ``train``,
-``report``: files in, files out, the same keywords as the CLI's flags) and the functional API
-on arrays (``energy_scores``, ``sample_scores``, ``energy_groups``, ``sample_temperatures``,
-``select_indices``, the losses, and ``write_score_table`` to turn logits computed anywhere into
-a score table the stages accept). Both load lazily, so ``import energytools`` stays cheap.
+``report``, ``label_issues``: files in, files out, the same keywords as the CLI's flags) and
+the functional API on arrays (``energy_scores``, ``sample_scores``, ``energy_groups``,
+``sample_temperatures``, ``select_indices``, ``find_label_issues``, ``label_issue_scores``, the
+losses, and ``write_score_table`` to turn logits computed anywhere into a score table the
+stages accept). Both load lazily, so ``import energytools`` stays cheap.
 """
 from . import cuda_env  # noqa: F401 - before any CUDA work: cuBLAS reads it once per process
 from .version import __version__
 
 #: public name -> the module that defines it
 _EXPORTS = {
-    **{name: "api" for name in ("score", "augment", "select", "distill", "train", "report")},
+    **{name: "api" for name in ("score", "augment", "select", "distill", "train", "report", "label_issues")},
     **{name: "functional" for name in ("energy_scores", "sample_scores", "energy_groups", "sample_temperatures",
-                                       "select_indices", "SIGN_CONVENTION")},
+                                       "select_indices", "find_label_issues", "label_issue_scores",
+                                       "SIGN_CONVENTION")},
     **{name: "losses" for name in ("kd_loss", "dkd_loss", "mixed_cross_entropy", "standardize_logits",
                                    "dtkd_loss")},
     "write_score_table": "score_table",

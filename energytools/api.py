@@ -17,7 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from .config import AugmentConfig, DistillConfig, ScoreConfig, SelectConfig, TrainStageConfig, resolve
+from .config import (AugmentConfig, DistillConfig, LabelIssuesConfig, ScoreConfig, SelectConfig, TrainStageConfig,
+                     resolve)
 from .engine import FitResult
 
 
@@ -52,6 +53,14 @@ def select(scores: str | Path = "scores.parquet", **kwargs):
     return run(resolve(SelectConfig, {"scores": scores, **kwargs}, "select"))
 
 
+def label_issues(scores: str | Path = "scores.parquet", out: str | Path = "label-issues.parquet", **kwargs) -> Path:
+    """Write the label-issues file (cleanlab's label quality and flags from the table's logits);
+    returns its path. Keywords: :class:`LabelIssuesConfig`'s fields (``method``, ``filter_by``)."""
+    from .stages.label_issues import label_issues as run
+
+    return run(resolve(LabelIssuesConfig, {"scores": scores, "out": out, **kwargs}, "label-issues"))
+
+
 def distill(scores: str | Path, student: str, out: str | Path, *, on_step: Callable | None = None,
             **kwargs) -> FitResult:
     """Distill ``student``. Keywords: :class:`DistillConfig`'s fields, training ones flat
@@ -65,10 +74,12 @@ def distill(scores: str | Path, student: str, out: str | Path, *, on_step: Calla
 
 
 def report(*paths: str | Path, out: str | Path = "report.html", thumbnails: bool = True,
-           baseline: str | None = None, overwrite: bool | None = None) -> Path:
+           baseline: str | None = None, overwrite: bool | None = None, label_issues=()) -> Path:
     """Write the HTML report for run directories or files; ``baseline`` names the configuration,
-    run or method the runs are compared with (default: kd). An existing ``out`` is replaced when
-    energytools wrote it, or with ``overwrite=True``."""
+    run or method the runs are compared with (default: kd); ``label_issues`` are label-issues
+    files, a section each. An existing ``out`` is replaced when energytools wrote it, or with
+    ``overwrite=True``."""
     from .stages.report import report as run
 
-    return run(list(paths), out, overwrite=overwrite, thumbnails=thumbnails, baseline=baseline)
+    return run(list(paths), out, overwrite=overwrite, thumbnails=thumbnails, baseline=baseline,
+               label_issues=list(label_issues))

@@ -243,8 +243,8 @@ def datasets_command():
 
 
 def _register_stages() -> None:
-    from .config import AugmentConfig, DistillConfig, ScoreConfig, SelectConfig, TrainStageConfig
-    from .stages import augment, distill, score, select, train
+    from .config import AugmentConfig, DistillConfig, LabelIssuesConfig, ScoreConfig, SelectConfig, TrainStageConfig
+    from .stages import augment, distill, label_issues, score, select, train
 
     def call_stage(module, name: str) -> Callable:
         """The stage function, looked up when the command runs (so a replaced one is the one run)."""
@@ -267,6 +267,10 @@ def _register_stages() -> None:
     stage_command("augment", AugmentConfig, call_stage(augment, "augment"),
                   "Materialize HE-DA shards: augment the highest-energy samples and score them with the teacher."
                   "\n\nExample: `energytools augment --scores runs/scores.parquet --ratio 0.3 --out runs/he-da`")
+    stage_command("label-issues", LabelIssuesConfig, call_stage(label_issues, "label_issues"),
+                  "Find likely label errors with cleanlab from the table's stored logits: label quality, suggested "
+                  "label and confident learning's flag per sample (needs `pip install 'energytools[cleanlab]'`)."
+                  "\n\nExample: `energytools label-issues --scores runs/scores.parquet --out runs/label-issues.parquet`")
 
 
 _register_stages()
@@ -282,16 +286,21 @@ def report_command(
         "only a report energytools wrote)")] = None,
     baseline: Annotated[Optional[str], typer.Option(help="configuration, run or method the runs are compared "
                                                          "with (default: kd)")] = None,
+    label_issues: Annotated[Optional[list[Path]], typer.Option(
+        "--label-issues", metavar="FILE", help="a label-issues file (`energytools label-issues`): a section with "
+        "the flagged samples per class, the most suspicious images and the given -> suggested class pairs "
+        "(repeatable)")] = None,
 ):
     """Write one self-contained HTML report: runs compared (mean ± std over seeds, paired Δ), energy/confidence
-    histograms, score tables compared, curation, training curves.
+    histograms, score tables compared, curation, label issues, training curves.
 
     Example: `energytools report runs/quickstart --out runs/quickstart/report.html`;
     `energytools report teacher-a.parquet teacher-b.parquet` compares two score tables.
     """
     from .stages.report import report
 
-    report(paths, out, overwrite=overwrite, thumbnails=not no_images, baseline=baseline)
+    report(paths, out, overwrite=overwrite, thumbnails=not no_images, baseline=baseline,
+           label_issues=label_issues or [])
 
 
 @command("run")

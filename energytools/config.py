@@ -15,18 +15,19 @@ from .data import DATASETS, build_dataset
 from .distillers import METHODS, method_spec
 from .energy import TEMPERATURE_RULES, TemperatureRule
 from .errors import UserError
+from .functional import LABEL_ISSUE_FILTERS, LABEL_QUALITY_METHODS
 from .models import MODELS
 from .optim import OPTIMIZERS, SCHEDULES
 from .options import (as_dict, canonical_name, content_of, convert, flat_fields, flat_names, option, overrides,
                       registry, require, resolve, resume_may_change_keys)
 from .policies import POLICIES, make_policy
 from .preprocessing import STUDENT_NORMALIZATIONS, TeacherPreprocessing
-from .selection import SELECT_BY, SELECT_MODES
+from .selection import LABEL_ISSUE_SCORES, SELECT_BY, SELECT_MODES
 from .temperatures import TEMPERATURE_SOURCES
 
-__all__ = ["AugmentConfig", "DataConfig", "DistillConfig", "HE_DA_MODES", "STUDENT_NORMALIZATIONS", "ScoreConfig",
-           "SelectConfig", "TEMPERATURE_SOURCES", "TeacherPreprocessing", "TrainConfig", "TrainStageConfig", "as_dict",
-           "canonical_name", "content_of", "convert",
+__all__ = ["AugmentConfig", "DataConfig", "DistillConfig", "HE_DA_MODES", "LabelIssuesConfig", "STUDENT_NORMALIZATIONS",
+           "ScoreConfig", "SelectConfig", "TEMPERATURE_SOURCES", "TeacherPreprocessing", "TrainConfig", "TrainStageConfig",
+           "as_dict", "canonical_name", "content_of", "convert",
            "flat_fields", "flat_names", "option", "overrides", "registry", "resolve", "resume_may_change_keys"]
 
 MODEL_NAMES = registry(MODELS)
@@ -46,6 +47,7 @@ TEACHER_INPUT = "Teacher input"
 VIEWS = "Views"
 SELECTION = "Selection"
 AUGMENTATION = "Selection and augmentation"
+LABEL_ISSUES = "Label issues (cleanlab)"
 HE_DA = "HE-DA"
 
 
@@ -222,15 +224,40 @@ class SelectConfig:
     ratio: float = option(0.3, "fraction of samples to select, in (0, 1]", panel=SELECTION)
     mode: str = option("high", "high (the hardest: HE-DA), low (the easiest: pruning) or random (a control)",
                        choices=SELECT_MODE_NAMES, panel=SELECTION)
-    by: str = option("energy", "the score to rank by: energy, margin, confidence, true_prob, entropy or el2n "
-                     "(||softmax - onehot||, Paul et al. 2021)", choices=registry(SELECT_BY), panel=SELECTION)
+    by: str = option("energy", "the score to rank by: energy, margin, confidence, true_prob, entropy, el2n "
+                     "(||softmax - onehot||, Paul et al. 2021) or label_quality (cleanlab's, from --label-issues; "
+                     "lowest = most likely mislabeled)", choices=registry(SELECT_BY), panel=SELECTION)
     per_class: bool = option(False, "take the fraction within each class", panel=SELECTION)
     seed: int = option(0, "seed for every random choice", panel=SELECTION)
+    label_issues: str | None = option(None, "a label-issues file (`energytools label-issues`) of the same samples: "
+                                      "its label_quality joins the table, for --by label_quality --mode low",
+                                      panel=INPUTS)
     overwrite: bool = option(False, "replace an existing output", content=False, panel=OUTPUT)
 
     def check(self) -> None:
         require(self, "ratio", 0 < self.ratio <= 1, "in (0, 1]")
         require(self, "by", self.by in SELECT_BY, f"one of {', '.join(SELECT_BY)}")
+        if self.by in LABEL_ISSUE_SCORES and not self.label_issues:
+            raise UserError(f"--by {self.by} needs --label-issues FILE (written by `energytools label-issues`)")
+
+
+@dataclass
+class LabelIssuesConfig:
+    scores: str = option("scores.parquet", "a score table with logits (score --save-logits); out-of-fold scores "
+                         "(a teacher that did not train on the sample) find what in-sample ones hide", panel=INPUTS)
+    out: str = option("label-issues.parquet", "the file to write (for distill --exclude, select --label-issues, "
+                      "report --label-issues)", content=False, panel=OUTPUT)
+    method: str = option("self_confidence", "label_quality: cleanlab.rank.get_label_quality_scores' method, "
+                         "self_confidence, normalized_margin or confidence_weighted_entropy",
+                         choices=registry(LABEL_QUALITY_METHODS), panel=LABEL_ISSUES)
+    filter_by: str = option("prune_by_noise_rate", "is_label_issue: cleanlab.filter.find_label_issues' rule, "
+                            f"{', '.join(LABEL_ISSUE_FILTERS)}", choices=registry(LABEL_ISSUE_FILTERS),
+                            panel=LABEL_ISSUES)
+    overwrite: bool = option(False, "replace an existing output", content=False, panel=OUTPUT)
+
+    def check(self) -> None:
+        require(self, "method", self.method in LABEL_QUALITY_METHODS, f"one of {', '.join(LABEL_QUALITY_METHODS)}")
+        require(self, "filter_by", self.filter_by in LABEL_ISSUE_FILTERS, f"one of {', '.join(LABEL_ISSUE_FILTERS)}")
 
 
 @dataclass
@@ -344,10 +371,10 @@ class DistillConfig:
                                  "the teacher is never run", panel=INPUTS)
     eval_limit: int | None = option(None, "class-stratified subset of the val and test splits "
                                     "(default: the table's)", panel=DATA)
-    exclude: str | None = option(None, "train without the sample ids in this Parquet file (`energytools select --out`)",
-                                 panel=INPUTS, resume_may_change=True)
-    keep: str | None = option(None, "train only on the sample ids in this Parquet file", panel=INPUTS,
-                              resume_may_change=True)
+    exclude: str | None = option(None, "train without the sample ids in this Parquet file (`energytools select --out`; "
+                                 "of a label-issues file, the flagged ones)", panel=INPUTS, resume_may_change=True)
+    keep: str | None = option(None, "train only on the sample ids in this Parquet file (of a label-issues file, the "
+                              "flagged ones)", panel=INPUTS, resume_may_change=True)
     train: TrainConfig = option(help="optimisation", factory=TrainConfig, panel=OPTIMISATION)
     resume: bool = option(False, "continue from OUT/last.pt", content=False, panel=OUTPUT)
     overwrite: bool = option(False, "replace an existing run", content=False, panel=OUTPUT)

@@ -8,6 +8,7 @@ CLI agree sample for sample.
     groups = et.energy_groups(energies, low_frac=0.2, high_frac=0.2)   # (N,) "low" / "mid" / "high"
     temps = et.sample_temperatures(energies, temperatures=(6, 4, 2))   # (N,) float32 KD temperatures
     drop = et.select_indices(energies, ratio=0.25, mode="low")         # the easiest quarter, for pruning
+    flagged = et.find_label_issues(logits, labels)                     # (N,) bool, cleanlab's confident learning
 """
 from __future__ import annotations
 
@@ -16,11 +17,17 @@ import polars as pl
 import torch
 
 from .energy import SIGN_CONVENTION, TemperatureRule, logit_statistics
-from .errors import UserError
+from .errors import UserError, import_optional
 from .selection import SELECT_MODES, select_samples
 
-__all__ = ["SIGN_CONVENTION", "energy_groups", "energy_scores", "sample_scores", "sample_temperatures",
-           "select_indices"]
+__all__ = ["LABEL_ISSUE_FILTERS", "LABEL_QUALITY_METHODS", "SIGN_CONVENTION", "energy_groups", "energy_scores",
+           "find_label_issues", "label_issue_scores", "sample_scores", "sample_temperatures", "select_indices"]
+
+#: cleanlab.rank.get_label_quality_scores' methods (lower score = more likely mislabeled)
+LABEL_QUALITY_METHODS = ("self_confidence", "normalized_margin", "confidence_weighted_entropy")
+#: cleanlab.filter.find_label_issues' rules (``filter_by``); prune_by_noise_rate is its default
+LABEL_ISSUE_FILTERS = ("prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given",
+                       "low_normalized_margin", "low_self_confidence")
 
 
 def as_logits(logits, where: str = "logits", sample_ids: np.ndarray | None = None) -> torch.Tensor:
@@ -30,7 +37,8 @@ def as_logits(logits, where: str = "logits", sample_ids: np.ndarray | None = Non
         tensor = logits.detach()
     else:
         array = _numeric(logits, where)
-        tensor = torch.from_numpy(np.ascontiguousarray(array))  # a reversed view has negative strides
+        # a reversed view has negative strides; a read-only array (Arrow's) would be shared with torch
+        tensor = torch.from_numpy(np.require(array, requirements="CW"))
     if tensor.ndim != 2 or tensor.shape[1] < 2:
         raise UserError(f"{where} must have shape (N, C) with C >= 2 classes, got {tuple(tensor.shape)}")
     if not tensor.is_floating_point():
@@ -107,6 +115,16 @@ def energy_scores(logits, *, energy_temperature: float = 4.0) -> np.ndarray:
     return sample_scores(logits, energy_temperature=energy_temperature)["energy"]
 
 
+def class_labels(labels, logits: torch.Tensor, where: str = "logits") -> np.ndarray:
+    """``labels`` as (N,) int64 class indices, one per row of ``logits`` (N, C)."""
+    label_array = as_indices(labels, "labels")
+    if len(label_array) != logits.shape[0]:
+        raise UserError(f"labels has {len(label_array)} entries for {logits.shape[0]} rows of {where}")
+    if len(label_array) and not (0 <= label_array.min() and label_array.max() < logits.shape[1]):
+        raise UserError(f"labels must be class indices in [0, {logits.shape[1]})")
+    return label_array
+
+
 def sample_scores(logits, labels=None, *, energy_temperature: float = 4.0) -> dict[str, np.ndarray]:
     """Every per-sample score of the score table, from ``logits`` (N, C) and optional ``labels`` (N,).
 
@@ -118,12 +136,7 @@ def sample_scores(logits, labels=None, *, energy_temperature: float = 4.0) -> di
     tensor = as_logits(logits)
     label_tensor = None
     if labels is not None:
-        label_array = as_indices(labels, "labels")
-        if len(label_array) != tensor.shape[0]:
-            raise UserError(f"labels has {len(label_array)} entries for {tensor.shape[0]} rows of logits")
-        if len(label_array) and not (0 <= label_array.min() and label_array.max() < tensor.shape[1]):
-            raise UserError(f"labels must be class indices in [0, {tensor.shape[1]})")
-        label_tensor = torch.from_numpy(label_array)
+        label_tensor = torch.from_numpy(class_labels(labels, tensor))
     stats = logit_statistics(tensor, label_tensor if label_tensor is not None else tensor.argmax(1), energy_temperature)
     if label_tensor is None:
         stats = {k: v for k, v in stats.items() if k not in ("true_prob", "el2n", "correct")}
@@ -204,3 +217,57 @@ def select_indices(scores, *, ratio: float, mode: str = "high", labels=None, per
         frame["label"] = np.zeros(len(values), dtype=np.int64)
     chosen = select_samples(pl.DataFrame(frame), ratio, mode, per_class, seed, by="energy")
     return chosen["sample_id"].to_numpy()
+
+
+def _pred_probs(values, labels, probabilities: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(pred_probs, labels)`` as cleanlab takes them: (N, C) float32 rows that sum to 1 (the
+    softmax of logits at T = 1, or ``values`` themselves when ``probabilities``) and (N,) int64."""
+    where = "pred_probs" if probabilities else "logits"
+    tensor = as_logits(values, where)
+    label_array = class_labels(labels, tensor, where)
+    if not probabilities:
+        return torch.softmax(tensor, dim=1).numpy(), label_array
+    if (tensor < 0).any() or not torch.allclose(tensor.sum(dim=1), torch.ones(len(tensor)), atol=1e-3):
+        raise UserError("pred_probs must be probabilities: non-negative rows that sum to 1 (pass logits with "
+                        "probabilities=False)")
+    return tensor.numpy(), label_array
+
+
+def _check_choice(value, names: tuple[str, ...], where: str) -> None:
+    if value not in names:
+        raise UserError(f"unknown {where} {value!r}; choose from {', '.join(names)}")
+
+
+def find_label_issues(logits, labels, *, filter_by: str = "prune_by_noise_rate",
+                      probabilities: bool = False) -> np.ndarray:
+    """Which given ``labels`` (N,) look wrong by the predictions ``logits`` (N, C): (N,) bool.
+
+    Thin over ``cleanlab.filter.find_label_issues`` (confident learning; ``filter_by`` picks its
+    rule, :data:`LABEL_ISSUE_FILTERS`), fed the softmax of ``logits`` at T = 1 (or ``logits``
+    as they are with ``probabilities=True``). The predictions should come from a model that did
+    not train on these labels (out-of-fold): a model that fitted a wrong label predicts it.
+    Needs cleanlab (``pip install 'energytools[cleanlab]'``).
+    """
+    return label_issue_scores(logits, labels, filter_by=filter_by, probabilities=probabilities)["is_label_issue"]
+
+
+def label_issue_scores(logits, labels, *, method: str = "self_confidence", filter_by: str = "prune_by_noise_rate",
+                       probabilities: bool = False) -> dict[str, np.ndarray]:
+    """Every per-sample column of a label-issues file, from ``logits`` (N, C) and the given ``labels`` (N,).
+
+    Returns (N,) arrays: ``label_quality`` (float32, ``cleanlab.rank.get_label_quality_scores``
+    with ``method``, :data:`LABEL_QUALITY_METHODS`; in [0, 1], lower = more likely mislabeled),
+    ``suggested_label`` (int64, the argmax of the predictions) and ``is_label_issue`` (bool, as
+    :func:`find_label_issues`). Needs cleanlab.
+    """
+    _check_choice(method, LABEL_QUALITY_METHODS, "label quality method")
+    _check_choice(filter_by, LABEL_ISSUE_FILTERS, "filter_by")
+    cleanlab_filter = import_optional("cleanlab.filter", "cleanlab")
+    cleanlab_rank = import_optional("cleanlab.rank", "cleanlab")
+    pred_probs, label_array = _pred_probs(logits, labels, probabilities)
+    # n_jobs=1: no worker processes forked from a process that holds torch; the work is a few sorts
+    flagged = cleanlab_filter.find_label_issues(label_array, pred_probs, filter_by=filter_by, n_jobs=1)
+    quality = cleanlab_rank.get_label_quality_scores(label_array, pred_probs, method=method)
+    return {"label_quality": np.asarray(quality, dtype=np.float32),
+            "suggested_label": pred_probs.argmax(axis=1).astype(np.int64),
+            "is_label_issue": np.asarray(flagged, dtype=bool)}

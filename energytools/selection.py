@@ -11,8 +11,11 @@ import polars as pl
 
 from .errors import UserError
 
-#: score-table columns a selection may rank by (all from the same teacher pass)
-SELECT_BY = ("energy", "margin", "confidence", "true_prob", "entropy", "el2n")
+#: scores a selection may rank by: score-table columns (all from the same teacher pass) and
+#: the label-issues file's label quality (:data:`LABEL_ISSUE_SCORES`)
+SELECT_BY = ("energy", "margin", "confidence", "true_prob", "entropy", "el2n", "label_quality")
+#: the scores of SELECT_BY that a label-issues file holds rather than the score table
+LABEL_ISSUE_SCORES = ("label_quality",)
 
 
 def _random_key(table: pl.DataFrame, seed: int) -> pl.Series:

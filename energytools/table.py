@@ -33,6 +33,15 @@ SCORE_COLUMNS = {
 #: columns of newer score tables; older ones lack them (select --by names what to re-score)
 OPTIONAL_SCORE_COLUMNS = {"el2n": pa.float32()}
 
+#: the label-issues file (`energytools label-issues`): every sample of a score table with its given
+#: label, cleanlab's label quality (lower = more likely mislabeled), the argmax of the predicted
+#: probabilities and confident learning's flag
+LABEL_ISSUE_COLUMNS = {"sample_id": pa.int64(), "label": pa.int64(), "label_quality": pa.float32(),
+                       "suggested_label": pa.int64(), "is_label_issue": pa.bool_()}
+LABEL_ISSUES_KIND = "label-issues"
+#: the column whose true rows a label-issues file names to `distill --exclude/--keep`
+LABEL_ISSUE_FLAG = "is_label_issue"
+
 
 def versions() -> dict:
     """Library versions recorded in every output, and torch's thread count: it changes the last
@@ -297,6 +306,32 @@ def load_table(path: Path | str, columns: list[str] | None = None) -> tuple[pl.D
         if expected is not None and not _TYPE_CHECKS[expected](schema.field(name).type):
             raise UserError(f"{path}: column {name!r} is {schema.field(name).type}, expected {expected}")
     frame = read_parquet(path, columns)
+    validate_scores(frame, path)
+    return frame, meta
+
+
+#: what `score` of K-fold teachers records under the metadata key ``scores``: each sample was scored
+#: by the teacher that did not train on it
+OUT_OF_FOLD = "out-of-fold"
+
+
+def scores_out_of_fold(path: Path | str) -> bool:
+    """Whether a score table records out-of-fold scores (``"scores": "out-of-fold"`` in its metadata)."""
+    return read_metadata(path).get("scores") == OUT_OF_FOLD
+
+
+def load_label_issues(path: Path | str) -> tuple[pl.DataFrame, dict]:
+    """A label-issues file (:data:`LABEL_ISSUE_COLUMNS`) and its energytools metadata, checked."""
+    schema = read_schema(path)
+    meta = _metadata_of(schema, path)
+    if meta.get("kind") != LABEL_ISSUES_KIND:
+        raise UserError(f"{path} is not an energytools label-issues file (write one with `energytools label-issues`)")
+    for name, expected in LABEL_ISSUE_COLUMNS.items():
+        if name not in schema.names:
+            raise UserError(f"{path} lacks column {name!r}")
+        if not _TYPE_CHECKS[expected](schema.field(name).type):
+            raise UserError(f"{path}: column {name!r} is {schema.field(name).type}, expected {expected}")
+    frame = read_parquet(path, list(LABEL_ISSUE_COLUMNS))
     validate_scores(frame, path)
     return frame, meta
 

@@ -23,7 +23,7 @@ from .data.views import ReplayViews
 from .errors import UserError
 from .io import require_file, sha256_file
 from .lookup import CachedLogits, CachedViewLogits, LogitsSource, OnlineTeacher, SampleLookup
-from .table import TableMeta, ViewsRecord, read_parquet
+from .table import LABEL_ISSUE_FLAG, DatasetRecord, TableMeta, ViewsRecord, read_metadata, read_parquet
 from .teacher import open_table_teacher
 from .temperatures import TemperatureSource
 from .view_logits import read_views, view_column_shapes, views_from_arrow
@@ -39,7 +39,7 @@ def open_training_set(cfg, meta: TableMeta):
                         "as it is on this machine (fingerprints differ)")
     for path, keep in ((cfg.exclude, False), (cfg.keep, True)):
         if path:
-            chosen = np.isin(train_set.sample_ids, read_sample_ids(path))
+            chosen = np.isin(train_set.sample_ids, read_sample_ids(path, meta.dataset))
             if not chosen.any():
                 raise UserError(f"{path} names none of the training set's samples")
             train_set = train_set.subset(np.flatnonzero(chosen == keep))
@@ -48,12 +48,26 @@ def open_training_set(cfg, meta: TableMeta):
     return data, train_set
 
 
-def read_sample_ids(path: str) -> np.ndarray:
-    """The ``sample_id`` column of a Parquet file (a selection written by `energytools select`)."""
+def read_sample_ids(path: str, dataset: DatasetRecord | None = None) -> np.ndarray:
+    """The sample ids a Parquet file names: every ``sample_id`` of a selection (`energytools
+    select`), the flagged ones of a label-issues file (every sample with its ``is_label_issue``).
+    A file that records its dataset must name ``dataset``'s (ids are positions in a split's
+    canonical order, so another split's or dataset's ids would name other images)."""
     require_file(path)
     frame = read_parquet(path, None)
     if "sample_id" not in frame.columns or not frame["sample_id"].dtype.is_integer():
         raise UserError(f"{path} has no integer sample_id column")
+    recorded = read_metadata(path).get("dataset")
+    if dataset is not None and isinstance(recorded, dict) and \
+            (recorded.get("name"), recorded.get("split")) != (dataset.name, dataset.split):
+        raise UserError(f"{path} names samples of {recorded.get('name')}'s {recorded.get('split')} split, not of "
+                        f"{dataset.name}'s {dataset.split} split")
+    if LABEL_ISSUE_FLAG in frame.columns:
+        if frame[LABEL_ISSUE_FLAG].dtype != pl.Boolean:
+            raise UserError(f"{path}: column {LABEL_ISSUE_FLAG!r} must be boolean")
+        frame = frame.filter(pl.col(LABEL_ISSUE_FLAG))
+        if frame.height == 0:
+            raise UserError(f"{path} flags no label issues: there is nothing to exclude or keep")
     return frame["sample_id"].to_numpy()
 
 

@@ -110,6 +110,17 @@ def read_views(path: Path | str, meta, num_classes: int) -> dict[str, np.ndarray
     return views_from_arrow(table, meta.views, num_classes, path)
 
 
+def read_logits(path: Path | str, num_classes: int) -> np.ndarray:
+    """The ``logits`` column of a score table (`score --save-logits`) as (N, C) float16, in its row order."""
+    try:
+        column = pq.read_table(path, columns=["logits"])["logits"].combine_chunks()
+    except Exception as exc:  # noqa: BLE001 - corrupt file
+        raise unreadable_parquet(path, exc) from None
+    if column.null_count or pc.any(pc.not_equal(pc.list_value_length(column), num_classes)).as_py():
+        raise UserError(f"{path}: every row's logits must hold the {num_classes} classes' values")
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), num_classes)
+
+
 def logits_array(name: str, values: np.ndarray) -> pa.Array:
     """A column of stored teacher logits as Arrow, the same in score tables and shards: one
     float16 list per row (``logits``, ``logits_flipped``), nested lists for the per-view columns."""

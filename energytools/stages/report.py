@@ -2,7 +2,7 @@
 
 Sections, in order: Distillation (the comparison of runs first, so it is on screen when the
 page opens), Scores (one per score table), Tables compared (two or more score tables),
-Curation (HE-DA shards). Tables are HTML tables with every row shown and numbers rounded
+Curation (HE-DA shards), Label issues (one per label-issues file). Tables are HTML tables with every row shown and numbers rounded
 (:mod:`energytools.summaries`, which benchmarks/study.py writes docs/results.md with).
 
 Every plot is drawn from aggregates (histogram counts computed here with numpy/polars), so a
@@ -13,8 +13,8 @@ the tables read) goes through :func:`text` on its way into a figure, and through
 :func:`~energytools.summaries.html_table` (which escapes) into a table.
 
 This module finds the inputs and assembles the page; the sections' parts come from
-report_figures (score tables, shards, shared helpers), report_runs (distill runs) and
-report_tables (tables compared).
+report_figures (score tables, shards, shared helpers), report_runs (distill runs),
+report_tables (tables compared) and report_issues (label issues).
 """
 from __future__ import annotations
 
@@ -30,8 +30,9 @@ from ..energy import GROUPS
 from ..errors import UserError
 from ..io import atomic_path, check_output_free
 from ..summaries import text
-from ..table import load_table, read_metadata
+from ..table import LABEL_ISSUES_KIND, load_table, read_metadata
 from .report_figures import Inputs, Section, curation_figures, score_figures, temperatures_text, thumbnail_strip
+from .report_issues import label_issue_section
 from .report_runs import read_runs, run_names, run_parts
 from .report_tables import comparison_sections
 
@@ -46,16 +47,22 @@ def _is_train_run(path: Path) -> bool:
         return False
 
 
+#: the kinds of Parquet file the report reads (the ``kind`` of their metadata) -> where it files them
+PARQUET_KINDS = {"scores": "scores", LABEL_ISSUES_KIND: "label_issues"}
+
+
 def discover(paths: list[Path | str]) -> Inputs:
-    """Find score tables, shard directories, distill runs and teacher runs in files and run directories."""
+    """Find score tables, label-issues files, shard directories, distill runs and teacher runs in
+    files and run directories."""
     found = Inputs()
 
     def visit(path: Path, depth: int = 0):
         if path.is_file() and path.suffix == ".parquet":
-            if read_metadata(path).get("kind") == "scores":
-                found.scores.append(path)
+            kind = PARQUET_KINDS.get(read_metadata(path).get("kind"))
+            if kind is not None:
+                getattr(found, kind).append(path)
             elif depth == 0:
-                raise UserError(f"{path} is not an energytools score table")
+                raise UserError(f"{path} is not an energytools score table or label-issues file")
         elif path.is_dir():
             if (path / MANIFEST).exists():
                 found.shards.append(path)
@@ -72,7 +79,7 @@ def discover(paths: list[Path | str]) -> Inputs:
 
     for p in paths:
         visit(Path(p))
-    if not (found.scores or found.shards or found.runs):
+    if not (found.scores or found.shards or found.runs or found.label_issues):
         raise UserError(f"no energytools outputs found in {', '.join(map(str, paths))}")
     return found
 
@@ -111,6 +118,7 @@ def build_report(inputs: Inputs, thumbnails: bool = True, baseline: str | None =
                    f"{sel['energy_max']:.3f}), policy {text(manifest['config']['policy'])}</p>")
         sections.append((f"Curation: {directory.name}", curation_figures(directory, train_table, train_meta),
                          summary))
+    sections += [label_issue_section(path, thumbnails) for path in inputs.label_issues]
     return sections
 
 
@@ -169,18 +177,24 @@ def is_report(path: Path) -> bool:
 
 
 def report(paths: list[Path | str], out: Path | str = "report.html", overwrite: bool | None = None,
-           thumbnails: bool = True, baseline: str | None = None) -> Path:
+           thumbnails: bool = True, baseline: str | None = None, label_issues: list[Path | str] = ()) -> Path:
     """Write the HTML report for run directories or files; returns its path. ``baseline`` names the
     configuration, run or method the runs are compared with (default: kd; see
-    :func:`~energytools.stages.report_runs.choose_baseline`). An existing ``out`` is replaced when
-    it is a report energytools wrote (``overwrite`` None, the default) or whatever it is
-    (``overwrite`` True); ``overwrite`` False replaces nothing."""
+    :func:`~energytools.stages.report_runs.choose_baseline`). ``label_issues``: label-issues
+    files (`energytools label-issues`), each a section (also found among ``paths``). An existing
+    ``out`` is replaced when it is a report energytools wrote (``overwrite`` None, the default) or
+    whatever it is (``overwrite`` True); ``overwrite`` False replaces nothing."""
     out = Path(out)
     check_output_free(out, overwrite if overwrite is not None else out.is_file() and is_report(out))
-    inputs = discover([Path(p) for p in paths])
+    for path in label_issues:  # one line for a file that is not one, before any work
+        if read_metadata(path).get("kind") != LABEL_ISSUES_KIND:
+            raise UserError(f"--label-issues {path} is not an energytools label-issues file (write one with "
+                            "`energytools label-issues`)")
+    inputs = discover(list(dict.fromkeys(Path(p) for p in [*paths, *label_issues])))
     html_text = render(build_report(inputs, thumbnails, baseline))
     with atomic_path(out) as tmp:
         tmp.write_text(html_text)
+    issues = f", {len(inputs.label_issues)} label-issues file(s)" if inputs.label_issues else ""
     console.print(headline("done", f": wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {len(inputs.scores)} "
-                                   f"table(s), {len(inputs.shards)} shard set(s), {len(inputs.runs)} run(s)"))
+                                   f"table(s), {len(inputs.shards)} shard set(s), {len(inputs.runs)} run(s){issues}"))
     return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import plotly.graph_objects as go
@@ -50,6 +51,7 @@ class Inputs:
     shards: list[Path] = field(default_factory=list)
     runs: list[Path] = field(default_factory=list)
     teachers: list[Path] = field(default_factory=list)  # `train` run directories: the teacher's test predictions
+    label_issues: list[Path] = field(default_factory=list)  # `energytools label-issues` files
 
 
 def histogram_edges(values: np.ndarray, bins: int = BINS) -> np.ndarray:
@@ -124,27 +126,38 @@ def score_figures(frame: pl.DataFrame, meta: TableMeta, label: str) -> dict[str,
     return figures
 
 
-def thumbnail_strip(frame: pl.DataFrame, meta: TableMeta, count: int = 12) -> str:
-    """PNG strips of the lowest- and highest-energy images (empty when the dataset is unavailable)."""
+#: what a strip shows instead of images when the dataset cannot be opened here
+NO_IMAGES = "<p>(images unavailable: the dataset is not on this machine)</p>"
+
+
+def image_strip(dataset, rows: pl.DataFrame, caption: Callable[[dict], str]) -> str:
+    """The images of ``rows`` (by sample_id) as one strip of 64-pixel PNG thumbnails, each over
+    ``caption(row)`` (HTML: escape what comes from data with :func:`text`)."""
     from ..data.shards import encode_png
 
+    position = {int(s): i for i, s in enumerate(dataset.sample_ids)}
+    cells = []
+    for row in rows.iter_rows(named=True):
+        if row["sample_id"] not in position:
+            continue
+        png = base64.b64encode(encode_png(dataset.image(position[row["sample_id"]]))).decode()
+        cells.append(f'<figure><img src="data:image/png;base64,{png}" width="64" height="64">'
+                     f'<figcaption>{caption(row)}</figcaption></figure>')
+    return f"<div class='strip'>{''.join(cells)}</div>"
+
+
+def thumbnail_strip(frame: pl.DataFrame, meta: TableMeta, count: int = 12) -> str:
+    """PNG strips of the lowest- and highest-energy images (empty when the dataset is unavailable)."""
     try:
         dataset = meta.data.build(meta.split)
     except UserError:
-        return "<p>(images unavailable: the dataset is not on this machine)</p>"
-    position = {int(s): i for i, s in enumerate(dataset.sample_ids)}
+        return NO_IMAGES
     ordered = frame.sort(["energy", "sample_id"])
     parts = []
     for title, rows in (("lowest energy", ordered.head(count)), ("highest energy", ordered.tail(count).reverse())):
-        cells = []
-        for row in rows.iter_rows(named=True):
-            if row["sample_id"] not in position:
-                continue
-            png = base64.b64encode(encode_png(dataset.image(position[row["sample_id"]]))).decode()
-            cells.append(f'<figure><img src="data:image/png;base64,{png}" width="64" height="64">'
-                         f'<figcaption>y={text(row["label"])} p={text(row["pred"])}<br>E={row["energy"]:.2f}'
-                         '</figcaption></figure>')
-        parts.append(f"<h4>{title}</h4><div class='strip'>{''.join(cells)}</div>")
+        strip = image_strip(dataset, rows, lambda row: f'y={text(row["label"])} p={text(row["pred"])}<br>'
+                                                       f'E={row["energy"]:.2f}')
+        parts.append(f"<h4>{title}</h4>{strip}")
     return "".join(parts)
 
 
