@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data browser lint test quickstart teacher bench clean
+.PHONY: setup data browser lint test quickstart teacher bench clean gpu-wheels
 
 setup: $(VENV)/.installed
 
@@ -34,7 +34,7 @@ test: setup data browser lint
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest
 
 lint: setup
-	$(VENV)/bin/ruff check energytools tests benchmarks examples
+	$(VENV)/bin/ruff check energytools tests benchmarks examples scripts
 	$(VENV)/bin/lint-imports
 
 quickstart: setup data
@@ -42,6 +42,12 @@ quickstart: setup data
 
 teacher: setup data
 	$(VENV)/bin/energytools train --dataset fashion-mnist --model resnet20 --epochs 15 --out runs/teacher
+
+# The wheels a borrowed GPU machine lacks (docs/gpu.md): .gpu-wheels/, git-ignored, carried to the
+# device; fails when it and the working tree pass the 64 MiB a device call carries.
+GPU_PYTHONS ?= 3.11 3.12
+gpu-wheels: setup
+	$(PY) scripts/gpu_wheels.py --dest .gpu-wheels $(foreach v,$(GPU_PYTHONS),--python $(v))
 
 clean:
 	rm -rf runs .pytest_cache
