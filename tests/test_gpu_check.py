@@ -1,6 +1,9 @@
-"""`make gpu-wheels` keeps what a device call carries under 64 MiB, and the device installs from
-it only what it lacks."""
+"""`make gpu-check` (scripts/gpu_check.py) dry-runs on the CPU, and `make gpu-wheels` keeps what a
+device call carries under 64 MiB; the judgements that only a GPU exercises are checked on made-up
+counts."""
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -8,6 +11,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2 ** 20
+CHECKS = ["environment", "teacher", "score-cuda-vs-cpu", "nccl", "fp16-gradscaler", "sync-per-step",
+          "two-ranks-gloo", "resume-mid-epoch", "gpu-tests", "benchmark"]
+NEED_CUDA = ["score-cuda-vs-cpu", "nccl", "fp16-gradscaler", "sync-per-step", "two-ranks-gloo"]
 
 
 def load(name: str):
@@ -18,6 +24,26 @@ def load(name: str):
         sys.modules[name] = module  # dataclasses look their module up while the class is made
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def test_the_quick_dry_run_reports_every_check_and_skips_the_cuda_ones(tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--dry", "--quick", "--out",
+                             str(out), "--work", str(tmp_path / "work")], capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    log = (out / "gpu-check.log").read_text() if (out / "gpu-check.log").exists() else ""
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:] + log[-3000:]
+    lines = [line for line in (out / "gpu-check-summary.txt").read_text().splitlines() if not line.startswith("#")]
+    rows = {line.split(" | ")[0]: line.split(" | ") for line in lines}
+    assert list(rows) == CHECKS and len(lines) == len(CHECKS)
+    assert not [line for line in lines if " | FAIL" in line]
+    assert rows["environment"][1] == "PASS" and "torch" in rows["environment"][3]
+    assert rows["teacher"][1] == "PASS"
+    for name in NEED_CUDA:
+        assert rows[name][1].startswith("SKIPPED (no CUDA"), rows[name]
+    assert "command lines ran on the cpu" in rows["sync-per-step"][1]  # the device's commands, tried here
+    assert all(row[2].endswith(" s") for row in rows.values())
+    assert "===== sync-per-step" in log and "sync-count: dkd: exit 0" in log
 
 
 def test_the_wheelhouse_budget_refuses_more_than_64_mib():
@@ -72,3 +98,23 @@ def test_the_device_installs_only_what_it_lacks_and_says_when_a_wheel_does_not_f
     assert problems["pyyaml"].startswith("absent; the wheelhouse's pyyaml 6.0.4 has no wheel for this Python "
                                          "(cp313-cp313-manylinux_2_17_x86_64), only for cp311, cp312")
     assert "\n" not in problems["pyyaml"]
+
+
+def _sync_runs(growth: dict[str, int], control: int) -> list[dict]:
+    checks = load("gpu_checks")
+    runs = [{"name": "score-views", "length": "short", "syncs": 8}, {"name": "score-views", "length": "long", "syncs": 16}]
+    for name in ["train", *checks.SYNC_CONFIGS, checks.SYNC_CONTROL[0]]:
+        added = control if name == checks.SYNC_CONTROL[0] else growth.get(name, 0)
+        runs += [{"name": name, "length": "short", "syncs": 5, "origins": {}},
+                 {"name": name, "length": "long", "syncs": 5 + added, "origins": {"energytools/lookup.py:40": added}}]
+    return runs
+
+
+def test_the_sync_check_passes_only_when_no_count_grows_and_the_control_does():
+    checks = load("gpu_checks")
+    key = checks.judge_syncs(_sync_runs({}, control=8), steps_added=8)
+    assert "dkd +0" in key and "control +8" in key and "score --views +8" in key
+    with pytest.raises(checks.Fail, match="grow with the steps in ctkd-ema"):
+        checks.judge_syncs(_sync_runs({"ctkd-ema": 8}, control=8), steps_added=8)
+    with pytest.raises(checks.Fail, match="the control's count did not grow"):
+        checks.judge_syncs(_sync_runs({}, control=0), steps_added=8)
