@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data browser lint test quickstart teacher bench clean
+.PHONY: setup data browser lint test quickstart teacher bench clean gpu-wheels gpu-check
 
 setup: $(VENV)/.installed
 
@@ -34,7 +34,7 @@ test: setup data browser lint
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest
 
 lint: setup
-	$(VENV)/bin/ruff check energytools tests benchmarks examples
+	$(VENV)/bin/ruff check energytools tests benchmarks examples scripts
 	$(VENV)/bin/lint-imports
 
 quickstart: setup data
@@ -42,6 +42,17 @@ quickstart: setup data
 
 teacher: setup data
 	$(VENV)/bin/energytools train --dataset fashion-mnist --model resnet20 --epochs 15 --out runs/teacher
+
+# The first run on a borrowed GPU machine (docs/gpu.md). Here: `make gpu-wheels` fills .gpu-wheels/
+# (git-ignored, under the 64 MiB a device call carries); there: `make gpu-check` with OUT set, using
+# the machine's own python3 and torch (DRY=1: on the CPU even where CUDA is; QUICK=1: no slow stand-ins).
+GPU_PYTHONS ?= 3.11 3.12
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-wheels: setup
+	$(PY) scripts/gpu_wheels.py --dest .gpu-wheels $(foreach v,$(GPU_PYTHONS),--python $(v))
+
+gpu-check:
+	$(GPU_PY) scripts/gpu_check.py $(if $(DRY),--dry) $(if $(QUICK),--quick)
 
 clean:
 	rm -rf runs .pytest_cache
