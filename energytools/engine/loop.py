@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from ..console import console, progress_bar
 from ..data import ImageSet
-from ..data.transforms import normalize, train_augment
+from ..data.transforms import apply_augment, draw_augment, normalize
 from ..data.views import FreshViews
 from ..distributed import context
 from ..errors import UserError
@@ -158,8 +158,10 @@ def train_one_epoch(epoch: int, model: nn.Module, forward: Callable, step: StepF
             images, labels, ids, flipped, chosen = fetched
         else:
             images, labels, ids = fetched
-            images, flipped = train_augment(images, info, loader.generator)  # on the CPU: its draws as ever
-            chosen = None
+            # drawn on the CPU generator as ever, applied after the copy: the batch the loader's
+            # workers pinned goes to the device as it is, pinned once
+            drawn = draw_augment(len(images), info, loader.generator)
+            images, flipped, chosen = apply_augment(to_device(images, device), info, drawn), drawn.flipped, None
         images = normalize(to_device(images, device), info)
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
