@@ -41,6 +41,57 @@ def test_two_process_distill(digits_run, tmp_path):
     assert (out / "best.pt").exists() and (out / "summary.json").exists()
 
 
+SHARDED_EVALUATION = """
+import json, os, sys
+
+import torch
+import torch.nn.functional as F
+
+from energytools.config import DataConfig
+from energytools.data.transforms import normalize
+from energytools.distributed import context
+from energytools.engine import evaluate
+from energytools.models import create_model
+
+ctx = context()
+data = DataConfig(dataset="digits")
+train_set, test_set = data.build("train"), data.build("test")
+torch.manual_seed(0)
+model = create_model("cnn_tiny", 10, 1, 8)
+images, labels, _ = train_set.__getitems__(list(range(512)))
+optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+for _ in range(20):  # the same steps on every rank: equal weights, predictions worth counting
+    optimizer.zero_grad()
+    F.cross_entropy(model(normalize(images, train_set.info)), labels).backward()
+    optimizer.step()
+for module in model.modules():  # BatchNorm statistics of each rank's own, as after a DDP step
+    if isinstance(module, torch.nn.BatchNorm2d):
+        module.running_mean.add_(ctx.rank)
+one_process = evaluate(model, test_set, torch.device("cpu"), 32) if ctx.is_main else None  # rank 0 alone, whole set
+evaluated = []
+model.register_forward_hook(lambda module, args, output: evaluated.append(len(output)))
+sharded = evaluate(model, test_set, torch.device("cpu"), 32, ctx=ctx)
+with open(os.path.join(sys.argv[1], f"rank{ctx.rank}.json"), "w") as handle:
+    json.dump({"one_process": one_process, "sharded": sharded, "evaluated": sum(evaluated), "size": len(test_set)},
+              handle)
+"""
+
+
+def test_sharded_evaluation_over_two_ranks_gives_the_one_process_accuracy(tmp_path):
+    """evaluate(..., ctx=context()): each rank evaluates a disjoint share of the set, with rank
+    0's buffers, and every rank gets the accuracy rank 0 alone gets on the whole set."""
+    import json
+
+    script = tmp_path / "sharded.py"
+    script.write_text(SHARDED_EVALUATION)
+    result = torchrun(tmp_path, script=str(script))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0]["sharded"] == ranks[1]["sharded"] == ranks[0]["one_process"], ranks
+    assert ranks[0]["evaluated"] + ranks[1]["evaluated"] == ranks[0]["size"], ranks  # no sample twice
+    assert 0 < ranks[1]["evaluated"] < ranks[0]["size"], ranks
+
+
 def test_a_rank_without_samples_is_refused_by_every_rank(digits_run, tmp_path):
     out = tmp_path / "s.parquet"
     result = torchrun("score", "--teacher", digits_run["teacher"], "--out", out, "--part-size", 100000)
