@@ -34,13 +34,84 @@ def test_two_process_score_equals_one_process(digits_run, tmp_path):
 
 
 def test_two_process_distill(digits_run, tmp_path):
+    """The ranks share val and test (batches of 8, dealt out in turn) with rank 0's BatchNorm
+    buffers, so metrics.parquet holds what one process measures on the saved best.pt and last.pt;
+    rank 0 alone prints the summary (before: two `done:` lines, rank 1's from its own buffers).
+    The test below isolates the buffers: here rank 1's differ by little and may flip no prediction."""
+    import torch
+
+    from energytools.config import DataConfig, resolve
+    from energytools.engine import evaluate
+    from energytools.models import load_checkpoint, load_model
+
     out = tmp_path / "ddp"
     result = torchrun("distill", "--scores", digits_run["scores"], "--student", "cnn_tiny", "--method", "energy-kd",
-                      "--epochs", 2, "--out", out, "--device", "cpu")
+                      "--epochs", 2, "--out", out, "--device", "cpu", "--eval-batch-size", 8)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = pl.read_parquet(out / "metrics.parquet")
     assert metrics.height == 2 and metrics["val_acc"].is_not_null().all()
     assert (out / "best.pt").exists() and (out / "summary.json").exists()
+    output = (result.stdout + result.stderr).splitlines()
+    assert sum(line.startswith("done:") for line in output) == 1, result.stderr[-3000:]
+    assert sum(line.startswith("epoch 2/2") for line in output) == 1
+    for name in ("best.pt", "last.pt"):
+        model, meta = load_model(out / name)
+        data = resolve(DataConfig, meta["data"], name)
+        epoch = load_checkpoint(out / name)["epoch"]
+        row = metrics.filter(pl.col("epoch") == epoch).row(0, named=True)
+        for split in ("val", "test"):
+            assert evaluate(model, data.build(split), torch.device("cpu"), 8) == row[f"{split}_acc"], (name, split)
+
+
+SHARDED_EVALUATION = """
+import json, os, sys
+
+import torch
+import torch.nn.functional as F
+
+from energytools.config import DataConfig
+from energytools.data.transforms import normalize
+from energytools.distributed import context
+from energytools.engine import evaluate
+from energytools.models import create_model
+
+ctx = context()
+data = DataConfig(dataset="digits")
+train_set, test_set = data.build("train"), data.build("test")
+torch.manual_seed(0)
+model = create_model("cnn_tiny", 10, 1, 8)
+images, labels, _ = train_set.__getitems__(list(range(512)))
+optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+for _ in range(20):  # the same steps on every rank: equal weights, predictions worth counting
+    optimizer.zero_grad()
+    F.cross_entropy(model(normalize(images, train_set.info)), labels).backward()
+    optimizer.step()
+for module in model.modules():  # BatchNorm statistics of each rank's own, as after a DDP step
+    if isinstance(module, torch.nn.BatchNorm2d):
+        module.running_mean.add_(ctx.rank)
+one_process = evaluate(model, test_set, torch.device("cpu"), 32) if ctx.is_main else None  # rank 0 alone, whole set
+evaluated = []
+model.register_forward_hook(lambda module, args, output: evaluated.append(len(output)))
+sharded = evaluate(model, test_set, torch.device("cpu"), 32, ctx=ctx)
+with open(os.path.join(sys.argv[1], f"rank{ctx.rank}.json"), "w") as handle:
+    json.dump({"one_process": one_process, "sharded": sharded, "evaluated": sum(evaluated), "size": len(test_set)},
+              handle)
+"""
+
+
+def test_sharded_evaluation_over_two_ranks_gives_the_one_process_accuracy(tmp_path):
+    """evaluate(..., ctx=context()): each rank evaluates a disjoint share of the set, with rank
+    0's buffers, and every rank gets the accuracy rank 0 alone gets on the whole set."""
+    import json
+
+    script = tmp_path / "sharded.py"
+    script.write_text(SHARDED_EVALUATION)
+    result = torchrun(tmp_path, script=str(script))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0]["sharded"] == ranks[1]["sharded"] == ranks[0]["one_process"], ranks
+    assert ranks[0]["evaluated"] + ranks[1]["evaluated"] == ranks[0]["size"], ranks  # no sample twice
+    assert 0 < ranks[1]["evaluated"] < ranks[0]["size"], ranks
 
 
 def test_a_rank_without_samples_is_refused_by_every_rank(digits_run, tmp_path):

@@ -106,6 +106,56 @@ def test_train_augment_crops_as_before():
     assert train_augment(images[:, :1], gray, torch.Generator())[0].stride() == (64, 64, 8, 1)
 
 
+def _devices():
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("crop_pad,flip", [(3, True), (0, True), (2, False)])
+def test_the_augmentation_drawn_on_the_cpu_applies_on_any_device_with_the_same_bytes(crop_pad, flip):
+    """The loop draws crops and flips on the CPU generator (the draws of before) and applies
+    them after the copy to the device: the same bytes, strides and flips as train_augment, and
+    no data-dependent shape or host read, so a GPU applies them without waiting."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from energytools.data.base import DatasetInfo
+    from energytools.data.transforms import apply_augment, draw_augment, train_augment
+
+    info = DatasetInfo("c", 10, 3, 8, (0.5,) * 3, (0.2,) * 3, train_flip=flip, train_crop_pad=crop_pad)
+    images = torch.randint(0, 255, (16, 3, 8, 8), dtype=torch.uint8)
+    expected, flipped = train_augment(images, info, torch.Generator().manual_seed(4))
+    for device in _devices():
+        draw = draw_augment(16, info, torch.Generator().manual_seed(4))
+        out = apply_augment(images.to(device), info, draw)
+        assert out.device.type == device and torch.equal(out.cpu(), expected), device
+        assert out.stride() == expected.stride() and torch.equal(draw.flipped, flipped)
+    draw = draw_augment(16, info, torch.Generator().manual_seed(4))
+    assert draw.any_flipped == flip  # 16 fair coins: some land heads
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:  # boolean indexing or .item() would raise here
+        assert apply_augment(mode.from_tensor(images), info, draw).shape == images.shape
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs cuda")
+def test_with_workers_a_training_batch_is_pinned_once(tmp_path, monkeypatch):
+    """The workers' batch is pinned by the DataLoader and goes to the GPU as it is: the main thread
+    pins no image batch (before: the batch augmented on the CPU after the workers was pinned again)."""
+    import threading
+
+    from energytools.stages.train import train
+
+    pinned_here, pin = [], torch.Tensor.pin_memory
+
+    def noting(self, *args, **kwargs):
+        if threading.current_thread() is threading.main_thread() and self.dim() == 4:
+            pinned_here.append(tuple(self.shape))
+        return pin(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", noting)
+    train(TrainStageConfig(model="cnn_tiny", out=str(tmp_path / "t"),
+                           data=DataConfig(dataset="digits", limit=200, eval_limit=60, crop_pad=2),
+                           train=TrainConfig(epochs=1, batch_size=32, num_workers=1, device="cuda")))
+    assert pinned_here == []
+
+
 def test_resized_crop_boxes_and_pixels_follow_torchvision():
     import torchvision.transforms.functional as TF
     from torchvision.transforms import InterpolationMode

@@ -6,9 +6,12 @@ run is reproducible whatever the number of DataLoader workers.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from ..transfer import to_device
 from .base import DatasetInfo
 
 
@@ -30,30 +33,59 @@ def normalize(images: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
     return (images.float().div_(255.0) - mean) / std
 
 
+@dataclass
+class AugmentDraw:
+    """The random part of :func:`train_augment` for one batch, drawn on the CPU: crop offsets
+    ``(B, 2)`` (row, column; None without a crop) and a flip flag per sample."""
+
+    offsets: torch.Tensor | None
+    flipped: torch.Tensor
+    any_flipped: bool  # read on the CPU when drawn, so applying on a device never waits for it
+
+
+def draw_augment(batch: int, info: DatasetInfo, generator: torch.Generator) -> AugmentDraw:
+    """Draw a batch's crop offsets and flips from ``generator`` (on the CPU, in this order)."""
+    offsets = None
+    pad = info.train_crop_pad
+    if pad:
+        offsets = torch.randint(0, 2 * pad + 1, (batch, 2), generator=generator)
+    flipped = torch.zeros(batch, dtype=torch.bool)
+    if info.train_flip:
+        flipped = torch.rand(batch, generator=generator) < 0.5
+    return AugmentDraw(offsets, flipped, bool(flipped.any()))
+
+
+def apply_augment(images: torch.Tensor, info: DatasetInfo, draw: AugmentDraw) -> torch.Tensor:
+    """Crop with zero padding, then flip, as ``draw`` says, on the device ``images`` are on.
+
+    Integer gathers and selections only: the same bytes on any device, and no data-dependent
+    shape or host read (nothing a GPU stream would wait on)."""
+    out, device = images, images.device
+    pad = info.train_crop_pad
+    if draw.offsets is not None:
+        batch, channels = images.shape[:2]
+        height, width = images.shape[-2:]
+        offsets = to_device(draw.offsets, device)
+        padded = F.pad(images, (pad, pad, pad, pad))
+        rows = offsets[:, :1] + torch.arange(height, device=device)
+        cols = offsets[:, 1:] + torch.arange(width, device=device)
+        full = width + 2 * pad
+        index = (rows[:, :, None] * full + cols[:, None, :]).view(batch, 1, -1).expand(-1, channels, -1)
+        # one gather, with NCHW strides as the old torch.stack gave (the strides pick the conv kernel)
+        out = padded.reshape(batch, channels, -1).gather(2, index).view(images.shape)
+    if draw.any_flipped:
+        flip = to_device(draw.flipped, device).view(-1, 1, 1, 1)
+        out = torch.where(flip, out.flip(-1), out)
+    return out
+
+
 def train_augment(images: torch.Tensor, info: DatasetInfo, generator: torch.Generator):
-    """The dataset's train-time augmentation on a uint8 batch.
+    """The dataset's train-time augmentation on a uint8 batch: :func:`draw_augment`, then
+    :func:`apply_augment` where the batch is.
 
     Returns ``(augmented, flipped)`` where ``flipped`` is a bool per sample (used to pick
     the matching cached teacher logits). Crop with zero padding, then horizontal flip. Runs
     that replay stored views render them with energytools.data.views instead.
     """
-    batch = images.shape[0]
-    flipped = torch.zeros(batch, dtype=torch.bool)
-    out = images
-    pad = info.train_crop_pad
-    if pad:
-        height, width = images.shape[-2:]
-        padded = F.pad(images, (pad, pad, pad, pad))
-        offsets = torch.randint(0, 2 * pad + 1, (batch, 2), generator=generator)
-        rows = offsets[:, :1] + torch.arange(height)
-        cols = offsets[:, 1:] + torch.arange(width)
-        full = width + 2 * pad
-        index = (rows[:, :, None] * full + cols[:, None, :]).view(batch, 1, -1).expand(-1, images.shape[1], -1)
-        # one gather, with NCHW strides as the old torch.stack gave (the strides pick the conv kernel)
-        out = padded.reshape(batch, images.shape[1], -1).gather(2, index).view(images.shape)
-    if info.train_flip:
-        flipped = torch.rand(batch, generator=generator) < 0.5
-        if flipped.any():
-            out = out.clone() if out is images else out
-            out[flipped] = out[flipped].flip(-1)
-    return out, flipped
+    draw = draw_augment(images.shape[0], info, generator)
+    return apply_augment(images, info, draw), draw.flipped

@@ -44,8 +44,9 @@ class ModelEma(nn.Module):
         if ema_params:
             torch._foreach_lerp_(ema_params, params, 1.0 - self.current_decay())
         self.updates += 1
-        for ema_buffer, buffer in zip(self.module.buffers(), model.buffers()):
-            ema_buffer.copy_(buffer)
+        ema_buffers = list(self.module.buffers())
+        if ema_buffers:  # one foreach copy, not a kernel a buffer (a ResNet has three per BatchNorm)
+            torch._foreach_copy_(ema_buffers, list(model.buffers()))
 
     def checkpoint_state(self) -> dict:
         """What last.pt holds of the average: its weights (keyed as the model's) and update count."""

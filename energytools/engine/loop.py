@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from ..console import console, progress_bar
 from ..data import ImageSet
-from ..data.transforms import normalize, train_augment
+from ..data.transforms import apply_augment, draw_augment, normalize
 from ..data.views import FreshViews
 from ..distributed import context
 from ..errors import UserError
@@ -35,7 +35,7 @@ from ..table import write_parquet
 from ..preemption import RESUME_RUN, Stopped, stop_requested
 from .checkpoint import Position, StepBoundary, own_rngs, restore_rngs
 from .ema import ModelEma, create_ema
-from .evaluation import evaluate
+from .evaluation import Evaluator
 from .loaders import TrainLoader
 from ..transfer import to_device
 from .runtime import autocast, deterministic, resolve_device
@@ -158,8 +158,10 @@ def train_one_epoch(epoch: int, model: nn.Module, forward: Callable, step: StepF
             images, labels, ids, flipped, chosen = fetched
         else:
             images, labels, ids = fetched
-            images, flipped = train_augment(images, info, loader.generator)  # on the CPU: its draws as ever
-            chosen = None
+            # drawn on the CPU generator as ever, applied after the copy: the batch the loader's
+            # workers pinned goes to the device as it is, pinned once
+            drawn = draw_augment(len(images), info, loader.generator)
+            images, flipped, chosen = apply_augment(to_device(images, device), info, drawn), drawn.flipped, None
         images = normalize(to_device(images, device), info)
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -280,6 +282,9 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
         console.print(f"resuming {out_dir} from epoch {start_epoch}"
                       + (f", step {position.step}" if position is not None else ""))
     loader = TrainLoader(train_set, cfg, device, ctx, views)
+    # one loader per evaluation set for the run (raw and EMA weights), each rank a share of the set
+    evaluators = {name: Evaluator(dataset, device, cfg.eval_batch_size, cfg.num_workers, cfg.amp, cfg.channels_last, ctx)
+                  for name, dataset in (("val", val_set), ("test", test_set))}
 
     def save_last(epochs_done: int, epoch_position: Position | None = None) -> None:
         """last.pt: everything a resumed run needs, after ``epochs_done`` epochs (and a position
@@ -311,19 +316,15 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
             values = torch.stack([sums[n] for n in names]).tolist() if names else []  # one read per epoch
             summed = ctx.all_sum(values + [seen])
             totals, seen = dict(zip(names, summed[:-1])), int(summed[-1])
-            val_acc = evaluate(model, val_set, device, cfg.eval_batch_size, cfg.num_workers, cfg.amp, cfg.channels_last)
-            test_acc = evaluate(model, test_set, device, cfg.eval_batch_size, cfg.num_workers, cfg.amp,
-                                cfg.channels_last)
+            val_acc, test_acc = evaluators["val"].accuracy(model), evaluators["test"].accuracy(model)
             row = {"epoch": epoch + 1, "lr": lr, "loss": sum(totals.values()) / max(seen, 1),
                    **{f"loss_{k}": v / max(seen, 1) for k, v in totals.items()},
                    "val_acc": val_acc, "test_acc": test_acc, "seconds": time.perf_counter() - started,
                    **(distiller.epoch_metrics() if distiller is not None else {})}
             candidate, which = (model, "raw")
             if ema is not None:  # the averaged weights, evaluated beside the raw ones; best.pt takes either
-                row["ema_val_acc"] = evaluate(ema.module, val_set, device, cfg.eval_batch_size, cfg.num_workers,
-                                              cfg.amp, cfg.channels_last)
-                row["ema_test_acc"] = evaluate(ema.module, test_set, device, cfg.eval_batch_size, cfg.num_workers,
-                                               cfg.amp, cfg.channels_last)
+                row["ema_val_acc"] = evaluators["val"].accuracy(ema.module)
+                row["ema_test_acc"] = evaluators["test"].accuracy(ema.module)
                 if row["ema_val_acc"] > val_acc:
                     candidate, which, val_acc, test_acc = ema.module, "ema", row["ema_val_acc"], row["ema_test_acc"]
             rows.append(row)

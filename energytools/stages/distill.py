@@ -116,7 +116,9 @@ def distill(cfg: DistillConfig, on_step: Callable | None = None) -> FitResult:
     (an :class:`energytools.engine.StepEvent` callback) sees every step, with the step's
     :class:`SampleInfo` in ``event.batch.extras["sample_info"]``."""
     cfg.check()
-    context(cfg.train.device)  # under torchrun: join the process group for this device before anything else
+    # under torchrun: join the process group for this device before anything else; rank 0 speaks
+    # for the job (every rank holds the same weights and accuracies)
+    main = context(cfg.train.device).is_main
     spec, out = method_spec(cfg.method), Path(cfg.out)
     table, meta = load_table(cfg.scores)  # the per-view columns are read apart (training_data.plan_views)
     meta.require_train(cfg.scores, "distill")
@@ -137,11 +139,12 @@ def distill(cfg: DistillConfig, on_step: Callable | None = None) -> FitResult:
     with run_directory(out, cfg.resume, cfg.overwrite, resolved, may_change) as writes_files:
         run_meta = {**model_meta(cfg.student, train_set, data), "method": cfg.method, "config": resolved,
                     "versions": versions(), **({"preprocessing": preprocessing} if preprocessing is not None else {})}
-        if init is not None:
-            console.print(f"student init from {cfg.student_init}: {init.summary()}")
-        console.print(f"distill {cfg.student} with {cfg.method} on {info.name}: {len(train_set)} samples"
-                      f"{f' + {n_aug} HE-DA' if n_aug else ''}{' + online HE-DA' if cfg.he_da else ''}, "
-                      f"temperatures {temperatures} ({plan.groups.rule.rule}, {cfg.temperature_source})")
+        if main:
+            if init is not None:
+                console.print(f"student init from {cfg.student_init}: {init.summary()}")
+            console.print(f"distill {cfg.student} with {cfg.method} on {info.name}: {len(train_set)} samples"
+                          f"{f' + {n_aug} HE-DA' if n_aug else ''}{' + online HE-DA' if cfg.he_da else ''}, "
+                          f"temperatures {temperatures} ({plan.groups.rule.rule}, {cfg.temperature_source})")
         result = fit(distiller.student, step, inputs.training_set, val_set, test_set, cfg.train, out, run_meta,
                      resume=cfg.resume, views=inputs.replay.schedule if inputs.replay is not None else None,
                      distiller=distiller, on_step=on_step,
@@ -153,5 +156,6 @@ def distill(cfg: DistillConfig, on_step: Callable | None = None) -> FitResult:
                 "best_val_acc": result.best_val_acc, "best_test_acc": result.best_test_acc,
                 "last_test_acc": result.last_test_acc, "seconds": result.seconds,
                 "temperatures": temperatures, "shards": list(cfg.shards), "augmented_samples": n_aug})
-    console.print(headline("done", f": {out}: {result.summary()}"))
+    if main:
+        console.print(headline("done", f": {out}: {result.summary()}"))
     return result

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from ..config import TrainStageConfig, as_dict, content_of, resume_may_change_keys
 from ..console import console, headline
+from ..distributed import context
 from ..engine import Batch, FitResult, fit, model_meta, seed_everything, write_test_predictions
 from ..models import create_model
 from ..models.init import init_from
@@ -20,6 +21,7 @@ def train(cfg: TrainStageConfig, on_step: Callable | None = None) -> FitResult:
     ``on_step`` (an :class:`energytools.engine.StepEvent` callback) sees every step."""
     out = Path(cfg.out)
     cfg.train.check()
+    main = context().is_main  # under torchrun rank 0 speaks for the job (the ranks hold the same weights)
     data = cfg.data
     train_set, val_set, test_set = data.build("train"), data.build("val"), data.build("test")
     info = train_set.info
@@ -29,7 +31,8 @@ def train(cfg: TrainStageConfig, on_step: Callable | None = None) -> FitResult:
     if cfg.init:  # pretrained weights: the loaded, re-initialised and ignored tensors go into the run's config
         report = init_from(net, cfg.init, info.num_classes)
         config["init_weights"] = report.to_dict()
-        console.print(f"init from {cfg.init}: {report.summary()}")
+        if main:
+            console.print(f"init from {cfg.init}: {report.summary()}")
     # a resumed run may change what is marked so, and init's path (its content is compared)
     may_change = resume_may_change_keys(cfg) | {"init_weights.path"}
     with run_directory(out, cfg.resume, cfg.overwrite, config, may_change) as writes_files:
@@ -40,11 +43,13 @@ def train(cfg: TrainStageConfig, on_step: Callable | None = None) -> FitResult:
             logits = forward(batch.images)
             return logits, {"ce": F.cross_entropy(logits, batch.labels, label_smoothing=cfg.train.label_smoothing)}
 
-        console.print(f"train {cfg.model} on {info.name} ({len(train_set)} train / {len(val_set)} val / "
-                      f"{len(test_set)} test) for {cfg.train.epochs} epochs")
+        if main:
+            console.print(f"train {cfg.model} on {info.name} ({len(train_set)} train / {len(val_set)} val / "
+                          f"{len(test_set)} test) for {cfg.train.epochs} epochs")
         result = fit(net, step, train_set, val_set, test_set, cfg.train, out, meta, resume=cfg.resume,
                      on_step=on_step)
         if writes_files:
             write_test_predictions(net, test_set, out, cfg.train)
-    console.print(headline("done", f": {out}: {result.summary()}"))
+    if main:
+        console.print(headline("done", f": {out}: {result.summary()}"))
     return result
