@@ -21,7 +21,8 @@ def train(cfg: TrainStageConfig, on_step: Callable | None = None) -> FitResult:
     ``on_step`` (an :class:`energytools.engine.StepEvent` callback) sees every step."""
     out = Path(cfg.out)
     cfg.train.check()
-    main = context().is_main  # under torchrun rank 0 speaks for the job (the ranks hold the same weights)
+    # under torchrun: join the process group for this device first; rank 0 speaks for the job
+    main = context(cfg.train.device).is_main
     data = cfg.data
     train_set, val_set, test_set = data.build("train"), data.build("val"), data.build("test")
     info = train_set.info
