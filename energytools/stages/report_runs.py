@@ -16,6 +16,12 @@ from ..summaries import VERDICT_RULE, aggregate_runs, html_table, paired_deltas,
 from ..table import TableMeta, read_metadata, read_parquet
 from .report_figures import Inputs, Part, label_names, per_class_accuracy
 from .report_labels import run_names, run_temperatures
+from .report_profile import accuracy_latency, comparison_columns, read_profiles, with_profile
+
+#: what the comparison's profile columns are (energytools profile; docs/guide.md "Deploying the student")
+PROFILE_NOTE = (" Size and latency from `energytools profile` (means over seeds): parameters (millions), MACs "
+                "(millions; FLOPs / 2), best.pt on disk, median latency in ms at batch 1 and 64 (PyTorch eager on "
+                "the CPU, and onnxruntime where an exported file was profiled).")
 
 
 def read_runs(runs: list[Path]) -> pl.DataFrame:
@@ -63,15 +69,19 @@ def choose_baseline(runs: pl.DataFrame, name: str | None) -> str:
 
 
 def comparison_table(runs: pl.DataFrame, baseline: str) -> str:
-    """Configurations against the baseline: mean ± std over seeds, paired Δ, wins, verdict."""
+    """Configurations against the baseline: mean ± std over seeds, paired Δ, wins, verdict, and the
+    size and latency columns of profiled runs (report_profile; means over seeds)."""
+    profiled = comparison_columns(runs)
     aggregated = summary_cells(aggregate_runs(
-        runs.select("config", "method", "seed", "best", "last", "seconds_per_epoch", "temperatures", "augmented"),
+        runs.select("config", "method", "seed", "best", "last", "seconds_per_epoch", "temperatures", "augmented",
+                    *profiled.values()),
         baseline)).with_columns(is_baseline=pl.col("verdict") == "baseline")
     return html_table(aggregated, {
         "configuration": "config", "method": "method", "seeds": "seeds", "test % (best val)": "best",
         f"Δ vs {baseline}": "delta_best", "test % (last epoch)": "last", "Δ last": "delta_last", "wins": "wins",
         "verdict": "verdict", "s/epoch": "seconds_per_epoch", "temperatures (T low / mid / high)": "temperatures",
-        "HE-DA samples": "augmented"}, name="comparison", decimals={"seconds_per_epoch": 1, "augmented": 0},
+        "HE-DA samples": "augmented", **profiled}, name="comparison",
+        decimals={"seconds_per_epoch": 1, "augmented": 0, "params_m": 3, "mmacs": 2},
         sort_keys={"best": "best_mean", "delta_best": "delta_best_mean", "last": "last_mean",
                    "delta_last": "delta_last_mean"}, highlight="is_baseline")
 
@@ -140,11 +150,15 @@ def per_class_parts(runs: pl.DataFrame, teacher: tuple[pl.DataFrame, str] | None
 def run_parts(inputs: Inputs, tables: dict[Path, pl.DataFrame], metas: dict[Path, TableMeta],
               baseline: str | None = None) -> tuple[dict[str, Part], str]:
     """The Distillation section: the comparison table first, then per-class accuracy, curves, every run."""
-    runs = read_runs(inputs.runs)
+    profiles = read_profiles(inputs.profiles)
+    runs = with_profile(read_runs(inputs.runs), profiles)
     chosen = choose_baseline(runs, baseline)
+    profiled = comparison_columns(runs)
     parts: dict[str, Part] = {"comparison": comparison_table(runs, chosen) + (
         "<p class='note'>A configuration is the runs whose config.json agree except for train.seed. "
-        f"{text(VERDICT_RULE)}</p>")}
+        f"{text(VERDICT_RULE)}{PROFILE_NOTE if profiled else ''}</p>")}
+    parts.update(accuracy_latency(aggregate_runs(runs.select("config", "seed", "best", "last", *profiled.values()),
+                                                 chosen), profiles))
     classes = next((tuple(read_metadata(Path(p) / TEST_PREDICTIONS).get("classes") or ())
                     for p in runs["path"] if (Path(p) / TEST_PREDICTIONS).exists()), ())
     classes = classes or next((m.dataset.classes for m in metas.values()), ())
