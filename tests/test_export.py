@@ -1,7 +1,10 @@
 """The student leaves the lab: `energytools export` (ONNX, checked with onnxruntime on the run's
 validation images), `energytools profile` (size and speed) and the report's deployment columns."""
+import html
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -24,7 +27,7 @@ from energytools.io import sha256_file  # noqa: E402
 from energytools.models import create_model, load_model, model_preprocessing, save_checkpoint  # noqa: E402
 from energytools.stages.export import export  # noqa: E402
 from energytools.stages.report import report  # noqa: E402
-from energytools.table import read_metadata  # noqa: E402
+from energytools.table import read_metadata, write_parquet  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -226,9 +229,48 @@ def test_report_shows_the_profile_columns_and_accuracy_against_latency(profiled,
     out, _ = profiled
     page = report([student_run, out], tmp_path / "report.html", thumbnails=False).read_text()
     header = page.split("data-table='comparison'")[1].split("</thead>")[0]
-    assert all(f"<th>{h}</th>" in header for h in ("params (M)", "MMACs", "ckpt MB", "ms b1", "onnx ms b1"))
+    assert "<th>MMACs / ms b1 / ms b64</th>" in header
     row = pl.read_parquet(out).row(0, named=True)
     body = page.split("data-table='comparison'")[1].split("</table>")[0]
-    assert f">{row['params'] / 1e6:.3f}<" in body and f">{row['eager_b1_ms']:.2f}<" in body
+    assert f">{row['macs'] / 1e6:.2f} / {row['eager_b1_ms']:.2f} / —<" in body  # profiled at batch 1 and 4
+    profile_table = page.split("data-table='profile'")[1].split("</table>")[0]
+    assert f">{row['params'] / 1e6:.3f}<" in profile_table and f">{row['onnx_b4_ms']:.2f}<" in profile_table
     assert "data-name='accuracy_latency'" in page and "data-table='profile'" in page
     assert "teacher (teacher)" in page  # the teacher's point and row
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed (make test installs it)")
+def test_profile_section_renders_in_headless_chromium(tmp_path):
+    """Twelve fake runs (six configurations) and a profile of each plus the teacher: the comparison
+    table still fits the first screen with its new columns, every profile row is shown and plotly
+    draws the accuracy-against-latency scatter."""
+    from test_report import CHECK_SCRIPT, CONFIGS, fake_run
+
+    runs = []
+    for name, method, heda, temps, offset in CONFIGS:
+        for seed in (0, 1):
+            runs.append(fake_run(tmp_path / "runs" / name / f"seed{seed}", method, seed, 80 + offset + seed,
+                                 79.9 + offset, shards=("he-da",) * heda, temperatures=temps))
+    rows = [{"role": "student", "run": str(r.name), "arch": "cnn_small", "method": "kd", "test_acc": 80.0,
+             "params": 100_000 + i, "macs": 2_000_000, "checkpoint_mb": 0.4, "checkpoint": str(r / "best.pt"),
+             "eager_b1_ms": 1.0 + i / 10, "eager_b1_iqr_ms": 0.1, "eager_b64_ms": 20.0 + i,
+             "eager_b64_iqr_ms": 1.0, "onnx_b1_ms": 0.5, "onnx_b1_iqr_ms": 0.05, "onnx_b64_ms": 9.0,
+             "onnx_b64_iqr_ms": 0.5} for i, r in enumerate(runs)]
+    rows.append({**rows[0], "role": "teacher", "run": "teacher (teacher)", "arch": "resnet20", "test_acc": 90.0,
+                 "checkpoint": str(tmp_path / "teacher" / "best.pt"), "eager_b1_ms": 6.0})
+    profile_file = write_parquet(pl.DataFrame(rows), tmp_path / "profile.parquet", {"kind": "profile"})
+    out = report([tmp_path / "runs", profile_file], tmp_path / "report.html", thumbnails=False)
+    checked = tmp_path / "checked.html"
+    checked.write_text(out.read_text().replace("</body>", CHECK_SCRIPT + "</body>"))
+    cmd = [shutil.which("chromium"), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--no-first-run", "--disable-component-update", f"--user-data-dir={tmp_path / 'browser'}",
+           "--virtual-time-budget=5000", "--window-size=1400,900", "--dump-dom", checked.as_uri()]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    check = json.loads(html.unescape(re.search(r'<pre id="check">(.*?)</pre>', dom, re.S).group(1)))
+    tables = {t["name"]: t for t in check["tables"]}
+    assert tables["comparison"]["right"] <= 1400 and tables["comparison"]["bottom"] <= 900
+    assert len(tables["profile"]["rows"]) == 13
+    assert not [(t["name"], row["first"]) for t in check["tables"] for row in t["rows"] if not row["shown"]]
+    scatter = re.search(r"data-name=\"accuracy_latency\">(.*?)</div>", dom, re.S)
+    assert scatter and 'class="main-svg"' in dom.split('data-name="accuracy_latency"')[1].split("data-name=")[0]
+    assert "teacher (teacher)" in " ".join(check["texts"])

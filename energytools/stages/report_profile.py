@@ -7,14 +7,13 @@ from pathlib import Path
 import plotly.graph_objects as go
 import polars as pl
 
-from ..summaries import html_table, text
+from ..summaries import format_value, html_table, text
 from .profile import read_profile
 from .report_figures import Part
 
-#: profile columns the comparison table shows (header -> column), when the runs were profiled
-COMPARISON_COLUMNS = {"params (M)": "params_m", "MMACs": "mmacs", "ckpt MB": "checkpoint_mb",
-                      "ms b1": "eager_b1_ms", "ms b64": "eager_b64_ms", "onnx ms b1": "onnx_b1_ms",
-                      "onnx ms b64": "onnx_b64_ms"}
+#: profile columns the comparison table shows (header -> column), when the runs were profiled; few, so
+#: that the table still fits the first screen (the profile table below holds every column)
+COMPARISON_COLUMNS = {"MMACs": "mmacs", "ms b1": "eager_b1_ms", "ms b64": "eager_b64_ms"}
 
 #: the latency on the scatter's x axis, preferred first
 LATENCY_AXES = (("eager_b1_ms", "PyTorch eager, batch 1"), ("onnx_b1_ms", "onnxruntime, batch 1"))
@@ -38,16 +37,34 @@ def with_profile(runs: pl.DataFrame, profiles: pl.DataFrame | None) -> pl.DataFr
     was not profiled); unchanged without profile files."""
     if profiles is None:
         return runs
-    present = [c for c in COMPARISON_COLUMNS.values() if c in profiles.columns]
+    profiles = profiles.with_columns([pl.lit(None, dtype=pl.Float64).alias(c) for c in COMPARISON_COLUMNS.values()
+                                      if c not in profiles.columns])
+    present = list(COMPARISON_COLUMNS.values())
     keyed = runs.with_columns(run_path=pl.Series([str(Path(p).resolve()) for p in runs["path"]], dtype=pl.String))
     joined = keyed.join(profiles.select("run_path", *present), on="run_path", how="left", validate="m:1",
                         maintain_order="left")
     return joined.drop("run_path")
 
 
+#: the comparison's one profile cell: "MMACs / ms b1 / ms b64" (one column, so the table fits the first screen)
+DEPLOYMENT = "deployment"
+
+
+def deployment_cell(aggregated: pl.DataFrame, profiled: dict[str, str]) -> tuple[pl.DataFrame, dict[str, str]]:
+    """``aggregated`` with the text column :data:`DEPLOYMENT` and its header, or as it is when no run
+    was profiled."""
+    if not profiled:
+        return aggregated, {}
+    columns = list(COMPARISON_COLUMNS.values())
+    cells = [" / ".join(format_value(row.get(c)) for c in columns) for row in aggregated.to_dicts()]
+    return (aggregated.with_columns(pl.Series(DEPLOYMENT, cells, dtype=pl.String)),
+            {" / ".join(COMPARISON_COLUMNS): DEPLOYMENT})
+
+
 def comparison_columns(runs: pl.DataFrame) -> dict[str, str]:
-    """The profile columns of ``runs`` that hold a value for some run."""
-    return {h: c for h, c in COMPARISON_COLUMNS.items() if c in runs.columns and runs[c].drop_nulls().len()}
+    """The profile columns of ``runs`` (all of them, or none when no run was profiled)."""
+    profiled = any(c in runs.columns and runs[c].drop_nulls().len() for c in COMPARISON_COLUMNS.values())
+    return {h: c for h, c in COMPARISON_COLUMNS.items() if c in runs.columns} if profiled else {}
 
 
 def accuracy_latency(aggregated: pl.DataFrame, profiles: pl.DataFrame | None) -> dict[str, Part]:

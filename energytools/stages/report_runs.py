@@ -16,12 +16,12 @@ from ..summaries import VERDICT_RULE, aggregate_runs, html_table, paired_deltas,
 from ..table import TableMeta, read_metadata, read_parquet
 from .report_figures import Inputs, Part, label_names, per_class_accuracy
 from .report_labels import run_names, run_temperatures
-from .report_profile import accuracy_latency, comparison_columns, read_profiles, with_profile
+from .report_profile import DEPLOYMENT, accuracy_latency, comparison_columns, deployment_cell, read_profiles, with_profile
 
 #: what the comparison's profile columns are (energytools profile; docs/guide.md "Deploying the student")
-PROFILE_NOTE = (" Size and latency from `energytools profile` (means over seeds): parameters (millions), MACs "
-                "(millions; FLOPs / 2), best.pt on disk, median latency in ms at batch 1 and 64 (PyTorch eager on "
-                "the CPU, and onnxruntime where an exported file was profiled).")
+PROFILE_NOTE = (" Size and speed from `energytools profile` (means over seeds): MMACs, millions of "
+                "multiply-accumulates per image (FLOPs / 2); ms b1 and ms b64, median PyTorch eager latency at batch "
+                "1 and 64. Parameters, checkpoint size, onnxruntime and the spread: the profile table below.")
 
 
 def read_runs(runs: list[Path]) -> pl.DataFrame:
@@ -76,14 +76,14 @@ def comparison_table(runs: pl.DataFrame, baseline: str) -> str:
         runs.select("config", "method", "seed", "best", "last", "seconds_per_epoch", "temperatures", "augmented",
                     *profiled.values()),
         baseline)).with_columns(is_baseline=pl.col("verdict") == "baseline")
+    aggregated, shown = deployment_cell(aggregated, profiled)
     return html_table(aggregated, {
         "configuration": "config", "method": "method", "seeds": "seeds", "test % (best val)": "best",
         f"Δ vs {baseline}": "delta_best", "test % (last epoch)": "last", "Δ last": "delta_last", "wins": "wins",
         "verdict": "verdict", "s/epoch": "seconds_per_epoch", "temperatures (T low / mid / high)": "temperatures",
-        "HE-DA samples": "augmented", **profiled}, name="comparison",
-        decimals={"seconds_per_epoch": 1, "augmented": 0, "params_m": 3, "mmacs": 2},
+        "HE-DA samples": "augmented", **shown}, name="comparison", decimals={"seconds_per_epoch": 1, "augmented": 0},
         sort_keys={"best": "best_mean", "delta_best": "delta_best_mean", "last": "last_mean",
-                   "delta_last": "delta_last_mean"}, highlight="is_baseline")
+                   "delta_last": "delta_last_mean", DEPLOYMENT: "eager_b1_ms"}, highlight="is_baseline")
 
 
 def runs_table(runs: pl.DataFrame, baseline: str) -> str:
