@@ -13,7 +13,7 @@ from .report_figures import Part
 
 #: profile columns the comparison table shows (header -> column), when the runs were profiled; few, so
 #: that the table still fits the first screen (the profile table below holds every column)
-COMPARISON_COLUMNS = {"MMACs": "mmacs", "ms b1": "eager_b1_ms", "ms b64": "eager_b64_ms"}
+COMPARISON_COLUMNS = {"MMACs": "mmacs", "ms b1": "eager_b1_ms"}
 
 #: the latency on the scatter's x axis, preferred first
 LATENCY_AXES = (("eager_b1_ms", "PyTorch eager, batch 1"), ("onnx_b1_ms", "onnxruntime, batch 1"))
@@ -46,7 +46,7 @@ def with_profile(runs: pl.DataFrame, profiles: pl.DataFrame | None) -> pl.DataFr
     return joined.drop("run_path")
 
 
-#: the comparison's one profile cell: "MMACs / ms b1 / ms b64" (one column, so the table fits the first screen)
+#: the comparison's one profile cell: "MMACs / ms b1" (one column, so the table fits the first screen)
 DEPLOYMENT = "deployment"
 
 

@@ -20,8 +20,8 @@ from .report_profile import DEPLOYMENT, accuracy_latency, comparison_columns, de
 
 #: what the comparison's profile columns are (energytools profile; docs/guide.md "Deploying the student")
 PROFILE_NOTE = (" Size and speed from `energytools profile` (means over seeds): MMACs, millions of "
-                "multiply-accumulates per image (FLOPs / 2); ms b1 and ms b64, median PyTorch eager latency at batch "
-                "1 and 64. Parameters, checkpoint size, onnxruntime and the spread: the profile table below.")
+                "multiply-accumulates per image (FLOPs / 2); ms b1, median PyTorch eager latency at batch 1. "
+                "Batch 64, parameters, checkpoint size, onnxruntime and the spread: the profile table below.")
 
 
 def read_runs(runs: list[Path]) -> pl.DataFrame:
@@ -80,7 +80,7 @@ def comparison_table(runs: pl.DataFrame, baseline: str) -> str:
     return html_table(aggregated, {
         "configuration": "config", "method": "method", "seeds": "seeds", "test % (best val)": "best",
         f"Δ vs {baseline}": "delta_best", "test % (last epoch)": "last", "Δ last": "delta_last", "wins": "wins",
-        "verdict": "verdict", "s/epoch": "seconds_per_epoch", "temperatures (T low / mid / high)": "temperatures",
+        "verdict": "verdict", "s/epoch": "seconds_per_epoch", "T low / mid / high": "temperatures",
         "HE-DA samples": "augmented", **shown}, name="comparison", decimals={"seconds_per_epoch": 1, "augmented": 0},
         sort_keys={"best": "best_mean", "delta_best": "delta_best_mean", "last": "last_mean",
                    "delta_last": "delta_last_mean", DEPLOYMENT: "eager_b1_ms"}, highlight="is_baseline")
