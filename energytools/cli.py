@@ -303,6 +303,56 @@ def report_command(
            label_issues=label_issues or [])
 
 
+@command("export")
+def export_command(
+    source: Annotated[Path, typer.Argument(metavar="RUN_OR_CHECKPOINT", help="a run directory (its best.pt) or a "
+                                           "checkpoint")],
+    fmt: Annotated[str, typer.Option("--format", help="file format: onnx")] = "onnx",
+    out: Annotated[Optional[Path], typer.Option(help="the file to write (default: student.onnx beside the "
+                                                     "checkpoint)")] = None,
+    check_samples: Annotated[int, typer.Option("--check-samples", metavar="N", help="validation images of the "
+                                               "run's dataset the export is checked on")] = 256,
+    opset: Annotated[int, typer.Option(help="ONNX opset")] = 17,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing OUT")] = False,
+):
+    """Export a trained model for deployment (ONNX, dynamic batch), checked with onnxruntime on the run's
+    validation images (needs `pip install 'energytools[export]'`).
+
+    Example: `energytools export runs/quickstart/energy-kd --format onnx --out student.onnx`
+    """
+    from .stages.export import export
+
+    export(source, out, fmt, check_samples, opset, overwrite)
+
+
+@command("profile")
+def profile_command(
+    paths: Annotated[list[Path], typer.Argument(metavar="RUN...", help="run directories or checkpoints")],
+    out: Annotated[Optional[Path], typer.Option(help="write the rows to this .parquet or .json file (the report "
+                                                     "reads the .parquet)")] = None,
+    onnx: Annotated[Optional[list[Path]], typer.Option("--onnx", metavar="FILE", help="an exported file to time "
+                                                       "too (repeatable; a .onnx beside a checkpoint, exported "
+                                                       "from it, is found without this)")] = None,
+    teacher: Annotated[bool, typer.Option("--teacher/--no-teacher", help="profile the runs' teacher too")] = True,
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", metavar="LIST", help="batch sizes timed "
+                                             "(comma-separated)")] = "1,64",
+    warmup: Annotated[int, typer.Option(help="untimed calls before the timed ones")] = 5,
+    runs: Annotated[int, typer.Option(help="timed calls per measurement (median and IQR reported)")] = 20,
+    threads: Annotated[Optional[int], typer.Option(help="torch and onnxruntime intra-op threads "
+                                                        "[default: torch's]")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing OUT")] = False,
+):
+    """Size and speed of trained models: parameters, MACs, checkpoint size, latency at each batch size in
+    PyTorch eager and onnxruntime, for the runs and their teacher.
+
+    Example: `energytools profile runs/quickstart/kd runs/quickstart/energy-kd --out runs/profile.parquet`
+    """
+    from .stages.profile import ProfileProtocol, parse_batch_sizes, profile
+
+    protocol = ProfileProtocol(parse_batch_sizes(batch_sizes), warmup, runs, threads)
+    profile(paths, out, onnx=onnx or [], teacher=teacher, protocol=protocol, overwrite=overwrite)
+
+
 @command("run")
 def run_command(
     recipe: Annotated[Path, typer.Argument(help="a pipelines/*.toml recipe")],

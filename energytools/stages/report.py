@@ -35,6 +35,7 @@ from .report_figures import Inputs, Section, curation_figures, score_figures, te
 from .report_issues import label_issue_section
 from .report_runs import read_runs, run_names, run_parts
 from .report_tables import comparison_sections
+from .profile import PROFILE_KIND
 
 __all__ = ["Inputs", "build_report", "discover", "read_runs", "render", "report", "run_names", "run_parts",
            "score_figures"]
@@ -48,7 +49,7 @@ def _is_train_run(path: Path) -> bool:
 
 
 #: the kinds of Parquet file the report reads (the ``kind`` of their metadata) -> where it files them
-PARQUET_KINDS = {"scores": "scores", LABEL_ISSUES_KIND: "label_issues"}
+PARQUET_KINDS = {"scores": "scores", LABEL_ISSUES_KIND: "label_issues", PROFILE_KIND: "profiles"}
 
 
 def discover(paths: list[Path | str]) -> Inputs:
@@ -62,7 +63,7 @@ def discover(paths: list[Path | str]) -> Inputs:
             if kind is not None:
                 getattr(found, kind).append(path)
             elif depth == 0:
-                raise UserError(f"{path} is not an energytools score table or label-issues file")
+                raise UserError(f"{path} is not an energytools score table, label-issues or profile file")
         elif path.is_dir():
             if (path / MANIFEST).exists():
                 found.shards.append(path)

@@ -52,6 +52,7 @@ class Inputs:
     runs: list[Path] = field(default_factory=list)
     teachers: list[Path] = field(default_factory=list)  # `train` run directories: the teacher's test predictions
     label_issues: list[Path] = field(default_factory=list)  # `energytools label-issues` files
+    profiles: list[Path] = field(default_factory=list)  # `energytools profile --out X.parquet` files
 
 
 def histogram_edges(values: np.ndarray, bins: int = BINS) -> np.ndarray:

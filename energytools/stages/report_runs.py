@@ -16,6 +16,12 @@ from ..summaries import VERDICT_RULE, aggregate_runs, html_table, paired_deltas,
 from ..table import TableMeta, read_metadata, read_parquet
 from .report_figures import Inputs, Part, label_names, per_class_accuracy
 from .report_labels import run_names, run_temperatures
+from .report_profile import DEPLOYMENT, accuracy_latency, comparison_columns, deployment_cell, read_profiles, with_profile
+
+#: what the comparison's profile columns are (energytools profile; docs/guide.md "Deploying the student")
+PROFILE_NOTE = (" Size and speed from `energytools profile` (means over seeds): MMACs, millions of "
+                "multiply-accumulates per image (FLOPs / 2); ms b1, median PyTorch eager latency at batch 1. "
+                "Batch 64, parameters, checkpoint size, onnxruntime and the spread: the profile table below.")
 
 
 def read_runs(runs: list[Path]) -> pl.DataFrame:
@@ -63,17 +69,21 @@ def choose_baseline(runs: pl.DataFrame, name: str | None) -> str:
 
 
 def comparison_table(runs: pl.DataFrame, baseline: str) -> str:
-    """Configurations against the baseline: mean ± std over seeds, paired Δ, wins, verdict."""
+    """Configurations against the baseline: mean ± std over seeds, paired Δ, wins, verdict, and the
+    size and latency columns of profiled runs (report_profile; means over seeds)."""
+    profiled = comparison_columns(runs)
     aggregated = summary_cells(aggregate_runs(
-        runs.select("config", "method", "seed", "best", "last", "seconds_per_epoch", "temperatures", "augmented"),
+        runs.select("config", "method", "seed", "best", "last", "seconds_per_epoch", "temperatures", "augmented",
+                    *profiled.values()),
         baseline)).with_columns(is_baseline=pl.col("verdict") == "baseline")
+    aggregated, shown = deployment_cell(aggregated, profiled)
     return html_table(aggregated, {
         "configuration": "config", "method": "method", "seeds": "seeds", "test % (best val)": "best",
         f"Δ vs {baseline}": "delta_best", "test % (last epoch)": "last", "Δ last": "delta_last", "wins": "wins",
-        "verdict": "verdict", "s/epoch": "seconds_per_epoch", "temperatures (T low / mid / high)": "temperatures",
-        "HE-DA samples": "augmented"}, name="comparison", decimals={"seconds_per_epoch": 1, "augmented": 0},
+        "verdict": "verdict", "s/epoch": "seconds_per_epoch", "T low / mid / high": "temperatures",
+        "HE-DA samples": "augmented", **shown}, name="comparison", decimals={"seconds_per_epoch": 1, "augmented": 0},
         sort_keys={"best": "best_mean", "delta_best": "delta_best_mean", "last": "last_mean",
-                   "delta_last": "delta_last_mean"}, highlight="is_baseline")
+                   "delta_last": "delta_last_mean", DEPLOYMENT: "eager_b1_ms"}, highlight="is_baseline")
 
 
 def runs_table(runs: pl.DataFrame, baseline: str) -> str:
@@ -140,11 +150,15 @@ def per_class_parts(runs: pl.DataFrame, teacher: tuple[pl.DataFrame, str] | None
 def run_parts(inputs: Inputs, tables: dict[Path, pl.DataFrame], metas: dict[Path, TableMeta],
               baseline: str | None = None) -> tuple[dict[str, Part], str]:
     """The Distillation section: the comparison table first, then per-class accuracy, curves, every run."""
-    runs = read_runs(inputs.runs)
+    profiles = read_profiles(inputs.profiles)
+    runs = with_profile(read_runs(inputs.runs), profiles)
     chosen = choose_baseline(runs, baseline)
+    profiled = comparison_columns(runs)
     parts: dict[str, Part] = {"comparison": comparison_table(runs, chosen) + (
         "<p class='note'>A configuration is the runs whose config.json agree except for train.seed. "
-        f"{text(VERDICT_RULE)}</p>")}
+        f"{text(VERDICT_RULE)}{PROFILE_NOTE if profiled else ''}</p>")}
+    parts.update(accuracy_latency(aggregate_runs(runs.select("config", "seed", "best", "last", *profiled.values()),
+                                                 chosen), profiles))
     classes = next((tuple(read_metadata(Path(p) / TEST_PREDICTIONS).get("classes") or ())
                     for p in runs["path"] if (Path(p) / TEST_PREDICTIONS).exists()), ())
     classes = classes or next((m.dataset.classes for m in metas.values()), ())
