@@ -291,13 +291,20 @@ class PeerWatch(threading.Thread):
             return
         while not self.stopping.wait(self.every):
             gone = [rank for rank, pid in peers.items() if not _alive(pid)]
-            gone = [rank for rank in gone if not store.check([_EXITED.format(rank)])]
+            gone = [rank for rank in gone if not _exited_normally(store, rank)]
             if gone and not self.stopping.is_set():
                 print(f"energytools: error: rank {self.ctx.rank} of {self.ctx.world}: rank "
                       f"{', '.join(map(str, gone))} died or was killed (see torchrun's report for its exit code); "
                       "re-run the same command to resume (train and distill: with --resume)",
                       file=sys.stderr, flush=True)
                 os._exit(2)
+
+
+def _exited_normally(store, rank: int) -> bool:
+    try:
+        return store.check([_EXITED.format(rank)])
+    except Exception:  # noqa: BLE001 - the store went with the rank that hosted it: not a normal exit
+        return False
 
 
 def _record_exit(rank: int, watch: PeerWatch | None) -> None:
