@@ -50,7 +50,7 @@ class SampleLookup:
         if len(self.ids) and self.ids[0] < 0:
             raise UserError(f"sample_id {int(self.ids[0])} is negative")
         dense = torch.full((size,), len(self.ids), dtype=torch.int64)
-        dense[torch.from_numpy(self.ids)] = torch.arange(len(self.ids))
+        dense[torch.tensor(self.ids)] = torch.arange(len(self.ids))
         return dense
 
     def to(self, device: torch.device, budget: int = DEVICE_BUDGET) -> "SampleLookup":

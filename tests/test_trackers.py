@@ -29,7 +29,7 @@ def digits_table(tmp_path_factory):
 
     ids = build_dataset("digits", "train").sample_ids
     digits = load_digits()
-    logits = LogisticRegression(C=0.05, max_iter=500).fit(digits.data[ids], digits.target[ids]).decision_function(
+    logits = LogisticRegression(C=0.05, max_iter=2000).fit(digits.data[ids], digits.target[ids]).decision_function(
         digits.data[ids])
     path = tmp_path_factory.mktemp("tables") / "scores.parquet"
     return energytools.write_score_table(path, logits, digits.target[ids], sample_ids=ids, dataset={"dataset": "digits"})
