@@ -29,6 +29,9 @@ class StepWindow:
     """Per-step values summed on the device since the last read."""
 
     def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
         self.steps, self.samples, self.sums, self.lr = 0, 0, {}, None
         self.t_sum = self.t_min = self.t_max = None
 
@@ -64,7 +67,7 @@ class StepWindow:
         values.update({k: float(v) for k, v in (extra or {}).items()})
         if self.lr is not None:
             values["lr"] = self.lr
-        self.__init__()
+        self.reset()
         return values
 
 
