@@ -37,7 +37,7 @@ def digits_table(tmp_path_factory):
 
 def _distill(table, out, method, log, epochs, **kwargs):
     return energytools.distill(table, "cnn_tiny", out, method=method, cached_logits=True, epochs=epochs, log=[log],
-                               log_every=4, device="cpu", **kwargs)
+                               log_every=4, eval_limit=100, device="cpu", **kwargs)
 
 
 def test_tensorboard_events_read_back_and_a_resumed_run_continues_the_curves(tmp_path):
@@ -45,9 +45,9 @@ def test_tensorboard_events_read_back_and_a_resumed_run_continues_the_curves(tmp
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    energytools.train("cnn_tiny", out, dataset="digits", limit=400, epochs=1, log=["tensorboard"], log_every=4, device="cpu")
-    energytools.train("cnn_tiny", out, dataset="digits", limit=400, epochs=2, log=["tensorboard"], log_every=4, device="cpu",
-                      resume=True)
+    run = {"dataset": "digits", "limit": 400, "eval_limit": 100, "log": ["tensorboard"], "log_every": 4, "device": "cpu"}
+    energytools.train("cnn_tiny", out, epochs=1, **run)
+    energytools.train("cnn_tiny", out, epochs=2, resume=True, **run)
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     metrics = pl.read_parquet(out / "metrics.parquet")
