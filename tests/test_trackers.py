@@ -159,6 +159,12 @@ def test_a_missing_tracker_package_is_one_line_naming_the_extra(tmp_path):
     assert not out.exists()  # refused before anything ran
 
 
+def test_an_unknown_tracker_is_refused_before_the_run_starts(tmp_path):
+    with pytest.raises(energytools.UserError, match="--log neptune: unknown tracker; choose from .*tensorboard"):
+        energytools.train("cnn_tiny", tmp_path / "run", dataset="digits", log=["neptune"])
+    assert not (tmp_path / "run").exists()
+
+
 class Recorder:
     def __init__(self):
         self.logged = []
