@@ -5,7 +5,8 @@ Two ways in: the stages (``score``, ``augment``, ``select``, ``distill``, ``trai
 the functional API on arrays (``energy_scores``, ``sample_scores``, ``energy_groups``,
 ``sample_temperatures``, ``select_indices``, ``find_label_issues``, ``label_issue_scores``, the
 losses, and ``write_score_table`` to turn logits computed anywhere into a score table the
-stages accept). Both load lazily, so ``import energytools`` stays cheap.
+stages accept), and ``TableTemperatures`` for Energy KD in a trainer of one's own. Both load
+lazily, so ``import energytools`` stays cheap.
 """
 from . import cuda_env  # noqa: F401 - before any CUDA work: cuBLAS reads it once per process
 from .version import __version__
@@ -20,6 +21,7 @@ _EXPORTS = {
                                    "dtkd_loss")},
     "write_score_table": "score_table",
     "load_table": "table",
+    "TableTemperatures": "lookup",
     "UserError": "errors",
 }
 

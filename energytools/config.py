@@ -24,6 +24,7 @@ from .policies import POLICIES, make_policy
 from .preprocessing import STUDENT_NORMALIZATIONS, TeacherPreprocessing
 from .selection import LABEL_ISSUE_SCORES, SELECT_BY, SELECT_MODES
 from .temperatures import TEMPERATURE_SOURCES
+from .trackers import TRACKERS, require_trackers
 
 __all__ = ["AugmentConfig", "DataConfig", "DistillConfig", "HE_DA_MODES", "LabelIssuesConfig", "STUDENT_NORMALIZATIONS",
            "ScoreConfig", "SelectConfig", "TEMPERATURE_SOURCES", "TeacherPreprocessing", "TrainConfig", "TrainStageConfig",
@@ -127,9 +128,17 @@ class TrainConfig:
     checkpoint_every_steps: int = option(0, "also write last.pt every N optimizer steps, holding the position "
                                          "inside the epoch (long epochs; --resume continues from it); 0: at the "
                                          "end of each epoch only", content=False, panel=OUTPUT)
+    log: tuple[str, ...] = option((), f"also log the run to {', '.join(TRACKERS)} (repeatable; each an extra: "
+                                  "pip install 'energytools[NAME]'): TensorBoard event files in OUT/tensorboard, "
+                                  "an offline W&B run in OUT/wandb (WANDB_MODE=online streams it), MLflow's file "
+                                  "store OUT/mlruns (or MLFLOW_TRACKING_URI); --resume continues the same run",
+                                  content=False, panel=OUTPUT)
+    log_every: int = option(50, "--log: send the step values (means over the last N steps) every N steps; each "
+                            "send reads them from the device once", content=False, panel=OUTPUT)
 
     def check(self) -> None:
-        for name in ("epochs", "batch_size", "eval_batch_size", "prefetch", "accumulate"):
+        require_trackers(self.log)
+        for name in ("epochs", "batch_size", "eval_batch_size", "prefetch", "accumulate", "log_every"):
             require(self, name, getattr(self, name) >= 1, ">= 1")
         for name in ("momentum", "weight_decay", "num_workers", "sync_every", "checkpoint_every_steps",
                      "warmup_epochs", "warmup_lr", "min_lr"):

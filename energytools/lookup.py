@@ -1,16 +1,19 @@
 """What a distill step reads per sample: per-sample columns looked up by sample_id
 (temperatures, energy groups, mixing partners, stored logits and views), and the sources of
 the teacher's logits for a batch: stored for a flip-only transform, stored per view, or the
-teacher run online."""
+teacher run online. :class:`TableTemperatures` is the public form for a user's own trainer."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
+from .energy import GROUPS
 from .engine import Batch, float32_exact, to_device
 from .errors import UserError
+from .table import load_table
 from .view_logits import topk_expand
 
 #: per-sample columns up to this size live on the GPU during distill (ImageNet-1k: top-k views fit, full ones not)
@@ -39,6 +42,16 @@ class SampleLookup:
         if missing.any():
             raise UserError(f"sample_id {ids[missing][0]} is not in the score table")
         return torch.from_numpy(pos)
+
+    def dense_positions(self) -> torch.Tensor:
+        """Each sample id's row (int64, indexed by sample id, 0 .. max id), ``len(self.ids)`` for
+        an id the lookup lacks: a gather on any device, where :meth:`positions` searches on the host."""
+        size = int(self.ids[-1]) + 1 if len(self.ids) else 0
+        if len(self.ids) and self.ids[0] < 0:
+            raise UserError(f"sample_id {int(self.ids[0])} is negative")
+        dense = torch.full((size,), len(self.ids), dtype=torch.int64)
+        dense[torch.tensor(self.ids)] = torch.arange(len(self.ids))
+        return dense
 
     def to(self, device: torch.device, budget: int = DEVICE_BUDGET) -> "SampleLookup":
         """Keep the columns on ``device`` (cuda) when they fit in ``budget`` bytes, so that a
@@ -117,3 +130,72 @@ class OnlineTeacher:
             return self.model(batch.images).float()
         with torch.autocast(self.exact.type, enabled=False), float32_exact(self.exact):
             return self.model(batch.images.float())
+
+
+class TableTemperatures:
+    """Energy KD in your own trainer: each sample's KD temperature and energy group from a score
+    table, looked up by sample id on the batch's device.
+
+        temperatures = energytools.TableTemperatures("scores.parquet")
+        t = temperatures(batch_ids)          # (B,) float32 on batch_ids.device
+        loss = energytools.kd_loss(student_logits, teacher_logits, t)
+
+    The table's columns and a dense id -> row index are copied to a device once, on first use;
+    a lookup is two gathers there, with no read back to the host, so a training step does not
+    wait on the GPU for it. An id the table lacks gives NaN (group -1) instead of an error, which
+    would need that read: :meth:`check` (or ``check=True``) raises one on request.
+    """
+
+    #: energy group codes: ``groups(ids)`` gives indices into this
+    GROUPS = GROUPS
+
+    def __init__(self, scores_path: str | Path):
+        table, _ = load_table(scores_path, ["sample_id", "energy_group", "temperature"])
+        codes = table["energy_group"].cast(str).replace_strict(list(GROUPS), list(range(len(GROUPS))),
+                                                                 return_dtype=int).to_numpy()
+        lookup = SampleLookup(table["sample_id"].to_numpy(), temperature=table["temperature"].to_numpy().astype(np.float32),
+                              group=codes.astype(np.int64))
+        self.path, self.lookup = Path(scores_path), lookup
+        self._index = lookup.dense_positions()
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self.lookup.ids)
+
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        tables = self._on.get(device)
+        if tables is None:  # once per device
+            columns = self.lookup.columns  # and a last row for an id not in the table
+            temperature = torch.cat([columns["temperature"], torch.tensor([float("nan")])])
+            group = torch.cat([columns["group"], torch.tensor([-1])])
+            tables = self._on[device] = (self._index.to(device), temperature.to(device), group.to(device))
+        return tables
+
+    def _rows(self, sample_ids: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        tables = self._tables(sample_ids.device)
+        index = tables[0]
+        ids = sample_ids.long()
+        inside = (ids >= 0) & (ids < len(index))
+        # an id outside 0 .. max id reads row 0 of the index and is then sent to the missing row
+        rows = torch.where(inside, index[ids.clamp(0, max(len(index) - 1, 0))], len(self))
+        return rows, tables
+
+    def __call__(self, sample_ids: torch.Tensor, check: bool = False) -> torch.Tensor:
+        """The per-sample temperatures (float32) of ``sample_ids``, on their device."""
+        if check:
+            self.check(sample_ids)
+        rows, tables = self._rows(sample_ids)
+        return tables[1][rows]
+
+    def groups(self, sample_ids: torch.Tensor) -> torch.Tensor:
+        """The energy group of each sample (int64 index into :attr:`GROUPS`; -1: not in the table)."""
+        rows, tables = self._rows(sample_ids)
+        return tables[2][rows]
+
+    def check(self, sample_ids: torch.Tensor) -> None:
+        """Raise :class:`~energytools.UserError` naming the first id the table lacks (reads the
+        result back to the host: call it once on a dataset's ids, not every step)."""
+        rows, _ = self._rows(sample_ids)
+        missing = (rows == len(self)).nonzero().flatten()
+        if len(missing):
+            raise UserError(f"sample_id {int(sample_ids.flatten()[missing[0]])} is not in the score table {self.path}")

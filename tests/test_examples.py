@@ -43,3 +43,18 @@ def test_hf_dataset_example(tmp_path, monkeypatch):
     assert (tmp_path / "stripes" / "data" / "train-00000-of-00001.parquet").exists()
     # the stripes are easy: a student far above chance (33%) shows images and labels stayed together
     assert json.loads((tmp_path / "student" / "summary.json").read_text())["best_test_acc"] > 70
+
+
+@pytest.mark.parametrize("script,framework", [("lightning_energy_kd.py", "pytorch_lightning"),
+                                              ("hf_trainer_energy_kd.py", "accelerate")])
+def test_energy_kd_in_another_frameworks_trainer(tmp_path, monkeypatch, capsys, script, framework):
+    """Energy KD with TableTemperatures in a Lightning module and in a transformers.Trainer."""
+    import re
+
+    pytest.importorskip(framework)
+    monkeypatch.setattr(sys, "argv", [script, str(tmp_path)])
+    runpy.run_path(str(EXAMPLES / script), run_name="__main__")
+    printed = capsys.readouterr().out
+    steps, accuracy = re.search(r"after (\d+) steps of Energy KD: train accuracy ([\d.]+)%", printed).groups()
+    assert int(steps) == 60 and float(accuracy) > 50  # it learned: chance is 10%
+    assert (tmp_path / "scores.parquet").exists()

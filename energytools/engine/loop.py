@@ -214,7 +214,8 @@ def train_one_epoch(epoch: int, model: nn.Module, forward: Callable, step: StepF
 
 def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, test_set: ImageSet | None,
         cfg, out_dir: Path, meta: dict, resume: bool = True, views=None,
-        on_step: Callable[[StepEvent], None] | None = None, distiller=None, stateful: dict | None = None) -> FitResult:
+        on_step: Callable[[StepEvent], None] | None = None, distiller=None, stateful: dict | None = None,
+        on_epoch: Callable[[dict], None] | None = None) -> FitResult:
     """Train ``model`` with ``step`` and write best.pt, last.pt and metrics.parquet to ``out_dir``.
 
     ``step(batch, forward) -> (logits, {name: loss})``; the losses are summed. ``train_set``
@@ -236,6 +237,7 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
     ``cfg.checkpoint_every_steps`` does periodically; ``resume`` continues from there.
     ``stateful`` names objects with ``state_dict()``/``load_state_dict()`` whose random state a
     step advances (online HE-DA's generators), saved with that position.
+    ``on_epoch(row)`` sees each epoch's metrics row on rank 0 (trackers log it).
     """
     cfg.check()
     ctx = context(cfg.device)
@@ -338,6 +340,8 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
                 save_last(epoch + 1)
                 write_parquet(pl.DataFrame(rows), out_dir / "metrics.parquet", {"kind": "metrics", **meta})
             ctx.barrier()
+            if ctx.is_main and on_epoch is not None:
+                on_epoch(row)
             if ctx.is_main:
                 ema_text = f"  EMA val {row['ema_val_acc']:.2f}%" if ema is not None else ""
                 console.print(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  val {row['val_acc']:.2f}%  "

@@ -34,6 +34,7 @@ from ..resume import run_directory
 from ..table import TableMeta, load_table, versions
 from ..teacher import open_table_teacher
 from ..temperatures import TemperatureSource, plan_temperatures, temperature_source
+from ..trackers import fit_callbacks, steps_per_epoch, watch_run
 from ..training_data import TrainingInputs, open_training_set, training_inputs
 
 
@@ -145,10 +146,13 @@ def distill(cfg: DistillConfig, on_step: Callable | None = None) -> FitResult:
             console.print(f"distill {cfg.student} with {cfg.method} on {info.name}: {len(train_set)} samples"
                           f"{f' + {n_aug} HE-DA' if n_aug else ''}{' + online HE-DA' if cfg.he_da else ''}, "
                           f"temperatures {temperatures} ({plan.groups.rule.rule}, {cfg.temperature_source})")
-        result = fit(distiller.student, step, inputs.training_set, val_set, test_set, cfg.train, out, run_meta,
-                     resume=cfg.resume, views=inputs.replay.schedule if inputs.replay is not None else None,
-                     distiller=distiller, on_step=on_step,
-                     stateful={"he_da": distiller.draws} if isinstance(distiller, OnlineHEDA) else None)
+        steps = steps_per_epoch(len(inputs.training_set), cfg.train.batch_size, context().world)
+        with watch_run(cfg.train.log if writes_files else (), out, resolved, cfg.resume, steps, cfg.train.log_every,
+                       distiller.epoch_metrics) as watcher:  # CTKD's temperature beside the step values
+            result = fit(distiller.student, step, inputs.training_set, val_set, test_set, cfg.train, out, run_meta,
+                         resume=cfg.resume, views=inputs.replay.schedule if inputs.replay is not None else None,
+                         distiller=distiller, stateful={"he_da": distiller.draws} if isinstance(distiller, OnlineHEDA)
+                         else None, **fit_callbacks(watcher, on_step))
         if writes_files:  # test predictions before summary.json: a run with one has both
             write_test_predictions(distiller.student, test_set, out, cfg.train)
             write_json(out / "summary.json", {

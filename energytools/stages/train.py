@@ -14,6 +14,7 @@ from ..models import create_model
 from ..models.init import init_from
 from ..resume import run_directory
 from ..table import versions
+from ..trackers import fit_callbacks, steps_per_epoch, watch_run
 
 
 def train(cfg: TrainStageConfig, on_step: Callable | None = None) -> FitResult:
@@ -47,8 +48,11 @@ def train(cfg: TrainStageConfig, on_step: Callable | None = None) -> FitResult:
         if main:
             console.print(f"train {cfg.model} on {info.name} ({len(train_set)} train / {len(val_set)} val / "
                           f"{len(test_set)} test) for {cfg.train.epochs} epochs")
-        result = fit(net, step, train_set, val_set, test_set, cfg.train, out, meta, resume=cfg.resume,
-                     on_step=on_step)
+        steps = steps_per_epoch(len(train_set), cfg.train.batch_size, context().world)
+        with watch_run(cfg.train.log if writes_files else (), out, config, cfg.resume, steps,
+                       cfg.train.log_every) as watcher:
+            result = fit(net, step, train_set, val_set, test_set, cfg.train, out, meta, resume=cfg.resume,
+                         **fit_callbacks(watcher, on_step))
         if writes_files:
             write_test_predictions(net, test_set, out, cfg.train)
     if main:
