@@ -15,7 +15,7 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
-from .errors import UserError
+from .errors import UserError, options_as_flags
 from .preemption import Interrupted, Stopped
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -45,7 +45,7 @@ def handle_errors(fn):
         from . import preemption
 
         try:
-            with preemption.handling(preemption.chosen):
+            with preemption.handling(preemption.chosen), options_as_flags():
                 return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .errors import UserError
+from .errors import UserError, option_name
 
 
 #: what atomic_path names a file while it is being written
@@ -134,7 +134,7 @@ def check_output_free(path: Path | str, overwrite: bool) -> None:
     """Refuse an output file that cannot be written, or that exists, unless asked to replace it."""
     check_output_path(path)
     if Path(path).exists() and not overwrite:
-        raise UserError(f"{path} already exists (pass --overwrite to replace it)")
+        raise UserError(f"{path} already exists (pass {option_name('overwrite', True)} to replace it)")
 
 
 @contextlib.contextmanager

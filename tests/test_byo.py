@@ -113,7 +113,7 @@ def test_gray_images_without_classlabel_and_resizing(tmp_path):
 
     write(root / "train" / "0.parquet", [(12, 12)] * 6 + [(20, 10)] * 3, [0, 1, 4] * 3)
     write(root / "test" / "0.parquet", [(12, 12)] * 3, [0, 1, 4])
-    with pytest.raises(UserError, match="--image-size"):
+    with pytest.raises(UserError, match="image_size=N"):
         build_dataset("parquet", "test", root)
     test = build_dataset("parquet", "test", root, image_size=8)
     # no ClassLabel: the labels as text, up to the largest one

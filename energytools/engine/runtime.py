@@ -8,7 +8,7 @@ import os
 import torch
 
 from ..distributed import context
-from ..errors import UserError
+from ..errors import UserError, option_name
 
 
 def seed_everything(seed: int) -> None:
@@ -38,12 +38,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     except RuntimeError:
         raise UserError(f"unknown device {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but no CUDA device is available")
+        raise UserError(f"{option_name('device', 'cuda')} asked for, but no CUDA device is available")
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", ctx.local_rank if ctx.distributed else torch.cuda.current_device())
     if device.type == "cuda" and ctx.distributed and device.index != ctx.local_rank:
-        raise UserError(f"--device {name} under torchrun: each rank trains on its own GPU (this one: "
-                        f"cuda:{ctx.local_rank}, LOCAL_RANK); pass --device cuda")
+        raise UserError(f"{option_name('device', name)} under torchrun: each rank trains on its own GPU (this one: "
+                        f"cuda:{ctx.local_rank}, LOCAL_RANK); pass {option_name('device', 'cuda')}")
     return device
 
 
