@@ -141,22 +141,40 @@ def check_output_free(path: Path | str, overwrite: bool) -> None:
 def run_lock(output: Path | str) -> Iterator[None]:
     """Hold an exclusive lock for writing ``output``.
 
-    Uses ``flock`` on ``<output>.lock``: the kernel drops it when the holder dies, so a
-    killed run never leaves the output locked forever.
+    Uses ``flock`` on ``.<name>.lock`` beside ``output``: the kernel drops it when the holder
+    dies, so a killed run never leaves the output locked forever. Only the holder removes the
+    file, while it still holds it; a process that opened the file before that and locks it
+    afterwards finds the path gone or another file there, and tries again, so two processes
+    never both hold a lock on ``output``. A refused process leaves the file alone.
     """
     import fcntl
 
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     lock_path = output.parent / f".{output.name}.lock"
-    handle = open(lock_path, "w")
-    try:
+    while True:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock_path, "a")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            handle.close()
             raise UserError(f"{output} is being written by another energytools process") from None
+        if _same_file(handle, lock_path):
+            break
+        handle.close()  # the holder before us removed it after we opened it: that lock guards nothing
+    try:
         yield
     finally:
-        handle.close()
         with contextlib.suppress(FileNotFoundError):
-            lock_path.unlink()
+            lock_path.unlink()  # still held: whoever opened it meanwhile sees it gone, above
+        handle.close()
+
+
+def _same_file(handle, path: Path) -> bool:
+    """Whether the open ``handle`` is the file ``path`` names now."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(handle.fileno())
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)

@@ -138,16 +138,20 @@ def run_directory(out: Path, resume: bool, overwrite: bool, config: dict,
     created = _first_missing(out) if ctx.is_main else None
     try:
         with run_lock(out) if ctx.is_main else contextlib.nullcontext():
-            if ctx.is_main:
-                if checkpoint.exists() and not resume:
-                    shutil.rmtree(out)
-                out.mkdir(parents=True, exist_ok=True)
-                write_json(out / "config.json", config)
-            ctx.barrier()
-            yield ctx.is_main
+            try:
+                if ctx.is_main:
+                    if checkpoint.exists() and not resume:
+                        shutil.rmtree(out)
+                    out.mkdir(parents=True, exist_ok=True)
+                    write_json(out / "config.json", config)
+                ctx.barrier()
+                yield ctx.is_main
+            except BaseException:
+                # under the lock: a process refused it must not remove the folder another one is writing
+                if created is not None and not checkpoint.exists():
+                    shutil.rmtree(created, ignore_errors=True)
+                raise
     except BaseException as exc:
-        if created is not None and not checkpoint.exists():
-            shutil.rmtree(created, ignore_errors=True)
         if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, Interrupted):  # Ctrl-C: what now
             raise Interrupted(RESUME_RUN if checkpoint.exists() else
                               "no checkpoint was written yet; re-run the same command to start again") from None

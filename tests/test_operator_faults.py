@@ -2,13 +2,15 @@
 `done:`, a read-only output, API messages that name keywords, --threads. Real processes where
 the fault needs them."""
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import energytools as et
-from conftest import invoke
+from conftest import energytools_command, invoke
 from energytools import preemption
 from energytools.errors import UserError
 
@@ -31,6 +33,55 @@ def one_line(stderr: str) -> str:
 
 
 # --- 1. a third writer ------------------------------------------------------------------------------
+
+LOCKER = """
+import sys, time
+from pathlib import Path
+from energytools.errors import UserError
+from energytools.io import run_lock
+
+out, release = Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else None
+try:
+    with run_lock(out):
+        print("locked", flush=True)
+        deadline = time.time() + 60
+        while release is not None and not release.exists() and time.time() < deadline:
+            time.sleep(0.02)
+except UserError as exc:
+    print(exc, file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+def test_a_refused_writer_leaves_the_lock_so_a_third_is_refused_too(tmp_path):
+    """The refused process used to delete the lock file on its way out; the next one then locked
+    a fresh file and wrote beside the first."""
+    locker = tmp_path / "locker.py"
+    locker.write_text(LOCKER)
+    out, release = tmp_path / "runs" / "kd", tmp_path / "release"
+    first = subprocess.Popen([sys.executable, str(locker), str(out), str(release)], stdout=subprocess.PIPE,
+                             text=True, env=ENV)
+    try:
+        assert first.stdout.readline().strip() == "locked"
+        # the second: a real command, refused once it reaches its run directory
+        second = subprocess.run(energytools_command(*TRAIN, "--epochs", 1, "--out", out), capture_output=True,
+                                text=True, env=ENV, timeout=300)
+        assert second.returncode == 2 and "is being written by another energytools process" in one_line(second.stderr)
+        third = subprocess.run([sys.executable, str(locker), str(out)], capture_output=True, text=True, env=ENV,
+                               timeout=120)
+        assert third.returncode == 2 and "is being written by another" in third.stderr, third.stdout + third.stderr
+        assert not (out / "last.pt").exists()
+    finally:
+        release.touch()
+        first.wait(timeout=60)
+    assert first.returncode == 0
+    assert not (out.parent / ".kd.lock").exists()  # the holder removed it, while it held it
+    again = subprocess.run([sys.executable, str(locker), str(out)], capture_output=True, text=True, env=ENV,
+                           timeout=120)
+    assert again.returncode == 0 and again.stdout.strip() == "locked", again.stderr
+
+
+# --- 4. advice that works -----------------------------------------------------------------------------
 
 def test_select_indices_refuses_negative_labels():
     scores = np.arange(6, dtype=float)
