@@ -23,9 +23,25 @@ _DISK_WORDS = ("No space left on device", "Disk quota exceeded", "Read-only file
                "File too large")
 
 
+#: what a write error advises by default: score parts, augment shards are kept and resumed
+RESUME_WRITES = "re-run the same command, which resumes what was finished (score parts, augment shards)"
+
+
 class WriteError(UserError):
     """An output could not be written (disk full, read-only, forbidden): names the file and the
-    operation. What atomic_path was writing is removed; finished work stays (resumable)."""
+    operation. What atomic_path was writing is removed; finished work stays (resumable).
+    ``advice`` says what to run once the disk is fixed; a caller that knows better (a training
+    run resumes with --resume, a recipe continues by itself) replaces it (:meth:`advise`)."""
+
+    def __init__(self, path, operation: str, reason: str, advice: str = RESUME_WRITES):
+        self.path, self.operation, self.reason, self.advice = path, operation, reason, advice
+        # an atomic write names its operation and has removed what it wrote; a folder has none
+        done = f" ({operation}): {reason}; the half-written file was removed:" if operation else f": {reason};"
+        super().__init__(f"cannot write {path}{done} free space (or fix the permissions) and {advice}")
+
+    def advise(self, advice: str) -> WriteError:
+        """The same error with other advice."""
+        return WriteError(self.path, self.operation, self.reason, advice)
 
 
 def disk_error(exc: BaseException) -> bool:
@@ -33,11 +49,13 @@ def disk_error(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and (exc.errno in DISK_ERRNOS or any(w in str(exc) for w in _DISK_WORDS))
 
 
+def disk_reason(exc: OSError) -> str:
+    """The reason a disk error gives, in words ("No space left on device")."""
+    return exc.strerror or next((w for w in _DISK_WORDS if w in str(exc)), str(exc).splitlines()[0][:200])
+
+
 def write_error(exc: OSError, path, operation: str) -> WriteError:
-    reason = exc.strerror or next((w for w in _DISK_WORDS if w in str(exc)), str(exc).splitlines()[0][:200])
-    return WriteError(f"cannot write {path} ({operation}): {reason}; the half-written file was removed: free "
-                      "space (or fix the permissions) and re-run the same command, which resumes what was "
-                      "finished (score parts, augment shards, last.pt)")
+    return WriteError(path, operation, disk_reason(exc))
 
 
 def remove_partial_files(directory: Path) -> None:
@@ -152,8 +170,7 @@ def run_lock(output: Path | str) -> Iterator[None]:
     output = Path(output)
     lock_path = output.parent / f".{output.name}.lock"
     while True:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(lock_path, "a")
+        handle = _open_lock(output, lock_path)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -168,6 +185,19 @@ def run_lock(output: Path | str) -> Iterator[None]:
         with contextlib.suppress(FileNotFoundError):
             lock_path.unlink()  # still held: whoever opened it meanwhile sees it gone, above
         handle.close()
+
+
+def _open_lock(output: Path, lock_path: Path):
+    """The lock file, opened (created) for locking; a folder that cannot be written is named
+    as the output the user asked for, not as the lock file."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        return open(lock_path, "a")
+    except OSError as exc:
+        if not disk_error(exc):
+            raise
+        raise UserError(f"cannot write {output}: {disk_reason(exc)} (its folder {output.parent} cannot be "
+                        f"written); fix the permissions or choose another {option_name('out')}") from None
 
 
 def _same_file(handle, path: Path) -> bool:

@@ -25,6 +25,8 @@ _received: int | None = None
 
 #: how a stopped training run continues
 RESUME_RUN = "re-run the same command with --resume to continue"
+#: what a training run that stopped before its first checkpoint (its folder removed) does
+START_AGAIN = "no checkpoint was written yet; re-run the same command to start again"
 
 
 class Interrupted(KeyboardInterrupt):

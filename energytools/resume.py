@@ -11,8 +11,8 @@ from typing import Collection, Iterator
 
 from .distributed import Context, context
 from .errors import UserError, option_name
-from .preemption import RESUME_RUN, Interrupted
-from .io import check_output_path, remove_partial_files, run_lock, write_json
+from .preemption import RESUME_RUN, START_AGAIN, Interrupted
+from .io import WriteError, check_output_path, disk_error, remove_partial_files, run_lock, write_error, write_json
 
 #: the file that says which configuration a directory's parts belong to, while they are written
 KEY_FILE = ".key"
@@ -152,7 +152,11 @@ def run_directory(out: Path, resume: bool, overwrite: bool, config: dict,
                     shutil.rmtree(created, ignore_errors=True)
                 raise
     except BaseException as exc:
+        # what the user runs next: the same command alone is refused once last.pt exists
         if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, Interrupted):  # Ctrl-C: what now
-            raise Interrupted(RESUME_RUN if checkpoint.exists() else
-                              "no checkpoint was written yet; re-run the same command to start again") from None
+            raise Interrupted(RESUME_RUN if checkpoint.exists() else START_AGAIN) from None
+        if isinstance(exc, OSError) and disk_error(exc):  # one not raised by an atomic write (a folder)
+            exc = write_error(exc, exc.filename or out, "")
+        if isinstance(exc, WriteError):  # a full or read-only disk
+            raise exc.advise(RESUME_RUN if checkpoint.exists() else "re-run the same command to start again") from None
         raise

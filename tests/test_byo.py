@@ -378,7 +378,7 @@ def test_a_shard_directory_is_a_hugging_face_dataset(digits_run):
 @pytest.mark.parametrize("remove, needle", [
     ("config.json", "missing config.json"),
     ("model.safetensors", "missing the weights (model.safetensors or pytorch_model.bin)"),
-    ("everything", "holds none of config.json, the weights and preprocessor_config.json"),
+    ("everything", "holds neither config.json nor the weights"),
 ])
 def test_a_model_folder_says_which_file_it_lacks(runner, tmp_path, remove, needle):
     save_hf_model(tmp_path / "hf", NAMES)

@@ -1,6 +1,7 @@
 """Faults an operator hits (issue 41): a third writer, advice that must work, a signal after
 `done:`, a read-only output, API messages that name keywords, --threads. Real processes where
 the fault needs them."""
+import errno
 import os
 import subprocess
 import sys
@@ -8,11 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import energytools as et
 from conftest import energytools_command, invoke
 from energytools import preemption
 from energytools.errors import UserError
+from energytools.models import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -83,6 +86,53 @@ def test_a_refused_writer_leaves_the_lock_so_a_third_is_refused_too(tmp_path):
 
 # --- 4. advice that works -----------------------------------------------------------------------------
 
+def test_a_full_disk_in_a_training_run_names_a_command_that_works(runner, tmp_path, monkeypatch):
+    """The line said "re-run the same command, which resumes", which a run with a last.pt refuses."""
+    real_save = torch.save
+
+    def full_disk_at(nth: int):
+        """torch.save that fails with ENOSPC when writing last.pt for the nth time."""
+        writes = []
+
+        def save(obj, where, *args, **kwargs):
+            writes.extend([where] if ".tmp-last.pt" in str(where) else [])
+            if len(writes) == nth:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_save(obj, where, *args, **kwargs)
+        return save
+
+    out = tmp_path / "t"
+    args = [*TRAIN, "--epochs", 2, "--out", out]
+    monkeypatch.setattr(torch, "save", full_disk_at(2))  # epoch 2's checkpoint
+    failed = invoke(runner, *args)
+    line = one_line(failed.stderr)
+    assert failed.exit_code == 2 and "No space left on device" in line, failed.stderr
+    assert "re-run the same command with --resume to continue" in line and line.count("re-run") == 1, line
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1
+    monkeypatch.setattr(torch, "save", real_save)
+    assert invoke(runner, *args).exit_code == 2  # the same command alone is refused, as the line implies
+    resumed = invoke(runner, *args, "--resume")
+    assert resumed.exit_code == 0 and load_checkpoint(out / "last.pt")["epoch"] == 2, resumed.output
+
+    # before the first checkpoint: nothing to resume, the folder is gone, the same command works
+    monkeypatch.setattr(torch, "save", full_disk_at(1))
+    early = invoke(runner, *[*TRAIN, "--epochs", 1, "--out", tmp_path / "e"])
+    line = one_line(early.stderr)
+    assert early.exit_code == 2 and line.endswith("re-run the same command to start again"), line
+    assert not (tmp_path / "e").exists()
+
+    # a recipe's training step: `run` continues a stopped step by itself, so the line says so
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('name = "full"\n[data]\ndataset = "digits"\nlimit = 300\neval_limit = 60\n[teacher]\n'
+                      'model = "cnn_tiny"\nepochs = 2\ndevice = "cpu"\n[distill]\nstudent = "cnn_tiny"\n'
+                      'runs = [{ method = "kd" }]\n')
+    monkeypatch.setattr(torch, "save", full_disk_at(2))
+    stopped = invoke(runner, "run", recipe, "--out", tmp_path / "p")
+    line = one_line(stopped.stderr)
+    assert stopped.exit_code == 2 and line.endswith("re-run the same command to continue"), line
+    assert "--resume" not in line and (tmp_path / "p" / "teacher" / "last.pt").exists()
+
+
 def test_select_indices_refuses_negative_labels():
     scores = np.arange(6, dtype=float)
     with pytest.raises(UserError, match="labels must be class indices .* got -1 at position 2"):
@@ -123,4 +173,73 @@ def test_api_errors_name_keywords_and_the_cli_names_flags(runner, tmp_path):
 
 
 # --- 7. messages ------------------------------------------------------------------------------------------
+
+READ_ONLY = """
+import builtins, errno, os, sys
+
+read_only = os.path.abspath(sys.argv.pop(1))  # a folder that behaves as on a read-only file system
+
+
+def refuse(path):
+    target = os.path.abspath(os.fsdecode(os.fspath(path)))
+    if target == read_only or target.startswith(read_only + os.sep):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))
+
+
+real_open, real_os_open, real_mkdir = builtins.open, os.open, os.mkdir
+
+
+def open_(file, mode="r", *args, **kwargs):
+    if isinstance(file, (str, bytes, os.PathLike)) and any(c in mode for c in "wax+"):
+        refuse(file)
+    return real_open(file, mode, *args, **kwargs)
+
+
+def os_open(path, flags, *args, **kwargs):
+    if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+        refuse(path)
+    return real_os_open(path, flags, *args, **kwargs)
+
+
+def mkdir(path, *args, **kwargs):
+    refuse(path)
+    return real_mkdir(path, *args, **kwargs)
+
+
+builtins.open, os.open, os.mkdir = open_, os_open, mkdir
+from energytools.cli import main
+
+sys.argv[0] = "energytools"
+main()
+"""
+
+
+def test_a_read_only_out_is_named_not_its_lock_file(tmp_path):
+    wrapper = tmp_path / "read_only.py"
+    wrapper.write_text(READ_ONLY)
+    shelf = tmp_path / "shelf"
+    shelf.mkdir()
+    result = subprocess.run([sys.executable, str(wrapper), str(shelf), *map(str, TRAIN), "--epochs", "1", "--out",
+                             str(shelf / "run")], capture_output=True, text=True, env=ENV, timeout=300)
+    line = one_line(result.stderr)
+    assert result.returncode == 2 and f"cannot write {shelf / 'run'}: Read-only file system" in line, line
+    assert ".lock" not in line and "--out" in line
+    assert list(shelf.iterdir()) == []
+
+
+def test_a_model_folder_without_config_is_not_told_it_lacks_the_processor_file(tmp_path):
+    """The model's save_pretrained writes config.json and the weights; preprocessor_config.json
+    is its image processor's, and optional."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                       layer_type="basic", num_labels=3)
+    transformers.ResNetForImageClassification(config).save_pretrained(tmp_path / "hf")  # no processor saved
+    (tmp_path / "hf" / "config.json").unlink()
+    with pytest.raises(UserError) as refused:
+        load_checkpoint(tmp_path / "hf")
+    message = str(refused.value)
+    assert "missing config.json" in message and "preprocessor_config" not in message, message
+
+
+# --- 8. threads -----------------------------------------------------------------------------------------------
 
