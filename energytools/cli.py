@@ -39,14 +39,16 @@ DISK_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPER
 
 
 def handle_errors(fn):
-    """Bad input -> one line on stderr, exit 2; a bug -> one line naming the traceback file, exit 1."""
+    """Bad input -> one line on stderr, exit 2; a bug -> one line naming the traceback file, exit 1.
+    While the command runs, messages name options as flags and the stop signals are handled
+    (energytools.preemption)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from . import preemption
 
         try:
             with preemption.handling(preemption.chosen), options_as_flags():
-                return fn(*args, **kwargs)
+                result = fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
         except Stopped as exc:  # a scheduler's stop signal, handled at a safe point
@@ -71,6 +73,11 @@ def handle_errors(fn):
             raise typer.Exit(130) from None
         except Exception as exc:  # noqa: BLE001
             _internal_error(exc)
+        late = preemption.stop_requested()
+        if late is not None:  # it came after the last safe point: the command finished all the same
+            print(f"energytools: {preemption.signal_name(late)} came as the command finished; its output is "
+                  "complete (a training run re-run with --resume says so)", file=sys.stderr)
+        return result
     return wrapper
 
 
@@ -303,6 +310,9 @@ def main() -> None:
     if len(sys.argv) <= 1:
         app()  # no command: the help
         return
+    from . import preemption
+
+    preemption.own_process()  # a stop signal while this process exits after its command does not kill it
     try:
         code = app(standalone_mode=False)  # click's errors are raised here instead of printed as a box
     except (typer.Abort, KeyboardInterrupt):  # Ctrl-C before a command started

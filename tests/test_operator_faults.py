@@ -3,8 +3,10 @@
 the fault needs them."""
 import errno
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +16,10 @@ import torch
 import energytools as et
 from conftest import energytools_command, invoke
 from energytools import preemption
+from energytools.config import DataConfig, TrainConfig, TrainStageConfig
 from energytools.errors import UserError
 from energytools.models import load_checkpoint
+from energytools.stages.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -132,6 +136,81 @@ def test_a_full_disk_in_a_training_run_names_a_command_that_works(runner, tmp_pa
     assert stopped.exit_code == 2 and line.endswith("re-run the same command to continue"), line
     assert "--resume" not in line and (tmp_path / "p" / "teacher" / "last.pt").exists()
 
+
+SLOW_EXIT = """
+import atexit, sys, time
+from energytools.cli import main
+
+atexit.register(time.sleep, 3)  # a slow exit (torch's threads, a file system flushing): the signal lands here
+sys.argv[0] = "energytools"
+main()
+"""
+
+
+def test_sigterm_after_done_leaves_a_complete_run_and_resume_says_so(runner, tmp_path):
+    """A SIGTERM while the process exits after `done:` killed it with 143 and no line, and the
+    requeued command was refused."""
+    wrapper = tmp_path / "slow_exit.py"
+    wrapper.write_text(SLOW_EXIT)
+    out = tmp_path / "t"
+    process = subprocess.Popen([sys.executable, str(wrapper), *map(str, [*TRAIN, "--epochs", 1, "--out", out])],
+                               stderr=subprocess.PIPE, text=True, env=ENV)
+    seen = []
+    for line in process.stderr:
+        seen.append(line)
+        if line.startswith("done"):
+            break
+    assert seen and seen[-1].startswith("done"), "".join(seen)[-2000:]
+    time.sleep(0.3)  # inside the slow exit
+    process.send_signal(signal.SIGTERM)
+    rest = process.stderr.read()
+    process.wait(timeout=60)
+    assert process.returncode == 0, "".join(seen)[-1000:] + rest
+    assert "Traceback" not in rest
+    # a requeue script adds --resume once last.pt exists: the finished run says so and exits 0
+    again = invoke(runner, *TRAIN, "--epochs", 1, "--out", out, "--resume")
+    assert again.exit_code == 0, again.output
+    assert f"{out} is complete: 1 of 1 epochs trained; nothing to resume" in " ".join(again.stderr.split())
+    assert "resuming" not in again.stderr
+
+
+def test_a_signal_during_the_last_steps_is_reported_not_fatal(runner, tmp_path, monkeypatch):
+    """A stop that comes after the last safe point (here: while the test predictions are written)
+    ends the command normally, with a line saying the output is complete."""
+    real_save, saves = torch.save, []
+
+    def signal_on_the_last_save(obj, where, *args, **kwargs):
+        saves.append(where)
+        if len(saves) == 2:  # the last epoch's last.pt
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_save(obj, where, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", signal_on_the_last_save)
+    result = invoke(runner, *TRAIN, "--epochs", 1, "--out", tmp_path / "t")
+    assert result.exit_code == 0, result.output
+    assert "SIGTERM came as the command finished; its output is complete" in one_line(result.stderr)
+
+
+def test_resume_names_the_epoch_the_stop_named(tmp_path, capsys):
+    """"stopped ... epoch 2 step 7" was followed by "resuming ... from epoch 1, step 7"."""
+    def cfg(resume=False):
+        return TrainStageConfig(model="cnn_tiny", out=str(tmp_path / "t"), resume=resume,
+                                data=DataConfig(dataset="digits", limit=300, eval_limit=60),
+                                train=TrainConfig(epochs=2, batch_size=32, seed=0, device="cpu"))
+
+    def stop_at(event):
+        if (event.epoch, event.step) == (1, 7):
+            preemption.request_stop()
+
+    with pytest.raises(preemption.Stopped, match=r"epoch 2 step 7/"):
+        train(cfg(), on_step=stop_at)
+    preemption.reset()
+    capsys.readouterr()
+    train(cfg(resume=True))
+    assert "resuming " + str(tmp_path / "t") + " at epoch 2, after step 7" in " ".join(capsys.readouterr().err.split())
+
+
+# --- 6. the functional API ------------------------------------------------------------------------------
 
 def test_select_indices_refuses_negative_labels():
     scores = np.arange(6, dtype=float)

@@ -275,8 +275,9 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
         start_epoch, best_val, best_epoch = state["epoch"], state["best_val_acc"], state["best_epoch"]
         rows = list(state["metrics"])
         position = Position.from_state(state["position"], device) if state.get("position") else None
-        console.print(f"resuming {out_dir} from epoch {start_epoch}"
-                      + (f", step {position.step}" if position is not None else ""))
+        console.print(f"{out_dir} is complete: {start_epoch} of {cfg.epochs} epochs trained; nothing to resume"
+                      if start_epoch >= cfg.epochs else f"resuming {out_dir} at epoch {start_epoch + 1}"
+                      + (f", after step {position.step}" if position is not None else ""))
     loader = TrainLoader(train_set, cfg, device, ctx, views)
 
     def save_last(epochs_done: int, epoch_position: Position | None = None) -> None:
