@@ -40,14 +40,15 @@ DISK_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPER
 
 def handle_errors(fn):
     """Bad input -> one line on stderr, exit 2; a bug -> one line naming the traceback file, exit 1.
-    While the command runs, messages name options as flags and the stop signals are handled
-    (energytools.preemption)."""
+    While the command runs, messages name options as flags, torch computes with the threads
+    --threads chose, and the stop signals are handled (energytools.preemption)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from . import preemption
+        from . import preemption, threads
 
         try:
-            with preemption.handling(preemption.chosen), options_as_flags():
+            with preemption.handling(preemption.chosen), options_as_flags(), \
+                    threads.using(threads.chosen[0], interop=preemption.owns_process()):
                 result = fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
@@ -92,13 +93,22 @@ def main_options(
         "--collective-timeout", metavar="SECONDS", envvar="ENERGYTOOLS_COLLECTIVE_TIMEOUT",
         help="under torchrun: how long a rank waits in a collective for the others before it stops with one "
              "line (a rank died) [default: 600]")] = None,
+    threads: Annotated[Optional[int], typer.Option(
+        "--threads", metavar="N", envvar="ENERGYTOOLS_THREADS",
+        help="torch's CPU threads (intra-op; inter-op too). Default: an explicit OMP_NUM_THREADS, else the CPUs "
+             "this process may use (its affinity mask, capped by a cgroup CPU quota). Two processes that share "
+             "the CPUs run faster with their counts adding up to at most the CPUs")] = None,
 ):
     """Energy scores, HE-DA curation and Energy KD for knowledge distillation."""
     from . import preemption
+    from . import threads as thread_count
     from .distributed import TIMEOUT_ENV, collective_timeout as read_timeout
 
     try:
         preemption.chosen[:] = preemption.parse_signals(stop_signal)
+        if threads is not None and threads < 1:
+            raise UserError(f"--threads must be >= 1, got {threads}")
+        thread_count.chosen[0] = thread_count.choose(threads)
         if collective_timeout is not None:
             if not collective_timeout > 0:
                 raise UserError(f"--collective-timeout must be positive, got {collective_timeout:g}")

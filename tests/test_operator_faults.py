@@ -2,6 +2,7 @@
 `done:`, a read-only output, API messages that name keywords, --threads. Real processes where
 the fault needs them."""
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -20,6 +21,8 @@ from energytools.config import DataConfig, TrainConfig, TrainStageConfig
 from energytools.errors import UserError
 from energytools.models import load_checkpoint
 from energytools.stages.train import train
+from energytools.table import read_metadata
+from energytools.threads import available_cpus, cpu_quota
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -322,3 +325,58 @@ def test_a_model_folder_without_config_is_not_told_it_lacks_the_processor_file(t
 
 # --- 8. threads -----------------------------------------------------------------------------------------------
 
+def test_cpu_quota_and_available_cpus(tmp_path):
+    assert cpu_quota("max 100000") is None and cpu_quota("150000 100000") == 1.5 and cpu_quota("") is None
+    assert cpu_quota("50000 100000") == 0.5 and cpu_quota("bogus") is None
+    allowed = len(os.sched_getaffinity(0))
+    assert available_cpus(tmp_path) == allowed  # no cpu.max: the affinity mask
+    (tmp_path / "cpu.max").write_text("50000 100000\n")  # half a CPU: one thread
+    assert available_cpus(tmp_path) == 1
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert available_cpus(tmp_path) == allowed
+
+
+def recorded_threads(run: Path) -> int:
+    return read_metadata(run / "metrics.parquet")["versions"]["torch_threads"]
+
+
+def test_threads_from_the_environment_win_over_omp_num_threads(tmp_path):
+    """ENERGYTOOLS_THREADS (the --threads option's variable) sets torch's count in the command's
+    own process, over an explicit OMP_NUM_THREADS. Every output records the count
+    (versions.torch_threads)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ENERGYTOOLS_THREADS": "3"}
+    result = subprocess.run(energytools_command(*TRAIN, "--epochs", 1, "--out", tmp_path / "a"), capture_output=True,
+                            text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert recorded_threads(tmp_path / "a") == 3
+
+
+def test_threads_option_and_omp_num_threads(runner, tmp_path, monkeypatch):
+    """--threads sets torch's count for the command; without it an explicit OMP_NUM_THREADS is
+    respected. In-process (a notebook, these tests) the caller's own count is back afterwards."""
+    before = torch.get_num_threads()
+    other = 1 if before != 1 else 2
+    monkeypatch.setenv("OMP_NUM_THREADS", str(before))
+    result = invoke(runner, "--threads", other, *TRAIN, "--epochs", 1, "--out", tmp_path / "a")
+    assert result.exit_code == 0 and recorded_threads(tmp_path / "a") == other, result.output
+    assert torch.get_num_threads() == before
+    result = invoke(runner, *TRAIN, "--epochs", 1, "--out", tmp_path / "b")
+    assert result.exit_code == 0 and recorded_threads(tmp_path / "b") == before, result.output
+    result = invoke(runner, "--threads", 0, "models")
+    assert result.exit_code == 2 and one_line(result.stderr) == "energytools: error: --threads must be >= 1, got 0"
+
+
+def test_threads_benchmark_smoke(tmp_path):
+    out, doc = tmp_path / "threads.json", tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n## Notes\n")
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "threads.py"), "--smoke", "--json", str(out),
+                             "--write", str(doc)], capture_output=True, text=True, cwd=ROOT / "benchmarks", env=ENV,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    (row,) = figures["rows"]
+    assert row["threads"] == 1 and row["alone_s"] > 0 and row["beside_s"] > 0
+    assert figures["default_threads"] == available_cpus()
+    text = doc.read_text()
+    assert "<!-- threads: begin -->" in text and "| 1 |" in text and "beside a neighbour" in text
+    assert "ended" not in result.stderr  # the neighbour answered until it was told to stop
