@@ -31,10 +31,7 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-
-from common import command, emit, machine, replace_block
-from energytools import threads as thread_count
+from energytools import threads as thread_count  # standard library only: torch comes later (see main)
 
 HERE = Path(__file__).resolve()
 
@@ -45,6 +42,7 @@ def neighbour(seconds: float, model_name: str, image_size: int, channels: int) -
     """Train ``model_name`` on random data until told to stop, the stdin closes or ``seconds``
     pass. Commands, one a line: ``run N`` (train with N threads), ``pause``, ``stop``; each
     is answered ``ok`` on stdout once it holds."""
+    import torch
     import torch.nn.functional as F
 
     from energytools.models import create_model
@@ -85,14 +83,17 @@ def neighbour(seconds: float, model_name: str, image_size: int, channels: int) -
 
 
 class Neighbour:
-    """The neighbour process, from the measuring side."""
+    """The neighbour process, from the measuring side. It starts (imports torch) while this
+    process does the same; :meth:`ready` waits for it, before anything is timed."""
 
     def __init__(self, seconds: float, model_name: str, image_size: int, channels: int):
         self.process = subprocess.Popen(
             [sys.executable, str(HERE), "--as-neighbour", "--neighbour-seconds", str(seconds), "--model", model_name,
              "--image-size", str(image_size), "--channels", str(channels)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        self._answer(timeout=120)  # torch imported, the model built
+
+    def ready(self) -> None:
+        self._answer(timeout=180)  # torch imported, the model built
 
     def _answer(self, timeout: float = 60) -> None:
         ready, _, _ = select.select([self.process.stdout], [], [], timeout)
@@ -134,10 +135,10 @@ def epoch_seconds(cfg_kwargs: dict, threads: int, work: Path) -> float:
     return min(seconds[1:] or seconds)
 
 
-def measure(counts: list[int], cfg_kwargs: dict, neighbour_seconds: float, shape: tuple[int, int]) -> list[dict]:
+def measure(counts: list[int], cfg_kwargs: dict, mate: Neighbour) -> list[dict]:
     rows, work = [], Path(tempfile.mkdtemp())
-    mate = Neighbour(neighbour_seconds, cfg_kwargs["model"], *shape)
     try:
+        mate.ready()
         for threads in counts:
             mate.tell("pause")
             alone = epoch_seconds(cfg_kwargs, threads, work)
@@ -152,6 +153,8 @@ def measure(counts: list[int], cfg_kwargs: dict, neighbour_seconds: float, shape
 
 
 def table_lines(rows: list[dict], default: int, cpus: int, description: str) -> list[str]:
+    from common import command, machine
+
     lines = [f"`{command()}` ({machine()}; {description}; the CPUs this process may use: {cpus}).", "",
              "| torch threads per process | alone, s/epoch | beside a neighbour, s/epoch | slowdown |",
              "|---|---|---|---|"]
@@ -197,9 +200,11 @@ def main():
         shape, description = (28, 1), (f"cnn_small, batch 64, {args.limit} Fashion-MNIST training images, the "
                                        f"fastest of epochs 2..{args.epochs} with eval passes; the neighbour trains "
                                        "cnn_small on random data with the same thread count")
-    seconds = args.neighbour_seconds or (120 if args.smoke else 900)
     started = time.perf_counter()
-    rows = measure(counts, cfg_kwargs, seconds, shape)
+    mate = Neighbour(args.neighbour_seconds or (120 if args.smoke else 900), cfg_kwargs["model"], *shape)
+    from common import emit, replace_block  # torch and energytools, imported while the neighbour starts
+
+    rows = measure(counts, cfg_kwargs, mate)
     lines = table_lines(rows, cpus, cpus, description)
     print("\n".join(lines))
     figures = {"cpus": cpus, "default_threads": cpus, "rows": rows, "seconds": round(time.perf_counter() - started, 1)}

@@ -26,7 +26,6 @@ from energytools.threads import available_cpus, cpu_quota
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-TRAIN = ["train", "--model", "cnn_tiny", "--dataset", "digits", "--limit", 300, "--eval-limit", 60, "--device", "cpu"]
 
 
 @pytest.fixture(autouse=True)
@@ -34,6 +33,14 @@ def no_stop_left_over():
     preemption.reset()
     yield
     preemption.reset()
+
+
+@pytest.fixture
+def train_args(fashion_root) -> list:
+    """A tiny `energytools train` (the synthetic Fashion-MNIST files: no scikit-learn to import
+    in a subprocess), without --epochs and --out."""
+    return ["train", "--model", "cnn_tiny", "--dataset", "fashion-mnist", "--data-root", fashion_root, "--limit", 200,
+            "--eval-limit", 40, "--device", "cpu"]
 
 
 def one_line(stderr: str) -> str:
@@ -63,7 +70,7 @@ except UserError as exc:
 """
 
 
-def test_a_refused_writer_leaves_the_lock_so_a_third_is_refused_too(tmp_path):
+def test_a_refused_writer_leaves_the_lock_so_a_third_is_refused_too(train_args, tmp_path):
     """The refused process used to delete the lock file on its way out; the next one then locked
     a fresh file and wrote beside the first."""
     locker = tmp_path / "locker.py"
@@ -74,7 +81,7 @@ def test_a_refused_writer_leaves_the_lock_so_a_third_is_refused_too(tmp_path):
     try:
         assert first.stdout.readline().strip() == "locked"
         # the second: a real command, refused once it reaches its run directory
-        second = subprocess.run(energytools_command(*TRAIN, "--epochs", 1, "--out", out), capture_output=True,
+        second = subprocess.run(energytools_command(*train_args, "--epochs", 1, "--out", out), capture_output=True,
                                 text=True, env=ENV, timeout=300)
         assert second.returncode == 2 and "is being written by another energytools process" in one_line(second.stderr)
         third = subprocess.run([sys.executable, str(locker), str(out)], capture_output=True, text=True, env=ENV,
@@ -93,7 +100,7 @@ def test_a_refused_writer_leaves_the_lock_so_a_third_is_refused_too(tmp_path):
 
 # --- 4. advice that works -----------------------------------------------------------------------------
 
-def test_a_full_disk_in_a_training_run_names_a_command_that_works(runner, tmp_path, monkeypatch):
+def test_a_full_disk_in_a_training_run_names_a_command_that_works(train_args, runner, tmp_path, monkeypatch):
     """The line said "re-run the same command, which resumes", which a run with a last.pt refuses."""
     real_save = torch.save
 
@@ -109,7 +116,7 @@ def test_a_full_disk_in_a_training_run_names_a_command_that_works(runner, tmp_pa
         return save
 
     out = tmp_path / "t"
-    args = [*TRAIN, "--epochs", 2, "--out", out]
+    args = [*train_args, "--epochs", 2, "--out", out]
     monkeypatch.setattr(torch, "save", full_disk_at(2))  # epoch 2's checkpoint
     failed = invoke(runner, *args)
     line = one_line(failed.stderr)
@@ -123,7 +130,7 @@ def test_a_full_disk_in_a_training_run_names_a_command_that_works(runner, tmp_pa
 
     # before the first checkpoint: nothing to resume, the folder is gone, the same command works
     monkeypatch.setattr(torch, "save", full_disk_at(1))
-    early = invoke(runner, *[*TRAIN, "--epochs", 1, "--out", tmp_path / "e"])
+    early = invoke(runner, *[*train_args, "--epochs", 1, "--out", tmp_path / "e"])
     line = one_line(early.stderr)
     assert early.exit_code == 2 and line.endswith("re-run the same command to start again"), line
     assert not (tmp_path / "e").exists()
@@ -150,13 +157,13 @@ main()
 """
 
 
-def test_sigterm_after_done_leaves_a_complete_run_and_resume_says_so(runner, tmp_path):
+def test_sigterm_after_done_leaves_a_complete_run_and_resume_says_so(train_args, runner, tmp_path):
     """A SIGTERM while the process exits after `done:` killed it with 143 and no line, and the
     requeued command was refused."""
     wrapper = tmp_path / "slow_exit.py"
     wrapper.write_text(SLOW_EXIT)
     out = tmp_path / "t"
-    process = subprocess.Popen([sys.executable, str(wrapper), *map(str, [*TRAIN, "--epochs", 1, "--out", out])],
+    process = subprocess.Popen([sys.executable, str(wrapper), *map(str, [*train_args, "--epochs", 1, "--out", out])],
                                stderr=subprocess.PIPE, text=True, env=ENV)
     seen = []
     for line in process.stderr:
@@ -171,13 +178,13 @@ def test_sigterm_after_done_leaves_a_complete_run_and_resume_says_so(runner, tmp
     assert process.returncode == 0, "".join(seen)[-1000:] + rest
     assert "Traceback" not in rest
     # a requeue script adds --resume once last.pt exists: the finished run says so and exits 0
-    again = invoke(runner, *TRAIN, "--epochs", 1, "--out", out, "--resume")
+    again = invoke(runner, *train_args, "--epochs", 1, "--out", out, "--resume")
     assert again.exit_code == 0, again.output
     assert f"{out} is complete: 1 of 1 epochs trained; nothing to resume" in " ".join(again.stderr.split())
     assert "resuming" not in again.stderr
 
 
-def test_a_signal_during_the_last_steps_is_reported_not_fatal(runner, tmp_path, monkeypatch):
+def test_a_signal_during_the_last_steps_is_reported_not_fatal(train_args, runner, tmp_path, monkeypatch):
     """A stop that comes after the last safe point (here: while the test predictions are written)
     ends the command normally, with a line saying the output is complete."""
     real_save, saves = torch.save, []
@@ -189,7 +196,7 @@ def test_a_signal_during_the_last_steps_is_reported_not_fatal(runner, tmp_path, 
         return real_save(obj, where, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", signal_on_the_last_save)
-    result = invoke(runner, *TRAIN, "--epochs", 1, "--out", tmp_path / "t")
+    result = invoke(runner, *train_args, "--epochs", 1, "--out", tmp_path / "t")
     assert result.exit_code == 0, result.output
     assert "SIGTERM came as the command finished; its output is complete" in one_line(result.stderr)
 
@@ -296,12 +303,12 @@ main()
 """
 
 
-def test_a_read_only_out_is_named_not_its_lock_file(tmp_path):
+def test_a_read_only_out_is_named_not_its_lock_file(train_args, tmp_path):
     wrapper = tmp_path / "read_only.py"
     wrapper.write_text(READ_ONLY)
     shelf = tmp_path / "shelf"
     shelf.mkdir()
-    result = subprocess.run([sys.executable, str(wrapper), str(shelf), *map(str, TRAIN), "--epochs", "1", "--out",
+    result = subprocess.run([sys.executable, str(wrapper), str(shelf), *map(str, train_args), "--epochs", "1", "--out",
                              str(shelf / "run")], capture_output=True, text=True, env=ENV, timeout=300)
     line = one_line(result.stderr)
     assert result.returncode == 2 and f"cannot write {shelf / 'run'}: Read-only file system" in line, line
@@ -340,27 +347,27 @@ def recorded_threads(run: Path) -> int:
     return read_metadata(run / "metrics.parquet")["versions"]["torch_threads"]
 
 
-def test_threads_from_the_environment_win_over_omp_num_threads(tmp_path):
+def test_threads_from_the_environment_win_over_omp_num_threads(train_args, tmp_path):
     """ENERGYTOOLS_THREADS (the --threads option's variable) sets torch's count in the command's
     own process, over an explicit OMP_NUM_THREADS. Every output records the count
     (versions.torch_threads)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ENERGYTOOLS_THREADS": "3"}
-    result = subprocess.run(energytools_command(*TRAIN, "--epochs", 1, "--out", tmp_path / "a"), capture_output=True,
+    result = subprocess.run(energytools_command(*train_args, "--epochs", 1, "--out", tmp_path / "a"), capture_output=True,
                             text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert recorded_threads(tmp_path / "a") == 3
 
 
-def test_threads_option_and_omp_num_threads(runner, tmp_path, monkeypatch):
+def test_threads_option_and_omp_num_threads(train_args, runner, tmp_path, monkeypatch):
     """--threads sets torch's count for the command; without it an explicit OMP_NUM_THREADS is
     respected. In-process (a notebook, these tests) the caller's own count is back afterwards."""
     before = torch.get_num_threads()
     other = 1 if before != 1 else 2
     monkeypatch.setenv("OMP_NUM_THREADS", str(before))
-    result = invoke(runner, "--threads", other, *TRAIN, "--epochs", 1, "--out", tmp_path / "a")
+    result = invoke(runner, "--threads", other, *train_args, "--epochs", 1, "--out", tmp_path / "a")
     assert result.exit_code == 0 and recorded_threads(tmp_path / "a") == other, result.output
     assert torch.get_num_threads() == before
-    result = invoke(runner, *TRAIN, "--epochs", 1, "--out", tmp_path / "b")
+    result = invoke(runner, *train_args, "--epochs", 1, "--out", tmp_path / "b")
     assert result.exit_code == 0 and recorded_threads(tmp_path / "b") == before, result.output
     result = invoke(runner, "--threads", 0, "models")
     assert result.exit_code == 2 and one_line(result.stderr) == "energytools: error: --threads must be >= 1, got 0"
