@@ -15,7 +15,7 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
-from .errors import UserError
+from .errors import UserError, options_as_flags
 from .preemption import Interrupted, Stopped
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -39,14 +39,17 @@ DISK_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPER
 
 
 def handle_errors(fn):
-    """Bad input -> one line on stderr, exit 2; a bug -> one line naming the traceback file, exit 1."""
+    """Bad input -> one line on stderr, exit 2; a bug -> one line naming the traceback file, exit 1.
+    While the command runs, messages name options as flags, torch computes with the threads
+    --threads chose, and the stop signals are handled (energytools.preemption)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from . import preemption
+        from . import preemption, threads
 
         try:
-            with preemption.handling(preemption.chosen):
-                return fn(*args, **kwargs)
+            with preemption.handling(preemption.chosen), options_as_flags(), \
+                    threads.using(threads.chosen[0], interop=preemption.owns_process()):
+                result = fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
         except Stopped as exc:  # a scheduler's stop signal, handled at a safe point
@@ -77,6 +80,11 @@ def handle_errors(fn):
                 print(f"energytools: error: {lost}", file=sys.stderr)
                 raise typer.Exit(2) from None
             _internal_error(exc)
+        late = preemption.stop_requested()
+        if late is not None:  # it came after the last safe point: the command finished all the same
+            print(f"energytools: {preemption.signal_name(late)} came as the command finished; its output is "
+                  "complete (a training run re-run with --resume says so)", file=sys.stderr)
+        return result
     return wrapper
 
 
@@ -95,13 +103,22 @@ def main_options(
         "--dist-backend", metavar="BACKEND", envvar="ENERGYTOOLS_DIST_BACKEND",
         help="under torchrun: the process group's backend: auto (nccl for --device cuda, gloo otherwise), gloo "
              "(ranks may share a GPU) or nccl [default: auto]")] = None,
+    threads: Annotated[Optional[int], typer.Option(
+        "--threads", metavar="N", envvar="ENERGYTOOLS_THREADS",
+        help="torch's CPU threads (intra-op; inter-op too). Default: an explicit OMP_NUM_THREADS, else the CPUs "
+             "this process may use (its affinity mask, capped by a cgroup CPU quota). Two processes that share "
+             "the CPUs run faster with their counts adding up to at most the CPUs")] = None,
 ):
     """Energy scores, HE-DA curation and Energy KD for knowledge distillation."""
     from . import preemption
+    from . import threads as thread_count
     from .distributed import BACKEND_ENV, BACKENDS, TIMEOUT_ENV, collective_timeout as read_timeout
 
     try:
         preemption.chosen[:] = preemption.parse_signals(stop_signal)
+        if threads is not None and threads < 1:
+            raise UserError(f"--threads must be >= 1, got {threads}")
+        thread_count.chosen[0] = thread_count.choose(threads)
         if collective_timeout is not None:
             if not collective_timeout > 0:
                 raise UserError(f"--collective-timeout must be positive, got {collective_timeout:g}")
@@ -376,6 +393,9 @@ def main() -> None:
     if len(sys.argv) <= 1:
         app()  # no command: the help
         return
+    from . import preemption
+
+    preemption.own_process()  # a stop signal while this process exits after its command does not kill it
     try:
         code = app(standalone_mode=False)  # click's errors are raised here instead of printed as a box
     except (typer.Abort, KeyboardInterrupt):  # Ctrl-C before a command started

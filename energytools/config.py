@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from .data import DATASETS, build_dataset
 from .distillers import METHODS, method_spec
 from .energy import TEMPERATURE_RULES, TemperatureRule
-from .errors import UserError
+from .errors import UserError, option_name
 from .functional import LABEL_ISSUE_FILTERS, LABEL_QUALITY_METHODS
 from .models import MODELS
 from .optim import OPTIMIZERS, SCHEDULES
@@ -68,10 +68,10 @@ class DataConfig:
 
     def build(self, split: str):
         if self.dataset is None:
-            raise UserError("no dataset given: pass --dataset (or `dataset` in the recipe's [data])")
+            raise UserError(f"no dataset given: pass {option_name('dataset')} (or `dataset` in the recipe's [data])")
         limit = self.limit if split == "train" else self.eval_limit
         if limit is not None and limit <= 0:
-            raise UserError(f"{'--limit' if split == 'train' else '--eval-limit'} must be positive, got {limit}")
+            raise UserError(f"{option_name('limit' if split == 'train' else 'eval_limit')} must be positive, got {limit}")
         return build_dataset(self.dataset, split, self.data_root, limit, self.imbalance_factor, self.image_size,
                              self.crop_pad)
 
@@ -156,7 +156,8 @@ class TrainConfig:
         require(self, "clip_grad", self.clip_grad is None or self.clip_grad > 0, "positive")
         require(self, "ema_decay", self.ema_decay is None or 0 < self.ema_decay < 1, "in (0, 1)")
         if self.ema_warmup and self.ema_decay is None:
-            raise UserError("--ema-warmup needs --ema-decay (the decay the warm-up rises to)")
+            raise UserError(f"{option_name('ema_warmup')} needs {option_name('ema_decay')} (the decay the warm-up "
+                            "rises to)")
 
 
 @dataclass(kw_only=True)
@@ -220,7 +221,7 @@ class ScoreConfig:
         require(self, "part_size", self.part_size is None or self.part_size >= 1, ">= 1")
         require(self, "views", self.views >= 0, ">= 0")
         if self.top_k is not None and (self.top_k < 1 or not self.views):
-            raise UserError("--top-k takes a positive N and needs --views K")
+            raise UserError(f"{option_name('top_k')} takes a positive N and needs {option_name('views', metavar='K')}")
         if self.part_size is not None:
             self.part_size = max(self.batch_size, self.part_size // self.batch_size * self.batch_size)
 
@@ -396,9 +397,10 @@ class DistillConfig:
                 f"one of {', '.join(STUDENT_NORMALIZATIONS)}")
         self.preprocessing.check()
         require(self, "he_da", self.he_da in (None, *HE_DA_MODES),
-                f"one of {', '.join(HE_DA_MODES)} (materialized shards: --shards)")
+                f"one of {', '.join(HE_DA_MODES)} (materialized shards: {option_name('shards')})")
         if self.he_da and self.shards:
-            raise UserError("--he-da online and --shards are two forms of HE-DA; use one")
+            raise UserError(f"{option_name('he_da', 'online')} and {option_name('shards')} are two forms of HE-DA; "
+                            "use one")
         require(self, "he_da_weight", self.he_da_weight is None or self.he_da_weight >= 0, "a non-negative number")
         options = spec.options(as_dict(self))
         for name, value in options.items():

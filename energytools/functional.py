@@ -213,6 +213,9 @@ def select_indices(scores, *, ratio: float, mode: str = "high", labels=None, per
         frame["label"] = as_indices(labels, "labels")
         if len(frame["label"]) != len(values):
             raise UserError(f"labels has {len(frame['label'])} entries for {len(values)} scores")
+        if (frame["label"] < 0).any():  # -1, an "unlabelled" marker, would be a class of its own
+            at = int(np.flatnonzero(frame["label"] < 0)[0])
+            raise UserError(f"labels must be class indices (>= 0), got {frame['label'][at]} at position {at}")
     else:
         frame["label"] = np.zeros(len(values), dtype=np.int64)
     chosen = select_samples(pl.DataFrame(frame), ratio, mode, per_class, seed, by="energy")

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .errors import UserError
+from .errors import UserError, option_name
 
 
 #: what atomic_path names a file while it is being written
@@ -23,9 +23,25 @@ _DISK_WORDS = ("No space left on device", "Disk quota exceeded", "Read-only file
                "File too large")
 
 
+#: what a write error advises by default: score parts, augment shards are kept and resumed
+RESUME_WRITES = "re-run the same command, which resumes what was finished (score parts, augment shards)"
+
+
 class WriteError(UserError):
     """An output could not be written (disk full, read-only, forbidden): names the file and the
-    operation. What atomic_path was writing is removed; finished work stays (resumable)."""
+    operation. What atomic_path was writing is removed; finished work stays (resumable).
+    ``advice`` says what to run once the disk is fixed; a caller that knows better (a training
+    run resumes with --resume, a recipe continues by itself) replaces it (:meth:`advise`)."""
+
+    def __init__(self, path, operation: str, reason: str, advice: str = RESUME_WRITES):
+        self.path, self.operation, self.reason, self.advice = path, operation, reason, advice
+        # an atomic write names its operation and has removed what it wrote; a folder has none
+        done = f" ({operation}): {reason}; the half-written file was removed:" if operation else f": {reason};"
+        super().__init__(f"cannot write {path}{done} free space (or fix the permissions) and {advice}")
+
+    def advise(self, advice: str) -> WriteError:
+        """The same error with other advice."""
+        return WriteError(self.path, self.operation, self.reason, advice)
 
 
 def disk_error(exc: BaseException) -> bool:
@@ -33,11 +49,13 @@ def disk_error(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and (exc.errno in DISK_ERRNOS or any(w in str(exc) for w in _DISK_WORDS))
 
 
+def disk_reason(exc: OSError) -> str:
+    """The reason a disk error gives, in words ("No space left on device")."""
+    return exc.strerror or next((w for w in _DISK_WORDS if w in str(exc)), str(exc).splitlines()[0][:200])
+
+
 def write_error(exc: OSError, path, operation: str) -> WriteError:
-    reason = exc.strerror or next((w for w in _DISK_WORDS if w in str(exc)), str(exc).splitlines()[0][:200])
-    return WriteError(f"cannot write {path} ({operation}): {reason}; the half-written file was removed: free "
-                      "space (or fix the permissions) and re-run the same command, which resumes what was "
-                      "finished (score parts, augment shards, last.pt)")
+    return WriteError(path, operation, disk_reason(exc))
 
 
 def remove_partial_files(directory: Path) -> None:
@@ -134,29 +152,59 @@ def check_output_free(path: Path | str, overwrite: bool) -> None:
     """Refuse an output file that cannot be written, or that exists, unless asked to replace it."""
     check_output_path(path)
     if Path(path).exists() and not overwrite:
-        raise UserError(f"{path} already exists (pass --overwrite to replace it)")
+        raise UserError(f"{path} already exists (pass {option_name('overwrite', True)} to replace it)")
 
 
 @contextlib.contextmanager
 def run_lock(output: Path | str) -> Iterator[None]:
     """Hold an exclusive lock for writing ``output``.
 
-    Uses ``flock`` on ``<output>.lock``: the kernel drops it when the holder dies, so a
-    killed run never leaves the output locked forever.
+    Uses ``flock`` on ``.<name>.lock`` beside ``output``: the kernel drops it when the holder
+    dies, so a killed run never leaves the output locked forever. Only the holder removes the
+    file, while it still holds it; a process that opened the file before that and locks it
+    afterwards finds the path gone or another file there, and tries again, so two processes
+    never both hold a lock on ``output``. A refused process leaves the file alone.
     """
     import fcntl
 
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     lock_path = output.parent / f".{output.name}.lock"
-    handle = open(lock_path, "w")
-    try:
+    while True:
+        handle = _open_lock(output, lock_path)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            handle.close()
             raise UserError(f"{output} is being written by another energytools process") from None
+        if _same_file(handle, lock_path):
+            break
+        handle.close()  # the holder before us removed it after we opened it: that lock guards nothing
+    try:
         yield
     finally:
-        handle.close()
         with contextlib.suppress(FileNotFoundError):
-            lock_path.unlink()
+            lock_path.unlink()  # still held: whoever opened it meanwhile sees it gone, above
+        handle.close()
+
+
+def _open_lock(output: Path, lock_path: Path):
+    """The lock file, opened (created) for locking; a folder that cannot be written is named
+    as the output the user asked for, not as the lock file."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        return open(lock_path, "a")
+    except OSError as exc:
+        if not disk_error(exc):
+            raise
+        raise UserError(f"cannot write {output}: {disk_reason(exc)} (its folder {output.parent} cannot be "
+                        f"written); fix the permissions or choose another {option_name('out')}") from None
+
+
+def _same_file(handle, path: Path) -> bool:
+    """Whether the open ``handle`` is the file ``path`` names now."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(handle.fileno())
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)

@@ -16,7 +16,7 @@ import typing
 from dataclasses import field
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, option_name
 
 
 def option(default=dataclasses.MISSING, help: str = "", factory=dataclasses.MISSING, choices=None, parse=None,
@@ -45,12 +45,13 @@ def flag(name: str) -> str:
 
 
 def require(config, name: str, ok: bool, rule: str, value=dataclasses.MISSING) -> None:
-    """Refuse option ``name`` of ``config`` unless ``ok``: one line naming its flag, what it must
-    be and the value given (``value``, or the option's own)."""
+    """Refuse option ``name`` of ``config`` unless ``ok``: one line naming it (its flag from the
+    command line, its keyword from Python: energytools.errors.option), what it must be and the
+    value given (``value``, or the option's own)."""
     if not ok:
         value = getattr(config, name) if value is dataclasses.MISSING else value
         shown = repr(value) if isinstance(value, str) else list(value) if isinstance(value, tuple) else value
-        raise UserError(f"{flag(name)} must be {rule}, got {shown}")
+        raise UserError(f"{option_name(name)} must be {rule}, got {shown}")
 
 
 def registry(names):

@@ -26,7 +26,7 @@ from .config import (AugmentConfig, DataConfig, DistillConfig, ScoreConfig, Trai
                      convert, resolve)
 from .console import console, headline
 from .errors import UserError
-from .io import check_output_path, require_file, sha256_file, sha256_json, write_json
+from .io import WriteError, check_output_path, require_file, sha256_file, sha256_json, write_json
 from .preemption import Interrupted, Stopped
 
 STAGES = ("train", "score", "augment", "distill", "report")
@@ -342,6 +342,8 @@ def _run_steps(steps: list[Step], out: Path, recipe: Recipe, start: str | None, 
                               "re-run the same command to continue") from None
             except KeyboardInterrupt:  # Ctrl-C: the same, whatever the stage would advise
                 raise Interrupted(f"{step.stage} {step.name} stopped; re-run the same command to continue") from None
+            except WriteError as exc:  # a full disk: the same again (a training step's advice is --resume)
+                raise exc.advise("re-run the same command to continue") from None
             write_json(stamp, {"key": step.key(), "outputs": step.output_digests()})
             started.unlink(missing_ok=True)
         results.append((step.name, status))

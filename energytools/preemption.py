@@ -25,6 +25,8 @@ _received: int | None = None
 
 #: how a stopped training run continues
 RESUME_RUN = "re-run the same command with --resume to continue"
+#: what a training run that stopped before its first checkpoint (its folder removed) does
+START_AGAIN = "no checkpoint was written yet; re-run the same command to start again"
 
 
 class Interrupted(KeyboardInterrupt):
@@ -79,11 +81,30 @@ def install(extra=()) -> dict:
 chosen: list[int] = []
 
 
+#: whether this process is the ``energytools`` command itself (:func:`own_process`)
+_owns_process = False
+
+
+def own_process() -> None:
+    """This process is the ``energytools`` command (``main``): the handlers :func:`handling`
+    installs stay after the command, so a stop signal that comes while the process exits (after
+    the ``done:`` line, while torch and Python shut down) is recorded instead of killing it with
+    128 + the signal's number as if the finished run had been cut short."""
+    global _owns_process
+    _owns_process = True
+
+
+def owns_process() -> bool:
+    """Whether :func:`own_process` was called: this process is the ``energytools`` command."""
+    return _owns_process
+
+
 @contextlib.contextmanager
 def handling(extra=()):
     """The stop handlers while the block runs (a command), the previous ones after it, so a
-    process that calls the CLI in-process (tests, notebooks) keeps its own SIGTERM afterwards.
-    Outside the main thread (where handlers cannot be set) it does nothing."""
+    process that calls the CLI in-process (tests, notebooks) keeps its own SIGTERM afterwards
+    (the command's own process keeps them: :func:`own_process`). Outside the main thread
+    (where handlers cannot be set) it does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -92,8 +113,9 @@ def handling(extra=()):
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        if not _owns_process:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
 def stop_requested() -> int | None:

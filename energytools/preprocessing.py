@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import UserError
+from .errors import UserError, option_name
 from .models.preprocessed import INTERPOLATION
 from .options import option, registry
 
-__all__ = ["DATASET", "DATA_SIZE", "FIELDS", "FLAGS", "MODEL_CONFIG", "STUDENT_NORMALIZATIONS", "USER_OPTION",
+__all__ = ["DATASET", "DATA_SIZE", "FIELDS", "option_of", "MODEL_CONFIG", "STUDENT_NORMALIZATIONS", "USER_OPTION",
            "TeacherPreprocessing", "describe_preprocessing", "input_size_value", "resize_factor",
            "resolve_preprocessing", "reuse_preprocessing", "student_preprocessing"]
 
@@ -74,15 +74,15 @@ class TeacherPreprocessing:
 
     def check(self) -> None:
         if self.teacher_input_size is not None:
-            input_size_value(self.teacher_input_size, FLAGS["input_size"])
+            input_size_value(self.teacher_input_size, option_of("input_size"))
         for name in ("mean", "std"):
             values = getattr(self, f"teacher_{name}")
             if values is not None and not values:
-                raise UserError(f"{FLAGS[name]} needs one value per channel (or one for all), got none")
+                raise UserError(f"{option_of(name)} needs one value per channel (or one for all), got none")
         if self.teacher_std is not None and not all(v > 0 for v in self.teacher_std):
-            raise UserError(f"{FLAGS['std']} must be positive, got {list(self.teacher_std)}")
+            raise UserError(f"{option_of('std')} must be positive, got {list(self.teacher_std)}")
         if self.teacher_interpolation is not None and self.teacher_interpolation not in INTERPOLATION:
-            raise UserError(f"{FLAGS['interpolation']} must be one of {', '.join(INTERPOLATION)}, "
+            raise UserError(f"{option_of('interpolation')} must be one of {', '.join(INTERPOLATION)}, "
                             f"got {self.teacher_interpolation!r}")
 
 
@@ -94,8 +94,14 @@ STUDENT_NORMALIZATIONS = ("dataset", "weights")
 FIELDS = ("input_size", "mean", "std", "interpolation")
 #: where a field's value came from
 MODEL_CONFIG, USER_OPTION, DATASET = "model config", "user option", "dataset"
-#: the option that sets each field (CLI spelling; recipes and the API use teacher_<field>)
-FLAGS = {name: f"--teacher-{name.replace('_', '-')}" for name in FIELDS}
+
+
+def option_of(name: str) -> str:
+    """How a message names the option that sets field ``name``: ``--teacher-std`` from the
+    command line, ``teacher_std`` (the recipe's and the API's keyword) from Python."""
+    return option_name(f"teacher_{name}")
+
+
 #: a resize by this factor per side (or its inverse) or more is named as such in score's summary
 LARGE_RESIZE = 2.0
 
@@ -149,7 +155,7 @@ def resolve_preprocessing(model: dict | None, overrides: dict | None, info) -> d
             value = _size(value, info)
         elif name in ("mean", "std"):
             value = [float(v) for v in value]
-            _channels(value, channels, FLAGS[name] if given else f"the model config's {name}")
+            _channels(value, channels, option_of(name) if given else f"the model config's {name}")
         out[name] = value
     out["source"] = base.get("source", base_source)
     out["sources"] = sources
@@ -209,15 +215,15 @@ def reuse_preprocessing(recorded: dict | None, overrides: dict | None, info,
         if name == "input_size":
             wanted = _size(value, info)
         elif name in ("mean", "std"):
-            wanted = _channels(value, channels, FLAGS[name])
+            wanted = _channels(value, channels, option_of(name))
         elif current["input_size"] == _size(None, info):
             continue  # no resize: the filter never runs
         else:
             wanted = value
         if not _same(wanted, current[name]):
-            raise UserError(f"{FLAGS[name]} {_text(value)} contradicts {where}, whose teacher saw "
+            raise UserError(f"{option_of(name)} {_text(value)} contradicts {where}, whose teacher saw "
                             f"{name.replace('_', ' ')} {_text(current[name])} ({sources[name]}): re-run score "
-                            f"with {FLAGS[name]} {_text(value)}, or drop the option to use the table's")
+                            f"with {option_of(name)} {_text(value)}, or drop the option to use the table's")
     return recorded
 
 
@@ -254,8 +260,9 @@ def describe_preprocessing(preprocessing: dict | None, info, who: str = "teacher
     if factor >= LARGE_RESIZE or factor <= 1 / LARGE_RESIZE:
         text += (f"\nnote: every {s}x{s} image is resized {factor:.3g}x per side to {height}x{width} "
                  f"({factor * factor:.3g}x the pixels to compute). That is right for a {who} trained at "
-                 f"{height}x{width}; for one fine-tuned on the data as it is, pass --teacher-input-size data "
-                 f"(recipe: teacher_input_size = \"data\"), or --teacher-input-size N for its size")
+                 f"{height}x{width}; for one fine-tuned on the data as it is, pass "
+                 f"{option_name('teacher_input_size', 'data')} (recipe: teacher_input_size = \"data\"), or "
+                 f"{option_name('teacher_input_size', metavar='N')} for its size")
     return text
 
 
@@ -267,7 +274,7 @@ def student_preprocessing(arch: str, normalization: str | None, info) -> dict | 
     architectures have no such statistics (their checkpoints were trained on the dataset's):
     None for them too."""
     if normalization is not None and normalization not in STUDENT_NORMALIZATIONS:
-        raise UserError(f"--student-normalization must be one of {', '.join(STUDENT_NORMALIZATIONS)}, "
+        raise UserError(f"{option_name('student_normalization')} must be one of {', '.join(STUDENT_NORMALIZATIONS)}, "
                         f"got {normalization!r}")
     if normalization in (None, "dataset"):
         return None

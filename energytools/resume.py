@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Collection, Iterator
 
 from .distributed import Context, collective_timeout, context
-from .errors import UserError
-from .preemption import RESUME_RUN, Interrupted
-from .io import check_output_path, remove_partial_files, run_lock, write_json
+from .errors import UserError, option_name
+from .preemption import RESUME_RUN, START_AGAIN, Interrupted
+from .io import WriteError, check_output_path, disk_error, remove_partial_files, run_lock, write_error, write_json
 
 #: the file that says which configuration a directory's parts belong to, while they are written
 KEY_FILE = ".key"
@@ -54,7 +54,7 @@ def resumable_parts(output: Path, directory: Path, key: str, names: list[str],
                 ours = key_file.is_file()
                 if not ours and not restart and any(directory.iterdir()):
                     raise UserError(f"{directory} exists and was not written by energytools; move it away or "
-                                    "choose another --out")
+                                    f"choose another {option_name('out')}")
                 if restart or not ours or key_file.read_text() != key:
                     shutil.rmtree(directory)
             directory.mkdir(parents=True, exist_ok=True)
@@ -80,14 +80,16 @@ def check_resumed_config(out: Path, config: dict, may_change: Collection[str] = 
     try:
         recorded = json.loads(recorded_path.read_text())
     except (OSError, ValueError):
-        raise UserError(f"--resume: {recorded_path} is not readable JSON; pass --overwrite to start again") from None
+        raise UserError(f"{option_name('resume')}: {recorded_path} is not readable JSON; pass "
+                        f"{option_name('overwrite', True)} to start again") from None
     wanted = json.loads(json.dumps(config, default=str))  # as config.json holds it
     changed = [f"{key} {old!r} (now {new!r})" for key, old, new in _differences(recorded, wanted)
                if key not in may_change]
     if changed:
-        raise UserError(f"--resume: {out} was started with {'; '.join(changed[:3])}"
+        raise UserError(f"{option_name('resume')}: {out} was started with {'; '.join(changed[:3])}"
                         + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
-                        + "; pass the options it was started with, or --overwrite to start again")
+                        + f"; pass the options it was started with, or {option_name('overwrite', True)} to start "
+                          "again")
 
 
 def _differences(old, new, prefix: str = "") -> list[tuple[str, object, object]]:
@@ -128,25 +130,34 @@ def run_directory(out: Path, resume: bool, overwrite: bool, config: dict,
     check_output_path(out, directory=True)
     checkpoint = out / "last.pt"
     if resume and not checkpoint.exists():
-        raise UserError(f"--resume: {out} holds no run to resume (no last.pt)")
+        raise UserError(f"{option_name('resume')}: {out} holds no run to resume (no last.pt)")
     if checkpoint.exists() and not resume and not overwrite:
-        raise UserError(f"{out} already holds a run (pass --resume to continue it or --overwrite to replace it)")
+        raise UserError(f"{out} already holds a run: pass {option_name('resume', True)} to continue it (a finished run "
+                        f"then says it is complete) or {option_name('overwrite', True)} to replace it")
     if resume:
         check_resumed_config(out, config, may_change)
     created = _first_missing(out) if ctx.is_main else None
     try:
         with run_lock(out) if ctx.is_main else contextlib.nullcontext():
-            if ctx.is_main:
-                if checkpoint.exists() and not resume:
-                    shutil.rmtree(out)
-                out.mkdir(parents=True, exist_ok=True)
-                write_json(out / "config.json", config)
-            ctx.barrier()
-            yield ctx.is_main
+            try:
+                if ctx.is_main:
+                    if checkpoint.exists() and not resume:
+                        shutil.rmtree(out)
+                    out.mkdir(parents=True, exist_ok=True)
+                    write_json(out / "config.json", config)
+                ctx.barrier()
+                yield ctx.is_main
+            except BaseException:
+                # under the lock: a process refused it must not remove the folder another one is writing
+                if created is not None and not checkpoint.exists():
+                    shutil.rmtree(created, ignore_errors=True)
+                raise
     except BaseException as exc:
-        if created is not None and not checkpoint.exists():
-            shutil.rmtree(created, ignore_errors=True)
+        # what the user runs next: the same command alone is refused once last.pt exists
         if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, Interrupted):  # Ctrl-C: what now
-            raise Interrupted(RESUME_RUN if checkpoint.exists() else
-                              "no checkpoint was written yet; re-run the same command to start again") from None
+            raise Interrupted(RESUME_RUN if checkpoint.exists() else START_AGAIN) from None
+        if isinstance(exc, OSError) and disk_error(exc):  # one not raised by an atomic write (a folder)
+            exc = write_error(exc, exc.filename or out, "")
+        if isinstance(exc, WriteError):  # a full or read-only disk
+            raise exc.advise(RESUME_RUN if checkpoint.exists() else "re-run the same command to start again") from None
         raise

@@ -17,7 +17,7 @@ from .config import DataConfig, resolve
 from .energy import GROUPS, TemperatureRule, logit_statistics
 from .errors import UserError
 from .functional import as_indices, as_logits, check_energy_temperature
-from .io import check_output_path
+from .io import check_output_free
 from .teacher import EXTERNAL_TEACHER
 from .table import (OPTIONAL_SCORE_COLUMNS, SCORE_COLUMNS, VIEW_COLUMNS, DatasetRecord, TableMeta, TeacherRecord,
                     ViewsRecord, versions, write_parquet)
@@ -104,7 +104,7 @@ def write_score_table(path: str | Path, logits, labels, *, sample_ids=None, clas
                       dataset: DataConfig | dict | None = None, energy_temperature: float = 4.0,
                       low_frac: float = 0.2, high_frac: float = 0.2, temperatures=(6.0, 4.0, 2.0),
                       temperature_rule: str = "groups", save_logits: bool = True,
-                      source: str = "logits computed outside energytools") -> Path:
+                      source: str = "logits computed outside energytools", overwrite: bool = False) -> Path:
     """A score table (schema v2) from teacher ``logits`` (N, C) computed anywhere, and
     ``labels`` (N,): the per-sample scores, energy groups and temperatures, and (with
     ``save_logits``) the logits as float16, so ``distill --cached-logits`` can use them.
@@ -115,8 +115,12 @@ def write_score_table(path: str | Path, logits, labels, *, sample_ids=None, clas
     and augment, select, distill and report accept it; the labels and ids must match the
     dataset's. Without it the table serves select and report only. The teacher is recorded as
     ``external`` with ``source`` as its path, and the sha256 of the logits as its identity.
+    An existing ``path`` is refused unless ``overwrite=True`` (as ``score --out`` is without
+    ``--overwrite``).
     """
-    check_output_path(path)
+    if not isinstance(overwrite, bool):
+        raise UserError(f"overwrite must be True or False, got {overwrite!r}")
+    check_output_free(path, overwrite)
     energy_temperature = check_energy_temperature(energy_temperature)
     ids = None if sample_ids is None else as_indices(sample_ids, "sample_ids")
     logit_tensor = as_logits(logits, "logits", ids)

@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 import polars as pl
 
-from .errors import UserError
+from .errors import UserError, option_name
 
 #: scores a selection may rank by: score-table columns (all from the same teacher pass) and
 #: the label-issues file's label quality (:data:`LABEL_ISSUE_SCORES`)
@@ -48,11 +48,11 @@ def select_samples(table: pl.DataFrame, ratio: float, mode: str = "high", per_cl
     broken by sample_id, so the selection is exact and reproducible.
     """
     if not 0 < ratio <= 1:
-        raise UserError(f"ratio must be in (0, 1], got {ratio}")
+        raise UserError(f"{option_name('ratio')} must be in (0, 1], got {ratio}")
     if mode not in SELECT_MODES:
-        raise UserError(f"unknown selection mode {mode!r}; choose from {', '.join(SELECT_MODES)}")
+        raise UserError(f"{option_name('mode')} must be one of {', '.join(SELECT_MODES)}, got {mode!r}")
     if by not in SELECT_BY:
-        raise UserError(f"cannot select by {by!r}; choose from {', '.join(SELECT_BY)}")
+        raise UserError(f"{option_name('by')} must be one of {', '.join(SELECT_BY)}, got {by!r}")
     if by not in table.columns:
         raise UserError(f"the score table has no {by} column (re-score it to add one)")
     ranked = table.with_columns(SELECT_MODES[mode](table, seed, by).alias("_key")).sort(["_key", "sample_id"])
@@ -64,7 +64,7 @@ def select_samples(table: pl.DataFrame, ratio: float, mode: str = "high", per_cl
     else:
         chosen = ranked.head(selection_count(ratio, table.height))
     if chosen.height == 0:
-        raise UserError(f"--ratio {ratio} selects no samples out of {table.height}")
+        raise UserError(f"{option_name('ratio', ratio)} selects no samples out of {table.height}")
     return chosen.drop("_key").sort("sample_id")
 
 

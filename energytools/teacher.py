@@ -9,7 +9,7 @@ import torch
 from .config import DataConfig, resolve
 from .data.transforms import normalize
 from .engine import autocast, resolve_device
-from .errors import UserError
+from .errors import UserError, option_name
 from .models import adapt_to_dataset, checkpoint_meta, load_model
 from .preprocessing import resolve_preprocessing, reuse_preprocessing
 
@@ -84,7 +84,8 @@ def open_table_teacher(meta, dataset, path: str | None = None, arch: str | None 
     external = meta.teacher.arch == EXTERNAL_TEACHER
     if external and not path:
         raise UserError(f"the score table was written from logits computed elsewhere ({meta.teacher.path}): pass "
-                        "--teacher (and --teacher-arch) to run a teacher, or use --cached-logits")
+                        f"{option_name('teacher')} (and {option_name('teacher_arch')}) to run a teacher, or use "
+                        f"{option_name('cached_logits', True)}")
     path = path or meta.teacher.path
     recorded = reuse_preprocessing(meta.teacher.preprocessing, overrides, dataset.info)
     teacher = open_teacher(path, dataset, arch or (None if external else meta.teacher.arch), device,
@@ -98,7 +99,7 @@ def teacher_data_config(teacher_path) -> DataConfig:
     """The dataset the teacher checkpoint records it was trained on."""
     recorded = checkpoint_meta(teacher_path).get("data")
     if not recorded:
-        raise UserError(f"{teacher_path} does not record its dataset: pass --dataset")
+        raise UserError(f"{teacher_path} does not record its dataset: pass {option_name('dataset')}")
     return resolve(DataConfig, recorded, f"{teacher_path}: recorded dataset")
 
 

@@ -20,7 +20,7 @@ from .data.draws import TrainTransform
 from .data.shards import read_manifest, shard_dataset
 from .data.training_set import TrainingSet
 from .data.views import ReplayViews
-from .errors import UserError
+from .errors import UserError, option_name
 from .io import require_file, sha256_file
 from .lookup import CachedLogits, CachedViewLogits, LogitsSource, OnlineTeacher, SampleLookup
 from .table import LABEL_ISSUE_FLAG, DatasetRecord, TableMeta, ViewsRecord, read_metadata, read_parquet
@@ -44,7 +44,7 @@ def open_training_set(cfg, meta: TableMeta):
                 raise UserError(f"{path} names none of the training set's samples")
             train_set = train_set.subset(np.flatnonzero(chosen == keep))
             if len(train_set) == 0:
-                raise UserError(f"--exclude {path} leaves no training samples")
+                raise UserError(f"{option_name('exclude', path)} leaves no training samples")
     return data, train_set
 
 
@@ -114,7 +114,8 @@ def plan_views(cfg, spec, source: TemperatureSource, meta: TableMeta, train_set:
     by_views = uses_energy_groups(cfg, spec) and source.needs_views
     cached = cfg.cached_logits and needs_teacher_logits(cfg, spec, source)
     if by_views and not meta.has_views:
-        raise UserError(f"--temperature-source {source.name} needs a table scored with --views K; {cfg.scores} "
+        raise UserError(f"{option_name('temperature_source', source.name)} needs a table scored with "
+                        f"{option_name('views', metavar='K')}; {cfg.scores} "
                         "has no views")
     if not (by_views or (cached and meta.has_views)):
         return None
@@ -122,7 +123,7 @@ def plan_views(cfg, spec, source: TemperatureSource, meta: TableMeta, train_set:
     recorded, transform = TrainTransform.from_dict(meta.views.transform), info.train_transform
     if recorded != transform:
         raise UserError(f"{cfg.scores} holds views of {recorded.describe()}, but {info.name} trains with "
-                        f"{transform.describe()}: re-score with --views {meta.views.count}")
+                        f"{transform.describe()}: re-score with {option_name('views', meta.views.count)}")
     return ViewReplay(ReplayViews(transform, meta.views.seed, meta.views.count, cfg.train.seed),
                       read_views(cfg.scores, meta, info.num_classes), meta.views, info.num_classes)
 
@@ -134,18 +135,20 @@ def cached_logit_names(cfg, spec, source: TemperatureSource, meta: TableMeta, tr
         return []
     info = train_set.info
     if info.train_transform.crops:
-        raise UserError(f"--cached-logits: {info.name} trains with {info.train_transform.describe()}, so the clean "
-                        "image's logits do not match the training views; re-score with --views K")
+        raise UserError(f"{option_name('cached_logits')}: {info.name} trains with {info.train_transform.describe()}, "
+                        "so the clean image's logits do not match the training views; re-score with "
+                        f"{option_name('views', metavar='K')}")
     if not meta.has_logits:
-        raise UserError(f"--cached-logits needs a table scored with --save-logits or --views K; {cfg.scores} has "
-                        "no logits")
+        raise UserError(f"{option_name('cached_logits')} needs a table scored with {option_name('save_logits', True)} "
+                        f"or {option_name('views', metavar='K')}; {cfg.scores} has no logits")
     return ["logits", "logits_flipped"] if info.train_flip else ["logits"]
 
 
 def _logit_columns(rows: pl.DataFrame, names: list[str], where) -> dict:
     for name in names:
         if name not in rows.columns:
-            raise UserError(f"--cached-logits: {where} lacks {name}; re-score with --save-logits")
+            raise UserError(f"{option_name('cached_logits')}: {where} lacks {name}; re-score with "
+                            f"{option_name('save_logits', True)}")
     return {name: np.stack(rows[name].to_numpy()).astype(np.float32) for name in names}
 
 
@@ -153,7 +156,7 @@ def _shard_views(replay: ViewReplay, rows: pl.DataFrame, directory) -> dict:
     """A shard's stored views (augment scores the table's K views of every new image)."""
     if "view_energy" not in rows.columns:
         raise UserError(f"shards in {directory} hold no per-view logits (made by an older energytools); re-run "
-                        "augment on this table with --overwrite to replay views with them")
+                        f"augment on this table with {option_name('overwrite', True)} to replay views with them")
     wanted = list(view_column_shapes(replay.views, replay.num_classes))
     read = views_from_arrow(rows.select([n for n in wanted if n in rows.columns]).to_arrow(), replay.views,
                             replay.num_classes, f"shards in {directory}")

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from .errors import UserError
+from .errors import UserError, option_name
 from .io import unreadable_parquet
 
 
@@ -39,7 +39,7 @@ def topk_compress(logits: torch.Tensor, k: int, energy_temperature: float):
     logits = logits.float()
     num_classes = logits.shape[1]
     if not 0 < k < num_classes:
-        raise UserError(f"--top-k must be between 1 and {num_classes - 1} (the classes less one), got {k}")
+        raise UserError(f"{option_name('top_k')} must be between 1 and {num_classes - 1} (the classes less one), got {k}")
     values, indices = logits.topk(k, dim=1)
     rest = logits.scatter(1, indices, float("-inf"))
     fill = energy_temperature * (torch.logsumexp(rest / energy_temperature, dim=1) - math.log(num_classes - k))
@@ -62,7 +62,7 @@ def _flat(column: pa.ChunkedArray, depth: int, path, name: str, lengths: tuple[i
         sizes = pc.list_value_length(array)
         if sizes.null_count or (len(sizes) and not pc.all(pc.equal(sizes, length)).as_py()):
             raise UserError(f"{path}: column {name!r} does not hold {' x '.join(map(str, lengths))} values in every "
-                            "row; re-score with --views")
+                            f"row; re-score with {option_name('views', metavar='K')}")
         array = array.flatten()
     values = array.to_numpy(zero_copy_only=False).reshape(len(column), *lengths)
     return values if values.flags.writeable else values.copy()
@@ -86,7 +86,8 @@ def views_from_arrow(table: pa.Table, views, num_classes: int, where) -> dict[st
     wanted = view_column_shapes(views, num_classes)
     missing = [name for name in wanted if name not in table.column_names]
     if missing:
-        raise UserError(f"{where} records {views.count} views but lacks column {missing[0]!r}; re-score with --views")
+        raise UserError(f"{where} records {views.count} views but lacks column {missing[0]!r}; re-score with "
+                        f"{option_name('views', metavar='K')}")
     out = {name: _flat(table.column(name), depth, where, name, lengths) for name, (depth, lengths) in wanted.items()}
     if not np.isfinite(out["view_energy"]).all():
         raise UserError(f"{where} has non-finite view energies")
@@ -102,7 +103,8 @@ def read_views(path: Path | str, meta, num_classes: int) -> dict[str, np.ndarray
     wanted = view_column_shapes(meta.views, num_classes)
     missing = [name for name in wanted if name not in meta.columns]
     if missing:
-        raise UserError(f"{path} records {meta.views.count} views but lacks column {missing[0]!r}; re-score with --views")
+        raise UserError(f"{path} records {meta.views.count} views but lacks column {missing[0]!r}; re-score with "
+                        f"{option_name('views', metavar='K')}")
     try:
         table = pq.read_table(path, columns=list(wanted))
     except Exception as exc:  # noqa: BLE001 - corrupt file

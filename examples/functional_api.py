@@ -43,7 +43,8 @@ print(f"pruning the easiest quarter drops {len(easiest)} samples, e.g. sample id
 # a score table from these logits: augment (with --teacher), select, distill --cached-logits and
 # report take it like one that `energytools score` wrote
 table = et.write_score_table(out / "scores.parquet", logits, digits.target[ids], sample_ids=ids,
-                             dataset={"dataset": "digits"}, source="sklearn LogisticRegression(C=0.05)")
+                             dataset={"dataset": "digits"}, source="sklearn LogisticRegression(C=0.05)",
+                             overwrite=True)
 result = et.distill(table, "cnn_tiny", out / "student", method="energy-kd", cached_logits=True, epochs=2,
                     overwrite=True)
 print(f"distilled from the table: {result.summary()}")

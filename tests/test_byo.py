@@ -113,7 +113,7 @@ def test_gray_images_without_classlabel_and_resizing(tmp_path):
 
     write(root / "train" / "0.parquet", [(12, 12)] * 6 + [(20, 10)] * 3, [0, 1, 4] * 3)
     write(root / "test" / "0.parquet", [(12, 12)] * 3, [0, 1, 4])
-    with pytest.raises(UserError, match="--image-size"):
+    with pytest.raises(UserError, match="image_size=N"):
         build_dataset("parquet", "test", root)
     test = build_dataset("parquet", "test", root, image_size=8)
     # no ClassLabel: the labels as text, up to the largest one
@@ -378,7 +378,7 @@ def test_a_shard_directory_is_a_hugging_face_dataset(digits_run):
 @pytest.mark.parametrize("remove, needle", [
     ("config.json", "missing config.json"),
     ("model.safetensors", "missing the weights (model.safetensors or pytorch_model.bin)"),
-    ("everything", "holds none of config.json, the weights and preprocessor_config.json"),
+    ("everything", "holds neither config.json nor the weights"),
 ])
 def test_a_model_folder_says_which_file_it_lacks(runner, tmp_path, remove, needle):
     save_hf_model(tmp_path / "hf", NAMES)

@@ -112,7 +112,7 @@ def test_validation_carve_is_fixed_and_stratified():
     assert (carve_validation(labels, 10)[1] == val).all()
 
 
-@pytest.mark.parametrize("kwargs,match", [({"limit": 0}, "--limit"), ({"imbalance_factor": 0.5}, "imbalance"),
+@pytest.mark.parametrize("kwargs,match", [({"limit": 0}, "^limit must be positive"), ({"imbalance_factor": 0.5}, "imbalance"),
                                           ({"split": "dev"}, "split")])
 def test_bad_dataset_options(fashion_root, kwargs, match):
     split = kwargs.pop("split", "train")

@@ -167,12 +167,12 @@ def test_reuse_refuses_only_what_contradicts():
     # a table of an energytools checkpoint records None: the dataset's own size and normalisation
     assert reuse_preprocessing(None, {"input_size": "data", "mean": [0.5, 0.4, 0.3]}, info) is None
     assert reuse_preprocessing(None, {"interpolation": "bicubic"}, info) is None  # no resize: never used
-    with pytest.raises(UserError, match=r"--teacher-std 0.5 contradicts .* std 0.2,0.2,0.2 \(dataset\)"):
+    with pytest.raises(UserError, match=r"teacher_std 0.5 contradicts .* std 0.2,0.2,0.2 \(dataset\)"):
         reuse_preprocessing(None, {"std": [0.5]}, info)
     recorded = resolve_preprocessing({"mean": [0.5] * 3, "std": [0.5] * 3, "input_size": [64, 64],
                                       "interpolation": "bilinear", "source": "cfg"}, {}, info)
     assert reuse_preprocessing(recorded, {"input_size": 64, "interpolation": "bilinear"}, info) is recorded
-    with pytest.raises(UserError, match="--teacher-interpolation bicubic contradicts"):
+    with pytest.raises(UserError, match="teacher_interpolation bicubic contradicts"):
         reuse_preprocessing(recorded, {"interpolation": "bicubic"}, info)
     # overriding an energytools checkpoint's preprocessing starts from the dataset's
     mine = resolve_preprocessing(None, {"mean": [0.1, 0.2, 0.3]}, info)
@@ -180,7 +180,7 @@ def test_reuse_refuses_only_what_contradicts():
     assert mine["sources"] == {"input_size": "dataset", "mean": "user option", "std": "dataset",
                                "interpolation": "dataset"}
     assert resolve_preprocessing(None, {"input_size": "data"}, info) is None  # restates the dataset's
-    with pytest.raises(UserError, match="--teacher-mean has 2 values for 3-channel images"):
+    with pytest.raises(UserError, match="teacher_mean has 2 values for 3-channel images"):
         resolve_preprocessing(None, {"mean": [0.1, 0.2]}, info)
 
 
@@ -191,9 +191,9 @@ def test_options_are_spelled_one_way_from_cli_api_and_recipes(tmp_path):
     for bad in ("big", 0, -3, True):
         with pytest.raises(UserError, match="teacher_input_size must be a positive whole number or 'data'"):
             resolve(ScoreConfig, {"teacher": "t", "teacher_input_size": bad})
-    with pytest.raises(UserError, match="--teacher-std must be positive"):
+    with pytest.raises(UserError, match="teacher_std must be positive"):
         resolve(ScoreConfig, {"teacher": "t", "teacher_std": "0,1,1"}).check()
-    with pytest.raises(UserError, match="--teacher-interpolation must be one of"):
+    with pytest.raises(UserError, match="teacher_interpolation must be one of"):
         resolve(ScoreConfig, {"teacher": "t", "teacher_interpolation": "cubic"}).check()
     # a recipe's finished steps stay fresh when none of the new options is set
     from energytools.pipeline import _content
@@ -220,5 +220,5 @@ def test_student_normalization_dataset_or_the_weights_own():
     gray = DatasetInfo("g", 10, 1, 28, (0.3,), (0.3,))
     averaged = [(0.485 + 0.456 + 0.406) / 3]  # an RGB model's mean for gray images
     assert student_preprocessing("timm:resnet18", "weights", gray)["mean"] == pytest.approx(averaged)
-    with pytest.raises(UserError, match="--student-normalization must be one of dataset, weights"):
+    with pytest.raises(UserError, match="student_normalization must be one of dataset, weights"):
         resolve(DistillConfig, {"student": "x", "out": "o", "student_normalization": "imagenet"}).check()

@@ -315,7 +315,7 @@ def test_distill_bad_input(digits_run, tmp_path):
     with pytest.raises(UserError, match="another score table"):
         distill(DistillConfig(out=str(tmp_path / "b"), shards=(str(other),), **common))
     nologits = score(ScoreConfig(teacher=str(digits_run["teacher"]), out=str(tmp_path / "nolog.parquet")))
-    with pytest.raises(UserError, match="--save-logits"):
+    with pytest.raises(UserError, match="save_logits=True"):
         distill(DistillConfig(out=str(tmp_path / "c"), cached_logits=True,
                               **{**common, "scores": str(nologits)}))
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, option_name
 from .base import DatasetInfo, ImageSet
 from .loaders import DATASETS, register_dataset
 from .subsets import VAL_FRACTION, carve_validation, long_tail, long_tail_counts, stratified_limit
@@ -34,21 +34,21 @@ def build_dataset(name: str, split: str = "train", data_root: str | Path | None 
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
     if limit is not None and limit <= 0:
-        raise UserError(f"--limit must be positive, got {limit}")
+        raise UserError(f"{option_name('limit')} must be positive, got {limit}")
     if imbalance_factor is not None and not imbalance_factor >= 1:
-        raise UserError(f"--imbalance-factor must be >= 1, got {imbalance_factor}")
+        raise UserError(f"{option_name('imbalance_factor')} must be >= 1, got {imbalance_factor}")
     root = Path(data_root).expanduser() if data_root else None
     if root is not None and not root.exists():
-        raise UserError(f"--data-root {root} does not exist")
+        raise UserError(f"{option_name('data_root', str(root))} does not exist")
     if crop_pad is not None and crop_pad < 0:
-        raise UserError(f"--crop-pad must be >= 0, got {crop_pad}")
+        raise UserError(f"{option_name('crop_pad')} must be >= 0, got {crop_pad}")
     info, images, labels, ids = DATASETS[name](root, "test" if split == "test" else "train", image_size=image_size)
     if info.num_classes < 2:  # softmax over one class is 1 everywhere: no energy, no distillation
         raise UserError(f"{name}{f' in {root}' if root else ''} has {info.num_classes} class; a classifier needs "
                         "at least two")
     if crop_pad is not None:
         if info.train_resized_crop:
-            raise UserError(f"--crop-pad does not apply to {name}: it trains with a RandomResizedCrop")
+            raise UserError(f"{option_name('crop_pad')} does not apply to {name}: it trains with a RandomResizedCrop")
         info = dataclasses.replace(info, train_crop_pad=crop_pad)
     ids = np.arange(len(labels)) if ids is None else ids
     dataset = ImageSet(info, split, images, labels, ids)

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, option_name
 from .base import ArrayImages, DatasetInfo, FileImages, imagenet_stats
 from .parquet import read_split as read_parquet_split
 
@@ -215,7 +215,7 @@ def load_imagefolder(root: Path | None, part: str, image_size: int | None = None
     """
     image_size = image_size or 224
     if root is None:
-        raise UserError("imagefolder needs --data-root pointing at a folder with train/ and val/")
+        raise UserError(f"imagefolder needs {option_name('data_root')} pointing at a folder with train/ and val/")
     folder = root / ("train" if part == "train" else "val")
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder (imagefolder expects {root}/train and {root}/val)")

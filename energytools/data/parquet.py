@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from ..errors import UserError
+from ..errors import UserError, option_name
 from .base import ArrayImages, DatasetInfo, imagenet_stats, to_array
 
 #: the schema metadata key under which `datasets` stores its features
@@ -156,7 +156,7 @@ def read_split(root: Path | None, part: str, image_size: int | None = None):
     centre-crops each). Sample ids are row positions over the sorted file list.
     """
     if root is None:
-        raise UserError("parquet needs --data-root: a folder with data/train-*.parquet and data/test-*.parquet")
+        raise UserError(f"parquet needs {option_name('data_root')}: a folder with data/train-*.parquet and data/test-*.parquet")
     train_files = split_files(root, "train")
     if not train_files:
         looked = ", ".join(layout.format(split="train") for layout in LAYOUTS)
@@ -178,7 +178,7 @@ def read_split(root: Path | None, part: str, image_size: int | None = None):
         if others or width != height:
             shown = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:4])
             raise UserError(f"the train images in {root} are {shown}{' ...' if len(sizes) > 4 else ''}: "
-                            "pass --image-size N to resize and centre-crop them to N x N")
+                            f"pass {option_name('image_size', metavar='N')} to resize and centre-crop them to N x N")
         size = width
     files = train_files if part == "train" else split_files(root, "test")
     if not files:
@@ -191,7 +191,7 @@ def read_split(root: Path | None, part: str, image_size: int | None = None):
         array = _decode(image, file, row, channels, image_size)
         if array.shape[:2] != (size, size):
             raise UserError(f"row {row} of {file} is {array.shape[1]}x{array.shape[0]}, the train images "
-                            f"{size}x{size}: pass --image-size N to resize them all")
+                            f"{size}x{size}: pass {option_name('image_size', metavar='N')} to resize them all")
         arrays.append(array)
         labels.append(label)
     if not arrays:

@@ -281,8 +281,10 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
         position = Position.from_state(state["position"], device) if state.get("position") else None
         if position is not None:
             own_rngs(position.rngs)  # refused now, before anything runs, when another number of ranks wrote it
-        console.print(f"resuming {out_dir} from epoch {start_epoch}"
-                      + (f", step {position.step}" if position is not None else ""))
+        if ctx.is_main:
+            console.print(f"{out_dir} is complete: {start_epoch} of {cfg.epochs} epochs trained; nothing to resume"
+                          if start_epoch >= cfg.epochs else f"resuming {out_dir} at epoch {start_epoch + 1}"
+                          + (f", after step {position.step}" if position is not None else ""))
     loader = TrainLoader(train_set, cfg, device, ctx, views)
     # one loader per evaluation set for the run (raw and EMA weights), each rank a share of the set
     evaluators = {name: Evaluator(dataset, device, cfg.eval_batch_size, cfg.num_workers, cfg.amp, cfg.channels_last, ctx)

@@ -8,7 +8,7 @@ import torch
 
 from ..cuda_env import CUBLAS_ENV, DETERMINISTIC_CUBLAS, cublas_deterministic_problem
 from ..distributed import context
-from ..errors import UserError
+from ..errors import UserError, option_name
 
 
 def seed_everything(seed: int) -> None:
@@ -39,20 +39,20 @@ def resolve_device(name: str = "auto") -> torch.device:
     except RuntimeError:
         raise UserError(f"unknown device {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but no CUDA device is available")
+        raise UserError(f"{option_name('device', 'cuda')} asked for, but no CUDA device is available")
     if not ctx.distributed:
         if device.type == "cuda" and device.index is None:
             return torch.device("cuda", torch.cuda.current_device())
         return device
     if device.type != "cuda":
         if ctx.backend == "nccl":  # a job that joined for cuda (an earlier stage) cannot run DDP on the cpu
-            raise UserError(f"--device {name} under torchrun: this job's process group is nccl (made for cuda); "
-                            "pass --device cuda, or --dist-backend gloo")
+            raise UserError(f"{option_name('device', name)} under torchrun: this job's process group is nccl (made "
+                            f"for cuda); pass {option_name('device', 'cuda')}, or --dist-backend gloo")
         return device
     index = ctx.cuda_index()
     if device.index is not None and device.index != index:
-        raise UserError(f"--device {name} under torchrun: each rank trains on its own GPU (this one: cuda:{index}, "
-                        "from LOCAL_RANK); pass --device cuda")
+        raise UserError(f"{option_name('device', name)} under torchrun: each rank trains on its own GPU (this one: "
+                        f"cuda:{index}, from LOCAL_RANK); pass {option_name('device', 'cuda')}")
     return torch.device("cuda", index)
 
 

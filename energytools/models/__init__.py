@@ -13,7 +13,7 @@ import torch.nn as nn
 from torch.torch_version import TorchVersion
 
 from .preprocessed import with_preprocessing
-from ..errors import UserError
+from ..errors import UserError, option_name
 from ..io import atomic_path, sha256_file
 from . import cifar_resnet, hf_source, imagenet, mobile, small, timm_source, vgg, wrn  # noqa: F401  (fill the registries)
 from .registry import DESCRIPTIONS, MODELS, SOURCES, register_model
@@ -207,7 +207,7 @@ def load_model(path: Path | str, arch: str | None = None, num_classes: int | Non
     meta = dict(payload.get("energytools") or {})
     arch = arch or meta.get("arch")
     if arch is None:
-        raise UserError(f"{path} does not record its architecture: pass --teacher-arch")
+        raise UserError(f"{path} does not record its architecture: pass {option_name('teacher_arch')}")
     num_classes = meta.get("num_classes", num_classes)
     in_channels = meta.get("in_channels", in_channels or 3)
     image_size = meta.get("image_size", image_size)

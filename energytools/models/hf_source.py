@@ -1,8 +1,10 @@
 """``hf:<DIR>``: a Hugging Face image classifier saved with ``save_pretrained``, loaded offline.
 
-DIR holds config.json, the weights (model.safetensors) and preprocessor_config.json. As a
-teacher the folder itself is the checkpoint (``--teacher DIR``); as an architecture
-(``--student hf:DIR``) only its config is used and the weights start random.
+DIR holds config.json and the weights (model.safetensors), what the model's ``save_pretrained``
+writes, and optionally preprocessor_config.json, what its image processor's writes (the
+normalisation and input size). As a teacher the folder itself is the checkpoint (``--teacher
+DIR``); as an architecture (``--student hf:DIR``) only its config is used and the weights start
+random.
 """
 from __future__ import annotations
 
@@ -77,13 +79,13 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 
 def missing_files(directory: str | Path) -> list[str]:
-    """Which of config.json, the weights and preprocessor_config.json ``directory`` lacks."""
+    """Which of the files a model's ``save_pretrained`` writes (config.json and the weights)
+    ``directory`` lacks. preprocessor_config.json is the image processor's, saved apart, and
+    optional: without it the dataset's normalisation applies."""
     directory = Path(directory)
     missing = [] if (directory / "config.json").is_file() else ["config.json"]
     if not any((directory / name).is_file() for name in WEIGHT_FILES):
         missing.append("the weights (model.safetensors or pytorch_model.bin)")
-    if not (directory / "preprocessor_config.json").is_file():
-        missing.append("preprocessor_config.json")
     return missing
 
 
@@ -93,11 +95,11 @@ def describe_folder(directory: str | Path) -> str:
         return (f"{directory} is a training run's directory, not a model: pass {Path(directory) / 'best.pt'} "
                 "(the validation-selected weights) or last.pt")
     missing = missing_files(directory)
-    if len(missing) == 3:
-        return (f"{directory} is a folder, not a model: it holds none of config.json, the weights and "
-                "preprocessor_config.json (what save_pretrained writes), nor is it a checkpoint file")
-    return (f"{directory} is a Hugging Face model folder missing {', '.join(missing)}"
-            " (save_pretrained writes config.json, model.safetensors and preprocessor_config.json)")
+    if len(missing) == 2:
+        return (f"{directory} is a folder, not a model: it holds neither config.json nor the weights (what a "
+                "model's save_pretrained writes), nor is it a checkpoint file")
+    return (f"{directory} is a Hugging Face model folder missing {' and '.join(missing)}"
+            " (a model's save_pretrained writes config.json and model.safetensors)")
 
 
 def _folder(directory: str | Path) -> Path:

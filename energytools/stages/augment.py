@@ -17,7 +17,7 @@ from ..config import AugmentConfig
 from ..console import console, headline, progress_bar
 from ..data.shards import MANIFEST, shard_name
 from ..distributed import context
-from ..errors import UserError
+from ..errors import UserError, option_name
 from ..io import check_output_path, sha256_file, sha256_json, write_json
 from ..preemption import Stopped, stop_requested
 from ..resume import resumable_parts
@@ -32,7 +32,7 @@ def augment(cfg: AugmentConfig) -> Path:
     check_output_path(out, directory=True)
     finished = (out / MANIFEST).exists()
     if finished and not cfg.overwrite:
-        raise UserError(f"{out} already holds HE-DA shards (pass --overwrite to replace them)")
+        raise UserError(f"{out} already holds HE-DA shards (pass {option_name('overwrite', True)} to replace them)")
     table, meta = load_table(cfg.scores, TABLE_COLUMNS)
     meta.require_train(cfg.scores, "augment")
     dataset = meta.data.build("train")

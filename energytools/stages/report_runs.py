@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 import polars as pl
 
 from ..engine import TEST_PREDICTIONS
-from ..errors import UserError
+from ..errors import UserError, option_name
 from ..io import sha256_file
 from ..summaries import VERDICT_RULE, aggregate_runs, html_table, paired_deltas, summary_cells, text
 from ..table import TableMeta, read_metadata, read_parquet
@@ -64,7 +64,7 @@ def choose_baseline(runs: pl.DataFrame, name: str | None) -> str:
         match = runs.filter(pl.col(column) == name)
         if match.height:
             return match["config"][0]
-    raise UserError(f"--baseline {name!r} names no configuration, run or method of the runs; configurations: "
+    raise UserError(f"{option_name('baseline', name)} names no configuration, run or method of the runs; configurations: "
                     f"{', '.join(runs['config'].unique(maintain_order=True))}")
 
 

@@ -26,7 +26,7 @@ from ..console import console, headline, progress_bar
 from ..data.views import ScoredViews
 from ..distributed import collective_timeout, context
 from ..engine import float32_exact, make_loader
-from ..errors import UserError
+from ..errors import UserError, option_name
 from ..io import check_output_free, sha256_json, write_json
 from ..preemption import Stopped, stop_requested
 from ..preprocessing import describe_preprocessing
@@ -65,7 +65,7 @@ def choose_part_size(samples: int, world: int, batch_size: int, given: int | Non
     if batches < world:
         console.print(f"note: {batches} batch(es) of {batch_size} for {world} ranks: parts of "
                       f"{-(-samples // world)} rows, so batches differ from a one-process run (energies may differ "
-                      "in the last bits); lower --batch-size to keep them")
+                      f"in the last bits); lower {option_name('batch_size')} to keep them")
         return -(-samples // world)
     return min(MAX_PART_SIZE // batch_size or 1, -(-batches // world)) * batch_size
 
@@ -85,15 +85,15 @@ def _parts_key(cfg: ScoreConfig, dataset, teacher_sha: str, part_size: int) -> s
 def _load_reference(cfg: ScoreConfig, teacher: TeacherRun):
     if not cfg.reference:
         if cfg.split != "train":
-            console.print(f"note: grouping the {cfg.split} split by its own quantiles; pass --reference "
-                          "TRAIN_TABLE to use the train groups")
+            console.print(f"note: grouping the {cfg.split} split by its own quantiles; pass "
+                          f"{option_name('reference', metavar='TRAIN_TABLE')} to use the train groups")
         return None
     frame, meta = load_table(cfg.reference, ["sample_id", "energy"])
-    meta.require_train(cfg.reference, "--reference")
+    meta.require_train(cfg.reference, option_name("reference"))
     if meta.energy_temperature != cfg.energy_temperature:
-        raise UserError(f"--reference {cfg.reference} used T_E={meta.energy_temperature}, not {cfg.energy_temperature}")
+        raise UserError(f"{option_name('reference', cfg.reference)} used T_E={meta.energy_temperature}, not {cfg.energy_temperature}")
     if meta.teacher.sha256 != teacher.sha256:
-        raise UserError(f"--reference {cfg.reference} was scored by another teacher")
+        raise UserError(f"{option_name('reference', cfg.reference)} was scored by another teacher")
     return frame, meta
 
 
@@ -122,7 +122,7 @@ def score(cfg: ScoreConfig) -> Path:
     fed = describe_preprocessing(teacher.meta["preprocessing"], info)
     console.print(fed)
     if cfg.top_k is not None and not cfg.top_k < info.num_classes:
-        raise UserError(f"--top-k must be smaller than the {info.num_classes} classes of {info.name}, got {cfg.top_k}")
+        raise UserError(f"{option_name('top_k')} must be smaller than the {info.num_classes} classes of {info.name}, got {cfg.top_k}")
     started = time.perf_counter()
     ctx.check_same(as_dict(cfg), "score config")
     part_size = choose_part_size(len(dataset), ctx.world, cfg.batch_size, cfg.part_size)
