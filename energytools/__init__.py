@@ -3,8 +3,8 @@
 Two ways in: the stages (``score``, ``augment``, ``select``, ``distill``, ``train``,
 ``report``: files in, files out, the same keywords as the CLI's flags) and the functional API
 on arrays (``energy_scores``, ``sample_scores``, ``energy_groups``, ``sample_temperatures``,
-``select_indices``, the losses, and ``write_score_table`` to turn logits computed anywhere into
-a score table the stages accept). Both load lazily, so ``import energytools`` stays cheap.
+``select_indices``, ``ood_scores``, ``ood_threshold``, ``ood_metrics``, the losses, and
+``write_score_table`` to turn logits computed anywhere into a score table the stages accept). Both load lazily, so ``import energytools`` stays cheap.
 """
 from .version import __version__
 
@@ -12,7 +12,8 @@ from .version import __version__
 _EXPORTS = {
     **{name: "api" for name in ("score", "augment", "select", "distill", "train", "report")},
     **{name: "functional" for name in ("energy_scores", "sample_scores", "energy_groups", "sample_temperatures",
-                                       "select_indices", "SIGN_CONVENTION")},
+                                       "select_indices", "SIGN_CONVENTION", "ood_scores", "ood_threshold",
+                                       "ood_metrics")},
     **{name: "losses" for name in ("kd_loss", "dkd_loss", "mixed_cross_entropy", "standardize_logits",
                                    "dtkd_loss")},
     "write_score_table": "score_table",

@@ -100,6 +100,14 @@ def score_figures(frame: pl.DataFrame, meta: TableMeta, label: str) -> dict[str,
     heat.update_layout(title=text(f"{label}: energy vs confidence (Spearman {rho:.3f})"), xaxis_title="energy",
                        yaxis_title="confidence", height=420)
     figures["density"] = heat
+    labelled = frame.filter(pl.col("label").is_not_null())  # a sample without a label has no class nor correctness
+    if labelled.height < frame.height:
+        figures["unlabelled_note"] = (f"<p class='note'>{text(frame.height - labelled.height)} of {text(frame.height)} "
+                                      "samples have no label: the parts below are of the labelled ones"
+                                      f"{'' if labelled.height else ' (none)'}.</p>")
+    if not labelled.height:
+        return figures
+    frame = labelled
     figures["correct"] = grouped_histogram(frame.with_columns(pl.when(pl.col("correct")).then(pl.lit("correct"))
                                                               .otherwise(pl.lit("incorrect")).alias("prediction")),
                                            "energy", "prediction", f"{label}: energy of correct vs incorrect "
@@ -129,7 +137,7 @@ def thumbnail_strip(frame: pl.DataFrame, meta: TableMeta, count: int = 12) -> st
     from ..data.shards import encode_png
 
     try:
-        dataset = meta.data.build(meta.split)
+        dataset = meta.data.build(meta.split, unlabelled=True)
     except UserError:
         return "<p>(images unavailable: the dataset is not on this machine)</p>"
     position = {int(s): i for i, s in enumerate(dataset.sample_ids)}
@@ -142,7 +150,8 @@ def thumbnail_strip(frame: pl.DataFrame, meta: TableMeta, count: int = 12) -> st
                 continue
             png = base64.b64encode(encode_png(dataset.image(position[row["sample_id"]]))).decode()
             cells.append(f'<figure><img src="data:image/png;base64,{png}" width="64" height="64">'
-                         f'<figcaption>y={text(row["label"])} p={text(row["pred"])}<br>E={row["energy"]:.2f}'
+                         f'<figcaption>y={text("-" if row["label"] is None else row["label"])} p={text(row["pred"])}'
+                         f'<br>E={row["energy"]:.2f}'
                          '</figcaption></figure>')
         parts.append(f"<h4>{title}</h4><div class='strip'>{''.join(cells)}</div>")
     return "".join(parts)
