@@ -128,25 +128,26 @@ INPUT_FIELDS = ("in_channels", "image_size", "mean", "std")
 
 
 def read_for_teacher(dataset, data: DataConfig, like: DatasetInfo, source: str, always: bool):
-    """``dataset`` read as the data ``like`` describes (``source`` names it) when it holds images
-    without labels, or, with ``always`` (a --reference), whenever it is read otherwise: the same
-    channels, size and normalisation. Labels of other classes than ``like``'s are dropped."""
+    """``(dataset, note)``: ``dataset`` read as the data ``like`` describes (``source`` names it)
+    when it holds images without labels, or, with ``always`` (a --reference), whenever it is read
+    otherwise: the same channels, size and normalisation. Labels of other classes than ``like``'s
+    are dropped. ``note`` (None when nothing changed) says so, for after the input checks."""
     missing = int((dataset.labels == NO_LABEL).sum())
     info = dataset.info
     same_input = all(np.allclose(getattr(info, name), getattr(like, name), rtol=1e-6, atol=0) for name in INPUT_FIELDS)
     same_classes = info.num_classes == like.num_classes and tuple(info.classes) == tuple(like.classes)
     if (same_input and same_classes) or not (missing or always):
-        return dataset
+        return dataset, None
     if data.image_size is not None and data.image_size != like.image_size:
         raise UserError(f"--image-size {data.image_size} contradicts {source}, whose images are {like.image_size}x"
                         f"{like.image_size}: these are read as those are; drop the option or pass {like.image_size}")
     dropped = missing < len(dataset) and not same_classes
     labels = (f"their labels name other classes than the teacher's {like.num_classes} and are left out (null)"
               if dropped else f"{missing} have no label" if missing else "their labels are kept")
-    console.print(f"note: {len(dataset)} images read as {source} ({labels}): {like.in_channels} channel(s), "
-                  f"{like.image_size}x{like.image_size}, mean {','.join(f'{v:g}' for v in like.mean)} std "
-                  f"{','.join(f'{v:g}' for v in like.std)}")
-    return read_as(dataset, like, keep_labels=same_classes)
+    note = (f"note: {len(dataset)} images read as {source} ({labels}): {like.in_channels} channel(s), "
+            f"{like.image_size}x{like.image_size}, mean {','.join(f'{v:g}' for v in like.mean)} std "
+            f"{','.join(f'{v:g}' for v in like.std)}")
+    return read_as(dataset, like, keep_labels=same_classes), note
 
 
 def validation_columns(teacher: TeacherRun, validation, cfg: ScoreConfig, parts_dir: Path,
@@ -205,12 +206,13 @@ def score(cfg: ScoreConfig) -> Path:
     dataset = data.build(cfg.split, unlabelled=True)
     loaded = _load_reference(cfg)
     reference, validation = loaded if loaded else (None, None)
+    note = None
     if validation is not None:  # fed as the reference's images, so that its threshold applies
-        dataset = read_for_teacher(dataset, data, validation.info, f"the reference's data ({validation.info.name})",
-                                   always=True)
+        dataset, note = read_for_teacher(dataset, data, validation.info,
+                                         f"the reference's data ({validation.info.name})", always=True)
     elif (dataset.labels == NO_LABEL).any():
         like = teacher_data_info(cfg.teacher)
-        dataset = read_for_teacher(dataset, data, like, f"the teacher's data ({like.name})", always=False)
+        dataset, note = read_for_teacher(dataset, data, like, f"the teacher's data ({like.name})", always=False)
     overrides = cfg.preprocessing.given()
     # with a reference, the teacher is fed what it was fed there; an option that contradicts it is refused
     recorded = (reuse_preprocessing(reference[1].teacher.preprocessing, overrides, dataset.info,
@@ -219,6 +221,8 @@ def score(cfg: ScoreConfig) -> Path:
     if reference and reference[1].teacher.sha256 != teacher.sha256:
         raise UserError(f"--reference {cfg.reference} was scored by another teacher (sha256 "
                         f"{reference[1].teacher.sha256[:12]}, not {teacher.sha256[:12]})")
+    if note:
+        console.print(note)
     info = dataset.info
     trained_on = (teacher.meta.get("data") or {}).get("dataset")
     if trained_on and trained_on != info.name:  # allowed (a related dataset), but rarely meant
