@@ -65,15 +65,16 @@ def build_dataset(name: str, split: str = "train", data_root: str | Path | None 
     if split != "test":
         train_positions, val_positions = carve_validation(labels, info.num_classes)
         dataset = dataset.subset(train_positions if split == "train" else val_positions)
-        if split == "val" and not len(dataset):
+        if split == "val" and not len(dataset) and missing:
             raise UserError(f"{where} has no validation samples: val is carved from labelled training images, "
                             "and it has none")
         if split == "train" and imbalance_factor and imbalance_factor > 1:
             dataset = dataset.subset(long_tail(dataset.labels, info.num_classes, imbalance_factor))
     if limit is not None:
-        # the images without a label are one more stratum
-        strata = np.where(dataset.labels == NO_LABEL, info.num_classes, dataset.labels)
-        dataset = dataset.subset(stratified_limit(strata, info.num_classes + 1, limit))
+        labels, classes = dataset.labels, info.num_classes
+        if (labels == NO_LABEL).any():  # the images without a label are one more stratum
+            labels, classes = np.where(labels == NO_LABEL, classes, labels), classes + 1
+        dataset = dataset.subset(stratified_limit(labels, classes, limit))
     missing = int((dataset.labels == NO_LABEL).sum())
     if missing and not unlabelled:
         raise UserError(f"{where}: {missing} of the {len(dataset)} images of its {split} split have no label; "

@@ -21,6 +21,7 @@ OOD_INPUT_COLUMNS = ["sample_id", "energy_t1", "confidence", "max_logit", "ood_s
 #: how the report names each score
 SCORE_TITLES = {"energy": "energy score -E at T = 1 (logsumexp of the logits)", "msp": "max softmax probability",
                 "max-logit": "max logit"}
+AXIS_TITLES = {"energy": "-E at T = 1", "msp": "max softmax", "max-logit": "max logit"}
 
 
 def read_ood_table(path: Path) -> tuple[pl.DataFrame, TableMeta, dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -50,7 +51,7 @@ def overlay(name: str, new: np.ndarray, reference: np.ndarray, threshold: float,
                     opacity=0.6)
     fig.add_vline(x=threshold, line_dash="dash", annotation_text=f"keeps {100 * tpr:g}%: {threshold:.3f}")
     fig.update_layout(barmode="overlay", title=text(f"{label}: {SCORE_TITLES[name]} (higher = more in-distribution)"),
-                      xaxis_title=name, yaxis_title="fraction of samples", height=380)
+                      xaxis_title=AXIS_TITLES[name], yaxis_title="fraction of samples", height=380)
     return fig
 
 

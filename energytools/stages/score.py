@@ -23,23 +23,19 @@ import pyarrow.parquet as pq
 
 from ..config import DataConfig, ScoreConfig, as_dict, content_of
 from ..console import console, headline, progress_bar
-from ..data import DatasetInfo, read_as
 from ..data.views import ScoredViews
 from ..distributed import context
-from ..energy import NO_LABEL
 from ..engine import float32_exact, make_loader
 from ..errors import UserError
-from ..io import check_output_free, sha256_file, sha256_json, write_json
-from ..models import checkpoint_meta
-from ..ood import (DEFAULT_TPR, OOD_ENERGY_TEMPERATURE, OOD_SCORES, OOD_SIGN_CONVENTION, encode_scores, oriented,
-                   threshold_at_tpr)
+from ..io import check_output_free, sha256_json, write_json
+from ..new_data import describe_ood, flag_ood, load_reference, read_for_teacher, validation_columns
 from ..preemption import Stopped, stop_requested
-from ..preprocessing import describe_preprocessing, reuse_preprocessing
+from ..preprocessing import describe_preprocessing
 from ..resume import resumable_parts
 from ..score_table import finish_table, format_summary, rows_to_arrow
-from ..table import DatasetRecord, OodRecord, TableMeta, TeacherRecord, ViewsRecord, load_table, write_parquet
-from ..teacher import FROM_MODEL, TeacherRun, open_teacher, teacher_data_config
-from ..teacher_pass import ood_columns, teacher_columns
+from ..table import DatasetRecord, TeacherRecord, ViewsRecord, write_parquet
+from ..teacher import FROM_MODEL, open_teacher, teacher_data_config
+from ..teacher_pass import teacher_columns
 
 
 def resolve_data(cfg: ScoreConfig) -> DataConfig:
@@ -86,108 +82,6 @@ def _parts_key(cfg: ScoreConfig, dataset, teacher_sha: str, part_size: int, ood:
     return sha256_json(key, 16)
 
 
-def _load_reference(cfg: ScoreConfig):
-    """The --reference train table ``(frame, meta)`` and its validation split, or None."""
-    if not cfg.reference:
-        if cfg.split != "train":
-            console.print(f"note: grouping the {cfg.split} split by its own quantiles; pass --reference "
-                          "TRAIN_TABLE to use the train groups")
-        return None
-    frame, meta = load_table(cfg.reference, ["sample_id", "energy"])
-    meta.require_train(cfg.reference, "--reference")
-    if meta.energy_temperature != cfg.energy_temperature:
-        raise UserError(f"--reference {cfg.reference} used T_E={meta.energy_temperature}, not {cfg.energy_temperature}")
-    return (frame, meta), reference_validation(cfg.reference, meta)
-
-
-def reference_validation(path, meta: TableMeta):
-    """The validation split of the data a train table scored (energytools carves it
-    deterministically from the same training file), checked to be that data as it is here."""
-    try:
-        train_split = meta.data.build("train", unlabelled=True)
-        if train_split.fingerprint() != meta.dataset.fingerprint:
-            raise UserError(f"{meta.data.dataset} on this machine is not the data it scored (fingerprints differ)")
-        return meta.data.build("val", unlabelled=True)
-    except UserError as exc:
-        raise UserError(f"--reference {path}: its validation split, which sets the OOD threshold, cannot be "
-                        f"rebuilt: {exc}") from None
-
-
-def teacher_data_info(path) -> DatasetInfo:
-    """The dataset info an energytools checkpoint records: what its teacher was trained on."""
-    recorded = checkpoint_meta(path).get("dataset_info")
-    if not isinstance(recorded, dict):
-        raise UserError(f"{path} does not record the data it was trained on, so images without labels cannot be read "
-                        "as that data: pass --reference TRAIN_TABLE (a table this teacher scored)")
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()}
-    return DatasetInfo(**{k: v for k, v in fields.items() if k in DatasetInfo.__dataclass_fields__})
-
-
-#: the fields of a dataset's info that decide what the teacher is fed
-INPUT_FIELDS = ("in_channels", "image_size", "mean", "std")
-
-
-def read_for_teacher(dataset, data: DataConfig, like: DatasetInfo, source: str, always: bool):
-    """``(dataset, note)``: ``dataset`` read as the data ``like`` describes (``source`` names it)
-    when it holds images without labels, or, with ``always`` (a --reference), whenever it is read
-    otherwise: the same channels, size and normalisation. Labels of other classes than ``like``'s
-    are dropped. ``note`` (None when nothing changed) says so, for after the input checks."""
-    missing = int((dataset.labels == NO_LABEL).sum())
-    info = dataset.info
-    same_input = all(np.allclose(getattr(info, name), getattr(like, name), rtol=1e-6, atol=0) for name in INPUT_FIELDS)
-    same_classes = info.num_classes == like.num_classes and tuple(info.classes) == tuple(like.classes)
-    if (same_input and same_classes) or not (missing or always):
-        return dataset, None
-    if data.image_size is not None and data.image_size != like.image_size:
-        raise UserError(f"--image-size {data.image_size} contradicts {source}, whose images are {like.image_size}x"
-                        f"{like.image_size}: these are read as those are; drop the option or pass {like.image_size}")
-    dropped = missing < len(dataset) and not same_classes
-    labels = (f"their labels name other classes than the teacher's {like.num_classes} and are left out (null)"
-              if dropped else f"{missing} have no label" if missing else "their labels are kept")
-    note = (f"note: {len(dataset)} images read as {source} ({labels}): {like.in_channels} channel(s), "
-            f"{like.image_size}x{like.image_size}, mean {','.join(f'{v:g}' for v in like.mean)} std "
-            f"{','.join(f'{v:g}' for v in like.std)}")
-    return read_as(dataset, like, keep_labels=same_classes), note
-
-
-def validation_columns(teacher: TeacherRun, validation, cfg: ScoreConfig, parts_dir: Path,
-                       mine: list[str]) -> dict[str, np.ndarray]:
-    """The OOD columns (energytools.ood.ood_statistics) of the reference's validation split."""
-    chunks = []
-    with float32_exact(teacher.device, not cfg.amp):
-        for images, _, ids in make_loader(validation, cfg.batch_size, teacher.device, cfg.num_workers):
-            chunks.append(ood_columns(teacher, images, ids, validation.info, cfg.batch_size))
-            _stop_if_requested(parts_dir, mine)
-    return {name: np.concatenate([chunk[name] for chunk in chunks]) for name in chunks[0]}
-
-
-def flag_ood(frame: pl.DataFrame, cfg: ScoreConfig, reference: TableMeta, validation,
-             columns: dict[str, np.ndarray]) -> tuple[pl.DataFrame, OodRecord]:
-    """Add ``ood_score`` and ``ood`` at the threshold that keeps ``ood_tpr`` of the validation
-    split; returns the frame and what the metadata records."""
-    name, tpr = cfg.ood_score or "energy", cfg.ood_tpr or DEFAULT_TPR
-    in_scores = {score: oriented(columns, score) for score in OOD_SCORES}
-    threshold = threshold_at_tpr(in_scores[name], tpr)
-    scores = oriented({c: frame[c].to_numpy() for c in ("energy_t1", "max_logit", "confidence")}, name)
-    frame = frame.with_columns(pl.Series("ood_score", scores, dtype=pl.Float32),
-                               pl.Series("ood", scores < threshold, dtype=pl.Boolean))
-    record = OodRecord(name, tpr, threshold, float(np.mean(in_scores[name] >= threshold)), int(frame["ood"].sum()),
-                       OOD_ENERGY_TEMPERATURE, OOD_SIGN_CONVENTION,
-                       {"path": str(cfg.reference), "sha256": sha256_file(cfg.reference),
-                        "dataset": reference.dataset.name, "fingerprint": reference.dataset.fingerprint,
-                        "validation": {"size": len(validation), "fingerprint": validation.fingerprint()}},
-                       {score: encode_scores(values) for score, values in in_scores.items()})
-    return frame, record
-
-
-def describe_ood(ood: OodRecord, samples: int) -> str:
-    energy = f" at T = {ood.energy_temperature:g}" if ood.score == "energy" else ""
-    return (f"ood: {ood.flagged} of {samples} samples ({100 * ood.flagged / max(samples, 1):.1f}%) below the "
-            f"{ood.score} threshold {ood.threshold:.4f}{energy} (higher = more in-distribution), which keeps "
-            f"{100 * ood.kept:.1f}% of the reference's {ood.reference['validation']['size']} validation samples "
-            f"(target {100 * ood.tpr:g}%)")
-
-
 def _stop_if_requested(parts_dir: Path, mine: list[str]) -> None:
     """A stop signal came: drop the part being scored (the parts written stay) and stop."""
     signum = stop_requested()
@@ -204,23 +98,17 @@ def score(cfg: ScoreConfig) -> Path:
     check_output_free(out, cfg.overwrite)
     data = resolve_data(cfg)
     dataset = data.build(cfg.split, unlabelled=True)
-    loaded = _load_reference(cfg)
-    reference, validation = loaded if loaded else (None, None)
-    note = None
-    if validation is not None:  # fed as the reference's images, so that its threshold applies
-        dataset, note = read_for_teacher(dataset, data, validation.info,
-                                         f"the reference's data ({validation.info.name})", always=True)
-    elif (dataset.labels == NO_LABEL).any():
-        like = teacher_data_info(cfg.teacher)
-        dataset, note = read_for_teacher(dataset, data, like, f"the teacher's data ({like.name})", always=False)
+    reference = load_reference(cfg.reference, cfg.energy_temperature) if cfg.reference else None
+    if reference is None and cfg.split != "train":
+        console.print(f"note: grouping the {cfg.split} split by its own quantiles; pass --reference "
+                      "TRAIN_TABLE to use the train groups")
+    dataset, note = read_for_teacher(dataset, data, reference, cfg.teacher)
     overrides = cfg.preprocessing.given()
     # with a reference, the teacher is fed what it was fed there; an option that contradicts it is refused
-    recorded = (reuse_preprocessing(reference[1].teacher.preprocessing, overrides, dataset.info,
-                                    f"--reference {cfg.reference}") if reference else FROM_MODEL)
+    recorded = reference.preprocessing(overrides, dataset.info) if reference else FROM_MODEL
     teacher = open_teacher(cfg.teacher, dataset, cfg.teacher_arch, cfg.device, cfg.amp, overrides, recorded)
-    if reference and reference[1].teacher.sha256 != teacher.sha256:
-        raise UserError(f"--reference {cfg.reference} was scored by another teacher (sha256 "
-                        f"{reference[1].teacher.sha256[:12]}, not {teacher.sha256[:12]})")
+    if reference:
+        reference.check_teacher(teacher)
     if note:
         console.print(note)
     info = dataset.info
@@ -275,9 +163,10 @@ def score(cfg: ScoreConfig) -> Path:
         table = pa.concat_tables([pq.read_table(parts_dir / name) for name in names])
         frame = pl.from_arrow(table.replace_schema_metadata(None))
         ood = None
-        if validation is not None:
-            frame, ood = flag_ood(frame, cfg, reference[1], validation,
-                                  validation_columns(teacher, validation, cfg, parts_dir, work.mine))
+        if reference:
+            columns = validation_columns(teacher, reference.validation, cfg.batch_size, cfg.num_workers, cfg.amp,
+                                         lambda: _stop_if_requested(parts_dir, work.mine))
+            frame, ood = flag_ood(frame, reference, columns, cfg.ood_score, cfg.ood_tpr)
         # where the table goes does not change its content, so out stays out of the bytes
         config = {k: v for k, v in content_of(cfg).items() if k != "data"}
         transform = info.train_transform
@@ -286,7 +175,8 @@ def score(cfg: ScoreConfig) -> Path:
         meta, summary = finish_table(frame, out, data=data, dataset=DatasetRecord(**dataset.describe()),
                                      teacher=TeacherRecord(**teacher.record()),
                                      energy_temperature=cfg.energy_temperature, rule=cfg.rule(),
-                                     reference=reference, config=config, views=views, ood=ood)
+                                     reference=(reference.frame, reference.meta) if reference else None,
+                                     config=config, views=views, ood=ood)
         write_json(out.parent / f"{out.stem}.config.json", {**config, "data": as_dict(data)})
         shutil.rmtree(parts_dir)
     console.print(format_summary(summary, meta.thresholds))
