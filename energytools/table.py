@@ -38,9 +38,12 @@ OPTIONAL_SCORE_COLUMNS = {"el2n": pa.float32()}
 OOD_COLUMNS = {"energy_t1": pa.float32(), "max_logit": pa.float32(), "ood_score": pa.float32(), "ood": pa.bool_()}
 
 
+_COLUMN_TYPES = {**SCORE_COLUMNS, **OPTIONAL_SCORE_COLUMNS, **OOD_COLUMNS}
+
+
 def column_type(name: str) -> pa.DataType | None:
     """The Arrow type of a score-table column (None: not one with a fixed type)."""
-    return SCORE_COLUMNS.get(name) or OPTIONAL_SCORE_COLUMNS.get(name) or OOD_COLUMNS.get(name)
+    return _COLUMN_TYPES.get(name)
 
 
 def versions() -> dict:
