@@ -74,12 +74,16 @@ def distill(scores: str | Path, student: str, out: str | Path, *, on_step: Calla
 
 
 def report(*paths: str | Path, out: str | Path = "report.html", thumbnails: bool = True,
-           baseline: str | None = None, overwrite: bool | None = None, label_issues=()) -> Path:
+           baseline: str | None = None, overwrite: bool | None = None, label_issues=(), ood=(),
+           known_ood=()) -> Path:
     """Write the HTML report for run directories or files; ``baseline`` names the configuration,
     run or method the runs are compared with (default: kd); ``label_issues`` are label-issues
     files, a section each. An existing ``out`` is replaced when energytools wrote it, or with
-    ``overwrite=True``."""
+    ``overwrite=True``. ``ood`` and ``known_ood`` (paths) are tables scored with
+    ``score(reference=...)``, the second of inputs known to be out of distribution (AUROC and FPR
+    per score)."""
     from .stages.report import report as run
 
     return run(list(paths), out, overwrite=overwrite, thumbnails=thumbnails, baseline=baseline,
-               label_issues=list(label_issues))
+               label_issues=list(label_issues), ood=[ood] if isinstance(ood, (str, Path)) else list(ood),
+               known_ood=[known_ood] if isinstance(known_ood, (str, Path)) else list(known_ood))

@@ -295,7 +295,8 @@ _register_stages()
 
 @command("report")
 def report_command(
-    paths: Annotated[list[Path], typer.Argument(help="run directories or files (score tables, shard dirs, runs)")],
+    paths: Annotated[Optional[list[Path]], typer.Argument(
+        help="run directories or files (score tables, shard dirs, runs)", show_default=False)] = None,
     out: Annotated[Path, typer.Option(help="the HTML file")] = Path("report.html"),
     no_images: Annotated[bool, typer.Option("--no-images", help="skip the image strips")] = False,
     overwrite: Annotated[Optional[bool], typer.Option(
@@ -307,17 +308,26 @@ def report_command(
         "--label-issues", metavar="FILE", help="a label-issues file (`energytools label-issues`): a section with "
         "the flagged samples per class, the most suspicious images and the given -> suggested class pairs "
         "(repeatable)")] = None,
+    ood: Annotated[Optional[list[Path]], typer.Option(
+        "--ood", metavar="TABLE", help="a table scored with `score --reference` (new data): its OOD scores over its "
+        "reference's validation scores, with the thresholds (repeatable)")] = None,
+    known_ood: Annotated[Optional[list[Path]], typer.Option(
+        "--known-ood", metavar="TABLE", help="as --ood, for a table of inputs known to be out of distribution: also "
+        "AUROC and FPR at the threshold's TPR of the energy, msp and max-logit scores (repeatable)")] = None,
 ):
     """Write one self-contained HTML report: runs compared (mean ± std over seeds, paired Δ), energy/confidence
     histograms, score tables compared, curation, label issues, training curves.
 
     Example: `energytools report runs/quickstart --out runs/quickstart/report.html`;
-    `energytools report teacher-a.parquet teacher-b.parquet` compares two score tables.
+    `energytools report teacher-a.parquet teacher-b.parquet` compares two score tables;
+    `energytools report --ood new.parquet --known-ood svhn.parquet` shows out-of-distribution scores.
     """
     from .stages.report import report
 
-    report(paths, out, overwrite=overwrite, thumbnails=not no_images, baseline=baseline,
-           label_issues=label_issues or [])
+    if not paths and not ood and not known_ood:
+        raise UserError("report needs paths (run directories or files), or --ood/--known-ood tables")
+    report(paths or [], out, overwrite=overwrite, thumbnails=not no_images, baseline=baseline,
+           label_issues=label_issues or [], ood=ood or (), known_ood=known_ood or ())
 
 
 @command("export")

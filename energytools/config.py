@@ -17,6 +17,7 @@ from .energy import TEMPERATURE_RULES, TemperatureRule
 from .errors import UserError, option_name
 from .functional import LABEL_ISSUE_FILTERS, LABEL_QUALITY_METHODS
 from .models import MODELS
+from .ood import OOD_SCORES
 from .optim import OPTIMIZERS, SCHEDULES
 from .options import (as_dict, canonical_name, content_of, convert, flat_fields, flat_names, option, overrides,
                       registry, require, resolve, resume_may_change_keys)
@@ -50,6 +51,7 @@ SELECTION = "Selection"
 AUGMENTATION = "Selection and augmentation"
 LABEL_ISSUES = "Label issues (cleanlab)"
 HE_DA = "HE-DA"
+OOD = "Reference and out-of-distribution"
 
 
 @dataclass
@@ -66,14 +68,15 @@ class DataConfig:
     crop_pad: int | None = option(None, "train transform: zero-pad by N pixels, crop back, then flip (cifar: 4; "
                                   "fashion-mnist: none unless set)")
 
-    def build(self, split: str):
+    def build(self, split: str, unlabelled: bool = False):
+        """The split's samples; images without a label are refused unless ``unlabelled`` (score)."""
         if self.dataset is None:
             raise UserError(f"no dataset given: pass {option_name('dataset')} (or `dataset` in the recipe's [data])")
         limit = self.limit if split == "train" else self.eval_limit
         if limit is not None and limit <= 0:
             raise UserError(f"{option_name('limit' if split == 'train' else 'eval_limit')} must be positive, got {limit}")
         return build_dataset(self.dataset, split, self.data_root, limit, self.imbalance_factor, self.image_size,
-                             self.crop_pad)
+                             self.crop_pad, unlabelled)
 
 
 @dataclass
@@ -192,8 +195,16 @@ class ScoreConfig:
                                              "(paper: 6,4,2; reference code: 2,4,6)", panel=TEMPERATURES)
     temperature_rule: str = option("groups", "groups, or rank (linear in energy rank)", choices=RULE_NAMES,
                                    panel=TEMPERATURES)
-    reference: str | None = option(None, "a train table whose groups (fractions, boundaries) group this split",
-                                   panel=TEMPERATURES)
+    reference: str | None = option(None, "a train table the same teacher scored: its groups (fractions, "
+                                   "boundaries) group this split, and each sample is flagged `ood` below the score "
+                                   "that keeps --ood-tpr of its validation split (scored here, as the reference's "
+                                   "data is on this machine); images without labels are read as its data",
+                                   panel=OOD)
+    ood_score: str | None = option(None, "with --reference: the OOD score, higher = more in-distribution: energy "
+                                   "(-E at T = 1, Liu et al. 2020), msp (max softmax) or max-logit [default: energy]",
+                                   choices=registry(OOD_SCORES), panel=OOD)
+    ood_tpr: float | None = option(None, "with --reference: the share of the reference's validation samples the "
+                                   "OOD threshold keeps in distribution, in (0, 1) [default: 0.95]", panel=OOD)
     save_logits: bool = option(False, "store float16 logits (and of the flipped image)", panel=OUTPUT)
     views: int = option(0, "also score K training views per sample, drawn from the dataset's train transform "
                         "(crop, flip): their float16 logits and energies, for distill --cached-logits", panel=VIEWS)
@@ -220,6 +231,11 @@ class ScoreConfig:
         require(self, "batch_size", self.batch_size >= 1, ">= 1")
         require(self, "part_size", self.part_size is None or self.part_size >= 1, ">= 1")
         require(self, "views", self.views >= 0, ">= 0")
+        require(self, "ood_score", self.ood_score in (None, *OOD_SCORES), f"one of {', '.join(OOD_SCORES)}")
+        require(self, "ood_tpr", self.ood_tpr is None or 0 < self.ood_tpr < 1, "in (0, 1)")
+        if (self.ood_score is not None or self.ood_tpr is not None) and not self.reference:
+            raise UserError("--ood-score and --ood-tpr need --reference TRAIN_TABLE (its validation split sets the "
+                            "threshold)")
         if self.top_k is not None and (self.top_k < 1 or not self.views):
             raise UserError(f"{option_name('top_k')} takes a positive N and needs {option_name('views', metavar='K')}")
         if self.part_size is not None:

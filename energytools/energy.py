@@ -15,6 +15,8 @@ import torch
 from .errors import UserError
 
 GROUPS = ("low", "mid", "high")
+#: the label of a sample that has none (score writes it as null)
+NO_LABEL = -1
 SIGN_CONVENTION = "E = -T_E * logsumexp(logits / T_E); lower energy = more confident"
 
 
@@ -30,6 +32,8 @@ def logit_statistics(logits: torch.Tensor, labels: torch.Tensor, energy_temperat
     the label, ``entropy`` the softmax entropy in nats, ``margin`` the gap between the two
     largest softmax probabilities and ``el2n`` the L2 norm of softmax minus the one-hot label
     (Paul et al. 2021's EL2N, from this one teacher rather than an ensemble of early students).
+    A label of :data:`NO_LABEL` (-1) marks a sample without one: its ``true_prob`` and ``el2n``
+    are NaN and ``correct`` False (the score table stores all three as null).
     Computed in float32 whatever the logits' dtype.
     """
     logits = logits.float()
@@ -38,15 +42,20 @@ def logit_statistics(logits: torch.Tensor, labels: torch.Tensor, energy_temperat
     top2 = probs.topk(min(2, probs.shape[1]), dim=1).values
     second = top2[:, 1] if top2.shape[1] > 1 else torch.zeros_like(top2[:, 0])
     pred = logits.argmax(dim=1)
+    labels = labels.long()
+    labelled = labels >= 0
+    known = labels.clamp(min=0)  # a stand-in class for the unlabelled rows, whose values become NaN
+    missing = torch.tensor(float("nan"))
     return {
         "pred": pred,
-        "correct": pred == labels,
+        "correct": (pred == labels) & labelled,
         "energy": energy(logits, energy_temperature),
         "confidence": top2[:, 0],
-        "true_prob": probs.gather(1, labels.view(-1, 1)).squeeze(1),
+        "true_prob": torch.where(labelled, probs.gather(1, known.view(-1, 1)).squeeze(1), missing),
         "entropy": -(probs * log_probs).sum(dim=1),
         "margin": top2[:, 0] - second,
-        "el2n": (probs - torch.nn.functional.one_hot(labels.long(), probs.shape[1])).norm(dim=1),
+        "el2n": torch.where(labelled, (probs - torch.nn.functional.one_hot(known, probs.shape[1])).norm(dim=1),
+                            missing),
     }
 
 

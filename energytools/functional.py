@@ -18,10 +18,12 @@ import torch
 
 from .energy import SIGN_CONVENTION, TemperatureRule, logit_statistics
 from .errors import UserError, import_optional
+from .ood import DEFAULT_TPR, OOD_SCORES, auroc, false_positive_rate, ood_statistics, oriented, threshold_at_tpr
 from .selection import SELECT_MODES, select_samples
 
 __all__ = ["LABEL_ISSUE_FILTERS", "LABEL_QUALITY_METHODS", "SIGN_CONVENTION", "energy_groups", "energy_scores",
-           "find_label_issues", "label_issue_scores", "sample_scores", "sample_temperatures", "select_indices"]
+           "find_label_issues", "label_issue_scores", "ood_metrics", "ood_scores", "ood_threshold", "sample_scores",
+           "sample_temperatures", "select_indices"]
 
 #: cleanlab.rank.get_label_quality_scores' methods (lower score = more likely mislabeled)
 LABEL_QUALITY_METHODS = ("self_confidence", "normalized_margin", "confidence_weighted_entropy")
@@ -274,3 +276,51 @@ def label_issue_scores(logits, labels, *, method: str = "self_confidence", filte
     return {"label_quality": np.asarray(quality, dtype=np.float32),
             "suggested_label": pred_probs.argmax(axis=1).astype(np.int64),
             "is_label_issue": np.asarray(flagged, dtype=bool)}
+
+
+def ood_scores(logits, *, score: str = "energy") -> np.ndarray:
+    """Each sample's out-of-distribution score from ``logits`` (N, C): (N,) float32, oriented
+    **higher = more in-distribution**. ``score`` is ``energy`` (``-E(x)`` at T = 1, i.e.
+    ``logsumexp(z)``, Liu et al. 2020: note the sign and T differ from :func:`energy_scores`),
+    ``msp`` (the max softmax probability, Hendrycks & Gimpel 2017) or ``max-logit``."""
+    if score not in OOD_SCORES:
+        raise UserError(f"unknown OOD score {score!r}; choose from {', '.join(OOD_SCORES)}")
+    return oriented(ood_statistics(as_logits(logits)), score)
+
+
+def _tpr(value) -> float:
+    tpr = _number(value, "tpr")
+    if not 0 < tpr < 1:
+        raise UserError(f"tpr must be in (0, 1), got {value!r}")
+    return tpr
+
+
+def _scores(values, where: str) -> np.ndarray:
+    array = _vector(values, where)
+    if not len(array):
+        raise UserError(f"{where} is empty")
+    return array
+
+
+def ood_threshold(in_scores, *, tpr: float = DEFAULT_TPR) -> float:
+    """The threshold that keeps a fraction ``tpr`` of in-distribution samples: the largest ``t``
+    with ``mean(in_scores >= t) >= tpr`` (the ``ceil(tpr * N)``-th largest score). Scores are
+    oriented higher = more in-distribution (:func:`ood_scores`); a sample below ``t`` is flagged
+    out of distribution. Take ``in_scores`` from data the model did not train on (a validation
+    split), never from the OOD data."""
+    return threshold_at_tpr(_scores(in_scores, "in_scores"), _tpr(tpr))
+
+
+def ood_metrics(in_scores, out_scores, *, tpr: float = DEFAULT_TPR) -> dict[str, float]:
+    """How well a score separates in-distribution (``in_scores``, the positive class) from
+    out-of-distribution samples (``out_scores``), both oriented higher = more in-distribution:
+
+    ``auroc`` (scikit-learn's ``roc_auc_score`` with in-distribution labelled 1), ``fpr`` (the
+    share of OOD samples at or above ``threshold``, the :func:`ood_threshold` of ``in_scores``:
+    FPR at 95% TPR for the default ``tpr``; scikit-learn's ``roc_curve`` FPR at the first point
+    whose TPR reaches ``tpr``), ``threshold`` and ``tpr`` (the share of in-distribution samples
+    it keeps)."""
+    in_scores, out_scores = _scores(in_scores, "in_scores"), _scores(out_scores, "out_scores")
+    threshold = threshold_at_tpr(in_scores, _tpr(tpr))
+    return {"auroc": auroc(in_scores, out_scores), "fpr": false_positive_rate(out_scores, threshold),
+            "threshold": threshold, "tpr": float(np.mean(in_scores >= threshold))}

@@ -14,27 +14,34 @@ import pyarrow as pa
 import torch
 
 from .config import DataConfig, resolve
-from .energy import GROUPS, TemperatureRule, logit_statistics
+from .energy import GROUPS, NO_LABEL, TemperatureRule, logit_statistics
 from .errors import UserError
 from .functional import as_indices, as_logits, check_energy_temperature
 from .io import check_output_free
 from .teacher import EXTERNAL_TEACHER
-from .table import (OPTIONAL_SCORE_COLUMNS, SCORE_COLUMNS, VIEW_COLUMNS, DatasetRecord, TableMeta, TeacherRecord,
-                    ViewsRecord, versions, write_parquet)
+from .table import (OOD_COLUMNS, OPTIONAL_SCORE_COLUMNS, SCORE_COLUMNS, VIEW_COLUMNS, DatasetRecord, OodRecord,
+                    TableMeta, TeacherRecord, ViewsRecord, column_type, versions, write_parquet)
 from .view_logits import logits_array
 
 #: the largest logit a float16 logits column holds
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
+#: the columns that need a label: null in a row without one
+LABEL_COLUMNS = ("label", "correct", "true_prob", "el2n")
+
+
 def rows_to_arrow(rows: dict[str, np.ndarray], paths: list | None = None) -> pa.Table:
-    """Per-sample columns (NumPy, one row per sample) as Arrow with the score table's types."""
+    """Per-sample columns (NumPy, one row per sample) as Arrow with the score table's types; a
+    label of NO_LABEL (-1) makes the row's :data:`LABEL_COLUMNS` null."""
     columns = {}
+    unlabelled = np.asarray(rows["label"]) == NO_LABEL if "label" in rows else None
     for name, values in rows.items():
         if name in ("logits", "logits_flipped", *VIEW_COLUMNS):
             columns[name] = logits_array(name, values)
         else:
-            columns[name] = pa.array(values, type=SCORE_COLUMNS.get(name, OPTIONAL_SCORE_COLUMNS.get(name)))
+            mask = unlabelled if name in LABEL_COLUMNS and unlabelled is not None and unlabelled.any() else None
+            columns[name] = pa.array(values, mask=mask, type=column_type(name))
     if paths is not None:
         columns["path"] = pa.array(paths, type=pa.string())
     return pa.table(columns)
@@ -59,8 +66,14 @@ def group_table(frame: pl.DataFrame, rule: TemperatureRule, reference: tuple[pl.
     return frame, rule, fitted.thresholds, source
 
 
+def _percent(value) -> float | None:
+    return None if value is None else float(value * 100)
+
+
 def summarize(frame: pl.DataFrame) -> dict:
-    """Accuracy, per-group confidence/accuracy and the energy-confidence Spearman correlation."""
+    """Accuracy, per-group confidence/accuracy and the energy-confidence Spearman correlation.
+    Accuracies are over the labelled samples (None when there are none); ``unlabelled`` counts
+    the others (present only when there are some)."""
     per_group = (frame.group_by("energy_group")
                  .agg(pl.len().alias("count"), pl.col("confidence").mean().alias("mean_confidence"),
                       (pl.col("correct").mean() * 100).alias("accuracy"),
@@ -69,33 +82,40 @@ def summarize(frame: pl.DataFrame) -> dict:
     order = {g: i for i, g in enumerate(GROUPS)}
     per_group.sort(key=lambda r: order.get(r["energy_group"], 9))
     spearman = frame.select(pl.corr("energy", "confidence", method="spearman")).item()
-    return {"samples": frame.height, "accuracy": float(frame["correct"].mean() * 100),
-            "spearman_energy_confidence": None if spearman is None else float(spearman), "groups": per_group}
+    unlabelled = frame["label"].null_count()
+    return {"samples": frame.height, "accuracy": _percent(frame["correct"].mean()),
+            "spearman_energy_confidence": None if spearman is None else float(spearman), "groups": per_group,
+            **({"unlabelled": unlabelled} if unlabelled else {})}
+
+
+def _accuracy_text(accuracy) -> str:
+    return "n/a (no labels)" if accuracy is None else f"{accuracy:.2f}%"
 
 
 def format_summary(summary: dict, thresholds: dict) -> str:
     spearman = summary["spearman_energy_confidence"]
-    lines = [f"{summary['samples']} samples, teacher accuracy {summary['accuracy']:.2f}%, "
+    unlabelled = f" ({summary['unlabelled']} without labels)" if summary.get("unlabelled") else ""
+    lines = [f"{summary['samples']} samples{unlabelled}, teacher accuracy {_accuracy_text(summary['accuracy'])}, "
              f"groups: low <= {thresholds['low_max']:.4f}, high >= {thresholds['high_min']:.4f}, "
              f"Spearman(energy, confidence) = {'n/a' if spearman is None else f'{spearman:.3f}'}"]
     for g in summary["groups"]:
         lines.append(f"  {g['energy_group']:<4} {g['count']:>7} samples  mean energy {g['mean_energy']:9.3f}  "
-                     f"confidence {g['mean_confidence']:.3f}  accuracy {g['accuracy']:.2f}%")
+                     f"confidence {g['mean_confidence']:.3f}  accuracy {_accuracy_text(g['accuracy'])}")
     return "\n".join(lines)
 
 
 def finish_table(frame: pl.DataFrame, out: Path | str, *, data: DataConfig, dataset: DatasetRecord,
                  teacher: TeacherRecord, energy_temperature: float, rule: TemperatureRule,
                  reference: tuple[pl.DataFrame, TableMeta] | None = None, config: dict | None = None,
-                 views: ViewsRecord | None = None) -> tuple[TableMeta, dict]:
+                 views: ViewsRecord | None = None, ood: OodRecord | None = None) -> tuple[TableMeta, dict]:
     """Group ``frame`` (the per-sample columns, any order), sort it by sample_id, and write it
     atomically to ``out`` with its metadata; returns ``(meta, summary)``."""
     frame, rule, thresholds, source = group_table(frame.sort("sample_id"), rule, reference)
     summary = summarize(frame)
     meta = TableMeta(data, dataset, teacher, energy_temperature, rule, thresholds, source, config or {}, summary,
-                     versions(), views=views)
-    ordered = list(SCORE_COLUMNS) + [c for c in (*OPTIONAL_SCORE_COLUMNS, "path", "logits", "logits_flipped",
-                                                 *VIEW_COLUMNS) if c in frame.columns]
+                     versions(), views=views, ood=ood)
+    ordered = list(SCORE_COLUMNS) + [c for c in (*OPTIONAL_SCORE_COLUMNS, *OOD_COLUMNS, "path", "logits",
+                                                 "logits_flipped", *VIEW_COLUMNS) if c in frame.columns]
     write_parquet(frame.select(ordered), out, meta.to_json(), row_group_size=65536)
     return meta, summary
 

@@ -16,6 +16,8 @@ from .errors import UserError, option_name
 SELECT_BY = ("energy", "margin", "confidence", "true_prob", "entropy", "el2n", "label_quality")
 #: the scores of SELECT_BY that a label-issues file holds rather than the score table
 LABEL_ISSUE_SCORES = ("label_quality",)
+#: those that need the sample's label (null without one)
+LABEL_SCORES = ("true_prob", "el2n")
 
 
 def _random_key(table: pl.DataFrame, seed: int) -> pl.Series:
@@ -55,6 +57,10 @@ def select_samples(table: pl.DataFrame, ratio: float, mode: str = "high", per_cl
         raise UserError(f"{option_name('by')} must be one of {', '.join(SELECT_BY)}, got {by!r}")
     if by not in table.columns:
         raise UserError(f"the score table has no {by} column (re-score it to add one)")
+    unlabelled = table["label"].null_count() if "label" in table.columns else 0
+    if unlabelled and (per_class or by in LABEL_SCORES):
+        need = "--per-class" if per_class else f"--by {by}"
+        raise UserError(f"{need} needs labels, and {unlabelled} of the table's {table.height} samples have none")
     ranked = table.with_columns(SELECT_MODES[mode](table, seed, by).alias("_key")).sort(["_key", "sample_id"])
     if per_class:
         ranked = ranked.with_columns(pl.int_range(pl.len()).over("label").alias("_rank"),
@@ -73,7 +79,9 @@ def describe_selection(chosen: pl.DataFrame, total: int, class_names: tuple[str,
     per class (by name)."""
     hist = chosen.group_by("label").len().sort("label")
 
-    def name(label: int) -> str:
+    def name(label: int | None) -> str:
+        if label is None:
+            return "no label"
         return class_names[label] if 0 <= label < len(class_names) else str(label)
 
     classes = ", ".join(f"{name(r['label'])}: {r['len']}" for r in hist.iter_rows(named=True))

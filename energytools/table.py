@@ -32,6 +32,19 @@ SCORE_COLUMNS = {
 }
 #: columns of newer score tables; older ones lack them (select --by names what to re-score)
 OPTIONAL_SCORE_COLUMNS = {"el2n": pa.float32()}
+#: the columns `score --reference` adds (see energytools.ood): the energy at T = 1 in the table's
+#: sign (E = -logsumexp(z)), the largest logit, the chosen OOD score (higher = more
+#: in-distribution) and the flag (score below the threshold)
+OOD_COLUMNS = {"energy_t1": pa.float32(), "max_logit": pa.float32(), "ood_score": pa.float32(), "ood": pa.bool_()}
+
+
+_COLUMN_TYPES = {**SCORE_COLUMNS, **OPTIONAL_SCORE_COLUMNS, **OOD_COLUMNS}
+
+
+def column_type(name: str) -> pa.DataType | None:
+    """The Arrow type of a score-table column (None: not one with a fixed type)."""
+    return _COLUMN_TYPES.get(name)
+
 
 #: the label-issues file (`energytools label-issues`): every sample of a score table with its given
 #: label, cleanlab's label quality (lower = more likely mislabeled), the argmax of the predicted
@@ -155,6 +168,29 @@ class ViewsRecord:
 
 
 @dataclass(frozen=True)
+class OodRecord:
+    """What `score --reference` flagged out of distribution and how (see energytools.ood).
+
+    ``score`` (energy, msp or max-logit) is oriented higher = more in-distribution; the energy
+    score is ``-E`` at ``energy_temperature`` 1, whatever the table's T_E. ``threshold`` keeps
+    ``tpr`` of the reference's validation samples (``kept``: the share it does keep, of
+    ``reference["validation"]["size"]``); ``flagged`` rows of this table fall below it.
+    ``validation`` holds the reference's validation scores by score name (float32,
+    little-endian, base64: :func:`energytools.ood.decode_scores`), for the report.
+    """
+
+    score: str
+    tpr: float
+    threshold: float
+    kept: float
+    flagged: int
+    energy_temperature: float
+    sign: str
+    reference: dict
+    validation: dict
+
+
+@dataclass(frozen=True)
 class TableMeta:
     """The score table's ``energytools`` metadata (schema :data:`SCHEMA_VERSION`).
 
@@ -177,6 +213,7 @@ class TableMeta:
     schema_version: int = SCHEMA_VERSION
     columns: tuple[str, ...] = field(default=(), compare=False)
     views: ViewsRecord | None = None
+    ood: OodRecord | None = None
 
     @property
     def split(self) -> str:
@@ -207,7 +244,8 @@ class TableMeta:
                            "thresholds": self.thresholds, "source": self.group_source},
                 "temperatures": dict(zip(GROUPS, self.rule.temperatures)), "temperature_rule": self.rule.rule,
                 "config": self.config, "summary": self.summary,
-                **({"views": asdict(self.views)} if self.views is not None else {})}
+                **({"views": asdict(self.views)} if self.views is not None else {}),
+                **({"ood": asdict(self.ood)} if self.ood is not None else {})}
 
     @classmethod
     def from_json(cls, raw: dict, path, columns: tuple[str, ...] = ()) -> "TableMeta":
@@ -241,12 +279,19 @@ class TableMeta:
                 views = ViewsRecord(reader.get("views.count", int), reader.get("views.seed", int),
                                     reader.get("views.transform", dict), reader.get("views.top_k", int, None),
                                     reader.get("views.description", str, ""))
+            ood = None
+            if reader.get("ood", dict, None) is not None:
+                ood = OodRecord(reader.get("ood.score", str), reader.get("ood.tpr", float),
+                                reader.get("ood.threshold", float), reader.get("ood.kept", float),
+                                reader.get("ood.flagged", int), reader.get("ood.energy_temperature", float),
+                                reader.get("ood.sign", str), reader.get("ood.reference", dict),
+                                reader.get("ood.validation", dict))
         except UserError as exc:
             raise UserError(f"{path}: metadata: {exc}") from None
         return cls(data, dataset, teacher, reader.get("energy.temperature", float), rule,
                    {k: reader.get(f"groups.thresholds.{k}", float) for k in ("low_max", "high_min")},
                    reader.get("groups.source", str, ""), reader.get("config", dict), reader.get("summary", dict),
-                   reader.get("versions", dict), version, tuple(columns), views)
+                   reader.get("versions", dict), version, tuple(columns), views, ood)
 
     @classmethod
     def read(cls, path: Path | str) -> "TableMeta":
@@ -302,7 +347,7 @@ def load_table(path: Path | str, columns: list[str] | None = None) -> tuple[pl.D
         if name not in schema.names:
             newer = " (tables scored before it existed lack it: re-score)" if name in OPTIONAL_SCORE_COLUMNS else ""
             raise UserError(f"{path} lacks column {name!r}{newer}")
-        expected = SCORE_COLUMNS.get(name, OPTIONAL_SCORE_COLUMNS.get(name))
+        expected = column_type(name)
         if expected is not None and not _TYPE_CHECKS[expected](schema.field(name).type):
             raise UserError(f"{path}: column {name!r} is {schema.field(name).type}, expected {expected}")
     frame = read_parquet(path, columns)

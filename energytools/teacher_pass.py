@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from .energy import energy, logit_statistics
+from .ood import ood_statistics
 from .teacher import TeacherRun, check_logits
 from .view_logits import topk_compress
 
@@ -35,11 +36,22 @@ def view_columns(teacher: TeacherRun, views: torch.Tensor, ids: torch.Tensor, in
 
 
 @torch.no_grad()
+def ood_columns(teacher: TeacherRun, images: torch.Tensor, ids: torch.Tensor, info,
+                batch_size: int = 256) -> dict[str, np.ndarray]:
+    """The columns OOD scores are read from (energytools.ood.ood_statistics: ``energy_t1``,
+    ``max_logit``, ``confidence``) of one batch of uint8 images, as NumPy arrays."""
+    logits = _logits(teacher, images, info, batch_size)
+    check_logits(logits, ids)
+    return {name: value.numpy() for name, value in ood_statistics(logits).items()}
+
+
+@torch.no_grad()
 def teacher_columns(teacher: TeacherRun, images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, info,
                     energy_temperature: float, *, save_logits: bool = False, views: torch.Tensor | None = None,
-                    top_k: int | None = None, batch_size: int = 256) -> dict[str, np.ndarray]:
+                    top_k: int | None = None, batch_size: int = 256, ood: bool = False) -> dict[str, np.ndarray]:
     """The columns of one batch of uint8 images (B, C, H, W), as NumPy arrays of B rows:
-    ``pred, correct, energy, confidence, true_prob, entropy, margin, el2n``; with
+    ``pred, correct, energy, confidence, true_prob, entropy, margin, el2n``; with ``ood`` also
+    ``energy_t1`` and ``max_logit`` (energytools.ood); with
     ``save_logits`` the float16 ``logits`` (and ``logits_flipped``, the mirrored image's, when
     the dataset trains with flips); with ``views`` (uint8 (B, K, C, S, S)) the per-view columns.
     Forward passes of at most ``batch_size`` images; NaN/Inf logits are refused naming the
@@ -47,6 +59,9 @@ def teacher_columns(teacher: TeacherRun, images: torch.Tensor, labels: torch.Ten
     logits = _logits(teacher, images, info, batch_size)
     check_logits(logits, ids)
     columns = {name: value.numpy() for name, value in logit_statistics(logits, labels, energy_temperature).items()}
+    if ood:
+        statistics = ood_statistics(logits)
+        columns.update({name: statistics[name].numpy() for name in ("energy_t1", "max_logit")})
     if save_logits:
         columns["logits"] = logits.half().numpy()
         if info.train_flip:  # the other view a flip-only train transform can produce

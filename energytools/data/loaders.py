@@ -13,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..energy import NO_LABEL
 from ..errors import UserError, option_name
 from .base import ArrayImages, DatasetInfo, FileImages, imagenet_stats
 from .parquet import read_split as read_parquet_split
@@ -207,15 +208,19 @@ def _image_files(directory: Path) -> list[Path]:
 
 @register_dataset("imagefolder")
 def load_imagefolder(root: Path | None, part: str, image_size: int | None = None, channels: int = 3, **_):
-    """``root/train/<class>/*`` and ``root/val/<class>/*``, as ImageNet is laid out.
+    """``root/train/<class>/*`` and ``root/val/<class>/*``, as ImageNet is laid out; or images without labels.
 
     Trains with RandomResizedCrop + flip and evaluates with Resize + CenterCrop, as
     torchvision's reference scripts do. Canonical order is (class name, file name), as
     torchvision's ImageFolder sorts. The ``val/`` folder is energytools' ``test`` split; ``val`` is carved from ``train/``.
+    A root with neither ``train/`` nor ``val/`` holds images without labels: every image below
+    it, subfolders included (their names are not read as classes), in path order, for both parts.
     """
     image_size = image_size or 224
     if root is None:
         raise UserError(f"imagefolder needs {option_name('data_root')} pointing at a folder with train/ and val/")
+    if root.is_dir() and not (root / "train").exists() and not (root / "val").exists():
+        return _unlabelled_images(root, image_size, channels)
     folder = root / ("train" if part == "train" else "val")
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder (imagefolder expects {root}/train and {root}/val)")
@@ -242,6 +247,17 @@ def load_imagefolder(root: Path | None, part: str, image_size: int | None = None
                        classes=tuple(classes), train_resized_crop=True)
     images = FileImages(paths, root, image_size, channels, resize=round(image_size / EVAL_CROP_FRACTION))
     return info, images, np.asarray(labels, dtype=np.int64), None
+
+
+def _unlabelled_images(root: Path, image_size: int, channels: int):
+    """Every image below ``root``, without labels (see :func:`load_imagefolder`)."""
+    paths = [str(file.relative_to(root)) for file in _image_files(root)]
+    if not paths:
+        raise UserError(f"{root} holds no images (and no train/ and val/ folders of labelled ones)")
+    mean, std = imagenet_stats(channels)
+    info = DatasetInfo("imagefolder", 0, channels, image_size, mean, std, train_flip=True, train_resized_crop=True)
+    images = FileImages(paths, root, image_size, channels, resize=round(image_size / EVAL_CROP_FRACTION))
+    return info, images, np.full(len(paths), NO_LABEL, dtype=np.int64), None
 
 
 @register_dataset("parquet")

@@ -8,6 +8,9 @@ holds an image column of structs ``{bytes, path}`` and an integer label column; 
     {"info": {"features": {"image": {"_type": "Image"},
                            "label": {"_type": "ClassLabel", "names": ["cat", "dog"]}}}}
 
+Without a label column the images have no labels, and a null or -1 label (the `datasets`
+convention) marks a row without one: only `energytools score` reads such rows (NO_LABEL).
+
 Images are decoded once, eagerly, into memory (N x H x W x C bytes): simple and fast for
 datasets of the size that fits there.
 """
@@ -24,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from ..energy import NO_LABEL
 from ..errors import UserError, option_name
 from .base import ArrayImages, DatasetInfo, imagenet_stats, to_array
 
@@ -40,10 +44,11 @@ GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 
 @dataclass(frozen=True)
 class Columns:
-    """Which columns hold the images and the labels, and the labels' names when known."""
+    """Which columns hold the images and the labels (None: the images have none), and the
+    labels' names when known."""
 
     image: str
-    label: str
+    label: str | None
     names: tuple[str, ...] | None
 
 
@@ -77,7 +82,7 @@ def _features(schema: pa.Schema) -> dict:
 def find_columns(file: Path) -> Columns:
     """The image and label columns of ``file``: from its `datasets` features when present
     (``Image``, ``ClassLabel``), else the first ``{bytes, ...}`` struct and a column named
-    ``label`` or ``labels``."""
+    ``label`` or ``labels``; no such column means images without labels."""
     schema = _schema(file)
     features = _features(schema)
     image = next((name for name, f in features.items() if isinstance(f, dict) and f.get("_type") == "Image"), None)
@@ -88,9 +93,11 @@ def find_columns(file: Path) -> Columns:
                  None)
     if label is None:
         label = next((name for name in ("label", "labels") if name in schema.names), None)
-    if image is None or label is None or image not in schema.names or label not in schema.names:
-        raise UserError(f"{file} needs an image column (structs with bytes) and a label column; it has "
-                        f"{', '.join(schema.names)}")
+    if image is None or image not in schema.names:
+        raise UserError(f"{file} needs an image column (structs with bytes) and, for labels, a label column; it "
+                        f"has {', '.join(schema.names)}")
+    if label is None or label not in schema.names:
+        return Columns(image, None, None)
     _check_labels(file, label, schema)
     return Columns(image, label, _label_names(schema, label))
 
@@ -115,22 +122,26 @@ def _rows(files: list[Path], columns: Columns) -> Iterator[tuple[Path, int, Imag
     """``(file, row, image opened lazily, label)`` for every row of ``files`` in order."""
     for file in files:
         schema = _schema(file)
-        missing = [c for c in (columns.image, columns.label) if c not in schema.names]
+        wanted = [c for c in (columns.image, columns.label) if c is not None]
+        missing = [c for c in wanted if c not in schema.names]
         if missing:
             raise UserError(f"{file} lacks column(s) {', '.join(missing)} that {files[0].name} has")
-        _check_labels(file, columns.label, schema, columns.names)
+        if columns.label is not None:
+            _check_labels(file, columns.label, schema, columns.names)
         try:
-            table = pq.read_table(file, columns=[columns.image, columns.label])
+            table = pq.read_table(file, columns=wanted)
         except (pa.ArrowException, OSError) as exc:
             raise UserError(f"cannot read Parquet file {file}: {str(exc).splitlines()[0][:200]}") from None
         images = table.column(columns.image).combine_chunks()
         if not pa.types.is_struct(images.type) or images.type.get_field_index("bytes") < 0:
             raise UserError(f"{file}: column {columns.image!r} is {images.type}, not structs with bytes")
         blobs = images.field("bytes").to_pylist()
-        labels = table.column(columns.label).to_pylist()
+        labels = table.column(columns.label).to_pylist() if columns.label is not None else [None] * len(blobs)
         for row, (blob, label) in enumerate(zip(blobs, labels)):
-            if label is None or label < 0:
-                raise UserError(f"{file} row {row}: label {label} (unlabelled rows cannot be scored)")
+            if label is None or label == NO_LABEL:
+                label = NO_LABEL
+            elif label < 0:
+                raise UserError(f"{file} row {row}: label {label} (a row without a label has -1 or null)")
             if blob is None:
                 raise UserError(f"{file} row {row}: the image has no bytes (only a path)")
             try:
@@ -151,9 +162,9 @@ def read_split(root: Path | None, part: str, image_size: int | None = None):
     """Read ``part`` of the Parquet dataset in ``root``; a dataset loader's ``(info, images, labels, None)``.
 
     The train files fix what both parts share: the class names (ClassLabel, else the labels
-    as text), the channels (1 when every image is gray, else 3) and the size (that of the
-    images, which must all be the same square, unless ``image_size`` resizes and
-    centre-crops each). Sample ids are row positions over the sorted file list.
+    as text; none without labels), the channels (1 when every image is gray, else 3) and the
+    size (that of the images, which must all be the same square, unless ``image_size`` resizes
+    and centre-crops each). Sample ids are row positions over the sorted file list.
     """
     if root is None:
         raise UserError(f"parquet needs {option_name('data_root')}: a folder with data/train-*.parquet and data/test-*.parquet")
@@ -163,12 +174,12 @@ def read_split(root: Path | None, part: str, image_size: int | None = None):
         raise UserError(f"no train Parquet files in {root} (looked for {looked})")
     columns = find_columns(train_files[0])
     # one pass over the train headers (no decoding) settles channels, size and class count
-    modes, sizes, max_label = set(), set(), -1
+    modes, sizes, max_label = set(), set(), NO_LABEL
     for _, _, image, label in _rows(train_files, columns):
         modes.add(image.mode)
         sizes.add(image.size)
         max_label = max(max_label, label)
-    if max_label < 0:
+    if not sizes:
         raise UserError(f"the train Parquet files in {root} hold no rows")
     channels = 1 if modes <= GRAY_MODES else 3
     names = columns.names or tuple(str(i) for i in range(max_label + 1))
@@ -186,7 +197,7 @@ def read_split(root: Path | None, part: str, image_size: int | None = None):
                         "and for validation instead of test)")
     arrays, labels = [], []
     for file, row, image, label in _rows(files, columns):
-        if label >= len(names):
+        if label != NO_LABEL and label >= len(names):
             raise UserError(f"{file} row {row}: label {label}, but there are {len(names)} classes")
         array = _decode(image, file, row, channels, image_size)
         if array.shape[:2] != (size, size):

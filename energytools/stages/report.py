@@ -2,7 +2,8 @@
 
 Sections, in order: Distillation (the comparison of runs first, so it is on screen when the
 page opens), Scores (one per score table), Tables compared (two or more score tables),
-Curation (HE-DA shards), Label issues (one per label-issues file). Tables are HTML tables with every row shown and numbers rounded
+Curation (HE-DA shards), Label issues (one per label-issues file), Out-of-distribution (tables
+scored with --reference, given with --ood or --known-ood). Tables are HTML tables with every row shown and numbers rounded
 (:mod:`energytools.summaries`, which benchmarks/study.py writes docs/results.md with).
 
 Every plot is drawn from aggregates (histogram counts computed here with numpy/polars), so a
@@ -33,6 +34,7 @@ from ..summaries import text
 from ..table import LABEL_ISSUES_KIND, load_table, read_metadata
 from .report_figures import Inputs, Section, curation_figures, score_figures, temperatures_text, thumbnail_strip
 from .report_issues import label_issue_section
+from .report_ood import ood_sections
 from .report_runs import read_runs, run_names, run_parts
 from .report_tables import comparison_sections
 from .profile import PROFILE_KIND
@@ -101,8 +103,10 @@ def build_report(inputs: Inputs, thumbnails: bool = True, baseline: str | None =
         meta = metas[path]
         label = f"{path.name} ({meta.split})"
         s = meta.summary
-        summary = (f"<p>{text(s['samples'])} samples, teacher {text(meta.teacher.arch)} accuracy "
-                   f"{s['accuracy']:.2f}%, T_E {text(meta.energy_temperature)}, groups low &le; "
+        accuracy = "n/a (no labels)" if s["accuracy"] is None else f"{s['accuracy']:.2f}%"
+        unlabelled = f" ({text(s['unlabelled'])} without labels)" if s.get("unlabelled") else ""
+        summary = (f"<p>{text(s['samples'])} samples{unlabelled}, teacher {text(meta.teacher.arch)} accuracy "
+                   f"{accuracy}, T_E {text(meta.energy_temperature)}, groups low &le; "
                    f"{meta.thresholds['low_max']:.3f}, high &ge; {meta.thresholds['high_min']:.3f}, temperatures "
                    f"{temperatures_text(dict(zip(GROUPS, meta.rule.temperatures)))} (low / mid / high)</p>")
         extra = thumbnail_strip(frame, meta) if thumbnails else ""
@@ -178,24 +182,30 @@ def is_report(path: Path) -> bool:
 
 
 def report(paths: list[Path | str], out: Path | str = "report.html", overwrite: bool | None = None,
-           thumbnails: bool = True, baseline: str | None = None, label_issues: list[Path | str] = ()) -> Path:
+           thumbnails: bool = True, baseline: str | None = None, label_issues: list[Path | str] = (), ood=(),
+           known_ood=()) -> Path:
     """Write the HTML report for run directories or files; returns its path. ``baseline`` names the
     configuration, run or method the runs are compared with (default: kd; see
     :func:`~energytools.stages.report_runs.choose_baseline`). ``label_issues``: label-issues
     files (`energytools label-issues`), each a section (also found among ``paths``). An existing
     ``out`` is replaced when it is a report energytools wrote (``overwrite`` None, the default) or
-    whatever it is (``overwrite`` True); ``overwrite`` False replaces nothing."""
+    whatever it is (``overwrite`` True); ``overwrite`` False replaces nothing. ``ood`` and
+    ``known_ood`` are tables scored with `score --reference` (the second: of inputs known to be
+    out of distribution), each shown against its reference's validation scores."""
     out = Path(out)
     check_output_free(out, overwrite if overwrite is not None else out.is_file() and is_report(out))
     for path in label_issues:  # one line for a file that is not one, before any work
         if read_metadata(path).get("kind") != LABEL_ISSUES_KIND:
             raise UserError(f"--label-issues {path} is not an energytools label-issues file (write one with "
                             "`energytools label-issues`)")
-    inputs = discover(list(dict.fromkeys(Path(p) for p in [*paths, *label_issues])))
-    html_text = render(build_report(inputs, thumbnails, baseline))
+    given = list(dict.fromkeys(Path(p) for p in [*paths, *label_issues]))
+    inputs = discover(given) if given or not (ood or known_ood) else Inputs()
+    sections = build_report(inputs, thumbnails, baseline) + ood_sections(list(ood), list(known_ood))
+    html_text = render(sections)
     with atomic_path(out) as tmp:
         tmp.write_text(html_text)
     issues = f", {len(inputs.label_issues)} label-issues file(s)" if inputs.label_issues else ""
     console.print(headline("done", f": wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {len(inputs.scores)} "
-                                   f"table(s), {len(inputs.shards)} shard set(s), {len(inputs.runs)} run(s){issues}"))
+                                   f"table(s), {len(inputs.shards)} shard set(s), {len(inputs.runs)} run(s){issues}"
+                                   + (f", {len(ood) + len(known_ood)} OOD table(s)" if ood or known_ood else "")))
     return out

@@ -103,6 +103,14 @@ def score_figures(frame: pl.DataFrame, meta: TableMeta, label: str) -> dict[str,
     heat.update_layout(title=text(f"{label}: energy vs confidence (Spearman {rho:.3f})"), xaxis_title="energy",
                        yaxis_title="confidence", height=420)
     figures["density"] = heat
+    labelled = frame.filter(pl.col("label").is_not_null())  # a sample without a label has no class nor correctness
+    if labelled.height < frame.height:
+        figures["unlabelled_note"] = (f"<p class='note'>{text(frame.height - labelled.height)} of {text(frame.height)} "
+                                      "samples have no label: the parts below are of the labelled ones"
+                                      f"{'' if labelled.height else ' (none)'}.</p>")
+    if not labelled.height:
+        return figures
+    frame = labelled
     figures["correct"] = grouped_histogram(frame.with_columns(pl.when(pl.col("correct")).then(pl.lit("correct"))
                                                               .otherwise(pl.lit("incorrect")).alias("prediction")),
                                            "energy", "prediction", f"{label}: energy of correct vs incorrect "
@@ -150,14 +158,14 @@ def image_strip(dataset, rows: pl.DataFrame, caption: Callable[[dict], str]) -> 
 def thumbnail_strip(frame: pl.DataFrame, meta: TableMeta, count: int = 12) -> str:
     """PNG strips of the lowest- and highest-energy images (empty when the dataset is unavailable)."""
     try:
-        dataset = meta.data.build(meta.split)
+        dataset = meta.data.build(meta.split, unlabelled=True)
     except UserError:
         return NO_IMAGES
     ordered = frame.sort(["energy", "sample_id"])
     parts = []
     for title, rows in (("lowest energy", ordered.head(count)), ("highest energy", ordered.tail(count).reverse())):
-        strip = image_strip(dataset, rows, lambda row: f'y={text(row["label"])} p={text(row["pred"])}<br>'
-                                                       f'E={row["energy"]:.2f}')
+        strip = image_strip(dataset, rows, lambda row: f'y={text("-" if row["label"] is None else row["label"])} '
+                                                       f'p={text(row["pred"])}<br>E={row["energy"]:.2f}')
         parts.append(f"<h4>{title}</h4>{strip}")
     return "".join(parts)
 

@@ -28,12 +28,13 @@ from ..distributed import collective_timeout, context
 from ..engine import float32_exact, make_loader
 from ..errors import UserError, option_name
 from ..io import check_output_free, sha256_json, write_json
+from ..new_data import describe_ood, flag_ood, load_reference, read_for_teacher, validation_columns
 from ..preemption import Stopped, stop_requested
 from ..preprocessing import describe_preprocessing
 from ..resume import resumable_parts
 from ..score_table import finish_table, format_summary, rows_to_arrow
-from ..table import DatasetRecord, TeacherRecord, ViewsRecord, load_table, write_parquet
-from ..teacher import TeacherRun, open_teacher, teacher_data_config
+from ..table import DatasetRecord, TeacherRecord, ViewsRecord, write_parquet
+from ..teacher import FROM_MODEL, open_teacher, teacher_data_config
 from ..teacher_pass import teacher_columns
 
 
@@ -70,31 +71,18 @@ def choose_part_size(samples: int, world: int, batch_size: int, given: int | Non
     return min(MAX_PART_SIZE // batch_size or 1, -(-batches // world)) * batch_size
 
 
-def _parts_key(cfg: ScoreConfig, dataset, teacher_sha: str, part_size: int) -> str:
+def _parts_key(cfg: ScoreConfig, dataset, teacher_sha: str, part_size: int, ood: bool = False) -> str:
     """What the parts depend on; a resumed run reuses parts only when this matches."""
     key = {"dataset": dataset.fingerprint(), "teacher": teacher_sha, "T_E": cfg.energy_temperature,
            "save_logits": cfg.save_logits, "part_size": part_size, "batch_size": cfg.batch_size,
            "split": cfg.split, "amp": cfg.amp}
     if cfg.preprocessing.given():  # (keys of runs without overrides are as before)
         key["preprocessing"] = cfg.preprocessing.given()
+    if ood:  # the parts hold the OOD columns
+        key["ood"] = True
     if cfg.views:
         key.update(views=cfg.views, top_k=cfg.top_k, seed=cfg.seed, transform=dataset.info.train_transform.to_dict())
     return sha256_json(key, 16)
-
-
-def _load_reference(cfg: ScoreConfig, teacher: TeacherRun):
-    if not cfg.reference:
-        if cfg.split != "train":
-            console.print(f"note: grouping the {cfg.split} split by its own quantiles; pass "
-                          f"{option_name('reference', metavar='TRAIN_TABLE')} to use the train groups")
-        return None
-    frame, meta = load_table(cfg.reference, ["sample_id", "energy"])
-    meta.require_train(cfg.reference, option_name("reference"))
-    if meta.energy_temperature != cfg.energy_temperature:
-        raise UserError(f"{option_name('reference', cfg.reference)} used T_E={meta.energy_temperature}, not {cfg.energy_temperature}")
-    if meta.teacher.sha256 != teacher.sha256:
-        raise UserError(f"{option_name('reference', cfg.reference)} was scored by another teacher")
-    return frame, meta
 
 
 def _stop_if_requested(parts_dir: Path, mine: list[str]) -> None:
@@ -112,9 +100,20 @@ def score(cfg: ScoreConfig) -> Path:
     out = Path(cfg.out)
     check_output_free(out, cfg.overwrite)
     data = resolve_data(cfg)
-    dataset = data.build(cfg.split)
-    teacher = open_teacher(cfg.teacher, dataset, cfg.teacher_arch, cfg.device, cfg.amp, cfg.preprocessing.given())
-    reference = _load_reference(cfg, teacher)
+    dataset = data.build(cfg.split, unlabelled=True)
+    reference = load_reference(cfg.reference, cfg.energy_temperature) if cfg.reference else None
+    if reference is None and cfg.split != "train":
+        console.print(f"note: grouping the {cfg.split} split by its own quantiles; pass --reference "
+                      "TRAIN_TABLE to use the train groups")
+    dataset, note = read_for_teacher(dataset, data, reference, cfg.teacher)
+    overrides = cfg.preprocessing.given()
+    # with a reference, the teacher is fed what it was fed there; an option that contradicts it is refused
+    recorded = reference.preprocessing(overrides, dataset.info) if reference else FROM_MODEL
+    teacher = open_teacher(cfg.teacher, dataset, cfg.teacher_arch, cfg.device, cfg.amp, overrides, recorded)
+    if reference:
+        reference.check_teacher(teacher)
+    if note:
+        console.print(note)
     info = dataset.info
     trained_on = (teacher.meta.get("data") or {}).get("dataset")
     if trained_on and trained_on != info.name:  # allowed (a related dataset), but rarely meant
@@ -137,10 +136,12 @@ def score(cfg: ScoreConfig) -> Path:
         return range(k * part_size, min((k + 1) * part_size, len(dataset)))
 
     parts_dir = out.parent / f"{out.name}.parts"
-    # the other ranks wait while rank 0 merges the parts: a wait sized to the table, not the collective timeout
-    merge_seconds = collective_timeout() + 60 + MERGE_SECONDS_PER_ROW * len(dataset) * (1 + (cfg.views or 0))
-    with resumable_parts(out, parts_dir, _parts_key(cfg, dataset, teacher.sha256, part_size), names,
-                         finish_seconds=merge_seconds) as work:
+    # the other ranks wait while rank 0 merges the parts (and, with --reference, scores its validation
+    # split): a wait sized to that work, not the collective timeout
+    rows = len(dataset) * (1 + (cfg.views or 0)) + (len(reference.validation) if reference is not None else 0)
+    merge_seconds = collective_timeout() + 60 + MERGE_SECONDS_PER_ROW * rows
+    key = _parts_key(cfg, dataset, teacher.sha256, part_size, ood=reference is not None)
+    with resumable_parts(out, parts_dir, key, names, finish_seconds=merge_seconds) as work:
         if len(work.todo) < len(work.mine):
             console.print(f"resuming: {len(work.mine) - len(work.todo)} of {len(work.mine)} parts already scored")
         with progress_bar() as progress:
@@ -158,7 +159,7 @@ def score(cfg: ScoreConfig) -> Path:
                                        **teacher_columns(teacher, images, labels, ids, info, cfg.energy_temperature,
                                                          save_logits=cfg.save_logits,
                                                          views=views[0] if views else None, top_k=cfg.top_k,
-                                                         batch_size=cfg.batch_size)})
+                                                         batch_size=cfg.batch_size, ood=reference is not None)})
                         progress.update(task, advance=len(labels))
                         _stop_if_requested(parts_dir, work.mine)
                 rows = {column: np.concatenate([c[column] for c in chunks]) for column in chunks[0]}
@@ -168,6 +169,11 @@ def score(cfg: ScoreConfig) -> Path:
             return out
         table = pa.concat_tables([pq.read_table(parts_dir / name) for name in names])
         frame = pl.from_arrow(table.replace_schema_metadata(None))
+        ood = None
+        if reference:
+            columns = validation_columns(teacher, reference.validation, cfg.batch_size, cfg.num_workers, cfg.amp,
+                                         lambda: _stop_if_requested(parts_dir, work.mine))
+            frame, ood = flag_ood(frame, reference, columns, cfg.ood_score, cfg.ood_tpr)
         # where the table goes does not change its content, so out stays out of the bytes
         config = {k: v for k, v in content_of(cfg).items() if k != "data"}
         transform = info.train_transform
@@ -176,10 +182,13 @@ def score(cfg: ScoreConfig) -> Path:
         meta, summary = finish_table(frame, out, data=data, dataset=DatasetRecord(**dataset.describe()),
                                      teacher=TeacherRecord(**teacher.record()),
                                      energy_temperature=cfg.energy_temperature, rule=cfg.rule(),
-                                     reference=reference, config=config, views=views)
+                                     reference=(reference.frame, reference.meta) if reference else None,
+                                     config=config, views=views, ood=ood)
         write_json(out.parent / f"{out.stem}.config.json", {**config, "data": as_dict(data)})
         shutil.rmtree(parts_dir)
     console.print(format_summary(summary, meta.thresholds))
+    if ood is not None:
+        console.print(describe_ood(ood, frame.height))
     console.print(fed)
     console.print(headline("done", f": wrote {out} ({frame.height} rows) in {time.perf_counter() - started:.1f}s"))
     return out
