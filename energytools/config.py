@@ -160,8 +160,15 @@ class TrainStageConfig:
                               "checkpoint (.pt, .pth, .safetensors) or, for hf: models, a save_pretrained folder; "
                               "a head for another class count is re-initialised", panel=INPUTS,
                               resume_may_change=True)  # its content is compared (init_weights' sha256)
+    folds: int | None = option(None, "train K teachers instead, fold k's on the other K-1 folds of a stratified "
+                               "K-fold split of the training split (seeded by --seed), into OUT/fold-k/, with the "
+                               "split in OUT/folds.parquet; `score --teacher OUT` then scores out of fold; the same "
+                               "command run again continues", panel=INPUTS)
     resume: bool = option(False, "continue from OUT/last.pt", content=False, panel=OUTPUT)
     overwrite: bool = option(False, "replace an existing run", content=False, panel=OUTPUT)
+
+    def check(self) -> None:
+        require(self, "folds", self.folds is None or self.folds >= 2, "at least 2")
 
 
 @dataclass

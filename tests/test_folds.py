@@ -1,11 +1,51 @@
 """Out-of-fold scores: `train --folds K` (a stratified, seeded split; K fold teachers; a stopped
 run continues), `score --teacher DIR` (each train row by its fold's teacher, val by the mean of
 the K), the refusals (a missing or foreign fold; one teacher wanted by distill and augment)."""
-import numpy as np
-import pytest
+import json
+import os
 
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from conftest import invoke
+from energytools import preemption
+from energytools.api import train
+from energytools.config import DataConfig
 from energytools.errors import UserError
-from energytools.folds import assign_folds
+from energytools.folds import assign_folds, read_manifest
+from energytools.io import sha256_file
+from energytools.models import load_checkpoint
+
+K = 3
+#: the digits recipe of every fold run here: 300 training samples, 7 steps an epoch
+RECIPE = {"dataset": "digits", "limit": 300, "eval_limit": 100, "epochs": 1, "batch_size": 32, "seed": 0,
+          "device": "cpu"}
+
+
+def cli_flags(recipe: dict) -> list:
+    return [str(a) for key, value in recipe.items() for a in (f"--{key.replace('_', '-')}", value)]
+
+
+@pytest.fixture(autouse=True)
+def no_stop_left_over():
+    preemption.reset()
+    yield
+    preemption.reset()
+
+
+@pytest.fixture(scope="module")
+def folds(tmp_path_factory):
+    """K fold teachers on digits, trained without a stop."""
+    out = tmp_path_factory.mktemp("folds") / "folds"
+    train("cnn_tiny", out, folds=K, **RECIPE)
+    return out
+
+
+def same_weights(a, b) -> bool:
+    a, b = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_the_split_is_stratified_deterministic_and_puts_each_sample_in_one_fold():
@@ -25,3 +65,63 @@ def test_the_split_is_stratified_deterministic_and_puts_each_sample_in_one_fold(
         assign_folds(labels, ids, 1, seed=0)
     with pytest.raises(UserError, match="fewer than the folds"):
         assign_folds(labels[:3], ids[:3], 5, seed=0)
+
+
+def test_train_folds_writes_each_fold_run_and_the_manifest(folds):
+    manifest, frame = read_manifest(folds)
+    train_set = DataConfig(dataset="digits", limit=300).build("train")
+    assert (manifest.folds, manifest.seed) == (K, 0)
+    assert manifest.dataset["fingerprint"] == train_set.fingerprint()  # the training split after the val carve
+    assert frame["sample_id"].to_list() == sorted(train_set.sample_ids.tolist())
+    assert np.array_equal(frame["fold"].to_numpy(), assign_folds(frame["label"], frame["sample_id"], K, 0))
+    for k in range(K):
+        run = folds / f"fold-{k}"
+        assert {"best.pt", "last.pt", "metrics.parquet", "config.json"} <= {p.name for p in run.iterdir()}
+        assert manifest.teachers[k] == sha256_file(run / "best.pt")
+        meta = load_checkpoint(run / "best.pt")["energytools"]
+        assert meta["fold"] == manifest.fold_record(k)
+        # fold k's teacher trained on the training split less fold k
+        held_out = frame.filter(pl.col("fold") == k)["sample_id"].to_numpy()
+        rest = train_set.subset(np.flatnonzero(~np.isin(train_set.sample_ids, held_out)))
+        assert meta["dataset"]["size"] == 200 and meta["dataset"]["fingerprint"] == rest.fingerprint()
+        assert json.loads((run / "config.json").read_text())["fold"]["fold"] == k
+
+
+def test_a_stopped_fold_run_continues_to_the_same_weights_without_training_fold_0_again(runner, folds, tmp_path):
+    out = tmp_path / "folds"
+
+    def stop_in_fold_1(event):  # what the SIGTERM handler does, at the third step of fold 1
+        if (out / "fold-1").exists() and event.step == 3:
+            preemption.request_stop()
+
+    with pytest.raises(preemption.Stopped) as stopped:
+        train("cnn_tiny", out, folds=K, on_step=stop_in_fold_1, **RECIPE)
+    assert "fold 1 of 3" in str(stopped.value) and "re-run the same command to continue" in str(stopped.value)
+    assert stopped.value.exit_code == 143
+    assert read_manifest(out)[0].teachers[1:] == (None, None) and not (out / "fold-2").exists()
+    fold_0 = {name: os.stat(out / "fold-0" / name).st_mtime_ns for name in ("best.pt", "last.pt")}
+    preemption.reset()
+    # the same command again, no --resume: fold 0 is kept, fold 1 resumes at its step, fold 2 starts
+    result = invoke(runner, "train", "--model", "cnn_tiny", "--out", out, "--folds", K, *cli_flags(RECIPE))
+    assert result.exit_code == 0, result.output
+    assert "fold 0 of 3: trained before, kept" in result.output and "step 3" in result.output
+    assert {name: os.stat(out / "fold-0" / name).st_mtime_ns for name in fold_0} == fold_0
+    for k in range(K):
+        for name in ("best.pt", "last.pt"):
+            assert same_weights(folds / f"fold-{k}" / name, out / f"fold-{k}" / name), (k, name)
+    assert read_manifest(out)[0].teachers == read_manifest(folds)[0].teachers
+    # finished: the same command again trains nothing; other options are refused, --overwrite starts again
+    again = invoke(runner, "train", "--model", "cnn_tiny", "--out", out, "--folds", K, *cli_flags(RECIPE))
+    assert again.exit_code == 0 and again.output.count("trained before, kept") == K
+    other = invoke(runner, "train", "--model", "cnn_tiny", "--out", out, "--folds", K, *cli_flags(RECIPE), "--lr", 0.1)
+    assert other.exit_code == 2 and "train.lr 0.05 (now 0.1)" in other.stderr and "--overwrite" in other.stderr
+    assert len(other.stderr.strip().splitlines()) == 1
+
+
+def test_a_recipe_cannot_train_fold_teachers(tmp_path):
+    from energytools.pipeline import load_recipe
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[data]\ndataset = "digits"\n[teacher]\nmodel = "cnn_tiny"\nfolds = 3\n')
+    with pytest.raises(UserError, match="train --folds K"):
+        load_recipe(recipe)
