@@ -19,8 +19,8 @@ from .errors import UserError
 from .functional import as_indices, as_logits, check_energy_temperature
 from .io import check_output_path
 from .teacher import EXTERNAL_TEACHER
-from .table import (OPTIONAL_SCORE_COLUMNS, SCORE_COLUMNS, VIEW_COLUMNS, DatasetRecord, TableMeta, TeacherRecord,
-                    ViewsRecord, versions, write_parquet)
+from .table import (OPTIONAL_SCORE_COLUMNS, SCORE_COLUMNS, VIEW_COLUMNS, DatasetRecord, FoldsRecord, TableMeta,
+                    TeacherRecord, ViewsRecord, versions, write_parquet)
 from .view_logits import logits_array
 
 #: the largest logit a float16 logits column holds
@@ -75,7 +75,8 @@ def summarize(frame: pl.DataFrame) -> dict:
 
 def format_summary(summary: dict, thresholds: dict) -> str:
     spearman = summary["spearman_energy_confidence"]
-    lines = [f"{summary['samples']} samples, teacher accuracy {summary['accuracy']:.2f}%, "
+    scored_by = f" {summary['scored_by']}" if summary.get("scored_by") else ""
+    lines = [f"{summary['samples']} samples{scored_by}, teacher accuracy {summary['accuracy']:.2f}%, "
              f"groups: low <= {thresholds['low_max']:.4f}, high >= {thresholds['high_min']:.4f}, "
              f"Spearman(energy, confidence) = {'n/a' if spearman is None else f'{spearman:.3f}'}"]
     for g in summary["groups"]:
@@ -87,13 +88,16 @@ def format_summary(summary: dict, thresholds: dict) -> str:
 def finish_table(frame: pl.DataFrame, out: Path | str, *, data: DataConfig, dataset: DatasetRecord,
                  teacher: TeacherRecord, energy_temperature: float, rule: TemperatureRule,
                  reference: tuple[pl.DataFrame, TableMeta] | None = None, config: dict | None = None,
-                 views: ViewsRecord | None = None) -> tuple[TableMeta, dict]:
+                 views: ViewsRecord | None = None, folds: FoldsRecord | None = None) -> tuple[TableMeta, dict]:
     """Group ``frame`` (the per-sample columns, any order), sort it by sample_id, and write it
-    atomically to ``out`` with its metadata; returns ``(meta, summary)``."""
+    atomically to ``out`` with its metadata; returns ``(meta, summary)``. ``folds``: the rows
+    were scored by `train --folds` teachers (the summary and the metadata say how)."""
     frame, rule, thresholds, source = group_table(frame.sort("sample_id"), rule, reference)
     summary = summarize(frame)
+    if folds is not None:
+        summary["scored_by"] = folds.describe()
     meta = TableMeta(data, dataset, teacher, energy_temperature, rule, thresholds, source, config or {}, summary,
-                     versions(), views=views)
+                     versions(), views=views, folds=folds)
     ordered = list(SCORE_COLUMNS) + [c for c in (*OPTIONAL_SCORE_COLUMNS, "path", "logits", "logits_flipped",
                                                  *VIEW_COLUMNS) if c in frame.columns]
     write_parquet(frame.select(ordered), out, meta.to_json(), row_group_size=65536)

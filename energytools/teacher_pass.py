@@ -7,23 +7,27 @@ import numpy as np
 import torch
 
 from .energy import energy, logit_statistics
-from .teacher import TeacherRun, check_logits
+from .teacher import FoldTeachers, TeacherRun, check_logits
 from .view_logits import topk_compress
 
 
-def _logits(teacher: TeacherRun, images: torch.Tensor, info, batch_size: int) -> torch.Tensor:
-    """The teacher's float32 logits of uint8 ``images``, in forward passes of ``batch_size``."""
-    return torch.cat([teacher.logits(images[i:i + batch_size], info).cpu() for i in range(0, len(images), batch_size)])
+def _logits(teacher: TeacherRun | FoldTeachers, images: torch.Tensor, info, batch_size: int,
+            ids: torch.Tensor) -> torch.Tensor:
+    """The teacher's float32 logits of uint8 ``images`` (the samples ``ids``: fold teachers pick
+    each one's teacher by it), in forward passes of ``batch_size``."""
+    return torch.cat([teacher.logits(images[i:i + batch_size], info, ids[i:i + batch_size]).cpu()
+                      for i in range(0, len(images), batch_size)])
 
 
 @torch.no_grad()
-def view_columns(teacher: TeacherRun, views: torch.Tensor, ids: torch.Tensor, info, energy_temperature: float,
-                 top_k: int | None, batch_size: int) -> dict[str, np.ndarray]:
+def view_columns(teacher: TeacherRun | FoldTeachers, views: torch.Tensor, ids: torch.Tensor, info,
+                 energy_temperature: float, top_k: int | None, batch_size: int) -> dict[str, np.ndarray]:
     """Per-view columns for one batch: (B, K) energies and (B, K, C) float16 logits, or the
     top-k triple. ``views`` is uint8 (B, K, C, S, S)."""
     count = views.shape[1]
-    logits = _logits(teacher, views.flatten(0, 1), info, batch_size)
-    check_logits(logits, ids.repeat_interleave(count))
+    view_ids = ids.repeat_interleave(count)
+    logits = _logits(teacher, views.flatten(0, 1), info, batch_size, view_ids)
+    check_logits(logits, view_ids)
     columns = {"view_energy": energy(logits, energy_temperature).numpy().reshape(-1, count)}
     if top_k:
         index, value, fill = topk_compress(logits, top_k, energy_temperature)
@@ -35,22 +39,22 @@ def view_columns(teacher: TeacherRun, views: torch.Tensor, ids: torch.Tensor, in
 
 
 @torch.no_grad()
-def teacher_columns(teacher: TeacherRun, images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, info,
-                    energy_temperature: float, *, save_logits: bool = False, views: torch.Tensor | None = None,
-                    top_k: int | None = None, batch_size: int = 256) -> dict[str, np.ndarray]:
+def teacher_columns(teacher: TeacherRun | FoldTeachers, images: torch.Tensor, labels: torch.Tensor,
+                    ids: torch.Tensor, info, energy_temperature: float, *, save_logits: bool = False,
+                    views: torch.Tensor | None = None, top_k: int | None = None, batch_size: int = 256) -> dict[str, np.ndarray]:
     """The columns of one batch of uint8 images (B, C, H, W), as NumPy arrays of B rows:
     ``pred, correct, energy, confidence, true_prob, entropy, margin, el2n``; with
     ``save_logits`` the float16 ``logits`` (and ``logits_flipped``, the mirrored image's, when
     the dataset trains with flips); with ``views`` (uint8 (B, K, C, S, S)) the per-view columns.
     Forward passes of at most ``batch_size`` images; NaN/Inf logits are refused naming the
     first sample."""
-    logits = _logits(teacher, images, info, batch_size)
+    logits = _logits(teacher, images, info, batch_size, ids)
     check_logits(logits, ids)
     columns = {name: value.numpy() for name, value in logit_statistics(logits, labels, energy_temperature).items()}
     if save_logits:
         columns["logits"] = logits.half().numpy()
         if info.train_flip:  # the other view a flip-only train transform can produce
-            flipped = _logits(teacher, images.flip(-1), info, batch_size)
+            flipped = _logits(teacher, images.flip(-1), info, batch_size, ids)
             check_logits(flipped, ids)
             columns["logits_flipped"] = flipped.half().numpy()
     if views is not None:

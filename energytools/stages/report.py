@@ -100,7 +100,8 @@ def build_report(inputs: Inputs, thumbnails: bool = True, baseline: str | None =
         meta = metas[path]
         label = f"{path.name} ({meta.split})"
         s = meta.summary
-        summary = (f"<p>{text(s['samples'])} samples, teacher {text(meta.teacher.arch)} accuracy "
+        scored_by = f" {text(s['scored_by'])}" if s.get("scored_by") else ""  # fold teachers' tables say how
+        summary = (f"<p>{text(s['samples'])} samples{scored_by}, teacher {text(meta.teacher.arch)} accuracy "
                    f"{s['accuracy']:.2f}%, T_E {text(meta.energy_temperature)}, groups low &le; "
                    f"{meta.thresholds['low_max']:.3f}, high &ge; {meta.thresholds['high_min']:.3f}, temperatures "
                    f"{temperatures_text(dict(zip(GROUPS, meta.rule.temperatures)))} (low / mid / high)</p>")

@@ -33,7 +33,7 @@ from ..preprocessing import describe_preprocessing
 from ..resume import resumable_parts
 from ..score_table import finish_table, format_summary, rows_to_arrow
 from ..table import DatasetRecord, TeacherRecord, ViewsRecord, load_table, write_parquet
-from ..teacher import TeacherRun, open_teacher, teacher_data_config
+from ..teacher import FoldTeachers, TeacherRun, open_score_teacher, teacher_data_config
 from ..teacher_pass import teacher_columns
 
 
@@ -113,7 +113,9 @@ def score(cfg: ScoreConfig) -> Path:
     check_output_free(out, cfg.overwrite)
     data = resolve_data(cfg)
     dataset = data.build(cfg.split)
-    teacher = open_teacher(cfg.teacher, dataset, cfg.teacher_arch, cfg.device, cfg.amp, cfg.preprocessing.given())
+    # a checkpoint, or a `train --folds` directory: each train row by its fold's teacher, other splits by the mean
+    teacher = open_score_teacher(cfg.teacher, dataset, cfg.teacher_arch, cfg.device, cfg.amp, cfg.preprocessing.given())
+    folds = teacher if isinstance(teacher, FoldTeachers) else None
     reference = _load_reference(cfg, teacher)
     info = dataset.info
     trained_on = (teacher.meta.get("data") or {}).get("dataset")
@@ -158,7 +160,8 @@ def score(cfg: ScoreConfig) -> Path:
                                        **teacher_columns(teacher, images, labels, ids, info, cfg.energy_temperature,
                                                          save_logits=cfg.save_logits,
                                                          views=views[0] if views else None, top_k=cfg.top_k,
-                                                         batch_size=cfg.batch_size)})
+                                                         batch_size=cfg.batch_size),
+                                       **({"fold": folds.folds_of(ids.numpy())} if folds else {})})
                         progress.update(task, advance=len(labels))
                         _stop_if_requested(parts_dir, work.mine)
                 rows = {column: np.concatenate([c[column] for c in chunks]) for column in chunks[0]}
@@ -176,7 +179,8 @@ def score(cfg: ScoreConfig) -> Path:
         meta, summary = finish_table(frame, out, data=data, dataset=DatasetRecord(**dataset.describe()),
                                      teacher=TeacherRecord(**teacher.record()),
                                      energy_temperature=cfg.energy_temperature, rule=cfg.rule(),
-                                     reference=reference, config=config, views=views)
+                                     reference=reference, config=config, views=views,
+                                     folds=folds.folds_record() if folds else None)
         write_json(out.parent / f"{out.stem}.config.json", {**config, "data": as_dict(data)})
         shutil.rmtree(parts_dir)
     console.print(format_summary(summary, meta.thresholds))
