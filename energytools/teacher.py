@@ -41,9 +41,7 @@ class TeacherRun:
         return self.meta["sha256"]
 
     @torch.no_grad()
-    def logits(self, images_uint8: torch.Tensor, info, sample_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """The logits of a batch (one teacher's do not depend on which samples they are: ``sample_ids``
-        is for :class:`FoldTeachers`)."""
+    def logits(self, images_uint8: torch.Tensor, info) -> torch.Tensor:
         x = normalize(images_uint8.to(self.device, non_blocking=True), info)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -63,6 +61,9 @@ def open_teacher(path, dataset, arch: str | None = None, device: str = "auto", a
     It is fed its model config's preprocessing with each field of ``overrides``
     (``TeacherPreprocessing.given()``) replacing the same field, or ``recorded`` (a score table's
     ``teacher.preprocessing``, None included) as it is (see :func:`open_table_teacher`)."""
+    if is_folds_dir(path):  # K teachers, not one: only score reads them as a teacher
+        raise UserError(f"{path} holds the fold teachers of `train --folds`, which `score --teacher` reads; this "
+                        "stage runs one teacher: pass a checkpoint")
     info = dataset.info
     model, meta = load_model(path, arch, info.num_classes, info.in_channels, info.image_size)
     meta["preprocessing"] = (resolve_preprocessing(meta.get("preprocessing"), overrides, info)
@@ -123,7 +124,8 @@ class FoldTeachers:
         return self.fold_of[pos]
 
     @torch.no_grad()
-    def logits(self, images_uint8: torch.Tensor, info, sample_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(self, images_uint8: torch.Tensor, info, sample_ids: torch.Tensor) -> torch.Tensor:
+        """The logits of a batch of the samples ``sample_ids`` (on the CPU)."""
         if not self.out_of_fold:
             return torch.stack([run.logits(images_uint8, info) for run in self.runs]).mean(dim=0)
         folds = self.folds_of(sample_ids.numpy())

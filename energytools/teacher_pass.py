@@ -15,7 +15,9 @@ def _logits(teacher: TeacherRun | FoldTeachers, images: torch.Tensor, info, batc
             ids: torch.Tensor) -> torch.Tensor:
     """The teacher's float32 logits of uint8 ``images`` (the samples ``ids``: fold teachers pick
     each one's teacher by it), in forward passes of ``batch_size``."""
-    return torch.cat([teacher.logits(images[i:i + batch_size], info, ids[i:i + batch_size]).cpu()
+    folds = isinstance(teacher, FoldTeachers)
+    return torch.cat([(teacher.logits(images[i:i + batch_size], info, ids[i:i + batch_size]) if folds
+                       else teacher.logits(images[i:i + batch_size], info)).cpu()
                       for i in range(0, len(images), batch_size)])
 
 

@@ -212,6 +212,8 @@ def test_distill_and_augment_need_their_teacher_named_on_an_out_of_fold_table(ru
     assert not (tmp_path / "kd").exists()
     line = one_error_line(invoke(runner, "augment", "--scores", oof["train"], "--ratio", 0.3, "--out", tmp_path / "he"))
     assert "out-of-fold" in line and "--teacher" in line and not (tmp_path / "he" / "manifest.json").exists()
+    line = one_error_line(invoke(runner, *distill, "--teacher", folds))  # K teachers are not one
+    assert "holds the fold teachers of `train --folds`" in line and not (tmp_path / "kd").exists()
     # named, it is the one used (here a fold's teacher, chosen by the user)
     named = invoke(runner, *distill, "--teacher", folds / "fold-0" / "best.pt")
     assert named.exit_code == 0, named.output
