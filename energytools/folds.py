@@ -1,5 +1,6 @@
 """K-fold teachers for out-of-fold scores: the stratified, seeded split of a training split into
-K folds (a pure function of labels, sample ids and a seed), and its manifest, ``folds.parquet``.
+K folds (a pure function of labels, sample ids and a seed), its manifest, ``folds.parquet``,
+and what a re-run of `train --folds` keeps of a folds directory.
 
 `energytools train --folds K --out DIR` trains fold k's teacher on the other K - 1 folds into
 ``DIR/fold-k/`` and records the split and each finished teacher's sha256 in the manifest;
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +21,8 @@ import polars as pl
 import pyarrow as pa
 
 from .errors import UserError
-from .io import require_file
+from .io import require_file, sha256_file
+from .resume import changed_options
 from .table import read_metadata, read_parquet, write_parquet
 
 #: the manifest's file name inside a folds directory
@@ -155,3 +159,41 @@ def read_manifest(out: Path | str) -> tuple[FoldsManifest, pl.DataFrame]:
     if assignment_digest(frame["sample_id"].to_numpy(), frame["fold"].to_numpy()) != manifest.assignment:
         raise UserError(f"{path}: its rows do not match the assignment its metadata records (edited by hand?)")
     return manifest, frame
+
+
+#: the train options a re-run of `train --folds` may change without training finished folds again
+FOLDS_MAY_CHANGE = {"train.device", "train.sync_every", "train.eval_batch_size"}
+
+
+def check_same_folds(recorded: FoldsManifest, wanted: FoldsManifest, out: Path) -> None:
+    """Refuse to continue fold teachers made of another split or with other options."""
+    if recorded.dataset.get("fingerprint") != wanted.dataset["fingerprint"]:
+        raise UserError(f"{out} holds fold teachers of another training split than {wanted.dataset['name']}'s as it is "
+                        "now (fingerprints differ): pass the data options they were trained with, or --overwrite")
+    changed = changed_options(recorded.config, wanted.config, FOLDS_MAY_CHANGE)
+    if changed:
+        raise UserError(f"{out} holds fold teachers trained with {'; '.join(changed[:3])}"
+                        + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+                        + "; pass the options they were trained with, or --overwrite to train them again")
+    if recorded.assignment != wanted.assignment:
+        raise UserError(f"{out}: its {MANIFEST} splits the samples otherwise than this energytools does; pass "
+                        "--overwrite to train the folds again")
+
+
+def fold_status(out: Path, manifest: FoldsManifest, k: int) -> str:
+    """``done`` (its teacher is recorded and in place), ``resume`` (a stopped run) or ``start``."""
+    best = fold_checkpoint(out, k)
+    if manifest.teachers[k] is not None:
+        if best.is_file() and sha256_file(best) == manifest.teachers[k]:
+            return "done"
+        raise UserError(f"{best} is not the teacher {out / MANIFEST} records for fold {k} (missing, or replaced since): "
+                        "put it back, or pass --overwrite to train the folds again")
+    return "resume" if (fold_dir(out, k) / "last.pt").exists() else "start"
+
+
+def remove_folds(out: Path) -> None:
+    """--overwrite: the manifest and the fold run directories go; anything else in ``out`` stays."""
+    (out / MANIFEST).unlink(missing_ok=True)
+    for run in out.glob("fold-*"):
+        if run.is_dir() and re.fullmatch(r"fold-\d+", run.name):
+            shutil.rmtree(run)

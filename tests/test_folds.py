@@ -131,6 +131,13 @@ def test_a_stopped_fold_run_continues_to_the_same_weights_without_training_fold_
     other = invoke(runner, "train", "--model", "cnn_tiny", "--out", out, "--folds", K, *cli_flags(RECIPE), "--lr", 0.1)
     assert other.exit_code == 2 and "train.lr 0.05 (now 0.1)" in other.stderr and "--overwrite" in other.stderr
     assert len(other.stderr.strip().splitlines()) == 1
+    replaced = invoke(runner, "train", "--model", "cnn_tiny", "--out", out, "--folds", K, *cli_flags(RECIPE), "--lr", 0.1,
+                      "--overwrite")
+    assert replaced.exit_code == 0 and "kept" not in replaced.output and read_manifest(out)[0].config["train"]["lr"] == 0.1
+    assert not same_weights(folds / "fold-0" / "best.pt", out / "fold-0" / "best.pt")
+    nothing = invoke(runner, "train", "--model", "cnn_tiny", "--out", tmp_path / "none", "--folds", K, "--resume",
+                     *cli_flags(RECIPE))
+    assert "holds no fold teachers to resume" in one_error_line(nothing) and not (tmp_path / "none").exists()
 
 
 def test_score_gives_train_rows_their_fold_teachers_logits_and_val_rows_the_mean(folds, oof, tmp_path, capsys):

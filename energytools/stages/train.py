@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,13 +17,13 @@ from ..console import console, headline
 from ..distributed import context
 from ..engine import Batch, FitResult, fit, model_meta, seed_everything, write_test_predictions
 from ..errors import UserError
-from ..folds import (MANIFEST, FoldsManifest, assign_folds, fold_checkpoint, fold_dir, new_manifest, read_manifest,
-                     write_manifest)
+from ..folds import (MANIFEST, assign_folds, check_same_folds, fold_checkpoint, fold_dir, fold_status, new_manifest,
+                     read_manifest, remove_folds, write_manifest)
 from ..io import check_output_path, run_lock, sha256_file
 from ..models import create_model
 from ..models.init import init_from
 from ..preemption import Interrupted, Stopped
-from ..resume import changed_options, first_missing, run_directory
+from ..resume import first_missing, run_directory
 from ..table import versions
 
 #: how a stopped `train --folds` continues: finished folds are kept, the stopped one resumes
@@ -103,10 +102,6 @@ class FoldsResult:
                 + f"; `energytools score --teacher {self.out}` scores out of fold")
 
 
-#: the options a re-run of `train --folds` may change without training finished folds again
-FOLDS_MAY_CHANGE = {"train.device", "train.sync_every", "train.eval_batch_size"}
-
-
 def train_folds(cfg: TrainStageConfig, on_step: Callable | None = None) -> FoldsResult:
     """K teachers on a stratified, seeded K-fold split of the training split (after the val
     carve-out; energytools.folds.assign_folds with --seed), fold k's on the other K - 1 folds
@@ -134,7 +129,7 @@ def train_folds(cfg: TrainStageConfig, on_step: Callable | None = None) -> Folds
     if existing is None and cfg.resume and not cfg.overwrite:
         raise UserError(f"--resume: {out} holds no fold teachers to resume (no {MANIFEST})")
     if existing is not None:
-        _check_same_folds(existing, wanted, out)
+        check_same_folds(existing, wanted, out)
     manifest = existing or wanted
     created = first_missing(out) if ctx.is_main else None
     result = FoldsResult(out, out / MANIFEST)
@@ -143,10 +138,10 @@ def train_folds(cfg: TrainStageConfig, on_step: Callable | None = None) -> Folds
             ctx.barrier()  # every rank has read the manifest before rank 0 replaces it
             if ctx.is_main and existing is None:
                 if cfg.overwrite:
-                    _remove_folds(out)
+                    remove_folds(out)
                 write_manifest(out, manifest, ids, labels, assigned)
             ctx.barrier()
-            plan = [_fold_status(out, manifest, k) for k in range(cfg.folds)]
+            plan = [fold_status(out, manifest, k) for k in range(cfg.folds)]
             ctx.check_same(plan, "folds to train")
             for k, status in enumerate(plan):
                 if status == "done":
@@ -164,6 +159,7 @@ def train_folds(cfg: TrainStageConfig, on_step: Callable | None = None) -> Folds
                 if ctx.is_main:  # the finished teacher's sha256: score refuses any other file in its place
                     manifest = manifest.with_teacher(k, sha256_file(fold_checkpoint(out, k)))
                     write_manifest(out, manifest, ids, labels, assigned)
+            ctx.barrier()  # every rank returns with the manifest complete (a score may follow in the same job)
     except BaseException:
         if created is not None and not any(out.glob("fold-*/last.pt")):  # nothing to continue from: leave nothing
             shutil.rmtree(created, ignore_errors=True)
@@ -171,36 +167,3 @@ def train_folds(cfg: TrainStageConfig, on_step: Callable | None = None) -> Folds
     console.print(headline("done", f": {out}: {result.summary()}"))
     return result
 
-
-def _check_same_folds(recorded: FoldsManifest, wanted: FoldsManifest, out: Path) -> None:
-    """Refuse to continue fold teachers made of another split or with other options."""
-    if recorded.dataset.get("fingerprint") != wanted.dataset["fingerprint"]:
-        raise UserError(f"{out} holds fold teachers of another training split than {wanted.dataset['name']}'s as it is "
-                        "now (fingerprints differ): pass the data options they were trained with, or --overwrite")
-    changed = changed_options(recorded.config, wanted.config, FOLDS_MAY_CHANGE)
-    if changed:
-        raise UserError(f"{out} holds fold teachers trained with {'; '.join(changed[:3])}"
-                        + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
-                        + "; pass the options they were trained with, or --overwrite to train them again")
-    if recorded.assignment != wanted.assignment:
-        raise UserError(f"{out}: its {MANIFEST} splits the samples otherwise than this energytools does; pass "
-                        "--overwrite to train the folds again")
-
-
-def _fold_status(out: Path, manifest: FoldsManifest, k: int) -> str:
-    """``done`` (its teacher is recorded and in place), ``resume`` (a stopped run) or ``start``."""
-    best = fold_checkpoint(out, k)
-    if manifest.teachers[k] is not None:
-        if best.is_file() and sha256_file(best) == manifest.teachers[k]:
-            return "done"
-        raise UserError(f"{best} is not the teacher {out / MANIFEST} records for fold {k} (missing, or replaced since): "
-                        "put it back, or pass --overwrite to train the folds again")
-    return "resume" if (fold_dir(out, k) / "last.pt").exists() else "start"
-
-
-def _remove_folds(out: Path) -> None:
-    """--overwrite: the manifest and the fold run directories go; anything else in ``out`` stays."""
-    (out / MANIFEST).unlink(missing_ok=True)
-    for run in out.glob("fold-*"):
-        if run.is_dir() and re.fullmatch(r"fold-\d+", run.name):
-            shutil.rmtree(run)
