@@ -22,9 +22,11 @@ from .config import (AugmentConfig, DistillConfig, LabelIssuesConfig, ScoreConfi
 from .engine import FitResult
 
 
-def train(model: str, out: str | Path, *, on_step: Callable | None = None, **kwargs) -> FitResult:
-    """Train ``model`` with cross-entropy. Keywords: :class:`TrainStageConfig`'s fields;
-    ``on_step`` is called with an :class:`energytools.engine.StepEvent` after every step."""
+def train(model: str, out: str | Path, *, on_step: Callable | None = None, **kwargs):
+    """Train ``model`` with cross-entropy; returns the :class:`~energytools.engine.FitResult`, or
+    with ``folds=K`` (K fold teachers for out-of-fold scores) a ``FoldsResult``. Keywords:
+    :class:`TrainStageConfig`'s fields; ``on_step`` is called with an
+    :class:`energytools.engine.StepEvent` after every step."""
     from .stages.train import train as run
 
     return run(resolve(TrainStageConfig, {"model": model, "out": out, **kwargs}, "train"), on_step=on_step)

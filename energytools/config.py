@@ -173,13 +173,22 @@ class TrainStageConfig:
                               "checkpoint (.pt, .pth, .safetensors) or, for hf: models, a save_pretrained folder; "
                               "a head for another class count is re-initialised", panel=INPUTS,
                               resume_may_change=True)  # its content is compared (init_weights' sha256)
+    folds: int | None = option(None, "train K teachers instead, fold k's on the other K-1 folds of a stratified "
+                               "K-fold split of the training split (seeded by --seed), into OUT/fold-k/, with the "
+                               "split in OUT/folds.parquet; `score --teacher OUT` then scores out of fold; the same "
+                               "command run again continues", panel=INPUTS)
     resume: bool = option(False, "continue from OUT/last.pt", content=False, panel=OUTPUT)
     overwrite: bool = option(False, "replace an existing run", content=False, panel=OUTPUT)
+
+    def check(self) -> None:
+        require(self, "folds", self.folds is None or self.folds >= 2, "at least 2")
 
 
 @dataclass
 class ScoreConfig:
-    teacher: str = option(help="teacher checkpoint (.pt, .pth, .safetensors) or save_pretrained folder", panel=INPUTS)
+    teacher: str = option(help="teacher checkpoint (.pt, .pth, .safetensors) or save_pretrained folder, or a `train "
+                          "--folds K` directory: out-of-fold scores (each train sample by the fold teacher that did "
+                          "not train on it; val and test by the K teachers' mean logits)", panel=INPUTS)
     out: str = option("scores.parquet", "the table to write", content=False, panel=OUTPUT)
     data: DataConfig = option(help="the dataset; unless `dataset` is given, the teacher checkpoint's, with the "
                               "fields that are given changed", factory=DataConfig, panel=DATA)
@@ -300,7 +309,8 @@ class AugmentConfig:
     seed: int = option(0, "seed for every random choice", panel=AUGMENTATION)
     workers: int = option(1, "processes writing shards", content=False, panel=OUTPUT)
     shard_size: int = option(2048, "rows per shard", panel=OUTPUT)
-    teacher: str | None = option(None, "teacher checkpoint (default: the one that scored the table)", panel=INPUTS)
+    teacher: str | None = option(None, "teacher checkpoint (default: the one that scored the table; a table of "
+                                 "out-of-fold scores needs one)", panel=INPUTS)
     teacher_arch: str | None = option(None, "architecture, for checkpoints that do not record it",
                                       choices=MODEL_NAMES, panel=INPUTS)
     preprocessing: TeacherPreprocessing = option(help="the teacher's input size and normalisation (default: the "
@@ -339,7 +349,8 @@ class DistillConfig:
                          "its defaults); see docs/methods.md",
                          choices=registry(METHODS), panel=METHOD)
     shards: tuple[str, ...] = option((), "HE-DA shard directory (repeatable)", panel=INPUTS)
-    teacher: str | None = option(None, "teacher checkpoint (default: the one that scored the table)", panel=INPUTS)
+    teacher: str | None = option(None, "teacher checkpoint (default: the one that scored the table; a table of "
+                                 "out-of-fold scores needs one)", panel=INPUTS)
     teacher_arch: str | None = option(None, "architecture, for checkpoints that do not record it",
                                       choices=MODEL_NAMES, panel=INPUTS)
     preprocessing: TeacherPreprocessing = option(help="the online teacher's input size and normalisation "

@@ -115,6 +115,9 @@ def load_recipe(path: Path | str) -> Recipe:
     placeholder = {"out": "", "data": data}
     teacher = TeacherSection(checkpoint, arch, None if checkpoint else
                              resolve(TrainStageConfig, {**placeholder, **teacher_raw}, f"{path} [teacher]"))
+    if teacher.train is not None and teacher.train.folds is not None:
+        raise UserError(f"{path} [teacher]: folds trains K fold teachers, which a recipe does not run: use "
+                        "`energytools train --folds K` and `energytools score --teacher DIR` for out-of-fold scores")
     if checkpoint and teacher_raw:
         raise UserError(f"{path} [teacher]: {sorted(teacher_raw)[0]!r} trains a teacher, but checkpoint is given")
     score = resolve(ScoreConfig, {"teacher": "", "out": "", "data": data, "teacher_arch": arch, **preprocessing,

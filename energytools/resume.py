@@ -82,14 +82,19 @@ def check_resumed_config(out: Path, config: dict, may_change: Collection[str] = 
     except (OSError, ValueError):
         raise UserError(f"{option_name('resume')}: {recorded_path} is not readable JSON; pass "
                         f"{option_name('overwrite', True)} to start again") from None
-    wanted = json.loads(json.dumps(config, default=str))  # as config.json holds it
-    changed = [f"{key} {old!r} (now {new!r})" for key, old, new in _differences(recorded, wanted)
-               if key not in may_change]
+    changed = changed_options(recorded, config, may_change)
     if changed:
         raise UserError(f"{option_name('resume')}: {out} was started with {'; '.join(changed[:3])}"
                         + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
                         + f"; pass the options it was started with, or {option_name('overwrite', True)} to start "
                           "again")
+
+
+def changed_options(recorded: dict, config: dict, may_change: Collection[str] = ()) -> list[str]:
+    """``"key old (now new)"`` for each option of ``config`` that differs from the ``recorded``
+    one (JSON, as config.json holds it), but the dotted keys in ``may_change``."""
+    wanted = json.loads(json.dumps(config, default=str))  # as config.json holds it
+    return [f"{key} {old!r} (now {new!r})" for key, old, new in _differences(recorded, wanted) if key not in may_change]
 
 
 def _differences(old, new, prefix: str = "") -> list[tuple[str, object, object]]:
@@ -105,7 +110,7 @@ def _differences(old, new, prefix: str = "") -> list[tuple[str, object, object]]
     return found
 
 
-def _first_missing(path: Path) -> Path | None:
+def first_missing(path: Path) -> Path | None:
     """The outermost of ``path`` and its parents that does not exist yet."""
     missing = None
     for candidate in [path, *path.parents]:
@@ -136,7 +141,7 @@ def run_directory(out: Path, resume: bool, overwrite: bool, config: dict,
                         f"then says it is complete) or {option_name('overwrite', True)} to replace it")
     if resume:
         check_resumed_config(out, config, may_change)
-    created = _first_missing(out) if ctx.is_main else None
+    created = first_missing(out) if ctx.is_main else None
     try:
         with run_lock(out) if ctx.is_main else contextlib.nullcontext():
             try:

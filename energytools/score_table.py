@@ -19,8 +19,8 @@ from .errors import UserError
 from .functional import as_indices, as_logits, check_energy_temperature
 from .io import check_output_free
 from .teacher import EXTERNAL_TEACHER
-from .table import (OOD_COLUMNS, OPTIONAL_SCORE_COLUMNS, SCORE_COLUMNS, VIEW_COLUMNS, DatasetRecord, OodRecord,
-                    TableMeta, TeacherRecord, ViewsRecord, column_type, versions, write_parquet)
+from .table import (OOD_COLUMNS, OPTIONAL_SCORE_COLUMNS, SCORE_COLUMNS, VIEW_COLUMNS, DatasetRecord, FoldsRecord,
+                    OodRecord, TableMeta, TeacherRecord, ViewsRecord, column_type, versions, write_parquet)
 from .view_logits import logits_array
 
 #: the largest logit a float16 logits column holds
@@ -95,7 +95,9 @@ def _accuracy_text(accuracy) -> str:
 def format_summary(summary: dict, thresholds: dict) -> str:
     spearman = summary["spearman_energy_confidence"]
     unlabelled = f" ({summary['unlabelled']} without labels)" if summary.get("unlabelled") else ""
-    lines = [f"{summary['samples']} samples{unlabelled}, teacher accuracy {_accuracy_text(summary['accuracy'])}, "
+    scored_by = f" {summary['scored_by']}" if summary.get("scored_by") else ""
+    lines = [f"{summary['samples']} samples{unlabelled}{scored_by}, teacher accuracy "
+             f"{_accuracy_text(summary['accuracy'])}, "
              f"groups: low <= {thresholds['low_max']:.4f}, high >= {thresholds['high_min']:.4f}, "
              f"Spearman(energy, confidence) = {'n/a' if spearman is None else f'{spearman:.3f}'}"]
     for g in summary["groups"]:
@@ -107,13 +109,17 @@ def format_summary(summary: dict, thresholds: dict) -> str:
 def finish_table(frame: pl.DataFrame, out: Path | str, *, data: DataConfig, dataset: DatasetRecord,
                  teacher: TeacherRecord, energy_temperature: float, rule: TemperatureRule,
                  reference: tuple[pl.DataFrame, TableMeta] | None = None, config: dict | None = None,
-                 views: ViewsRecord | None = None, ood: OodRecord | None = None) -> tuple[TableMeta, dict]:
+                 views: ViewsRecord | None = None, ood: OodRecord | None = None,
+                 folds: FoldsRecord | None = None) -> tuple[TableMeta, dict]:
     """Group ``frame`` (the per-sample columns, any order), sort it by sample_id, and write it
-    atomically to ``out`` with its metadata; returns ``(meta, summary)``."""
+    atomically to ``out`` with its metadata; returns ``(meta, summary)``. ``folds``: the rows
+    were scored by `train --folds` teachers (the summary and the metadata say how)."""
     frame, rule, thresholds, source = group_table(frame.sort("sample_id"), rule, reference)
     summary = summarize(frame)
+    if folds is not None:
+        summary["scored_by"] = folds.describe()
     meta = TableMeta(data, dataset, teacher, energy_temperature, rule, thresholds, source, config or {}, summary,
-                     versions(), views=views, ood=ood)
+                     versions(), views=views, ood=ood, folds=folds)
     ordered = list(SCORE_COLUMNS) + [c for c in (*OPTIONAL_SCORE_COLUMNS, *OOD_COLUMNS, "path", "logits",
                                                  "logits_flipped", *VIEW_COLUMNS) if c in frame.columns]
     write_parquet(frame.select(ordered), out, meta.to_json(), row_group_size=65536)

@@ -30,8 +30,9 @@ SCORE_COLUMNS = {
     "energy": pa.float32(), "confidence": pa.float32(), "true_prob": pa.float32(), "entropy": pa.float32(),
     "margin": pa.float32(), "energy_group": pa.string(), "temperature": pa.float32(),
 }
-#: columns of newer score tables; older ones lack them (select --by names what to re-score)
-OPTIONAL_SCORE_COLUMNS = {"el2n": pa.float32()}
+#: columns of newer score tables; older ones lack them (select --by names what to re-score); ``fold``
+#: only tables scored by `train --folds` teachers have (the fold of a train row, null in val and test)
+OPTIONAL_SCORE_COLUMNS = {"el2n": pa.float32(), "fold": pa.int64()}
 #: the columns `score --reference` adds (see energytools.ood): the energy at T = 1 in the table's
 #: sign (E = -logsumexp(z)), the largest logit, the chosen OOD score (higher = more
 #: in-distribution) and the flag (score below the threshold)
@@ -167,6 +168,31 @@ class ViewsRecord:
     description: str = ""
 
 
+#: what `score` of K-fold teachers records under the metadata key ``scores``: each sample was scored
+#: by teachers that did not train on it (a train sample by its fold's, val and test by all K)
+OUT_OF_FOLD = "out-of-fold"
+
+
+@dataclass(frozen=True)
+class FoldsRecord:
+    """What a table scored by the K teachers of `train --folds K` records (its metadata's
+    ``folds``, beside ``"scores": "out-of-fold"``): K, the split's seed and sha256 (of its
+    (sample_id, fold) pairs), each fold teacher's sha256 in fold order, and how rows were scored,
+    ``logits``: ``"own fold"`` (train rows: by the teacher that did not train on them) or
+    ``"mean"`` (val and test rows: the mean of the K teachers' logits)."""
+
+    folds: int
+    seed: int
+    assignment: str
+    teachers: tuple[str, ...]
+    logits: str
+
+    def describe(self) -> str:
+        if self.logits == "mean":
+            return f"scored by the mean logits of the {self.folds} fold teachers"
+        return f"scored out of fold (each by the one of {self.folds} fold teachers that did not train on it)"
+
+
 @dataclass(frozen=True)
 class OodRecord:
     """What `score --reference` flagged out of distribution and how (see energytools.ood).
@@ -214,6 +240,7 @@ class TableMeta:
     columns: tuple[str, ...] = field(default=(), compare=False)
     views: ViewsRecord | None = None
     ood: OodRecord | None = None
+    folds: FoldsRecord | None = None  # scored by `train --folds` teachers: out of fold
 
     @property
     def split(self) -> str:
@@ -245,7 +272,9 @@ class TableMeta:
                 "temperatures": dict(zip(GROUPS, self.rule.temperatures)), "temperature_rule": self.rule.rule,
                 "config": self.config, "summary": self.summary,
                 **({"views": asdict(self.views)} if self.views is not None else {}),
-                **({"ood": asdict(self.ood)} if self.ood is not None else {})}
+                **({"ood": asdict(self.ood)} if self.ood is not None else {}),
+                **({"scores": OUT_OF_FOLD, "folds": {**asdict(self.folds), "teachers": list(self.folds.teachers)}}
+                   if self.folds is not None else {})}
 
     @classmethod
     def from_json(cls, raw: dict, path, columns: tuple[str, ...] = ()) -> "TableMeta":
@@ -286,12 +315,17 @@ class TableMeta:
                                 reader.get("ood.flagged", int), reader.get("ood.energy_temperature", float),
                                 reader.get("ood.sign", str), reader.get("ood.reference", dict),
                                 reader.get("ood.validation", dict))
+            folds = None
+            if reader.get("folds", dict, None) is not None:
+                folds = FoldsRecord(reader.get("folds.folds", int), reader.get("folds.seed", int),
+                                    reader.get("folds.assignment", str), tuple(reader.get("folds.teachers", list)),
+                                    reader.get("folds.logits", str))
         except UserError as exc:
             raise UserError(f"{path}: metadata: {exc}") from None
         return cls(data, dataset, teacher, reader.get("energy.temperature", float), rule,
                    {k: reader.get(f"groups.thresholds.{k}", float) for k in ("low_max", "high_min")},
                    reader.get("groups.source", str, ""), reader.get("config", dict), reader.get("summary", dict),
-                   reader.get("versions", dict), version, tuple(columns), views, ood)
+                   reader.get("versions", dict), version, tuple(columns), views, ood, folds)
 
     @classmethod
     def read(cls, path: Path | str) -> "TableMeta":
@@ -353,11 +387,6 @@ def load_table(path: Path | str, columns: list[str] | None = None) -> tuple[pl.D
     frame = read_parquet(path, columns)
     validate_scores(frame, path)
     return frame, meta
-
-
-#: what `score` of K-fold teachers records under the metadata key ``scores``: each sample was scored
-#: by the teacher that did not train on it
-OUT_OF_FOLD = "out-of-fold"
 
 
 def scores_out_of_fold(path: Path | str) -> bool:

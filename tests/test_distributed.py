@@ -538,3 +538,37 @@ def test_the_peer_watch_ends_a_rank_whose_peer_died_with_one_line(tmp_path):
     assert ranks[0].returncode == 2 and "rank 0 was not told" not in out
     assert len(lines) == 1 and "rank 0 of 2: rank 1 died or was killed" in lines[0], err[-3000:]
     assert time.perf_counter() - started < 60
+
+
+#: `energytools train --folds 2` then `energytools score --teacher DIR`, in one torchrun launch
+FOLDS_THEN_SCORE = """
+import sys
+from energytools.cli import app
+
+folds, table = sys.argv[1:]
+for args in (["train", "--model", "cnn_tiny", "--dataset", "digits", "--limit", "200", "--eval-limit", "60",
+              "--epochs", "1", "--batch-size", "32", "--device", "cpu", "--folds", "2", "--out", folds],
+             ["score", "--teacher", folds, "--out", table, "--batch-size", "32", "--save-logits"]):
+    code = app(args, standalone_mode=False)
+    if code:
+        sys.exit(code)
+"""
+
+
+def test_fold_teachers_train_and_score_out_of_fold_under_torchrun(tmp_path):
+    """`train --folds` runs each fold as a DDP run in turn; `score --teacher DIR` on 2 ranks gives
+    the 1-process table (parts of whole batches: each batch is shared out among the same teachers)."""
+    from energytools.api import score
+    from energytools.folds import read_manifest
+    from energytools.io import sha256_file
+
+    folds, double, script = tmp_path / "folds", tmp_path / "double.parquet", tmp_path / "folds_then_score.py"
+    script.write_text(FOLDS_THEN_SCORE)
+    result = torchrun(folds, double, script=str(script))
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest, _ = read_manifest(folds)
+    assert manifest.teachers == tuple(sha256_file(folds / f"fold-{k}" / "best.pt") for k in range(2))
+    a, meta_a = load_table(score(folds, tmp_path / "single.parquet", batch_size=32, save_logits=True, device="cpu"))
+    b, meta_b = load_table(double)
+    assert a.drop("logits").equals(b.drop("logits")) and a["logits"].to_list() == b["logits"].to_list()
+    assert b["fold"].null_count() == 0 and meta_a.folds == meta_b.folds and meta_a.teacher == meta_b.teacher

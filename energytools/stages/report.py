@@ -105,8 +105,9 @@ def build_report(inputs: Inputs, thumbnails: bool = True, baseline: str | None =
         s = meta.summary
         accuracy = "n/a (no labels)" if s["accuracy"] is None else f"{s['accuracy']:.2f}%"
         unlabelled = f" ({text(s['unlabelled'])} without labels)" if s.get("unlabelled") else ""
-        summary = (f"<p>{text(s['samples'])} samples{unlabelled}, teacher {text(meta.teacher.arch)} accuracy "
-                   f"{accuracy}, T_E {text(meta.energy_temperature)}, groups low &le; "
+        scored_by = f" {text(s['scored_by'])}" if s.get("scored_by") else ""  # fold teachers' tables say how
+        summary = (f"<p>{text(s['samples'])} samples{unlabelled}{scored_by}, teacher {text(meta.teacher.arch)} "
+                   f"accuracy {accuracy}, T_E {text(meta.energy_temperature)}, groups low &le; "
                    f"{meta.thresholds['low_max']:.3f}, high &ge; {meta.thresholds['high_min']:.3f}, temperatures "
                    f"{temperatures_text(dict(zip(GROUPS, meta.rule.temperatures)))} (low / mid / high)</p>")
         extra = thumbnail_strip(frame, meta) if thumbnails else ""

@@ -34,7 +34,7 @@ from ..preprocessing import describe_preprocessing
 from ..resume import resumable_parts
 from ..score_table import finish_table, format_summary, rows_to_arrow
 from ..table import DatasetRecord, TeacherRecord, ViewsRecord, write_parquet
-from ..teacher import FROM_MODEL, open_teacher, teacher_data_config
+from ..teacher import FROM_MODEL, FoldTeachers, open_score_teacher, teacher_data_config
 from ..teacher_pass import teacher_columns
 
 
@@ -109,7 +109,9 @@ def score(cfg: ScoreConfig) -> Path:
     overrides = cfg.preprocessing.given()
     # with a reference, the teacher is fed what it was fed there; an option that contradicts it is refused
     recorded = reference.preprocessing(overrides, dataset.info) if reference else FROM_MODEL
-    teacher = open_teacher(cfg.teacher, dataset, cfg.teacher_arch, cfg.device, cfg.amp, overrides, recorded)
+    # a checkpoint, or a `train --folds` directory: each train row by its fold's teacher, other splits by the mean
+    teacher = open_score_teacher(cfg.teacher, dataset, cfg.teacher_arch, cfg.device, cfg.amp, overrides, recorded)
+    folds = teacher if isinstance(teacher, FoldTeachers) else None
     if reference:
         reference.check_teacher(teacher)
     if note:
@@ -159,7 +161,8 @@ def score(cfg: ScoreConfig) -> Path:
                                        **teacher_columns(teacher, images, labels, ids, info, cfg.energy_temperature,
                                                          save_logits=cfg.save_logits,
                                                          views=views[0] if views else None, top_k=cfg.top_k,
-                                                         batch_size=cfg.batch_size, ood=reference is not None)})
+                                                         batch_size=cfg.batch_size, ood=reference is not None),
+                                       **({"fold": folds.folds_of(ids.numpy())} if folds else {})})
                         progress.update(task, advance=len(labels))
                         _stop_if_requested(parts_dir, work.mine)
                 rows = {column: np.concatenate([c[column] for c in chunks]) for column in chunks[0]}
@@ -183,7 +186,7 @@ def score(cfg: ScoreConfig) -> Path:
                                      teacher=TeacherRecord(**teacher.record()),
                                      energy_temperature=cfg.energy_temperature, rule=cfg.rule(),
                                      reference=(reference.frame, reference.meta) if reference else None,
-                                     config=config, views=views, ood=ood)
+                                     config=config, views=views, ood=ood, folds=folds.folds_record() if folds else None)
         write_json(out.parent / f"{out.stem}.config.json", {**config, "data": as_dict(data)})
         shutil.rmtree(parts_dir)
     console.print(format_summary(summary, meta.thresholds))
