@@ -11,6 +11,7 @@ import torch
 from conftest import StepRecorder, interrupted
 from energytools.config import DataConfig, TrainConfig, TrainStageConfig
 from energytools.data.shards import decode_png, read_shards
+from energytools.teacher import TeacherRun
 from energytools.errors import UserError
 from energytools.selection import select_samples
 from energytools.stages.augment import AugmentConfig, augment
@@ -67,8 +68,8 @@ def test_score_resumes_from_existing_parts(digits_run, tmp_path, monkeypatch):
         score(ScoreConfig(out=str(out), **base))
     assert not out.exists() and calls["n"] == 2
     monkeypatch.setattr(stage, "write_parquet", original)
-    seen, forward = [], stage.TeacherRun.logits
-    monkeypatch.setattr(stage.TeacherRun, "logits", lambda *a, **k: seen.append(1) or forward(*a, **k))
+    seen, forward = [], TeacherRun.logits
+    monkeypatch.setattr(TeacherRun, "logits", lambda *a, **k: seen.append(1) or forward(*a, **k))
     score(ScoreConfig(out=str(out), **base))
     assert out.read_bytes() == clean.read_bytes()
     assert 0 < len(seen) < 11  # only the missing parts were scored (1293 rows = 11 batches of 128)
@@ -91,16 +92,15 @@ def test_score_refuses_bad_input(digits_run, tmp_path, cifar_root):
 
 
 def test_nan_logits_name_the_sample(digits_run, tmp_path, monkeypatch):
-    import energytools.stages.score as stage
 
-    real = stage.TeacherRun.logits
+    real = TeacherRun.logits
 
     def poisoned(self, images, info):
         out = real(self, images, info)
         out[3, 0] = float("nan")
         return out
 
-    monkeypatch.setattr(stage.TeacherRun, "logits", poisoned)
+    monkeypatch.setattr(TeacherRun, "logits", poisoned)
     with pytest.raises(UserError, match="NaN/Inf logits, first at sample_id"):
         score(ScoreConfig(teacher=str(digits_run["teacher"]), out=str(tmp_path / "nan.parquet")))
     assert not (tmp_path / "nan.parquet").exists()

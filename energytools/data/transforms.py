@@ -49,10 +49,11 @@ def draw_augment(batch: int, info: DatasetInfo, generator: torch.Generator) -> A
     pad = info.train_crop_pad
     if pad:
         offsets = torch.randint(0, 2 * pad + 1, (batch, 2), generator=generator)
-    flipped = torch.zeros(batch, dtype=torch.bool)
+    flipped, any_flipped = torch.zeros(batch, dtype=torch.bool), False
     if info.train_flip:
         flipped = torch.rand(batch, generator=generator) < 0.5
-    return AugmentDraw(offsets, flipped, bool(flipped.any()))
+        any_flipped = bool(flipped.any())  # a CPU tensor: nothing waits for a device
+    return AugmentDraw(offsets, flipped, any_flipped)
 
 
 def apply_augment(images: torch.Tensor, info: DatasetInfo, draw: AugmentDraw) -> torch.Tensor:
