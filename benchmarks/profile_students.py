@@ -90,11 +90,12 @@ def main() -> None:
     cifar = profile(pair, args.work / "random-pair.parquet", teacher=False, protocol=protocol, overwrite=True)
     machine = machine_record(int(quick["threads"][0]))
     load = machine["load_average"]
-    quiet = load is not None and load[0] <= 1
+    # read after the timing, the load average includes this script's own threads
+    quiet = load is not None and load[0] <= machine["torch_threads"] + 0.5
     lines = [f"Command: `{command()}`  ",
              f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} torch thread(s), "
              f"torch {machine['torch']}, onnxruntime {machine['onnxruntime']}; date {date.today()}; load average "
-             f"{load} {'(quiet)' if quiet else '(NOT quiet: other jobs shared the CPU, so latencies are noisy)'}.  ",
+             f"{load} {'(quiet: no more than this script’s own threads)' if quiet else '(NOT quiet: other jobs shared the CPU, so latencies are noisy)'}.  ",
              f"Protocol: {protocol.warmup} warm-up calls, then the median and interquartile range of "
              f"{protocol.runs} timed calls; float32 on the CPU; MACs = FLOPs / 2 (torch.utils.flop_counter) for one "
              "image.", "",
