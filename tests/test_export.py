@@ -274,3 +274,22 @@ def test_profile_section_renders_in_headless_chromium(tmp_path):
     scatter = re.search(r"data-name=\"accuracy_latency\">(.*?)</div>", dom, re.S)
     assert scatter and 'class="main-svg"' in dom.split('data-name="accuracy_latency"')[1].split("data-name=")[0]
     assert "teacher (teacher)" in " ".join(check["texts"])
+
+
+def test_export_a_hugging_face_student(digits_run, tmp_path):
+    """A `hf:DIR` student (transformers' ResNet, its folder's weights and preprocessing) exports and
+    matches PyTorch on the run's validation images."""
+    pytest.importorskip("transformers")
+    import energytools
+    from test_byo import NAMES, save_hf_model
+
+    save_hf_model(tmp_path / "hf", NAMES)
+    energytools.distill(digits_run["scores"], f"hf:{tmp_path / 'hf'}", tmp_path / "run", method="kd", epochs=1,
+                        device="cpu", student_init=str(tmp_path / "hf"))
+    out = export(tmp_path / "run", tmp_path / "hf.onnx", check_samples=16)
+    meta = onnx_metadata(out)
+    assert meta["arch"].startswith("hf:") and meta["source_sha256"] == sha256_file(tmp_path / "run" / "best.pt")
+    images, _ = validation_batch(3)
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"images": images.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, load_model(tmp_path / "run" / "best.pt")[0](images).numpy(), atol=1e-4)
