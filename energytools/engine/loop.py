@@ -38,7 +38,7 @@ from .ema import ModelEma, create_ema
 from .evaluation import Evaluator
 from .loaders import TrainLoader
 from ..transfer import to_device
-from .runtime import autocast, deterministic, resolve_device
+from .runtime import amp_dtype, autocast, deterministic, resolve_device
 
 
 def model_meta(arch: str, dataset, data_cfg) -> dict:
@@ -258,8 +258,8 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
     optimizer = create_optimizer(cfg, model, extra_groups)
     lr_at = create_schedule(cfg)
     ema = create_ema(model, cfg)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp
-                                  and not torch.cuda.is_bf16_supported(including_emulation=False))
+    # fp16 (a GPU without native bf16) needs loss scaling; bf16 and float32 do not
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and amp_dtype(device) == torch.float16)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     start_epoch, best_val, best_epoch, best_weights = 0, -1.0, 0, "raw"

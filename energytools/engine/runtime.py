@@ -56,11 +56,19 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device("cuda", index)
 
 
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """What ``--amp`` computes in on ``device``: bf16 on cuda where the GPU has it natively, else fp16
+    (which needs a GradScaler); None (float32) elsewhere. autocast and the GradScaler both ask here."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
 def autocast(device: torch.device, enabled: bool = True):
     """bf16 autocast on cuda (where supported, else fp16); a no-op elsewhere."""
-    if device.type != "cuda" or not enabled:
+    dtype = amp_dtype(device) if enabled else None
+    if dtype is None:
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.autocast("cuda", dtype=dtype)
 
 
