@@ -220,11 +220,20 @@ class _Collective:
 
     def __exit__(self, kind, exc, _tb):
         if kind is not None and issubclass(kind, (RuntimeError, dist.DistBackendError)) and not isinstance(exc, UserError):
-            first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else kind.__name__
-            raise RankLost(f"rank {self.ctx.rank} of {self.ctx.world}: a collective failed while {self.what}: "
-                           f"{_lost_ranks(self.ctx)} ({first}); re-run the same command to resume (train and "
-                           "distill: with --resume)") from None
+            raise _rank_lost(self.ctx, self.what, exc) from None
         return False
+
+
+#: what every lost-rank line ends with
+RERUN = "re-run the same command to resume (train and distill: with --resume)"
+
+
+def _rank_lost(ctx: Context, what: str, exc: BaseException) -> RankLost:
+    """The one line for a collective that failed while ``what``: this rank, the lost one, why."""
+    text = str(exc).strip()
+    first = text.splitlines()[0][:160] if text else type(exc).__name__
+    return RankLost(f"rank {ctx.rank} of {ctx.world}: a collective failed while {what}: {_lost_ranks(ctx)} ({first}); "
+                    f"{RERUN}")
 
 
 #: where each rank records (host, pid) in the job's store, so that a survivor can name a dead rank
@@ -250,12 +259,7 @@ def as_rank_lost(exc: BaseException) -> RankLost | None:
     backend_error = isinstance(exc, getattr(dist, "DistError", ())) or (
         isinstance(exc, RuntimeError) and any(mark in text for mark in ("[gloo", "gloo/", "NCCL", "Connection reset",
                                                                           "Connection closed", "Timed out")))
-    if not backend_error:
-        return None
-    ctx = _CONTEXT
-    first = text.strip().splitlines()[0][:160] if text.strip() else type(exc).__name__
-    return RankLost(f"rank {ctx.rank} of {ctx.world}: a collective failed while training: {_lost_ranks(ctx)} "
-                    f"({first}); re-run the same command to resume (train and distill: with --resume)")
+    return _rank_lost(_CONTEXT, "training", exc) if backend_error else None
 
 
 def _rank_alive(rank: int) -> bool:
@@ -281,12 +285,7 @@ class PeerWatch(threading.Thread):
     def run(self) -> None:
         try:
             store = dist.distributed_c10d._get_default_store()
-            host, peers = socket.gethostname(), {}
-            for rank in range(self.ctx.world):
-                if rank != self.ctx.rank:
-                    their_host, pid = store.get(_WHO.format(rank)).decode().split()
-                    if their_host == host:
-                        peers[rank] = int(pid)
+            peers, _ = _peers(self.ctx, store)
         except Exception:  # noqa: BLE001 - without the records there is nothing to watch
             return
         while not self.stopping.wait(self.every):
@@ -295,8 +294,7 @@ class PeerWatch(threading.Thread):
             if gone and not self.stopping.is_set():
                 print(f"energytools: error: rank {self.ctx.rank} of {self.ctx.world}: rank "
                       f"{', '.join(map(str, gone))} died or was killed (see torchrun's report for its exit code); "
-                      "re-run the same command to resume (train and distill: with --resume)",
-                      file=sys.stderr, flush=True)
+                      f"{RERUN}", file=sys.stderr, flush=True)
                 os._exit(2)
 
 
@@ -339,20 +337,28 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def _peers(ctx: Context, store) -> tuple[dict[int, int], list[int]]:
+    """The other ranks as their records in ``store`` say: ``{rank: pid}`` of those on this host,
+    and the ranks on other hosts."""
+    host, local, elsewhere = socket.gethostname(), {}, []
+    for rank in range(ctx.world):
+        if rank != ctx.rank:
+            their_host, pid = store.get(_WHO.format(rank)).decode().split()
+            if their_host == host:
+                local[rank] = int(pid)
+            else:
+                elsewhere.append(rank)
+    return local, elsewhere
+
+
 def _lost_ranks(ctx: Context) -> str:
     """Which ranks are gone, as far as this machine can tell: those on this host whose process
     no longer exists (other hosts' ranks cannot be checked from here)."""
-    host, local, elsewhere, dead = socket.gethostname(), {}, [], []
+    local, elsewhere, dead = {}, [], []
     try:
         store = dist.distributed_c10d._get_default_store()
         store.set_timeout(datetime.timedelta(seconds=5))
-        for rank in range(ctx.world):
-            if rank != ctx.rank:
-                their_host, pid = store.get(_WHO.format(rank)).decode().split()
-                if their_host == host:
-                    local[rank] = int(pid)
-                else:
-                    elsewhere.append(rank)
+        local, elsewhere = _peers(ctx, store)
     except Exception:  # noqa: BLE001 - the store itself may be gone with rank 0
         pass
     for _ in range(30):  # a killed peer's sockets close while it is still exiting: give it 3 s to be gone
