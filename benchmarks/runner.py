@@ -225,16 +225,18 @@ def result_of(job: Job) -> dict | None:
             "samples": config["subset"]["samples"] + summary["augmented_samples"], "epochs": job.epochs}
 
 
-def run_all(jobs: list[Job], workers: int) -> list[dict]:
-    """Every job, ``workers`` at a time in spawned processes, results in the order of ``jobs``.
-    The first job that fails terminates the pool (running runs stop; they resume next time)
-    and its error is raised."""
+def run_all(jobs: list, workers: int, run=None) -> list:
+    """``run(job)`` (default :func:`run_one`) of every job, ``workers`` at a time in spawned
+    processes, results in the order of ``jobs``. ``run`` must be a module-level function. The
+    first job that fails terminates the pool (running runs stop; they resume next time) and its
+    error is raised."""
+    run = run or run_one
     os.environ["OMP_NUM_THREADS"] = "1"
     if workers <= 1:
-        return [run_one(job) for job in jobs]
+        return [run(job) for job in jobs]
     # spawned, not forked: a fork of a process whose torch threads are running can hang
     with multiprocessing.get_context("spawn").Pool(workers) as pool, _stop_raises():  # __exit__ terminates it
-        results = dict(pool.imap_unordered(_indexed, list(enumerate(jobs))))
+        results = dict(pool.imap_unordered(_indexed, [(i, job, run) for i, job in enumerate(jobs)]))
     return [results[i] for i in range(len(jobs))]
 
 
@@ -255,12 +257,12 @@ def _stop_raises():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _indexed(item: tuple[int, Job]) -> tuple[int, dict]:
+def _indexed(item: tuple) -> tuple[int, dict]:
     from energytools.preemption import Stopped
 
-    index, job = item
+    index, job, run = item
     try:
-        return index, run_one(job)
+        return index, run(job)
     except Stopped as exc:  # a BaseException would kill the pool's worker and hang the pool
         raise RuntimeError(str(exc)) from None
 
