@@ -16,7 +16,7 @@ import torch
 
 from .config import AugmentConfig
 from .data.base import ArrayImages, ImageSet
-from .data.shards import SHARD_SCHEMA, encode_png, huggingface_metadata
+from .data.shards import IMAGE_FORMATS, SHARD_SCHEMA, decode_image, encode_image, huggingface_metadata
 from .errors import UserError
 from .policies import make_policy
 from .selection import select_samples
@@ -66,6 +66,7 @@ class Augmenter:
         self.positions = np.array([position_of[int(s)] for s in self.selected_ids], dtype=np.int64)
         self.labels = dataset.labels[self.positions]
         self.policy = make_policy(cfg.policy)
+        self.image_format = IMAGE_FORMATS[cfg.image_format or "png"]
         self.teacher = open_table_teacher(meta, dataset, cfg.teacher, cfg.teacher_arch, "cpu",
                                           cfg.preprocessing.given())
 
@@ -86,9 +87,12 @@ class Augmenter:
             source_id = int(self.selected_ids[index])
             rng = np.random.default_rng([self.cfg.seed, source_id, copy])
             result = self.policy(rng, index, self.image, len(self.selected_ids))
-            pixels.append(result.image)
+            encoded = encode_image(result.image, self.cfg.image_format, self.cfg.quality)
+            # a lossy format's teacher columns are of the decoded image: what distill will read
+            pixels.append(result.image if self.image_format.lossless
+                          else decode_image(encoded, self.dataset.info.in_channels))
             partner = result.partner_index
-            rows["image"].append({"bytes": encode_png(result.image), "path": f"{source_id}-{copy}.png"})
+            rows["image"].append({"bytes": encoded, "path": f"{source_id}-{copy}.{self.image_format.extension}"})
             rows["sample_id"].append(int(augmented_ids(self.namespace, [source_id], self.cfg.copies, [copy])[0]))
             rows["source_id"].append(source_id)
             rows["partner_id"].append(None if partner is None else int(self.selected_ids[partner]))

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 from .data import DATASETS, build_dataset
+from .data.shards import IMAGE_FORMATS, check_image_format
 from .distillers import METHODS, method_spec
 from .energy import TEMPERATURE_RULES, TemperatureRule
 from .errors import UserError, option_name
@@ -309,6 +310,11 @@ class AugmentConfig:
     seed: int = option(0, "seed for every random choice", panel=AUGMENTATION)
     workers: int = option(1, "processes writing shards", content=False, panel=OUTPUT)
     shard_size: int = option(2048, "rows per shard", panel=OUTPUT)
+    # None, not "png": an option a version adds unset leaves the stamps of finished pipeline steps fresh
+    image_format: str | None = option(None, "how shard images are encoded: png (lossless, the default), jpeg or "
+                                      "webp (lossy and smaller; the teacher scores the decoded images)",
+                                      choices=registry(IMAGE_FORMATS), panel=OUTPUT)
+    quality: int | None = option(None, "jpeg and webp: encoder quality, 1-100 (default 90)", panel=OUTPUT)
     teacher: str | None = option(None, "teacher checkpoint (default: the one that scored the table; a table of "
                                  "out-of-fold scores needs one)", panel=INPUTS)
     teacher_arch: str | None = option(None, "architecture, for checkpoints that do not record it",
@@ -330,6 +336,7 @@ class AugmentConfig:
         for name in ("copies", "workers", "shard_size", "batch_size"):
             require(self, name, getattr(self, name) >= 1, ">= 1")
         self.preprocessing.check()
+        check_image_format(self.image_format, self.quality)
         make_policy(self.policy)  # fail on an unknown policy before any work
 
 

@@ -355,15 +355,18 @@ def test_models_command_mentions_other_libraries(runner):
     assert result.exit_code == 0 and "timm:<name>" in result.output and "hf:<dir>" in result.output
 
 
-def test_a_shard_directory_is_a_hugging_face_dataset(digits_run):
-    """load_dataset reads the directory as it is (images decoded, labels named), and a glob over
-    it reads the shards alone."""
+@pytest.mark.parametrize("image_format", ["png", "webp"])
+def test_a_shard_directory_is_a_hugging_face_dataset(digits_run, tmp_path, image_format):
+    """load_dataset reads the directory as it is (images decoded, labels named), WebP shards
+    (`augment --image-format webp`) too, and a glob over it reads the shards alone."""
     import datasets
     import polars as pl
 
     from energytools.data.shards import read_shards
+    from energytools.stages.augment import AugmentConfig, augment
 
-    shards = digits_run["shards"]
+    shards = digits_run["shards"] if image_format == "png" else augment(AugmentConfig(
+        scores=str(digits_run["scores"]), out=str(tmp_path / "webp"), ratio=0.3, image_format="webp"))
     rows = read_shards(shards)
     loaded = datasets.load_dataset(str(shards), cache_dir=str(shards.parent / "hf-cache"))
     train = loaded["train"]
@@ -372,6 +375,7 @@ def test_a_shard_directory_is_a_hugging_face_dataset(digits_run):
     assert train.features["label"].names == [str(d) for d in range(10)]
     first = train[0]
     assert first["image"].size == (8, 8) and first["sample_id"] == rows["sample_id"][0]
+    assert first["image"].format == image_format.upper()
     assert pl.read_parquet(shards / "*.parquet").height == rows.height  # nothing but shards matches
 
 

@@ -1,5 +1,6 @@
 import json
 import shutil
+import subprocess
 import time
 
 import numpy as np
@@ -8,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import StepRecorder, interrupted
+from conftest import StepRecorder, energytools_command, interrupted
 from energytools.config import DataConfig, TrainConfig, TrainStageConfig
-from energytools.data.shards import decode_png, read_shards
+from energytools.data.shards import decode_image, read_shards
 from energytools.teacher import TeacherRun
 from energytools.errors import UserError
 from energytools.selection import select_samples
@@ -154,7 +155,7 @@ def test_augment_shards(digits_run):
     for row in rows.head(20).iter_rows(named=True):
         params = json.loads(row["aug_params"])
         top, left, bottom, right = params["box"]
-        image = decode_png(row["image"]["bytes"], 1)
+        image = decode_image(row["image"]["bytes"], 1)
         source, partner = ds.image(position[row["source_id"]]), ds.image(position[row["partner_id"]])
         mask = np.zeros(image.shape[:2], bool)
         mask[top:bottom, left:right] = True
@@ -333,5 +334,41 @@ def test_a_users_albumentations_file_is_a_policy(digits_run, tmp_path):
     position = {int(s): i for i, s in enumerate(ds.sample_ids)}
     row = rows.row(0, named=True)
     assert row["aug"] == "flip.json" and row["partner_id"] is None and row["lam"] is None
-    assert (decode_png(row["image"]["bytes"], 1) == ds.image(position[row["source_id"]])[:, ::-1]).all()
+    assert (decode_image(row["image"]["bytes"], 1) == ds.image(position[row["source_id"]])[:, ::-1]).all()
     assert json.loads(row["aug_params"])["applied"][0][0] == "HorizontalFlip"
+
+
+@pytest.mark.parametrize("image_format, magic, extension", [("jpeg", b"\xff\xd8", "jpg"), ("webp", b"RIFF", "webp")])
+def test_augment_lossy_shards_store_the_teacher_columns_of_the_decoded_images(digits_run, tmp_path, image_format,
+                                                                              magic, extension):
+    from energytools.data import build_dataset
+    from energytools.data.shards import shard_dataset
+    from energytools.teacher import open_teacher
+
+    out = augment(AugmentConfig(scores=str(digits_run["scores"]), out=str(tmp_path / image_format), ratio=0.3,
+                  shard_size=200, image_format=image_format, quality=75))
+    rows, png = read_shards(out), read_shards(digits_run["shards"])
+    assert all(row["bytes"].startswith(magic) and row["path"].endswith("." + extension) for row in rows["image"])
+    assert json.loads((out / "manifest.json").read_text())["config"]["image_format"] == image_format
+    assert rows["sample_id"].to_list() != png["sample_id"].to_list()  # another content: other ids
+    dataset = build_dataset("digits", "train")
+    decoded, frame = shard_dataset(out, dataset.info)
+    pixels = np.stack([decoded.image(i) for i in range(len(decoded))])
+    assert not (pixels == np.stack([decode_image(r["bytes"], 1) for r in png["image"]])).all()  # lossy
+    teacher = open_teacher(digits_run["teacher"], dataset, device="cpu")
+    direct = teacher.logits(torch.from_numpy(pixels).permute(0, 3, 1, 2), dataset.info)
+    stored = torch.tensor(np.stack(frame["logits"].to_list()), dtype=torch.float32)
+    torch.testing.assert_close(stored, direct, atol=2e-2, rtol=2e-3)  # float16 storage
+
+
+def test_augment_refuses_a_quality_it_cannot_use(digits_run, tmp_path):
+    base = {"scores": str(digits_run["scores"]), "ratio": 0.3}
+    for options, needle in (({"quality": 80}, "^quality= applies to the lossy formats|^quality applies"),
+                            ({"image_format": "webp", "quality": 0}, "must be in 1..100"),
+                            ({"image_format": "gif"}, "unknown format 'gif'")):
+        with pytest.raises(UserError, match=needle):
+            augment(AugmentConfig(out=str(tmp_path / "x"), **base, **options))
+        assert not (tmp_path / "x").exists()
+    cli = subprocess.run(energytools_command("augment", "--scores", digits_run["scores"], "--out", tmp_path / "x",
+                                             "--quality", "80"), capture_output=True, text=True)
+    assert cli.returncode == 2 and cli.stderr.count("\n") == 1 and "--quality applies" in cli.stderr, cli.stderr
