@@ -328,8 +328,10 @@ class AugmentConfig:
     def content(self) -> dict:
         """The options that decide the shards' bytes: not where the input and output live (the
         table is identified by its sha256) nor how many processes write them."""
-        # nor the teacher's preprocessing: the table's is used (an override may only repeat it)
-        return {k: v for k, v in content_of(self).items() if k not in ("scores", "preprocessing")}
+        # nor the teacher's preprocessing: the table's is used (an override may only repeat it);
+        # options added later count only when set, so the ids and bytes of PNG shards stay as they were
+        return {k: v for k, v in content_of(self).items()
+                if k not in ("scores", "preprocessing") and not (k in ("image_format", "quality") and v is None)}
 
     def check(self) -> None:
         require(self, "ratio", 0 < self.ratio <= 1, "in (0, 1]")
