@@ -61,10 +61,14 @@ def versions() -> dict:
     """Library versions recorded in every output, and torch's thread count: it changes the last
     bits of a forward pass, so two outputs can only be expected to match bit for bit when it does."""
     import torch
+    import torchvision
 
-    return {"energytools": __version__, "torch": torch.__version__, "polars": pl.__version__,
-            "pyarrow": pa.__version__, "numpy": np.__version__, "python": platform.python_version(),
-            "torch_threads": torch.get_num_threads()}
+    from .data.decode import image_decoder
+
+    return {"energytools": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "polars": pl.__version__, "pyarrow": pa.__version__, "numpy": np.__version__,
+            "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
+            "image_decoder": image_decoder()}
 
 
 def write_parquet(table: pa.Table | pl.DataFrame, path: Path | str, metadata: dict,

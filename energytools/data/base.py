@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from ..errors import UserError
+from .decode import decode, image_decoder, resize_crop
 from .draws import TrainTransform, crop_flip, draw_views, resized_crop
 
 
@@ -74,27 +75,65 @@ def imagenet_stats(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]
     return ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if channels == 3 else ((0.5,), (0.25,))
 
 
+#: a resize: the new (width, height), then the crop box (left, top, right, bottom)
+Geometry = tuple[tuple[int, int], tuple[int, int, int, int]]
+
+
+def square_geometry(width: int, height: int, size: int) -> Geometry:
+    """The shorter side to ``size``, then a centre crop to a square."""
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return (new_w, new_h), (left, top, left + size, top + size)
+
+
+def center_crop_geometry(width: int, height: int, size: int, resize: int) -> Geometry:
+    """torchvision's evaluation transform: Resize(``resize``) of the shorter side, then
+    CenterCrop(``size``), with torchvision's rounding."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = resize, int(resize * long / short)
+    new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    return (new_w, new_h), (left, top, left + size, top + size)
+
+
+def _resized(image: Image.Image, geometry: Geometry) -> Image.Image:
+    new_size, box = geometry
+    if new_size != image.size:
+        image = image.resize(new_size, Image.BILINEAR)  # antialiased: PIL widens the filter to downscale
+    return image.crop(box)
+
+
 def square(image: Image.Image, size: int) -> Image.Image:
     """``image`` resized so its shorter side is ``size`` (bilinear), then centre-cropped to a square."""
-    width, height = image.size
-    scale = size / min(width, height)
-    image = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.BILINEAR)
-    width, height = image.size
-    left, top = (width - size) // 2, (height - size) // 2
-    return image.crop((left, top, left + size, top + size))
+    return _resized(image, square_geometry(*image.size, size))
 
 
 def resize_center_crop(image: Image.Image, size: int, resize: int) -> Image.Image:
     """torchvision's evaluation transform: Resize(``resize``) (the shorter side, bilinear with
     antialiasing as PIL does) then CenterCrop(``size``), with torchvision's rounding."""
-    width, height = image.size
-    short, long = (width, height) if width <= height else (height, width)
-    new_short, new_long = resize, int(resize * long / short)
-    new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
-    if (new_w, new_h) != (width, height):
-        image = image.resize((new_w, new_h), Image.BILINEAR)
-    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-    return image.crop((left, top, left + size, top + size))
+    return _resized(image, center_crop_geometry(*image.size, size, resize))
+
+
+def decode_square(data: bytes, channels: int, size: int | None, resize: int | None = None,
+                  decoder: str = "auto") -> np.ndarray | None:
+    """Image bytes as HxWxC uint8 by torchvision's decoder (energytools.data.decode): made
+    :func:`square` of side ``size``, or with ``resize`` :func:`resize_center_crop`, or left as
+    it is without ``size``. None where PIL is to read it: another format, or ``decoder`` "pil"
+    (:func:`~energytools.data.decode.image_decoder`, ENERGYTOOLS_IMAGE_DECODER)."""
+    if decoder == "pil":
+        return None
+    image = decode(data, channels)
+    if image is None:
+        return None
+    height, width = image.shape[1:]
+    if size is None:
+        geometry = (width, height), (0, 0, width, height)
+    elif resize is None:
+        geometry = square_geometry(width, height, size)
+    else:
+        geometry = center_crop_geometry(width, height, size, resize)
+    return resize_crop(image, *geometry)
 
 
 def as_array(image: Image.Image) -> np.ndarray:
@@ -132,6 +171,7 @@ class FileImages:
 
     def __init__(self, paths: list[str], root: Path, size: int, channels: int, resize: int | None = None):
         self.paths, self.root, self.size, self.channels, self.resize = paths, root, size, channels, resize
+        self.decoder = image_decoder()  # read once: a bad value is refused before any work
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -148,9 +188,15 @@ class FileImages:
             raise UserError(f"cannot read image {path}: {exc}") from None
 
     def load(self, position: int) -> np.ndarray:
+        path = self.root / self.paths[position]
+        try:
+            fast = decode_square(path.read_bytes(), self.channels, self.size, self.resize, self.decoder)
+        except OSError as exc:
+            raise UserError(f"cannot read image {path}: {exc.strerror}") from None
+        if fast is not None:
+            return fast
         if self.resize is not None:
             return as_array(resize_center_crop(self.open(position), self.size, self.resize))
-        path = self.root / self.paths[position]
         try:
             with Image.open(path) as image:
                 return to_array(image, self.channels, self.size)

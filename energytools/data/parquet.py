@@ -29,7 +29,8 @@ from PIL import Image
 
 from ..energy import NO_LABEL
 from ..errors import UserError, option_name
-from .base import ArrayImages, DatasetInfo, imagenet_stats, to_array
+from .base import ArrayImages, DatasetInfo, decode_square, imagenet_stats, to_array
+from .decode import image_decoder
 
 #: the schema metadata key under which `datasets` stores its features
 HF_METADATA_KEY = b"huggingface"
@@ -118,8 +119,8 @@ def _check_labels(file: Path, label: str, schema: pa.Schema, names: tuple[str, .
         raise UserError(f"{file}: its label names {list(own)} differ from the first train file's {list(names)}")
 
 
-def _rows(files: list[Path], columns: Columns) -> Iterator[tuple[Path, int, Image.Image, int]]:
-    """``(file, row, image opened lazily, label)`` for every row of ``files`` in order."""
+def _rows(files: list[Path], columns: Columns) -> Iterator[tuple[Path, int, bytes, Image.Image, int]]:
+    """``(file, row, bytes, image opened lazily, label)`` for every row of ``files`` in order."""
     for file in files:
         schema = _schema(file)
         wanted = [c for c in (columns.image, columns.label) if c is not None]
@@ -148,10 +149,14 @@ def _rows(files: list[Path], columns: Columns) -> Iterator[tuple[Path, int, Imag
                 image = Image.open(io.BytesIO(blob))
             except (OSError, ValueError, Image.DecompressionBombError) as exc:
                 raise UserError(f"cannot decode the image in row {row} of {file}: {exc}") from None
-            yield file, row, image, label
+            yield file, row, blob, image, label
 
 
-def _decode(image: Image.Image, file: Path, row: int, channels: int, size: int | None) -> np.ndarray:
+def _decode(blob: bytes, image: Image.Image, file: Path, row: int, channels: int, size: int | None,
+            decoder: str) -> np.ndarray:
+    fast = decode_square(blob, channels, size, decoder=decoder)
+    if fast is not None:
+        return fast
     try:
         return to_array(image, channels, size)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
@@ -175,7 +180,7 @@ def read_split(root: Path | None, part: str, image_size: int | None = None):
     columns = find_columns(train_files[0])
     # one pass over the train headers (no decoding) settles channels, size and class count
     modes, sizes, max_label = set(), set(), NO_LABEL
-    for _, _, image, label in _rows(train_files, columns):
+    for _, _, _, image, label in _rows(train_files, columns):
         modes.add(image.mode)
         sizes.add(image.size)
         max_label = max(max_label, label)
@@ -195,11 +200,11 @@ def read_split(root: Path | None, part: str, image_size: int | None = None):
     if not files:
         raise UserError(f"no test Parquet files in {root} (looked for data/test-*.parquet and the like, "
                         "and for validation instead of test)")
-    arrays, labels = [], []
-    for file, row, image, label in _rows(files, columns):
+    arrays, labels, decoder = [], [], image_decoder()
+    for file, row, blob, image, label in _rows(files, columns):
         if label != NO_LABEL and label >= len(names):
             raise UserError(f"{file} row {row}: label {label}, but there are {len(names)} classes")
-        array = _decode(image, file, row, channels, image_size)
+        array = _decode(blob, image, file, row, channels, image_size, decoder)
         if array.shape[:2] != (size, size):
             raise UserError(f"row {row} of {file} is {array.shape[1]}x{array.shape[0]}, the train images "
                             f"{size}x{size}: pass {option_name('image_size', metavar='N')} to resize them all")
