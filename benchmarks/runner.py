@@ -396,36 +396,42 @@ def markdown(study: Study, settings: dict[str, Setting], results: pl.DataFrame, 
     if stale:
         lines += [f"Made by other code than this checkout's ({len(stale)} run{'s' * (len(stale) > 1)}, stale; "
                   "`--rerun-stale` runs them again): " + "; ".join(stale) + ".", ""]
-    lines += [
-             "Test accuracy (%) of the validation-selected checkpoint (`best`) and of the last epoch, mean ± std "
-             "over seeds. " + VERDICT_RULE + " `rows/epoch` is the training rows per epoch (originals + shard "
-             "rows - dropped), so rows/epoch x epochs / 64 is the optimizer steps; `s/run` is the training time "
-             "of one run (two runs shared the 2 cores).", "", study.intro, ""]
+    lines += ["Test accuracy (%) of the validation-selected checkpoint (`best`) and of the last epoch, mean ± std "
+              "over seeds. " + VERDICT_RULE + " `rows/epoch` is the training rows per epoch (originals + shard "
+              "rows - dropped), so rows/epoch x epochs / 64 is the optimizer steps; `s/run` is the training time "
+              "of one run (two runs shared the 2 cores).", "", study.intro, ""]
     for name, setting in settings.items():
         ran = results.filter(pl.col("setting") == name)
-        if not ran.height:
-            continue
-        cut = [row for row in setting.rows if row not in set(ran["config"])]
-        seeds = ran.group_by("config").agg(pl.col("seed").n_unique()).rows()
-        short = [f"{row} ({n} of {len(setting.seeds)})" for row, n in seeds if n < len(setting.seeds)]
-        aggregated = aggregate_runs(ran, setting.baseline)
-        columns = {k.format(baseline=setting.baseline): v for k, v in COLUMNS.items()}
-        lines += [f"## {name}", "", f"Teacher on this training set: {checks[name]}", "",
-                  f"This table makes {comparison_count(aggregated, setting.baseline)} comparisons with "
-                  f"{setting.baseline}; Holm adjusts the verdicts for them.", "",
-                  markdown_table(summary_cells(aggregated), columns,
-                                 decimals={"seconds": 0, "samples": 0, "epochs": 0}), ""]
-        if cut:
-            lines += [f"Not run (cut for time with `--configs`): {', '.join(cut)}.", ""]
-        if short:
-            lines += [f"Stopped for time before every seed ran (`--report-only` wrote this table): "
-                      f"{', '.join(sorted(short))}.", ""]
-        pairs = pair_table(ran, setting.pairs)
-        if pairs.height:
-            lines += ["The comparisons the controls are for, each against its own baseline on the same seeds "
-                      f"({pairs.height} comparison{'s' if pairs.height > 1 else ''}; Holm adjusts over them):", "",
-                      markdown_table(pairs, PAIR_COLUMNS), ""]
+        if ran.height:
+            lines += [f"## {name}", "", f"Teacher on this training set: {checks[name]}", "",
+                      *setting_lines(setting, ran)]
     return "\n".join(lines + [f"<!-- {study.name}: end -->"])
+
+
+def setting_lines(setting: Setting, ran: pl.DataFrame) -> list[str]:
+    """A setting's tables from its runs (``ran``: one row per run, as result_of gives them or as
+    the study's CSV holds them): every row against the baseline with Holm over the table, the
+    rows that did not run or not on every seed, and the pairs against their own controls."""
+    cut = [row for row in setting.rows if row not in set(ran["config"])]
+    seeds = ran.group_by("config").agg(pl.col("seed").n_unique()).rows()
+    short = [f"{row} ({n} of {len(setting.seeds)})" for row, n in seeds if n < len(setting.seeds)]
+    aggregated = aggregate_runs(ran, setting.baseline)
+    columns = {k.format(baseline=setting.baseline): v for k, v in COLUMNS.items()}
+    lines = [f"This table makes {comparison_count(aggregated, setting.baseline)} comparisons with "
+             f"{setting.baseline}; Holm adjusts the verdicts for them.", "",
+             markdown_table(summary_cells(aggregated), columns, decimals={"seconds": 0, "samples": 0, "epochs": 0}),
+             ""]
+    if cut:
+        lines += [f"Not run (cut for time with `--configs`): {', '.join(cut)}.", ""]
+    if short:
+        lines += [f"Stopped for time before every seed ran (`--report-only` wrote this table): "
+                  f"{', '.join(sorted(short))}.", ""]
+    pairs = pair_table(ran, setting.pairs)
+    if pairs.height:
+        lines += ["The comparisons the controls are for, each against its own baseline on the same seeds "
+                  f"({pairs.height} comparison{'s' if pairs.height > 1 else ''}; Holm adjusts over them):", "",
+                  markdown_table(pairs, PAIR_COLUMNS), ""]
+    return lines
 
 
 def write_doc(doc: Path, text: str, study: Study) -> None:
