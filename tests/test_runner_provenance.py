@@ -154,6 +154,7 @@ def test_a_stopped_or_interrupted_invocation_writes_its_record_line(study_dir, t
     assert not (study_dir / "digits" / "kd" / "seed0" / "summary.json").exists()
 
 
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 def test_code_identity_is_the_commit_dirty_or_the_version_and_the_sources_digest(tmp_path):
     checkout = tmp_path / "checkout"
     package = checkout / "energytools"
