@@ -1,10 +1,12 @@
 """Helpers shared by the benchmark scripts (not part of the package)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
 from datetime import date
@@ -46,17 +48,73 @@ def command() -> str:
     return "python " + shlex.join(sys.argv)
 
 
-def record(wall_seconds: float) -> dict:
-    """What a study writes beside each table: the command, the machine, the date and the wall time."""
-    return {"command": command(), "machine": machine(), "date": str(date.today()), "seconds": round(wall_seconds, 1)}
+#: the code whose identity a run records: the package's sources (what trains, scores and selects)
+PACKAGE = Path(optim.__file__).resolve().parent
+#: the folders whose uncommitted changes make a checkout "dirty" for a study (its docs are not code)
+CODE_PATHS = ("energytools", "benchmarks")
+
+
+def sources_sha256(package: Path = PACKAGE) -> str:
+    """sha256 over the package's Python sources: every ``*.py`` under ``package``, by relative
+    path and content, in path order (two trees with the same sources give the same digest)."""
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        if "__pycache__" in path.parts:
+            continue
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def code_identity(package: Path = PACKAGE) -> dict:
+    """Which code this process runs: ``commit`` (the HEAD of the git checkout holding
+    ``package``; "<sha>-dirty" when the package or the benchmarks beside it have uncommitted
+    changes; None outside a git checkout), the package ``version`` and ``sources_sha256``
+    (:func:`sources_sha256`), which decides whether two runs were made by the same code (a
+    commit that changes only docs keeps it)."""
+    from energytools.version import __version__
+
+    root = package.parent
+    head = _git(root, "rev-parse", "--verify", "HEAD") if _git(root, "rev-parse", "--show-toplevel") else None
+    if head is not None and _git(root, "status", "--porcelain", "--", *CODE_PATHS):
+        head += "-dirty"
+    return {"commit": head, "version": __version__, "sources_sha256": sources_sha256(package)}
+
+
+def code_label(code: dict | None) -> str:
+    """How records name the code: its commit, else the package version and its sources' digest."""
+    if not code:
+        return "not recorded"
+    if code.get("commit"):
+        return code["commit"]
+    return f"energytools {code.get('version')} (sources sha256 {str(code.get('sources_sha256'))[:16]})"
+
+
+def record(wall_seconds: float, code: dict | None = None, outcome: str | None = None) -> dict:
+    """What a study writes beside each table: the command, the machine, the date, the wall time,
+    the code that ran (:func:`code_label`) and, when given, how the invocation ended."""
+    line = {"command": command(), "machine": machine(), "date": str(date.today()), "seconds": round(wall_seconds, 1),
+            "commit": code_label(code or code_identity())}
+    return {**line, "outcome": outcome} if outcome else line
 
 
 def record_lines(records: list[dict]) -> list[str]:
-    """Markdown lines for the invocations that made a table (one per invocation, in order)."""
+    """Markdown lines for the invocations that made a table (one per invocation, in order); the
+    commit and the outcome where the record has them (records older than issue 39 do not)."""
     lines = []
     for r in records:
         lines.append(f"Command: `{r['command']}`  ")
-        lines.append(f"Machine: {r['machine']}; date {r['date']}; wall time {r['seconds'] / 60:.1f} min.  ")
+        ran = f"; commit `{r['commit']}`" if r.get("commit") else ""
+        ended = f"; {r['outcome']}" if r.get("outcome") and r["outcome"] != "finished" else ""
+        lines.append(f"Machine: {r['machine']}; date {r['date']}; wall time {r['seconds'] / 60:.1f} min{ran}{ended}.  ")
     if len(records) > 1:
         lines.append(f"Wall time of the {len(records)} invocations: {sum(r['seconds'] for r in records) / 60:.1f} min.")
     return lines

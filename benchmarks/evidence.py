@@ -1,5 +1,5 @@
 """The evidence study, round 2 (issue 19): equal-compute controls, the reference's online HE-DA,
-a real student, and energy-based pruning. Writes its tables into docs/results.md.
+a real student, and energy-based pruning. Writes its tables into docs/results/round2.md.
 
     python benchmarks/evidence.py --teacher runs/teacher-r20/best.pt --out runs/evidence --workers 2
     python benchmarks/evidence.py --smoke --out /tmp/evidence-smoke        # digits, CI-sized
@@ -8,7 +8,7 @@ Resumable, with stale inputs refused and a fail-fast pool (benchmarks/runner.py)
 --workers processes (one torch thread each: results are bit-reproducible for a fixed thread
 count). The wall time of every invocation is appended to OUT/wall.jsonl and the doc reports it.
 
-Design (see docs/results.md for the reasons and what was cut):
+Design (see docs/results/round2.md for the reasons and what was cut):
 - student cnn_small (about 30k parameters) for 12 epochs; teacher resnet20;
 - Fashion-MNIST with the crop transform (--crop-pad 2: pad-2 crop + flip), cached per-view
   teacher logits (score --views 4), so distill does not run the teacher unless a row needs it;
@@ -59,7 +59,7 @@ COMMON_DATA = {"crop_pad": 2, "eval_limit": 2000}
 VIEWS = 4
 ROUND2 = Study(
     name="evidence round 2", title="Results, round 2: equal compute, online HE-DA, a real student, pruning",
-    rows=ROWS, csv="evidence.csv", intro="The baseline is kd.",
+    rows=ROWS, csv="evidence.csv", doc="docs/results/round2.md", intro="The baseline is kd.",
     settings={
         "fashion-mnist crops": Setting({"dataset": "fashion-mnist", "limit": 8000, **COMMON_DATA}, [0, 1, 2],
                                        list(ROWS), views=VIEWS, pairs=PAIRS),

@@ -1,6 +1,6 @@
 """The evidence study, round 3 (issue 28): every per-sample temperature rule, the reference's
 HE-DA as published, pruning at full scale and a long-tailed teacher. Writes its block into
-docs/results.md and every run's numbers into docs/results/evidence3.csv.
+docs/results/round3.md and every run's numbers into docs/results/evidence3.csv.
 
     python benchmarks/evidence3.py --teacher runs/r3/teacher-r20/best.pt \
         --lt-teacher runs/r3/teacher-r20-lt/best.pt --out runs/r3/evidence
@@ -26,7 +26,8 @@ with --settings and --configs (the doc lists the rows that ran). Design:
 - B: all 54,000 training images, 3 seeds, at equal epochs (4) and the 50% rows also at equal
   steps (8 epochs); random drops are drawn per seed;
 - C: the teacher trained on the long-tailed split itself (imbalance factor 100, 13,399 images),
-  which it then scores; 12 epochs, 5 seeds.
+  which it then scores; 12 epochs, 5 seeds; and the two Energy KD directions against each other
+  (a pair added after the round ran, issue 39: A had it, C did not).
 DKD's and DTKD's warm-up and CTKD's reversal ramp: 3 of the 12 epochs (the reference: 20 and
 10 of 240), as round 2 scaled DKD's.
 """
@@ -69,6 +70,8 @@ ROWS = {**TEMPERATURE_ROWS, **HEDA_ROWS, **PRUNING_ROWS}
 
 TEMPERATURE_PAIRS = [("ls-energy-kd 6,4,2", "energy-kd 6,4,2"), ("ls-energy-kd 6,4,2", "ls-kd"),
                      ("ls-dkd", "dkd"), ("energy-kd 6,4,2", "energy-kd 2,4,6")]
+# added after round 3 ran (issue 39): the direction contrast A has, on the long tail
+LONG_TAIL_PAIRS = [("energy-kd 6,4,2", "energy-kd 2,4,6")]
 HEDA_PAIRS = [(f"kd + HE-DA shards {r}", f"kd + random shards {r}") for r in (0.2, 0.5)]
 PRUNING_PAIRS = [*[(f"kd, drop {name} {x}%", f"kd, drop random {x}%") for x in (25, 50)
                    for name in ("low-energy", "low-EL2N")],
@@ -81,7 +84,7 @@ SEEDS5, SEEDS3 = [0, 1, 2, 3, 4], [0, 1, 2]
 ROUND3 = Study(
     name="evidence round 3",
     title="Results, round 3: every temperature rule, HE-DA as published, pruning at full scale, a long-tailed teacher",
-    rows=ROWS, csv="evidence3.csv", teachers={"teacher": "teacher of the balanced settings",
+    rows=ROWS, csv="evidence3.csv", doc="docs/results/round3.md", teachers={"teacher": "teacher of the balanced settings",
                                               "lt_teacher": "teacher trained on the long-tailed split"},
     intro="Each table's baseline is named in its Δ column; the second table of a setting compares rows with "
           "their own controls.",
@@ -95,7 +98,7 @@ ROUND3 = Study(
         "C: long tail, long-tailed teacher": Setting({"dataset": "fashion-mnist", "imbalance_factor": 100.0,
                                                       "eval_limit": 2000}, SEEDS5,
                                                      ["ce", "kd", "energy-kd 6,4,2", "energy-kd 2,4,6", "ls-kd"],
-                                                     teacher="lt_teacher"),
+                                                     teacher="lt_teacher", pairs=LONG_TAIL_PAIRS),
     },
     # 12 -> 4 epochs (pool rows: 4 -> 1 and 8 -> 3); one row of each kind
     smoke={

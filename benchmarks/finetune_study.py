@@ -1,6 +1,7 @@
 """Issue 26's accuracy study: a pretrained student against the from-scratch student (at the same
 epochs and at equal wall time), and the EMA against the raw weights, over seeds with paired
-differences; writes RECORDS/finetune_study.md and .csv (copy the tables into docs/results.md).
+differences; writes RECORDS/finetune_study.md and .csv, and with --results its block into that
+page (docs/results/finetune.md).
 
     python benchmarks/finetune_study.py [--seeds 0,1,2] [--epochs 6] [--records docs/records] [--work runs/finetune-study]
 
@@ -54,7 +55,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/finetune-study"))
     parser.add_argument("--records", type=Path, default=Path("docs/results"))
     parser.add_argument("--results", type=Path, help="also write the record and tables into this Markdown file "
-                        "(docs/results.md), under its own heading")
+                        "(docs/results/finetune.md), under its own heading")
     args = parser.parse_args()
     started = time.perf_counter()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -104,7 +105,7 @@ def main() -> None:
         body = [*record_lines([record(time.perf_counter() - started)]), "", settings, ""]
         body += [line for table_lines in tables for line in table_lines + [""]]
         replace_block(args.results, "finetune study", "\n".join(body),
-                      heading="## Fine-tuning a pretrained student (issue 26)")
+                      heading="# Fine-tuning a pretrained student (issue 26)")
 
 
 if __name__ == "__main__":

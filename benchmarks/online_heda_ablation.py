@@ -1,5 +1,5 @@
-"""Why the reference's online HE-DA lost to kd in round 2 (docs/results.md): the weight of its
-KD term on the mixed images, or the joint forward pass?
+"""Why the reference's online HE-DA was below kd on every seed in round 2 (docs/results/round2.md):
+the weight of its KD term on the mixed images, or the joint forward pass?
 
     python benchmarks/online_heda_ablation.py --out runs/views-study --seeds 0,1,2,3,4 --weights 0.9,0.3,0
 

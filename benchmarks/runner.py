@@ -5,11 +5,17 @@ teacher, seeds) and compared with a baseline and with their controls on the same
 What every study gets from here:
 - resume: a run whose summary.json exists is skipped, one with a last.pt continues from it, so
   an interrupted study is finished by re-running the same command;
+- provenance: every run directory holds provenance.json, the code that made the run (its commit,
+  or the package version and its sources' sha256) and the run's resolved options. A run whose
+  options differ from its row's is refused (one line naming the run and the option); a run made
+  by other code (other package sources) is stale: the study stops and names it, ``--rerun-stale``
+  runs it again, ``--report-only`` lists it and writes the tables from it;
 - refusal of stale inputs: a score table, shard directory or selection made from another
   teacher, other data or other options than the ones asked for now stops the study with one line;
 - a fail-fast pool: the first run that fails stops the others at once and its error is raised;
-- records: every invocation's command, machine, date and wall time (OUT/wall.jsonl, in the doc)
-  and a CSV of every run beside the doc.
+- records: every invocation's command, machine, date, wall time, commit and how it ended
+  (OUT/wall.jsonl, in the doc; written however it ends: finished, refused, stopped by a signal,
+  interrupted or failed) and a CSV of every run beside the doc, with the commit that made it.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
 import time
@@ -27,7 +34,7 @@ from pathlib import Path
 
 import polars as pl
 
-from common import check_table, record, record_lines, teacher_check
+from common import check_table, code_identity, code_label, record, record_lines, teacher_check
 from energytools.config import AugmentConfig, DataConfig, ScoreConfig, SelectConfig, TrainConfig, TrainStageConfig
 from energytools.summaries import VERDICT_RULE, aggregate_runs, comparison_count, holm_verdicts, markdown_table, \
     summary_cells
@@ -71,7 +78,8 @@ class Study:
     settings: dict[str, Setting]
     smoke: dict[str, Setting]
     intro: str  # after the records, before the tables
-    csv: str  # docs/results/<csv>
+    csv: str  # every run's numbers, beside the doc
+    doc: str = "docs/results.md"  # the file whose block the study owns (--doc overrides it)
     student: str = "cnn_small"
     smoke_epoch_scale: float = 1 / 3
     teachers: dict[str, str] = field(default_factory=lambda: {"teacher": "the teacher checkpoint"})
@@ -187,14 +195,97 @@ class Job:
     eval_limit: int | None
     epochs: int
     student: str
+    code: dict = field(default_factory=dict)  # common.code_identity() of the invocation
+    rerun_stale: bool = False  # a run made by other code is removed and run again
 
     @property
     def run_dir(self) -> Path:
         return Path(self.setting_dir) / slug(self.name) / f"seed{self.seed}"
 
 
+PROVENANCE = "provenance.json"
+
+
+def run_options(job: Job) -> dict:
+    """What a run is, as its provenance.json records it and a later invocation compares: the
+    row's method, distill options, shards, drop and teacher-logit source, its draw seed, epochs,
+    student, seed and evaluation subset (JSON values: tuples as lists)."""
+    row = job.row
+    return json.loads(json.dumps({
+        "method": row.method, "options": dict(sorted(row.options.items())), "epochs": job.epochs,
+        "shards": row.shards, "drop": row.drop, "drop_per_class": row.drop_per_class, "cached": row.cached,
+        "draw_seed": draw_seed(row, job.seed), "student": job.student, "seed": job.seed,
+        "eval_limit": job.eval_limit}))
+
+
+def read_provenance(run_dir: Path) -> dict | None:
+    path = run_dir / PROVENANCE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_provenance(job: Job) -> None:
+    """The run's provenance.json (written to a temporary name, then renamed), before it starts."""
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    temporary = job.run_dir / f".{PROVENANCE}.tmp"
+    temporary.write_text(json.dumps({"code": job.code, "options": run_options(job)}, indent=2))
+    os.replace(temporary, job.run_dir / PROVENANCE)
+
+
+def option_differences(recorded: dict, wanted: dict) -> list[str]:
+    """``["epochs 4 (not 12)", "options.kd_weight 9.0 (not absent)"]``: where a run's recorded
+    options differ from its row's now (distill options compared one by one)."""
+    found = []
+    for key in dict.fromkeys([*wanted, *recorded]):
+        old, new = recorded.get(key), wanted.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            found += [f"{key}.{k} {_shown(old, k)} (not {_shown(new, k)})" for k in dict.fromkeys([*new, *old])
+                      if old.get(k, _ABSENT) != new.get(k, _ABSENT)]
+        elif old != new:
+            found.append(f"{key} {old!r} (not {new!r})")
+    return found
+
+
+_ABSENT = object()
+
+
+def _shown(options: dict, key: str) -> str:
+    return repr(options[key]) if key in options else "absent"
+
+
+def made_by_other_code(run_dir: Path, code: dict) -> dict | None:
+    """The recorded code of a started or finished run when it is not ``code`` (other package
+    sources; ``{}`` when the run recorded none), else None."""
+    if not ((run_dir / "summary.json").exists() or (run_dir / "last.pt").exists()):
+        return None
+    recorded = (read_provenance(run_dir) or {}).get("code") or {}
+    return None if recorded.get("sources_sha256") == code.get("sources_sha256") else recorded
+
+
+def check_runs(jobs: list[Job], code: dict, rerun_stale: bool = False) -> list[tuple[Job, dict]]:
+    """Refuse (one line, exit) a started or finished run whose recorded options differ from its
+    row's (unless it is stale and ``rerun_stale`` will run it again); return the runs made by
+    other code than ``code`` (stale), each with the code it records."""
+    stale, seen = [], set()
+    for job in jobs:
+        if job.run_dir in seen:  # a run shared by two settings of the same data
+            continue
+        seen.add(job.run_dir)
+        recorded = made_by_other_code(job.run_dir, code)
+        provenance = read_provenance(job.run_dir)
+        started = (job.run_dir / "summary.json").exists() or (job.run_dir / "last.pt").exists()
+        if started and provenance is not None and not (recorded is not None and rerun_stale):
+            found = option_differences(provenance.get("options", {}), run_options(job))
+            if found:
+                raise SystemExit(f"{job.run_dir} was made with {', '.join(found)}: its row {job.name!r} asks for "
+                                 "other options; remove the run or pass another --out")
+        if recorded is not None:
+            stale.append((job, recorded))
+    return stale
+
+
 def run_one(job: Job) -> dict:
-    """Distill one (row, seed) in this process with one torch thread; resumes a started run."""
+    """Distill one (row, seed) in this process with one torch thread; resumes a started run. A
+    run made by other code is removed first when the job says so (``rerun_stale``)."""
     import torch
 
     from energytools.config import DistillConfig
@@ -202,8 +293,12 @@ def run_one(job: Job) -> dict:
 
     torch.set_num_threads(1)
     row, setting_dir, run_dir = job.row, Path(job.setting_dir), job.run_dir
+    if job.rerun_stale and made_by_other_code(run_dir, job.code) is not None:
+        shutil.rmtree(run_dir)
     if not (run_dir / "summary.json").exists():
         started = (run_dir / "last.pt").exists()
+        if not started:
+            write_provenance(job)
         distill(DistillConfig(
             scores=str(setting_dir / "scores.parquet"), student=job.student, out=str(run_dir), method=row.method,
             shards=(str(shard_dir(setting_dir, row, job.seed)),) if row.shards else (),
@@ -222,7 +317,8 @@ def result_of(job: Job) -> dict | None:
     config = json.loads((run_dir / "config.json").read_text())
     return {"setting": job.setting, "config": job.name, "seed": job.seed, "best": summary["best_test_acc"],
             "last": summary["last_test_acc"], "seconds": summary["seconds"],
-            "samples": config["subset"]["samples"] + summary["augmented_samples"], "epochs": job.epochs}
+            "samples": config["subset"]["samples"] + summary["augmented_samples"], "epochs": job.epochs,
+            "commit": code_label((read_provenance(run_dir) or {}).get("code"))}
 
 
 def run_all(jobs: list, workers: int, run=None) -> list:
@@ -293,44 +389,56 @@ def pair_table(results: pl.DataFrame, pairs: list[tuple[str, str]]) -> pl.DataFr
 
 
 def markdown(study: Study, settings: dict[str, Setting], results: pl.DataFrame, checks: dict,
-             records: list[dict]) -> str:
-    """The study's block of the doc; ``records`` are the invocations that made it, in order."""
+             records: list[dict], stale: list[str] = ()) -> str:
+    """The study's block of the doc; ``records`` are the invocations that made it, in order;
+    ``stale`` names the runs in its tables that other code made (``--report-only`` keeps them)."""
     lines = [f"<!-- {study.name}: begin -->", f"# {study.title}", "",
              "Every invocation of the study (scoring, shards, selections and runs; each writes its own line):", "",
-             *record_lines(records), "",
-             "Test accuracy (%) of the validation-selected checkpoint (`best`) and of the last epoch, mean ± std "
-             "over seeds. " + VERDICT_RULE + " `rows/epoch` is the training rows per epoch (originals + shard "
-             "rows - dropped), so rows/epoch x epochs / 64 is the optimizer steps; `s/run` is the training time "
-             "of one run (two runs shared the 2 cores).", "", study.intro, ""]
+             *record_lines(records), ""]
+    if stale:
+        lines += [f"Made by other code than this checkout's ({len(stale)} run{'s' * (len(stale) > 1)}, stale; "
+                  "`--rerun-stale` runs them again): " + "; ".join(stale) + ".", ""]
+    lines += ["Test accuracy (%) of the validation-selected checkpoint (`best`) and of the last epoch, mean ± std "
+              "over seeds. " + VERDICT_RULE + " `rows/epoch` is the training rows per epoch (originals + shard "
+              "rows - dropped), so rows/epoch x epochs / 64 is the optimizer steps; `s/run` is the training time "
+              "of one run (two runs shared the 2 cores).", "", study.intro, ""]
     for name, setting in settings.items():
         ran = results.filter(pl.col("setting") == name)
-        if not ran.height:
-            continue
-        cut = [row for row in setting.rows if row not in set(ran["config"])]
-        seeds = ran.group_by("config").agg(pl.col("seed").n_unique()).rows()
-        short = [f"{row} ({n} of {len(setting.seeds)})" for row, n in seeds if n < len(setting.seeds)]
-        aggregated = aggregate_runs(ran, setting.baseline)
-        columns = {k.format(baseline=setting.baseline): v for k, v in COLUMNS.items()}
-        lines += [f"## {name}", "", f"Teacher on this training set: {checks[name]}", "",
-                  f"This table makes {comparison_count(aggregated, setting.baseline)} comparisons with "
-                  f"{setting.baseline}; Holm adjusts the verdicts for them.", "",
-                  markdown_table(summary_cells(aggregated), columns,
-                                 decimals={"seconds": 0, "samples": 0, "epochs": 0}), ""]
-        if cut:
-            lines += [f"Not run (cut for time with `--configs`): {', '.join(cut)}.", ""]
-        if short:
-            lines += [f"Stopped for time before every seed ran (`--report-only` wrote this table): "
-                      f"{', '.join(sorted(short))}.", ""]
-        pairs = pair_table(ran, setting.pairs)
-        if pairs.height:
-            lines += ["The comparisons the controls are for, each against its own baseline on the same seeds "
-                      f"({pairs.height} comparison{'s' if pairs.height > 1 else ''}; Holm adjusts over them):", "",
-                      markdown_table(pairs, PAIR_COLUMNS), ""]
+        if ran.height:
+            lines += [f"## {name}", "", f"Teacher on this training set: {checks[name]}", "",
+                      *setting_lines(setting, ran)]
     return "\n".join(lines + [f"<!-- {study.name}: end -->"])
 
 
+def setting_lines(setting: Setting, ran: pl.DataFrame) -> list[str]:
+    """A setting's tables from its runs (``ran``: one row per run, as result_of gives them or as
+    the study's CSV holds them): every row against the baseline with Holm over the table, the
+    rows that did not run or not on every seed, and the pairs against their own controls."""
+    cut = [row for row in setting.rows if row not in set(ran["config"])]
+    seeds = ran.group_by("config").agg(pl.col("seed").n_unique()).rows()
+    short = [f"{row} ({n} of {len(setting.seeds)})" for row, n in seeds if n < len(setting.seeds)]
+    aggregated = aggregate_runs(ran, setting.baseline)
+    columns = {k.format(baseline=setting.baseline): v for k, v in COLUMNS.items()}
+    lines = [f"This table makes {comparison_count(aggregated, setting.baseline)} comparisons with "
+             f"{setting.baseline}; Holm adjusts the verdicts for them.", "",
+             markdown_table(summary_cells(aggregated), columns, decimals={"seconds": 0, "samples": 0, "epochs": 0}),
+             ""]
+    if cut:
+        lines += [f"Not run (cut for time with `--configs`): {', '.join(cut)}.", ""]
+    if short:
+        lines += [f"Stopped for time before every seed ran (`--report-only` wrote this table): "
+                  f"{', '.join(sorted(short))}.", ""]
+    pairs = pair_table(ran, setting.pairs)
+    if pairs.height:
+        lines += ["The comparisons the controls are for, each against its own baseline on the same seeds "
+                  f"({pairs.height} comparison{'s' if pairs.height > 1 else ''}; Holm adjusts over them):", "",
+                  markdown_table(pairs, PAIR_COLUMNS), ""]
+    return lines
+
+
 def write_doc(doc: Path, text: str, study: Study) -> None:
-    """Replace the study's block of ``doc`` (or put it first); the rest of the file is kept."""
+    """Replace the study's block of ``doc`` (or put it first); the rest of the file is kept.
+    Written to a temporary name, then renamed."""
     begin, end = f"<!-- {study.name}: begin -->", f"<!-- {study.name}: end -->"
     old = doc.read_text() if doc.exists() else ""
     if begin in old and end in old:
@@ -338,7 +446,10 @@ def write_doc(doc: Path, text: str, study: Study) -> None:
         new = head + text + rest.split(end, 1)[1]
     else:
         new = text + "\n\n" + old
-    doc.write_text(new)
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    temporary = doc.with_name(f".{doc.name}.tmp")
+    temporary.write_text(new)
+    os.replace(temporary, doc)
 
 
 def smoke_teacher(out: Path, data: DataConfig) -> Path:
@@ -362,23 +473,81 @@ def main(study: Study, argv: list[str] | None = None) -> None:
                         help="only these rows (cut for time; the doc says which ran)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="digits, CI-sized, teachers trained here")
-    parser.add_argument("--doc", type=Path, default=None, help="default: docs/results.md (none with --smoke)")
+    parser.add_argument("--doc", type=Path, default=None, help=f"default: {study.doc} (none with --smoke)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: write the tables from the runs that have finished (the doc says which "
-                             "rows and seeds are missing)")
+                             "rows and seeds are missing, and which runs other code made)")
+    parser.add_argument("--rerun-stale", action="store_true",
+                        help="run again the runs that other code made (other energytools sources than this "
+                             "checkout's); without it the study stops and names them")
     args = parser.parse_args(argv)
-    started = time.perf_counter()
     settings = study.smoke if args.smoke else {s: study.settings[s] for s in (args.settings or study.settings)}
+    for name, setting in settings.items():
+        if not args.smoke and getattr(args, setting.teacher) is None:
+            parser.error(f"setting {name!r} needs --{setting.teacher.replace('_', '-')}")
+    from energytools.preemption import Stopped, handling, signal_name
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    code = code_identity()
+    try:
+        with handling(), invocation_record(args.out / "wall.jsonl", code) as finished:
+            frame, checks, stale = run_study(study, settings, args, code)
+            finished()  # this invocation's line, before the doc that lists the invocations
+            write_outputs(study, settings, args, frame, checks, stale)
+    except Stopped as exc:
+        print(f"stopped by {signal_name(exc.signum)}; {exc.where}; re-run the same command to resume the study",
+              file=sys.stderr)
+        raise SystemExit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to resume the study (finished runs are kept, started ones "
+              "continue from their last checkpoint)", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+@contextlib.contextmanager
+def invocation_record(log: Path, code: dict):
+    """Append this invocation's record line (common.record: command, machine, date, wall time,
+    commit, outcome) to ``log`` however the block ends: finished, refused (a SystemExit),
+    stopped by a signal, interrupted (Ctrl-C) or failed (an exception, named). The block may
+    write it early by calling what this yields (the doc lists the invocation that writes it)."""
+    from energytools.preemption import Stopped, signal_name
+
+    started, written = time.perf_counter(), []
+
+    def write(outcome: str = "finished") -> None:
+        if not written:
+            with open(log, "a") as out:
+                out.write(json.dumps(record(time.perf_counter() - started, code, outcome)) + "\n")
+            written.append(outcome)
+
+    try:
+        yield write
+    except Stopped as exc:
+        write(f"stopped by {signal_name(exc.signum)}")
+        raise
+    except KeyboardInterrupt:
+        write("interrupted (Ctrl-C)")
+        raise
+    except SystemExit as exc:
+        write("finished" if exc.code in (0, None) else f"refused: {str(exc.code).splitlines()[0][:300]}")
+        raise
+    except BaseException as exc:
+        write(f"failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}")
+        raise
+    write()
+
+
+def run_study(study: Study, settings: dict[str, Setting], args, code: dict) -> tuple[pl.DataFrame, dict, list[str]]:
+    """Prepare the settings' inputs, check the runs there (options, code), run what is missing
+    (nothing with ``--report-only``); the results, the teacher check of each setting and the
+    stale runs the tables hold."""
+    from energytools.preemption import Stopped, stop_requested
+
     jobs, checks = [], {}
     for name, setting in settings.items():
         setting_dir = args.out / slug(setting.directory or name)
         data = DataConfig(**setting.data)
-        if args.smoke:
-            teacher = smoke_teacher(args.out / setting.teacher, data)
-        else:
-            teacher = getattr(args, setting.teacher)
-            if teacher is None:
-                parser.error(f"setting {name!r} needs --{setting.teacher.replace('_', '-')}")
+        teacher = smoke_teacher(args.out / setting.teacher, data) if args.smoke else getattr(args, setting.teacher)
         rows = [r for r in setting.rows if args.configs is None or r in args.configs or r == setting.baseline]
         if args.report_only:
             if not (setting_dir / "scores.parquet").exists():
@@ -390,29 +559,36 @@ def main(study: Study, argv: list[str] | None = None) -> None:
         scale = study.smoke_epoch_scale if args.smoke else 1.0
         # seed-major: an interrupted study has whole seeds first
         jobs += [Job(name, row, study.rows[row], seed, str(setting_dir), data.eval_limit,
-                     round(study.rows[row].epochs * scale), study.student)
+                     round(study.rows[row].epochs * scale), study.student, code, args.rerun_stale)
                  for seed in setting.seeds for row in rows]
-    from energytools.preemption import Stopped, install, signal_name
+    stale = check_runs(jobs, code, args.rerun_stale)
+    named = [f"{job.run_dir} ({code_label(recorded)})" for job, recorded in stale]
+    if stale and args.report_only:
+        print(f"stale: {len(stale)} run(s) made by other code than this checkout's ({code_label(code)}):",
+              *named, sep="\n  ", file=sys.stderr)
+    elif stale and not args.rerun_stale:
+        more = f" and {len(stale) - 1} more" if len(stale) > 1 else ""
+        raise SystemExit(f"{named[0]}{more} made by other code than this checkout's ({code_label(code)}): pass "
+                         "--rerun-stale to run them again, or --report-only to write the tables from them")
+    if stop_requested():  # a stop signal while the inputs were prepared
+        raise Stopped(stop_requested(), "before the runs started")
+    # SIGTERM (main's handler): an in-process run stops after a step with a checkpoint; a pool's
+    # workers are ended by run_all and resume from their last epoch's checkpoint
+    results = [result_of(job) for job in jobs] if args.report_only else run_all(jobs, args.workers)
+    frame = pl.DataFrame([r for r in results if r is not None])
+    return frame, checks, named if args.report_only else []
 
-    if args.workers <= 1:  # SIGTERM: the in-process run stops after a step, with a checkpoint (workers
-        install()          # are killed by it and resume from their last epoch's checkpoint)
-    try:
-        results = [result_of(job) for job in jobs] if args.report_only else run_all(jobs, args.workers)
-        frame = pl.DataFrame([r for r in results if r is not None])
-    except Stopped as exc:
-        print(f"stopped by {signal_name(exc.signum)}; {exc.where}; re-run the same command to resume the study",
-              file=sys.stderr)
-        raise SystemExit(exc.exit_code) from None
+
+def write_outputs(study: Study, settings: dict[str, Setting], args, frame: pl.DataFrame, checks: dict,
+                  stale: list[str]) -> None:
+    """OUT/results.csv, the study's block of the doc with every recorded invocation, every run's
+    numbers beside the doc (study.csv), and the block on stdout."""
     frame.write_csv(args.out / "results.csv")
-    with open(args.out / "wall.jsonl", "a") as log:
-        log.write(json.dumps(record(time.perf_counter() - started)) + "\n")
     records = [{"command": "(not recorded)", "machine": "(not recorded)", **json.loads(line)}
                for line in (args.out / "wall.jsonl").read_text().splitlines()]
-    text = markdown(study, settings, frame, checks, records)
-    doc = args.doc or (None if args.smoke else Path("docs/results.md"))
+    text = markdown(study, settings, frame, checks, records, stale)
+    doc = args.doc or (None if args.smoke else Path(study.doc))
     if doc:
         write_doc(doc, text, study)
-        csv = doc.parent / "results" / study.csv  # every run's numbers beside the doc
-        csv.parent.mkdir(parents=True, exist_ok=True)
-        frame.write_csv(csv)
+        frame.write_csv(doc.parent / study.csv)  # every run's numbers beside the doc
     print(text)

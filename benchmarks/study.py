@@ -6,14 +6,14 @@
     python benchmarks/study.py ... --out runs/study-repeat --compare runs/study/results.csv  # reproduced?
 
 Resumable: a run whose summary.json exists is skipped, so it can run in parts. At the end it
-writes the tables to --doc (default docs/results.md when not --smoke). Each process uses
+writes the tables to --doc (default docs/results/round1.md when not --smoke). Each process uses
 --threads torch threads (default 1), so on 2 cores the two settings can run side by side:
 
     python benchmarks/study.py --teacher T --out runs/study --settings fashion-mnist &
     python benchmarks/study.py --teacher T --out runs/study --settings fashion-mnist-lt; wait
     python benchmarks/study.py --teacher T --out runs/study   # every run is done: writes the doc
 
-Choices (see docs/results.md): teacher resnet20 trained on all of Fashion-MNIST's train
+Choices (see docs/results/round1.md): teacher resnet20 trained on all of Fashion-MNIST's train
 split; student cnn_tiny (about 3k parameters, far below the teacher, so distillation
 matters); 20,000-sample class-stratified training subset for the balanced setting and the
 full long-tailed train split (imbalance factor 100, about 13,500 samples) for the LT setting;
@@ -184,7 +184,7 @@ def main():
         log.write(json.dumps(record(time.perf_counter() - started)) + "\n")
     records = [json.loads(line) for line in (args.out / "wall.jsonl").read_text().splitlines()]
     text = markdown(summary, checks, records)
-    doc = args.doc or (None if args.smoke else Path("docs/results.md"))
+    doc = args.doc or (None if args.smoke else Path("docs/results/round1.md"))
     if doc:
         # the hand-written discussion below the marker survives a re-run
         # the study's own part runs from its title to the marker: what stands before the title (the
@@ -193,9 +193,7 @@ def main():
         before = old[:old.index(TITLE)] if TITLE in old and DISCUSSION in old else ""
         kept = old.split(DISCUSSION, 1)[1] if DISCUSSION in old else "\n"
         doc.write_text(before + text + "\n" + DISCUSSION + kept)
-        csv = doc.parent / "results" / "study.csv"  # every run's numbers beside the doc
-        csv.parent.mkdir(parents=True, exist_ok=True)
-        results.write_csv(csv)
+        results.write_csv(doc.parent / "study.csv")  # every run's numbers beside the doc
     print(text)
 
 

@@ -354,8 +354,8 @@ class DistillConfig:
     out: str = option(help="run directory", content=False, panel=OUTPUT)
     method: str = option("energy-kd", "ce; kd, energy-kd (Kim et al. 2024); dkd, energy-dkd (Zhao et al. 2022); "
                          "ctkd (learnable T, Li et al. 2023); dtkd (per-sample T from max logits, Wei et al. 2024); "
-                         "ls-kd, ls-energy-kd, ls-dkd, ls-energy-dkd (logit standardization, Sun et al. 2024, with "
-                         "its defaults); see docs/methods.md",
+                         "ls-kd, ls-energy-kd, ls-dkd, ls-energy-dkd, ls-ctkd (logit standardization, Sun et al. 2024, "
+                         "with its defaults); see docs/methods.md",
                          choices=registry(METHODS), panel=METHOD)
     shards: tuple[str, ...] = option((), "HE-DA shard directory (repeatable)", panel=INPUTS)
     teacher: str | None = option(None, "teacher checkpoint (default: the one that scored the table; a table of "
@@ -388,7 +388,7 @@ class DistillConfig:
                                           panel=METHOD)
     ce_weight: float | None = option(None, "weight of the CE term (method default: 0.1 kd and ctkd, 1.0 dkd and dtkd)",
                                      panel=METHOD)
-    kd_weight: float | None = option(None, "weight of the KD term (method default: 0.9; ls-kd: 9)", panel=METHOD)
+    kd_weight: float | None = option(None, "weight of the KD term (method default: 0.9; ls-kd and ls-ctkd: 9)", panel=METHOD)
     dkd_alpha: float | None = option(None, "DKD's TCKD weight (method default: 1)", panel=METHOD)
     dkd_beta: float | None = option(None, "DKD's NCKD weight (method default: 8; the reference's vgg13->vgg8: 6)",
                                     panel=METHOD)
@@ -404,9 +404,11 @@ class DistillConfig:
                                          "default: 10)", panel=METHOD)
     ctkd_grl_weight: float | None = option(None, "CTKD: the reversal weight reached after the ramp, as a magnitude "
                                            "(method default: 1, i.e. the gradient times -1)", panel=METHOD)
-    dtkd_alpha: float | None = option(None, "DTKD: weight of the dynamic-temperature KL (method default: 3)",
+    dtkd_alpha: float | None = option(None, "DTKD: weight of the dynamic-temperature KL (method default: 3; the reference's "
+                                      "configs use 1-3 per teacher-student pair, docs/methods.md)",
                                       panel=METHOD)
-    dtkd_beta: float | None = option(None, "DTKD: weight of the KD term at kd_temperature (method default: 1)",
+    dtkd_beta: float | None = option(None, "DTKD: weight of the KD term at kd_temperature (method default: 1; the "
+                                     "reference's configs use 0.5-2 per pair)",
                                      panel=METHOD)
     he_da: str | None = option(None, "online: the reference's HE-DA, CutMix drawn in every batch among its "
                                "high-energy samples (by --temperature-source) plus a KD term at T=4 on the mixed "

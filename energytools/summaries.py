@@ -1,5 +1,5 @@
 """Tables a person reads: runs aggregated over seeds with paired differences to a baseline,
-written as HTML (the report) or Markdown (benchmarks/study.py's docs/results.md) from the
+written as HTML (the report) or Markdown (the study scripts' pages under docs/results/) from the
 same frames with the same rounding, so the two agree.
 
 Polars in, polars or text out; nothing here reads files.
@@ -12,7 +12,7 @@ from typing import Sequence
 
 import polars as pl
 
-#: how a configuration is judged against the baseline; the report and docs/results.md print it
+#: how a configuration is judged against the baseline; the report and the pages under docs/results/ print it
 VERDICT_RULE = (
     "Δ is the paired difference to the baseline on the same seed (mean ± std over the n seeds both have); wins "
     "counts those seeds where the configuration beat the baseline; the 95% interval is mean Δ ± t·std/√n with "

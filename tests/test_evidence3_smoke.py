@@ -53,7 +53,7 @@ def test_evidence3_smoke_stops_resumes_refuses_stale_inputs_and_fails_fast(tmp_p
     assert text.count("<!-- evidence round 3: begin -->") == 1 and text.endswith("earlier text\n")
     assert "| kd + HE-DA shards 0.2 | kd + random shards 0.2 | 2 |" in text  # the control comparison
     assert "Δ kd, full pool (best)" in text and "--smoke --out" in text  # B's baseline; the command as typed
-    assert (tmp_path / "results" / "evidence3.csv").exists()
+    assert (tmp_path / "evidence3.csv").exists()  # every run's numbers beside the doc
 
     # a selection made with other options than the study's is refused with one line naming it
     selection = runs / "drop-random-energy-0.5-s1.parquet"

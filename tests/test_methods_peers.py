@@ -167,6 +167,25 @@ def test_ctkd_temperature_and_its_reversed_gradient(epoch):
     assert torch.allclose(zs.grad.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-6)
 
 
+def test_ls_ctkd_is_ctkd_on_standardized_logits_with_the_reference_ctkd_ls_weights():
+    """The LS paper's CTKD+LS runs (its CTKD/scripts/run_cifar_distill.sh): CE 0.1, KD weight 9,
+    standardized logits, the learned temperature and reversal ramp of ctkd."""
+    options = method_spec("ls-ctkd").options({})
+    assert (options["ce_weight"], options["kd_weight"], options["standardize_logits"]) == (0.1, 9.0, True)
+    assert (options["ctkd_t_start"], options["ctkd_t_end"], options["ctkd_grl_epochs"]) == (1.0, 20.0, 10)
+    distiller = build("ls-ctkd")
+    with torch.no_grad():
+        distiller.theta.fill_(-0.4)
+    zs, zt = fixed_logits(14), fixed_logits(15, spread=5.0) + 2.0
+    losses = distiller.losses(zs, info_for(zt, epoch=2))
+    tau = 1.0 + 20.0 / (1.0 + math.exp(0.4))
+    kd = sum(kd_row(z_score(s), z_score(tt), tau) for s, tt in zip(zs.tolist(), zt.tolist())) / len(zs) * tau * tau
+    ce = sum(ce_row(s, y) for s, y in zip(zs.tolist(), LABELS.tolist())) / len(zs)
+    assert losses["kd"].item() == pytest.approx(9.0 * kd, rel=1e-5)  # the temperature is float32, as ctkd's
+    assert losses["ce"].item() == pytest.approx(0.1 * ce, rel=1e-9)  # CE on the raw logits
+    assert distiller.extra_parameter_groups()[0]["params"] == [distiller.theta]
+
+
 def test_ctkd_reversal_ramp_matches_the_reference_schedule():
     distiller = build("ctkd")
     assert [distiller.reversal_weight(e) for e in range(12)] == pytest.approx(
@@ -230,7 +249,7 @@ def fashion_table(tmp_path_factory):
 
 
 @needs_fashion
-@pytest.mark.parametrize("method,extra", [("ctkd", []), ("dtkd", []), ("ls-kd", []),
+@pytest.mark.parametrize("method,extra", [("ctkd", []), ("dtkd", []), ("ls-kd", []), ("ls-ctkd", []),
                                           ("ls-energy-dkd", []), ("energy-kd", ["--standardize-logits"])])
 def test_each_method_runs_from_the_cli_with_cached_logits(fashion_table, runner, tmp_path, method, extra):
     out = tmp_path / method
@@ -242,14 +261,14 @@ def test_each_method_runs_from_the_cli_with_cached_logits(fashion_table, runner,
         method.startswith("ls-") or bool(extra))
     metrics = pl.read_parquet(out / "metrics.parquet")
     assert metrics.height == 1 and np.isfinite(metrics["loss"].to_numpy()).all()
-    if method == "ctkd":
+    if method in ("ctkd", "ls-ctkd"):
         assert metrics["method_temperature"][0] != pytest.approx(1 + 20 / (1 + math.exp(-1)), abs=1e-7)  # it trained
     if method == "dtkd":
         assert metrics["method_teacher_t_min"][0] <= metrics["method_teacher_t_max"][0]
     from energytools.stages.report_runs import read_runs
 
     shown = read_runs([out])["temperatures"][0]
-    assert {"ctkd": "learned", "dtkd": "T_t", "ls-kd": "2 (one T), standardized",
+    assert {"ctkd": "learned", "dtkd": "T_t", "ls-kd": "2 (one T), standardized", "ls-ctkd": "standardized",
             "ls-energy-dkd": "standardized", "energy-kd": "standardized"}[method] in shown
 
 
@@ -325,7 +344,7 @@ def test_distill_help_lists_the_methods_and_their_sources(runner):
     result = invoke(runner, "distill", "--help")
     assert result.exit_code == 0
     text = " ".join(result.output.split())
-    for name in ("ctkd", "dtkd", "ls-kd", "ls-dkd", "energy-kd", "--standardize-logits", "--ctkd-t-start",
+    for name in ("ctkd", "dtkd", "ls-kd", "ls-dkd", "ls-ctkd", "energy-kd", "--standardize-logits", "--ctkd-t-start",
                  "--dtkd-beta", "Sun et al. 2024", "Li et al. 2023"):
         assert name in text, name
 

@@ -51,3 +51,37 @@ def test_a_score_table_from_another_teacher_or_data_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="teacher .*last.pt"):
         check_table(table, out / "teacher" / "last.pt", DataConfig(dataset="digits"))
     assert "study.py --smoke --out" in (out / "wall.jsonl").read_text()  # the invocation, as typed
+
+
+def test_round3_tables_rebuild_from_its_csv_with_the_long_tail_direction_pair():
+    """docs/results/round3.md's tables are what its CSV gives (benchmarks/csv_tables.py, the study's
+    own functions), C's direction pair included; the CSV's rows say which commit recorded them."""
+    import polars as pl
+
+    csv_tables = pytest.importorskip("csv_tables")
+    evidence3 = pytest.importorskip("evidence3")
+    root = Path(__file__).resolve().parents[1]
+    runs = pl.read_csv(root / "docs" / "results" / "evidence3.csv")
+    assert runs["commit"].str.starts_with("recorded at ").all()
+    rebuilt = csv_tables.csv_tables(evidence3.ROUND3, runs)
+    pair = "| energy-kd 6,4,2 | energy-kd 2,4,6 | 5 | 2.32 ± 1.19 | [0.84, 3.80] | 5/5 | better | better |"
+    assert pair in csv_tables.csv_tables(evidence3.ROUND3, runs, ["C: long tail, long-tailed teacher"])
+    doc = (root / "docs" / "results" / "round3.md").read_text()
+    block = doc[doc.index("<!-- evidence round 3: begin -->"):doc.index("<!-- evidence round 3: end -->")]
+    table_lines = [line for line in rebuilt.splitlines() if line.startswith("|")]
+    assert pair in table_lines and [line for line in block.splitlines() if line.startswith("|")] == table_lines
+
+
+def test_the_results_summary_links_every_round_page_and_the_study_scripts_write_there():
+    import re
+
+    import evidence3
+
+    root = Path(__file__).resolve().parents[1]
+    summary = (root / "docs" / "results.md").read_text()
+    links = re.findall(r"\]\((results/[^)]+)\)", summary)
+    assert {"results/round1.md", "results/round2.md", "results/round3.md"} <= set(links)
+    assert all((root / "docs" / link).exists() for link in links)
+    for study, marker in ((evidence3.ROUND3, "evidence round 3"), (evidence.ROUND2, "evidence round 2")):
+        page = (root / study.doc).read_text()
+        assert page.count(f"<!-- {marker}: begin -->") == 1 and f"<!-- {marker}: end -->" in page

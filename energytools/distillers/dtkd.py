@@ -3,7 +3,8 @@ per-sample temperatures for teacher and student from their largest logits,
 ``T_t = 2 max(z_t) / (max(z_t) + max(z_s)) * T`` and ``T_s = 2 max(z_s) / (...) * T``, and
 ``loss = w_ce CE + warm-up * (alpha * T_t T_s KL(softmax(z_t/T_t) || softmax(z_s/T_s)) + beta * KD(T))``
 with alpha 3, beta 1, T 4, CE weight 1 and a 20-epoch linear warm-up of both KD terms (the
-reference's config). The range of T_t and T_s over each epoch's samples goes to metrics.parquet.
+reference's defaults; its published configs change alpha and beta per teacher-student pair, from
+1 / 0.5 to 3 / 2: docs/methods.md lists them). The range of T_t and T_s over each epoch's samples goes to metrics.parquet.
 """
 import torch
 

@@ -4,7 +4,7 @@ Sections, in order: Distillation (the comparison of runs first, so it is on scre
 page opens), Scores (one per score table), Tables compared (two or more score tables),
 Curation (HE-DA shards), Label issues (one per label-issues file), Out-of-distribution (tables
 scored with --reference, given with --ood or --known-ood). Tables are HTML tables with every row shown and numbers rounded
-(:mod:`energytools.summaries`, which benchmarks/study.py writes docs/results.md with).
+(:mod:`energytools.summaries`, which the study scripts write docs/results/ with).
 
 Every plot is drawn from aggregates (histogram counts computed here with numpy/polars), so a
 1.28M-row table makes a report of a few MB in seconds. plotly.js is embedded once.
