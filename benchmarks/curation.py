@@ -45,8 +45,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,8 +54,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from common import record, record_lines, replace_block
-from runner import run_all
+from common import code_identity, record_lines, replace_block
+from runner import invocation_record, run_all
 import energytools
 from energytools.config import DataConfig
 from energytools.ood import OOD_SCORES, oriented
@@ -444,6 +442,7 @@ class Study:
 
 # ---------------------------------------------------------------- the doc
 
+HEADING = "## Curation: label noise, out-of-distribution data, a noisy teacher (issue 38)"
 DETECTION_VALUES = {"fit": 3, "teacher_test": 2, "auroc_energy": 3, "auroc_self_confidence": 3, "auroc_margin": 3,
                     "flagged": 0, "precision": 3, "recall": 3}
 DETECTION_COLUMNS = {"noise": "noise", "teacher epochs": "epochs", "scores": "scores", "seeds": "seeds",
@@ -502,13 +501,12 @@ def run_table(runs: pl.DataFrame, baseline: str) -> str:
 
 def markdown(scale: Scale, noise: pl.DataFrame, students: pl.DataFrame, ood: pl.DataFrame, records: list[dict]) -> str:
     usual, long = scale.lengths
-    lines = ["# Curation: label noise, out-of-distribution data, Energy KD under noisy labels", "",
-             "Written by `benchmarks/curation.py` (its docstring has the design); every measurement is in "
+    lines = ["Written by `benchmarks/curation.py` (its docstring has the design); every measurement is in "
              "[results/curation.csv](results/curation.csv). Each invocation:", "", *record_lines(records), "",
              "Every comparison is paired over seeds (the same noise draw, data and teacher seed on both sides). "
              + VERDICT_RULE + " In the comparison tables, Δ is the named measure's paired difference and Holm "
              "adjusts over the rows of the table.", "",
-             "## Label noise: which score finds the corrupted labels", "",
+             "### Label noise: which score finds the corrupted labels", "",
              f"{scale.train_images} {scale.dataset} training images (a tenth carved for validation), "
              f"teacher {scale.teacher}. AUROC of detecting a corrupted label (0.5: chance); `fit` is the share of "
              "corrupted training samples the in-sample teacher predicts as their wrong label (for out-of-fold rows, "
@@ -519,7 +517,7 @@ def markdown(scale: Scale, noise: pl.DataFrame, students: pl.DataFrame, ood: pl.
                                        DETECTION_VALUES), DETECTION_COLUMNS), "",
              f"Paired comparisons ({scale.dataset}, {len(scale.seeds)} seeds; Holm over the table):", "",
              comparison_table(detection_comparisons(noise, scale.lengths)), "",
-             "## Downstream: training without the flagged samples", "",
+             "### Downstream: training without the flagged samples", "",
              f"{scale.student} trained with cross-entropy on the given (noisy) labels for {scale.student_epochs} "
              f"epochs; flags from the out-of-fold {usual}-epoch teachers; the random control drops as many samples "
              "(`select --mode random`, seeded per seed). Test accuracy (%) on clean labels.", ""]
@@ -532,7 +530,7 @@ def markdown(scale: Scale, noise: pl.DataFrame, students: pl.DataFrame, ood: pl.
                                                 pl.col("config") == "without as many at random",
                                                 ["seed"]))], decimals=2), ""]
     sets = ["near", *scale.far]
-    lines += ["## Out of distribution: energy against the max softmax probability and the max logit", "",
+    lines += ["### Out of distribution: energy against the max softmax probability and the max logit", "",
               f"{scale.teacher} trained on classes 0-7 of {scale.dataset} ({len(scale.ood_seeds)} seeds); "
               "in-distribution: test images of classes 0-7; near: test images of classes 8-9; far: "
               + ", ".join({"digits": "scikit-learn's digits upscaled", "noise": "uniform noise"}[f] for f in scale.far)
@@ -549,7 +547,7 @@ def markdown(scale: Scale, noise: pl.DataFrame, students: pl.DataFrame, ood: pl.
                    "flagged": "flagged_out", "check": "check"}), "",
               f"In-distribution test images flagged OOD: {100 * ood['flagged_in'].mean():.1f}% (mean over seeds).", "",
               comparison_table(ood_comparisons(ood, sets)), "",
-              "## Does Energy KD help when the teacher learned from noisy labels?", "",
+              "### Does Energy KD help when the teacher learned from noisy labels?", "",
               f"The in-sample {usual}-epoch teacher of the 20%-symmetric setting (seed {scale.seeds[0]}) distilled "
               f"into {scale.kd_student} on the same noisy data, {scale.student_epochs} epochs, "
               f"{len(scale.kd_seeds)} seeds, equal steps. Test accuracy (%) on clean labels.", "",
@@ -564,19 +562,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="digits, CI-sized")
     parser.add_argument("--doc", type=Path, default=None, help="default: docs/results.md (none with --smoke)")
     args = parser.parse_args(argv)
-    started = time.perf_counter()
     scale = SMOKE if args.smoke else FULL
     study = Study(args.out, scale, args.workers)
     args.out.mkdir(parents=True, exist_ok=True)
-    try:
+    with invocation_record(args.out / "wall.jsonl", code_identity()):  # an interrupted invocation too
         run_all(study.teacher_jobs(), args.workers, train_job)
         noise = study.noise_measurements()
         ood = study.ood_measurements()
         students = pl.DataFrame(run_all(study.student_jobs(), args.workers, distill_job))
-    finally:  # every invocation, an interrupted one too, writes its line
-        with open(args.out / "wall.jsonl", "a") as log:
-            log.write(json.dumps({**record(time.perf_counter() - started),
-                                  "finished": sys.exc_info()[0] is None}) + "\n")
     records = [json.loads(line) for line in (args.out / "wall.jsonl").read_text().splitlines()]
     text = markdown(scale, noise, students, ood, records)
     measurements = pl.concat([noise.with_columns(part=pl.lit("label noise")),
@@ -585,10 +578,7 @@ def main(argv: list[str] | None = None) -> None:
     measurements.write_csv(args.out / "curation.csv")
     doc = args.doc or (None if args.smoke else Path("docs/results.md"))
     if doc:
-        old = doc.read_text() if doc.exists() else ""
-        if "<!-- curation: begin -->" not in old:  # a first block goes on top
-            doc.write_text("<!-- curation: begin -->\n<!-- curation: end -->\n\n" + old)
-        replace_block(doc, "curation", text)
+        replace_block(doc, "curation", text, heading=HEADING)  # a first block goes at the end, under HEADING
         csv = doc.parent / "results" / "curation.csv"
         csv.parent.mkdir(parents=True, exist_ok=True)
         measurements.write_csv(csv)

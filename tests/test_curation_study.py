@@ -56,9 +56,9 @@ def test_the_study_runs_on_digits_writes_its_block_and_resumes_without_training_
     first = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert first.returncode == 0, first.stderr[-3000:]
     text = doc.read_text()
-    assert text.startswith("<!-- curation: begin -->") and "earlier text" in text
-    for section in ("## Label noise", "## Downstream", "## Out of distribution", "## Does Energy KD help"):
-        assert section in text
+    assert text.startswith("# Results\n\nearlier text") and curation.HEADING in text
+    for section in ("### Label noise", "### Downstream", "### Out of distribution", "### Does Energy KD help"):
+        assert section in text.split(curation.HEADING)[1]
     csv = pl.read_csv(doc.parent / "results" / "curation.csv")
     assert set(csv["part"]) == {"label noise", "ood", "students"}
     noise = csv.filter(pl.col("part") == "label noise")
