@@ -111,8 +111,10 @@ def signal_when(args, ready, signum=signal.SIGTERM, timeout=180, program=None) -
     ``ready()`` holds (it must not finish first), and wait for it to end; a scheduler's stop or,
     with SIGKILL, a crash."""
     command = [*program, *map(str, args)] if program else energytools_command(*args)
+    # SIGINT as a terminal delivers it, even when this run was started in the background (which ignores it)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+                               env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + timeout
     while not ready():
         if process.poll() is not None:
