@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 
 from .data import DATASETS, build_dataset
-from .data.shards import IMAGE_FORMATS, check_image_format
+from .data.shards import IMAGE_FORMATS, canonical_image_format, check_image_format
 from .distillers import METHODS, method_spec
 from .energy import TEMPERATURE_RULES, TemperatureRule
 from .errors import UserError, option_name
@@ -338,6 +338,7 @@ class AugmentConfig:
         for name in ("copies", "workers", "shard_size", "batch_size"):
             require(self, name, getattr(self, name) >= 1, ">= 1")
         self.preprocessing.check()
+        self.image_format = canonical_image_format(self.image_format)
         check_image_format(self.image_format, self.quality)
         make_policy(self.policy)  # fail on an unknown policy before any work
 

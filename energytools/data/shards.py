@@ -71,6 +71,16 @@ class ImageFormat:
 IMAGE_FORMATS = {"png": ImageFormat("PNG", "png", True), "jpeg": ImageFormat("JPEG", "jpg", False, 90),
                  "webp": ImageFormat("WEBP", "webp", False, 90)}
 DEFAULT_IMAGE_FORMAT = "png"
+#: other spellings of the formats' names (case does not matter either)
+IMAGE_FORMAT_ALIASES = {"jpg": "jpeg"}
+
+
+def canonical_image_format(name: str | None) -> str | None:
+    """``name`` as IMAGE_FORMATS spells it ("JPG" -> "jpeg"); None stays None (PNG)."""
+    if name is None:
+        return None
+    lowered = name.strip().lower()
+    return IMAGE_FORMAT_ALIASES.get(lowered, lowered)
 
 
 def check_image_format(name: str | None, quality: int | None) -> ImageFormat:
@@ -78,7 +88,7 @@ def check_image_format(name: str | None, quality: int | None) -> ImageFormat:
     write it, or when ``quality`` is given to a lossless format or outside 1..100."""
     from PIL import features
 
-    name = name or DEFAULT_IMAGE_FORMAT
+    name = canonical_image_format(name) or DEFAULT_IMAGE_FORMAT
     if name not in IMAGE_FORMATS:
         raise UserError(f"{option_name('image_format')}: unknown format {name!r}; choose from "
                         f"{', '.join(IMAGE_FORMATS)}")
