@@ -83,6 +83,18 @@ def invoke(runner, *args):
     return runner.invoke(app, [str(a) for a in args])
 
 
+@pytest.fixture(autouse=True)
+def torch_threads_restored():
+    """A test that changes torch's thread count in this process (a study's in-process run sets 1)
+    leaves it as it found it: later tests compare tables' recorded thread counts with it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def digits_run(tmp_path_factory):
     """A teacher trained on digits, its train table (with logits) and HE-DA shards: shared by tests."""
