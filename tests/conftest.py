@@ -123,10 +123,10 @@ def signal_when(args, ready, signum=signal.SIGTERM, timeout=180, program=None) -
     ``ready()`` holds (it must not finish first), and wait for it to end; a scheduler's stop or,
     with SIGKILL, a crash."""
     command = [*program, *map(str, args)] if program else energytools_command(*args)
-    # SIGINT as a terminal delivers it, even when this run was started in the background (which ignores it)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # a suite started in the background: its children
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # would ignore SIGINT too (inherited across exec)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"},
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + timeout
     while not ready():
         if process.poll() is not None:
