@@ -120,6 +120,14 @@ def record_lines(records: list[dict]) -> list[str]:
     return lines
 
 
+def delta_stats(deltas: np.ndarray) -> dict | None:
+    """Mean, std, n and wins (positive) of paired differences; None below two pairs."""
+    if len(deltas) < 2:
+        return None
+    return {"mean": float(deltas.mean()), "std": float(deltas.std(ddof=1)), "n": len(deltas),
+            "wins": int((deltas > 0).sum())}
+
+
 def timed(fn, *args, **kwargs):
     started = time.perf_counter()
     result = fn(*args, **kwargs)

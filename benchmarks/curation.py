@@ -54,7 +54,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from common import code_identity, record_lines, replace_block
+from common import code_identity, delta_stats, record_lines, replace_block
 from runner import invocation_record, run_all
 import energytools
 from energytools.config import DataConfig
@@ -290,14 +290,6 @@ def ood_rows(in_columns: dict, out_columns: dict) -> list[dict]:
         rows.append({"score": score, "auroc": ours["auroc"], "fpr95": ours["fpr"],
                      "check": max(abs(ours["auroc"] - roc_auc_score(truth, values)), abs(ours["fpr"] - sklearn_fpr))})
     return rows
-
-
-def delta_stats(deltas: np.ndarray) -> dict | None:
-    """Mean, std, n and wins (positive) of paired differences; None below two pairs."""
-    if len(deltas) < 2:
-        return None
-    return {"mean": float(deltas.mean()), "std": float(deltas.std(ddof=1)), "n": len(deltas),
-            "wins": int((deltas > 0).sum())}
 
 
 def paired(frame: pl.DataFrame, value: str, a: pl.Expr, b: pl.Expr, keys: list[str]) -> dict | None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import polars as pl
 
 import energytools
-from common import record, record_lines, replace_block
+from common import delta_stats, record, record_lines, replace_block
 from energytools.data.shards import read_shards, shard_files
 from energytools.summaries import half_width, interval_text, markdown_table, mean_std
 
@@ -68,7 +68,8 @@ def main() -> None:
     for s in sizes:
         mine = runs.filter(pl.col("format") == s["format"]).sort("seed")
         deltas = (mine["best"] - runs.filter(pl.col("format") == "png").sort("seed")["best"]).to_numpy()
-        std = float(deltas.std(ddof=1)) if len(deltas) > 1 else None
+        stats = delta_stats(deltas)
+        std = stats["std"] if stats else None
         width = half_width(std, len(deltas))
         rows.append({"format": s["format"], "bytes": f"{s['image_bytes']:.0f}", "file": f"{s['file_bytes']:.0f}",
                      "ratio": f"{s['image_bytes'] / sizes[0]['image_bytes']:.2f}",

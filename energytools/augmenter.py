@@ -16,7 +16,7 @@ import torch
 
 from .config import AugmentConfig
 from .data.base import ArrayImages, ImageSet
-from .data.shards import IMAGE_FORMATS, SHARD_SCHEMA, decode_image, encode_image, huggingface_metadata
+from .data.shards import DEFAULT_IMAGE_FORMAT, IMAGE_FORMATS, SHARD_SCHEMA, decode_image, encode_image, huggingface_metadata
 from .errors import UserError
 from .policies import make_policy
 from .selection import select_samples
@@ -66,7 +66,7 @@ class Augmenter:
         self.positions = np.array([position_of[int(s)] for s in self.selected_ids], dtype=np.int64)
         self.labels = dataset.labels[self.positions]
         self.policy = make_policy(cfg.policy)
-        self.image_format = IMAGE_FORMATS[cfg.image_format or "png"]
+        self.image_format = IMAGE_FORMATS[cfg.image_format or DEFAULT_IMAGE_FORMAT]
         self.teacher = open_table_teacher(meta, dataset, cfg.teacher, cfg.teacher_arch, "cpu",
                                           cfg.preprocessing.given())
 
