@@ -284,14 +284,11 @@ def check_runs(jobs: list[Job], code: dict, rerun_stale: bool = False) -> list[t
 
 
 def run_one(job: Job) -> dict:
-    """Distill one (row, seed) in this process with one torch thread; resumes a started run. A
-    run made by other code is removed first when the job says so (``rerun_stale``)."""
-    import torch
-
+    """Distill one (row, seed) in this process (:func:`run_all` gives it one torch thread); resumes
+    a started run. A run made by other code is removed first when the job says so (``rerun_stale``)."""
     from energytools.config import DistillConfig
     from energytools.stages.distill import distill
 
-    torch.set_num_threads(1)
     row, setting_dir, run_dir = job.row, Path(job.setting_dir), job.run_dir
     if job.rerun_stale and made_by_other_code(run_dir, job.code) is not None:
         shutil.rmtree(run_dir)
@@ -327,13 +324,32 @@ def run_all(jobs: list, workers: int, run=None) -> list:
     first job that fails terminates the pool (running runs stop; they resume next time) and its
     error is raised."""
     run = run or run_one
+    with _one_thread_each():
+        if workers <= 1:
+            return [run(job) for job in jobs]
+        # spawned, not forked: a fork of a process whose torch threads are running can hang
+        with multiprocessing.get_context("spawn").Pool(workers) as pool, _stop_raises():  # __exit__ terminates it
+            results = dict(pool.imap_unordered(_indexed, [(i, job, run) for i, job in enumerate(jobs)]))
+        return [results[i] for i in range(len(jobs))]
+
+
+@contextlib.contextmanager
+def _one_thread_each():
+    """Every job computes with one torch thread: here, and in the workers spawned inside the block
+    (they read OMP_NUM_THREADS when torch starts). The caller's count and environment are
+    restored after it (a test or notebook that runs a study in-process keeps its own)."""
+    from energytools import threads
+
+    before = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
-    if workers <= 1:
-        return [run(job) for job in jobs]
-    # spawned, not forked: a fork of a process whose torch threads are running can hang
-    with multiprocessing.get_context("spawn").Pool(workers) as pool, _stop_raises():  # __exit__ terminates it
-        results = dict(pool.imap_unordered(_indexed, [(i, job, run) for i, job in enumerate(jobs)]))
-    return [results[i] for i in range(len(jobs))]
+    try:
+        with threads.using(1):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = before
 
 
 @contextlib.contextmanager

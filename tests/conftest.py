@@ -83,16 +83,31 @@ def invoke(runner, *args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-@pytest.fixture(autouse=True)
-def torch_threads_restored():
-    """A test that changes torch's thread count in this process (a study's in-process run sets 1)
-    leaves it as it found it: later tests compare tables' recorded thread counts with it."""
+@pytest.fixture(scope="session")
+def session_threads():
     import torch
 
-    threads = torch.get_num_threads()
+    return torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+
+
+@pytest.fixture(autouse=True)
+def torch_threads_restored(session_threads):
+    """Every test starts and ends with the thread count (and OMP_NUM_THREADS) the session began
+    with, whatever a test or a module's fixture changed (a study's in-process run sets 1): later
+    tests compare tables' recorded thread counts with it."""
+    import torch
+
+    threads, omp = session_threads
+
+    def restore():
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        if os.environ.get("OMP_NUM_THREADS") != omp:
+            os.environ.pop("OMP_NUM_THREADS", None) if omp is None else os.environ.update(OMP_NUM_THREADS=omp)
+
+    restore()
     yield
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
+    restore()
 
 
 @pytest.fixture(scope="session")
