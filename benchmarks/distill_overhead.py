@@ -1,7 +1,7 @@
 """Distill epoch costs: energytools against a bare PyTorch loop doing the same work, and the
 epoch of energy-kd on cached views against the ce epoch.
 
-    python benchmarks/distill_overhead.py [--limit 10000] [--epochs 5] [--repeats 3] [--threads 1] [--only ce,kd]
+    python benchmarks/distill_overhead.py [--limit 10000] [--epochs 5] [--repeats 3] [--threads 1,2] [--only ce,kd]
         [--json out.json] [--write docs/benchmarks.md]
 
 Fashion-MNIST (real data), cnn_small student, batch 64, SGD (momentum 0.9, wd 5e-4), resnet20
@@ -13,7 +13,8 @@ and the last (whose end runs the stage's test predictions) are left out. Every e
 epoch is paired with a bare epoch run right before it (``common.start_clock``), so a slow spell
 of a shared machine hits both members of a pair; the figure is the median of the pairs' ratios
 over all runs, with its quartiles (each side's fastest epoch is shown too). The bare loop does
-the same per epoch: the training pass over in-memory tensors with the same augmentation, the
+the same per epoch: the training pass over in-memory tensors (normalised float32 NCHW, as a
+user's loop on a dataset that fits would hold them, padded once for crops) with the same augmentation, the
 same loss, evaluation of the same val and test sets, and one torch.save of model and optimizer
 (as torchvision's reference script does).
 
@@ -65,7 +66,8 @@ def energytools_epochs(table, work, name, epochs, eval_limit, between=None, chan
 
 
 class Bare:
-    """The same work in plain PyTorch, on tensors held in memory."""
+    """The same work in plain PyTorch, on tensors held in memory as the model consumes them:
+    normalised float32 NCHW, padded once for the crop (with the normalised zero)."""
 
     def __init__(self, data: DataConfig, eval_limit: int, teacher_path=None, cached=None, views=None):
         train = data.build("train")
@@ -75,13 +77,18 @@ class Bare:
         # the (HW, 1, W, 1) strides of the permuted array, which the conv kernels treat as
         # channels-last (1.5x faster for cnn_small on this CPU: a different computation)
         nchw = torch.contiguous_format
-        self.images = torch.from_numpy(train.images.array[train.positions]).permute(0, 3, 1, 2).clone(memory_format=nchw)
+        pad = self.info.train_crop_pad
+
+        def held(split, padding=0):
+            uint8 = torch.from_numpy(split.images.array[split.positions]).permute(0, 3, 1, 2)
+            if padding:  # the zero byte's normalised value around each image
+                uint8 = F.pad(uint8, (padding,) * 4)
+            return normalize(uint8, self.info).clone(memory_format=nchw)
+
+        self.images = held(train, pad)
         self.labels = torch.from_numpy(train.labels)
-        self.eval_sets = []
-        for split in ("val", "test"):
-            part = evaluation.build(split)
-            self.eval_sets.append((torch.from_numpy(part.images.array[part.positions]).permute(0, 3, 1, 2).clone(
-                memory_format=nchw), torch.from_numpy(part.labels)))
+        self.eval_sets = [(held(part), torch.from_numpy(part.labels))
+                          for part in (evaluation.build(split) for split in ("val", "test"))]
         self.teacher = load_model(teacher_path)[0].eval() if teacher_path else None
         self.cached = cached  # (logits, flipped logits) in train order
         self.views = views  # (logits (N, K, C), params of every (sample, view), K)
@@ -106,20 +113,17 @@ class Bare:
                     v = torch.randint(0, count, (len(index),), generator=generator)
                     flat = (index * count + v).numpy()
                     top, left, flip = params.top[flat], params.left[flat], params.flip[flat]
-                    padded = F.pad(x, (pad, pad, pad, pad))
-                    steps = torch.arange(x.shape[-1])
+                    steps = torch.arange(x.shape[-1] - 2 * pad)
                     rows = torch.from_numpy(top)[:, None] + steps
                     cols = torch.from_numpy(left)[:, None] + steps
                     cols = torch.where(torch.from_numpy(flip)[:, None], cols.flip(1), cols)
                     b = torch.arange(len(index))[:, None, None]
-                    x = padded.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).clone(
+                    x = x.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).clone(
                         memory_format=torch.contiguous_format)
                     teacher_logits = logits_all[index, v].float()
                 else:
                     flipped = torch.rand(len(index), generator=generator) < 0.5
-                    x = x.clone()
-                    x[flipped] = x[flipped].flip(-1)
-                x = normalize(x, self.info)
+                    x[flipped] = x[flipped].flip(-1)  # x is the gather's own copy
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 logits = model(x)
@@ -141,7 +145,7 @@ class Bare:
             model.eval()
             with torch.no_grad():
                 for images, labels in self.eval_sets:
-                    correct = sum(int((model(normalize(images[i:i + 512], self.info).contiguous(memory_format=layout))
+                    correct = sum(int((model(images[i:i + 512].contiguous(memory_format=layout))
                                        .argmax(1) == labels[i:i + 512]).sum()) for i in range(0, len(labels), 512))
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "correct": correct}, out)
             yield
@@ -154,12 +158,13 @@ def main():
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--views", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
+    parser.add_argument("--threads", default="1,2", help="torch thread counts, comma-separated; each runs every run")
     parser.add_argument("--only", help="comma-separated run names (default: all)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--write", type=Path, help="replace this script's block in a Markdown file with the results")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    thread_counts = [int(t) for t in args.threads.split(",")]
+    torch.set_num_threads(thread_counts[0])
     work = Path(tempfile.mkdtemp())
     teacher = benchmark_teacher(work / "teacher.pt", limit=args.limit)
     flip_data = DataConfig(dataset="fashion-mnist", limit=args.limit)
@@ -202,53 +207,63 @@ def main():
         if unknown:
             parser.error(f"--only: unknown run {sorted(unknown)[0]!r}; one of {', '.join(runs)}")
         runs = {name: runs[name] for name in args.only.split(",")}
-    found = {name: {"engine": [], "bare": [], "ratios": []} for name in runs}
-    for _ in range(args.repeats):  # alternate the runs, so drift on a noisy machine is spread over all
-        for name, (table, options, new_bare) in runs.items():
-            bare = new_bare() if new_bare is not None else None
-            # a bare epoch before each engine epoch but the last, which is not timed
-            between = functools.partial(next, itertools.islice(bare, args.epochs - 1), None) if bare else None
-            engine = energytools_epochs(table, work, name, args.epochs, args.eval_limit, between=between, **options)
-            found[name]["engine"] += engine[1:]
-            if bare is not None:
-                found[name]["bare"] += BETWEEN_SECONDS[1:len(engine)]
-                found[name]["ratios"] += paired_ratios(engine, BETWEEN_SECONDS)
-    best = {name: [min(f["engine"]), min(f["bare"], default=math.inf)] for name, f in found.items()}
-    paired = {name: quantiles(f["ratios"]) for name, f in found.items() if f["ratios"]}
+    found = {(threads, name): {"engine": [], "bare": [], "ratios": []} for threads in thread_counts for name in runs}
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        for _ in range(args.repeats):  # alternate the runs, so drift on a noisy machine is spread over all
+            for name, (table, options, new_bare) in runs.items():
+                bare = new_bare() if new_bare is not None else None
+                # a bare epoch before each engine epoch but the last, which is not timed
+                between = functools.partial(next, itertools.islice(bare, args.epochs - 1), None) if bare else None
+                engine = energytools_epochs(table, work, name, args.epochs, args.eval_limit, between=between,
+                                            **options)
+                found[threads, name]["engine"] += engine[1:]
+                if bare is not None:
+                    found[threads, name]["bare"] += BETWEEN_SECONDS[1:len(engine)]
+                    found[threads, name]["ratios"] += paired_ratios(engine, BETWEEN_SECONDS)
+    best = {key: [min(f["engine"]), min(f["bare"], default=math.inf)] for key, f in found.items()}
+    paired = {key: quantiles(f["ratios"]) for key, f in found.items() if f["ratios"]}
+    label = "{1} @{0}t".format
     figures = {"samples": args.limit, "eval_samples": 2 * args.eval_limit, "views": args.views,
-               "torch_threads": torch.get_num_threads(), "epochs_per_run": args.epochs, "repeats": args.repeats,
-               "epoch_seconds": {name: {"energytools": e, "bare": b if math.isfinite(b) else None}
-                                 for name, (e, b) in best.items()},
-               "paired_ratios": {name: f["ratios"] for name, f in found.items() if f["ratios"]},
-               **{f"{name.replace('-', '_')}_over_bare": median for name, (_, median, _) in paired.items()},
+               "torch_threads": thread_counts, "epochs_per_run": args.epochs, "repeats": args.repeats,
+               "bare_loop": "normalised float32 NCHW images held in memory (padded once for crops)",
+               "epoch_seconds": {label(*key): {"energytools": e, "bare": b if math.isfinite(b) else None}
+                                 for key, (e, b) in best.items()},
+               "paired_ratios": {label(*key): f["ratios"] for key, f in found.items() if f["ratios"]},
+               **{f"{name.replace('-', '_')}_over_bare_{threads}t": median
+                  for (threads, name), (_, median, _) in paired.items()},
                "over_bare_target": "<= 1.05 (median of the paired ratios)",
                "energy_kd_views_over_ce_target": "<= 1.10"}
-    for figure, (top, bottom) in {"energy_kd_views_over_ce": ("energy-kd-cached-views", "ce-crop"),
-                                  "online_over_cached_flip": ("kd", "kd-cached")}.items():
-        if top in best and bottom in best:
-            figures[figure] = best[top][0] / best[bottom][0]
+    for threads in thread_counts:
+        for figure, (top, bottom) in {"energy_kd_views_over_ce": ("energy-kd-cached-views", "ce-crop"),
+                                      "online_over_cached_flip": ("kd", "kd-cached")}.items():
+            if (threads, top) in best and (threads, bottom) in best:
+                figures[f"{figure}_{threads}t"] = best[threads, top][0] / best[threads, bottom][0]
     emit("distill_overhead", figures, args.json)
     if args.write:
         write_block(args.write, best, paired, figures, args)
 
 
 def write_block(path: Path, best: dict, paired: dict, figures: dict, args) -> None:
-    pairs = {name: len(ratios) for name, ratios in figures.get("paired_ratios", {}).items()}
+    pairs = {key: len(f) for key, f in figures.get("paired_ratios", {}).items()}
     lines = [f"`{command()}` ({machine()}; cnn_small, batch 64, {args.limit} training and {2 * args.eval_limit} "
-             f"val + test images; {args.repeats} runs of {args.epochs} epochs, every energytools epoch paired with a "
-             "bare epoch run right before it, the first (warm-up) and the last (test predictions) left out).", "",
-             "| run | fastest energytools s/epoch | fastest bare s/epoch | paired energytools / bare, median "
-             "| quartiles | pairs |", "|---|---|---|---|---|---|"]
-    for name, (ours, bare) in best.items():
-        if name in paired:
-            low, median, high = paired[name]
-            lines.append(f"| {name} | {ours:.2f} | {bare:.2f} | **{median:.3f}** | {low:.3f}-{high:.3f} | "
-                         f"{pairs[name]} |")
+             f"val + test images; {args.repeats} runs of {args.epochs} epochs at each thread count, every "
+             "energytools epoch paired with a bare epoch run right before it, the first (warm-up) and the last "
+             "(test predictions) left out). The bare loop holds its images as normalised float32 NCHW tensors "
+             "(padded once for the crops) and gathers each batch with one index_select.", "",
+             "| run | threads | fastest energytools s/epoch | fastest bare s/epoch | paired energytools / bare, median "
+             "| quartiles | pairs |", "|---|---|---|---|---|---|---|"]
+    for (threads, name), (ours, bare) in best.items():
+        if (threads, name) in paired:
+            low, median, high = paired[threads, name]
+            lines.append(f"| {name} | {threads} | {ours:.2f} | {bare:.2f} | **{median:.3f}** | {low:.3f}-{high:.3f} | "
+                         f"{pairs[f'{name} @{threads}t']} |")
         else:
-            lines.append(f"| {name} | {ours:.2f} |  | (no bare loop) |  |  |")
-    if "energy_kd_views_over_ce" in figures:
-        lines += ["", f"energy-kd on cached views / ce on the same crops (fastest epochs): "
-                      f"{figures['energy_kd_views_over_ce']:.3f}."]
+            lines.append(f"| {name} | {threads} | {ours:.2f} |  | (no bare loop) |  |  |")
+    for threads in figures["torch_threads"]:
+        if f"energy_kd_views_over_ce_{threads}t" in figures:
+            lines += ["", f"energy-kd on cached views / ce on the same crops (fastest epochs, {threads} threads): "
+                          f"{figures[f'energy_kd_views_over_ce_{threads}t']:.3f}."]
     replace_block(path, "distill overhead", "\n".join(lines))
 
 

@@ -118,6 +118,11 @@ class TrainConfig:
     device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1 ...", panel=HARDWARE,
                          resume_may_change=True)
     num_workers: int = option(0, "DataLoader worker processes", panel=HARDWARE)
+    in_memory_gib: float = option(2.0, "an in-memory training split (Fashion-MNIST, CIFAR, digits, not image "
+                                  "folders or shards) whose normalised float copy fits in this many GiB is held "
+                                  "so on the device: each batch is a gather, its crop and flips, and no "
+                                  "conversion (the same weights; no workers needed); 0: convert every batch",
+                                  panel=HARDWARE, content=False, resume_may_change=True)
     prefetch: int = option(2, "batches each DataLoader worker loads ahead (with --num-workers; the random "
                            "augmentation's draws depend on it, so keep it to reproduce a run)", panel=HARDWARE)
     amp: bool = option(True, "mixed precision on cuda (no effect elsewhere)", panel=HARDWARE)
@@ -227,6 +232,11 @@ class ScoreConfig:
                                    "8192; the table's bytes do not depend on it)", content=False, panel=OUTPUT)
     device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1 ...", panel=HARDWARE)
     num_workers: int = option(0, "DataLoader worker processes", panel=HARDWARE)
+    in_memory_gib: float = option(2.0, "an in-memory training split (Fashion-MNIST, CIFAR, digits, not image "
+                                  "folders or shards) whose normalised float copy fits in this many GiB is held "
+                                  "so on the device: each batch is a gather, its crop and flips, and no "
+                                  "conversion (the same weights; no workers needed); 0: convert every batch",
+                                  panel=HARDWARE, content=False, resume_may_change=True)
     amp: bool = option(False, "bf16/fp16 autocast on cuda: faster, but energies from low-precision logits "
                        "(docs/benchmarks.md); default float32 (no TF32)", panel=HARDWARE)
     overwrite: bool = option(False, "replace an existing output", content=False, panel=OUTPUT)

@@ -61,19 +61,25 @@ def apply_augment(images: torch.Tensor, info: DatasetInfo, draw: AugmentDraw) ->
 
     Integer gathers and selections only: the same bytes on any device, and no data-dependent
     shape or host read (nothing a GPU stream would wait on)."""
-    out, device = images, images.device
     pad = info.train_crop_pad
+    padded = F.pad(images, (pad, pad, pad, pad)) if draw.offsets is not None else images
+    return crop_and_flip(padded, pad, draw)
+
+
+def crop_and_flip(padded: torch.Tensor, pad: int, draw: AugmentDraw) -> torch.Tensor:
+    """:func:`apply_augment` on a batch already padded by ``pad`` on every side (unpadded
+    without a crop): the crop at ``draw``'s offsets, then its flips."""
+    out, device = padded, padded.device
     if draw.offsets is not None:
-        batch, channels = images.shape[:2]
-        height, width = images.shape[-2:]
+        batch, channels = padded.shape[:2]
+        height, width = padded.shape[-2] - 2 * pad, padded.shape[-1] - 2 * pad
         offsets = to_device(draw.offsets, device)
-        padded = F.pad(images, (pad, pad, pad, pad))
         rows = offsets[:, :1] + torch.arange(height, device=device)
         cols = offsets[:, 1:] + torch.arange(width, device=device)
         full = width + 2 * pad
         index = (rows[:, :, None] * full + cols[:, None, :]).view(batch, 1, -1).expand(-1, channels, -1)
         # one gather, with NCHW strides as the old torch.stack gave (the strides pick the conv kernel)
-        out = padded.reshape(batch, channels, -1).gather(2, index).view(images.shape)
+        out = padded.reshape(batch, channels, -1).gather(2, index).view(batch, channels, height, width)
     if draw.any_flipped:
         flip = to_device(draw.flipped, device).view(-1, 1, 1, 1)
         out = torch.where(flip, out.flip(-1), out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..data.base import collate
+from ..data.resident import ResidentImages, can_reside
 from ..data.views import EpochKeys, ViewedSet
 
 
@@ -29,10 +30,16 @@ class TrainLoader:
     """One DataLoader for the whole run (workers persist across epochs) and what is set per
     epoch (:meth:`start_epoch`). Without ``views`` it is the loader the run always had
     (shuffled by ``generator``); with them it hands out ``(index, epoch)`` keys so the workers
-    render each sample's view for the epoch."""
+    render each sample's view for the epoch. An in-memory split that fits ``cfg.in_memory_gib``
+    is made resident on the device (:class:`~energytools.data.resident.ResidentImages`): its
+    batches are fetched here, without workers, with the same draws."""
 
     def __init__(self, train_set, cfg, device: torch.device, ctx, views=None):
         self.cfg, self.ctx, self.views = cfg, ctx, views
+        budget = getattr(cfg, "in_memory_gib", 0.0)
+        self.resident = ResidentImages(train_set, device) if views is None and can_reside(train_set, budget) else None
+        # a loader that makes one iterator for the run (persistent workers) draws its seed here
+        self._fresh_draw = cfg.num_workers > 0 and self.resident is None
         self.generator = torch.Generator()
         if ctx.distributed:  # each rank takes its share; cfg.batch_size is per rank
             self.sampler = torch.utils.data.DistributedSampler(train_set, ctx.world, ctx.rank, shuffle=True,
@@ -66,7 +73,7 @@ class TrainLoader:
             self.sampler.set_epoch(epoch)
         if self.keys is not None:
             self.keys.epoch = epoch
-        if self.cfg.num_workers > 0 and self._epochs_started:
+        if self._fresh_draw and self._epochs_started:
             self._as_fresh_iterator()
         self._epochs_started += 1
 
@@ -85,7 +92,7 @@ class TrainLoader:
         self._batches.skip, self._on_resumed = step, on_resumed
 
     def __iter__(self):
-        batches = iter(self.loader) if self.cfg.num_workers > 0 else self._in_process()
+        batches = iter(self.loader) if self._fresh_draw else self._in_process()
         if self._on_resumed is None:
             return batches
         return self._resumed(batches)
@@ -100,6 +107,8 @@ class TrainLoader:
         torch.empty((), dtype=torch.int64).random_(generator=self.loader.generator)
         dataset = self.loader.dataset
         fetch = getattr(dataset, "__getitems__", None) or (lambda indices: [dataset[i] for i in indices])
+        if self.resident is not None:
+            fetch = self.resident.fetch
         for indices in self._batches:
             yield collate(fetch(indices))
 

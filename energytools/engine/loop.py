@@ -156,13 +156,17 @@ def train_one_epoch(epoch: int, model: nn.Module, forward: Callable, step: StepF
             set_lr(optimizer, lr_at(epoch + (step_index - 1) / steps))
         if replayed:
             images, labels, ids, flipped, chosen = fetched
+            images = normalize(to_device(images, device), info)
         else:
             images, labels, ids = fetched
             # drawn on the CPU generator as ever, applied after the copy: the batch the loader's
             # workers pinned goes to the device as it is, pinned once
-            drawn = draw_augment(len(images), info, loader.generator)
-            images, flipped, chosen = apply_augment(to_device(images, device), info, drawn), drawn.flipped, None
-        images = normalize(to_device(images, device), info)
+            drawn = draw_augment(len(labels), info, loader.generator)
+            flipped, chosen = drawn.flipped, None
+            if loader.resident is not None:  # ``images`` holds the batch's indices into the resident split
+                images = loader.resident.images(images, drawn)
+            else:
+                images = normalize(apply_augment(to_device(images, device), info, drawn), info)
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         batch = Batch(images, to_device(labels, device), ids, flipped, epoch, chosen)

@@ -24,7 +24,9 @@ from energytools.engine import model_meta
 
 pytestmark = pytest.mark.skipif(not SYSTEM_FASHION_MNIST.exists(),
                                 reason="Fashion-MNIST is not installed (make test installs dataset-fashion-mnist)")
-LIMIT = 12000
+LIMIT = 3000
+#: 12 score parts and 12 HE-DA shards of LIMIT samples: kills land early, midway and at the last one
+PART_SIZE, SHARD_SIZE = 256, 125
 
 
 def cli(*args) -> list[str]:
@@ -54,7 +56,7 @@ def teacher(tmp_path_factory):
 @pytest.fixture(scope="module")
 def clean_scores(teacher, tmp_path_factory):
     out = tmp_path_factory.mktemp("clean") / "scores.parquet"
-    run("score", "--teacher", teacher, "--out", out, "--part-size", 1024, "--save-logits")
+    run("score", "--teacher", teacher, "--out", out, "--part-size", PART_SIZE, "--save-logits")
     return out
 
 
@@ -65,7 +67,7 @@ def parts(out: Path) -> list[Path]:
 @pytest.mark.parametrize("kill_after_parts", [0, 5, 11])  # early, midway, at the last part
 def test_score_survives_sigkill(teacher, clean_scores, tmp_path, kill_after_parts):
     out = tmp_path / "scores.parquet"
-    args = ("score", "--teacher", teacher, "--out", out, "--part-size", 1024, "--save-logits")
+    args = ("score", "--teacher", teacher, "--out", out, "--part-size", PART_SIZE, "--save-logits")
     if kill_after_parts == 0:
         run_and_kill(args, lambda: (out.parent / f"{out.name}.parts" / KEY_FILE).exists())
     else:
@@ -81,7 +83,7 @@ def test_augment_survives_sigkill(clean_scores, tmp_path, workers):
     """With 2 workers the killed process leaves a worker behind, which must go too: the re-run
     needs the output's lock."""
     def args(out):
-        return ("augment", "--scores", clean_scores, "--ratio", 0.5, "--shard-size", 500, "--out", out,
+        return ("augment", "--scores", clean_scores, "--ratio", 0.5, "--shard-size", SHARD_SIZE, "--out", out,
                 "--workers", workers)
 
     run(*args(tmp_path / "clean"))
@@ -115,7 +117,7 @@ def test_distill_resumes_to_the_same_weights(clean_scores, tmp_path):
 
 def test_a_second_writer_is_refused_and_a_killed_one_leaves_no_stuck_lock(teacher, tmp_path):
     out = tmp_path / "scores.parquet"
-    args = ("score", "--teacher", teacher, "--out", out, "--part-size", 1024)
+    args = ("score", "--teacher", teacher, "--out", out, "--part-size", PART_SIZE)
     process = subprocess.Popen(cli(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while not parts(out):
@@ -139,7 +141,7 @@ def one_stop_line(result) -> str:
 
 def test_score_stops_on_sigterm_and_resumes(teacher, clean_scores, tmp_path):
     out = tmp_path / "scores.parquet"
-    args = ("score", "--teacher", teacher, "--out", out, "--part-size", 1024, "--save-logits")
+    args = ("score", "--teacher", teacher, "--out", out, "--part-size", PART_SIZE, "--save-logits")
     line = one_stop_line(signal_when(args, lambda: len(parts(out)) >= 3))
     assert "parts scored" in line and "re-run the same command" in line
     assert not out.exists() and 3 <= len(parts(out)) < 12
@@ -152,7 +154,7 @@ def test_score_stops_on_sigterm_and_resumes(teacher, clean_scores, tmp_path):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_augment_stops_on_sigterm_and_resumes(clean_scores, tmp_path, workers):
     def args(out):
-        return ("augment", "--scores", clean_scores, "--ratio", 0.5, "--shard-size", 500, "--out", out,
+        return ("augment", "--scores", clean_scores, "--ratio", 0.5, "--shard-size", SHARD_SIZE, "--out", out,
                 "--workers", workers)
 
     run(*args(tmp_path / "clean"))
