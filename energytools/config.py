@@ -231,12 +231,10 @@ class ScoreConfig:
                                    "batch_size (default: from the sample count and the number of processes, at most "
                                    "8192; the table's bytes do not depend on it)", content=False, panel=OUTPUT)
     device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1 ...", panel=HARDWARE)
-    num_workers: int = option(0, "DataLoader worker processes", panel=HARDWARE)
-    in_memory_gib: float = option(2.0, "an in-memory training split (Fashion-MNIST, CIFAR, digits, not image "
-                                  "folders or shards) whose normalised float copy fits in this many GiB is held "
-                                  "so on the device: each batch is a gather, its crop and flips, and no "
-                                  "conversion (the same weights; no workers needed); 0: convert every batch",
-                                  panel=HARDWARE, content=False, resume_may_change=True)
+    num_workers: int | None = option(None, "DataLoader worker processes that read and decode the images (default: "
+                                     "none for data held in memory; for image folders and Parquet images one per "
+                                     "CPU available, shared by the ranks of a host, at most 8; the table's bytes "
+                                     "do not depend on it)", content=False, panel=HARDWARE)
     amp: bool = option(False, "bf16/fp16 autocast on cuda: faster, but energies from low-precision logits "
                        "(docs/benchmarks.md); default float32 (no TF32)", panel=HARDWARE)
     overwrite: bool = option(False, "replace an existing output", content=False, panel=OUTPUT)
@@ -250,6 +248,7 @@ class ScoreConfig:
         require(self, "energy_temperature", self.energy_temperature > 0, "positive")
         require(self, "batch_size", self.batch_size >= 1, ">= 1")
         require(self, "part_size", self.part_size is None or self.part_size >= 1, ">= 1")
+        require(self, "num_workers", self.num_workers is None or self.num_workers >= 0, ">= 0")
         require(self, "views", self.views >= 0, ">= 0")
         require(self, "ood_score", self.ood_score in (None, *OOD_SCORES), f"one of {', '.join(OOD_SCORES)}")
         require(self, "ood_tpr", self.ood_tpr is None or 0 < self.ood_tpr < 1, "in (0, 1)")

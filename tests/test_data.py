@@ -245,6 +245,35 @@ def test_an_image_folder_scores_the_same_by_either_decoder(tmp_path, monkeypatch
     assert (pil["pred"] == auto["pred"]).all()
 
 
+def test_score_decodes_files_in_workers_by_default_and_writes_the_same_table(tmp_path, monkeypatch):
+    """Without --num-workers, image files are read by one worker per CPU (none for data held in
+    memory; shared by the ranks of a host); the table is byte for byte the one of 0 workers."""
+    import energytools
+    from energytools.config import DataConfig
+    from energytools.data.base import default_workers
+    from energytools.threads import available_cpus
+
+    rng = np.random.default_rng(1)
+    for split, count in (("train", 20), ("val", 4)):
+        for label, cls in enumerate(("dark", "bright")):
+            (tmp_path / "images" / split / cls).mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(rng.normal(70 + 110 * label, 40, (20, 20, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "images" / split / cls / f"{i}.jpg")
+    data = {"dataset": "imagefolder", "data_root": str(tmp_path / "images"), "image_size": 16}
+    files = DataConfig(**data).build("train")
+    assert default_workers(DataConfig(dataset="digits").build("train")) == 0
+    assert default_workers(files) == min(8, available_cpus())
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * available_cpus()))
+    assert default_workers(files) == 1
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    energytools.train("cnn_tiny", tmp_path / "teacher", epochs=1, **data)
+    teacher = tmp_path / "teacher" / "best.pt"
+    default = energytools.score(teacher, tmp_path / "default.parquet", batch_size=8)
+    none = energytools.score(teacher, tmp_path / "none.parquet", batch_size=8, num_workers=0)
+    assert default.read_bytes() == none.read_bytes()
+
+
 def test_a_bad_decoder_choice_is_one_line(tmp_path):
     import subprocess
 

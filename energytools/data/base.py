@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from ..errors import UserError
+from ..threads import available_cpus
 from .decode import decode, image_decoder, resize_crop
 from .draws import TrainTransform, crop_flip, draw_views, resized_crop
 
@@ -214,6 +215,23 @@ class FileImages:
             except OSError as exc:  # a broken symlink, a file removed since the folder was listed
                 raise UserError(f"cannot read image {path}: {exc.strerror}") from None
             hasher.update(f"{self.paths[position]}:{size}\n".encode())
+
+
+#: the most DataLoader workers a default picks
+MAX_DEFAULT_WORKERS = 8
+
+
+def default_workers(dataset) -> int:
+    """DataLoader workers when --num-workers is not given: none for images held in memory (a
+    batch is one gather, which a worker would only copy), else one per CPU this process may use,
+    shared with the other ranks on this host (torchrun's LOCAL_WORLD_SIZE), at most 8:
+    decoding files is what the workers do, in parallel with the forward passes."""
+    if isinstance(getattr(dataset, "images", None), ArrayImages):
+        return 0
+    import os
+
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, min(MAX_DEFAULT_WORKERS, available_cpus() // ranks))
 
 
 class Collated(tuple):

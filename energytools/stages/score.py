@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from ..config import DataConfig, ScoreConfig, as_dict, content_of
 from ..console import console, headline, progress_bar
+from ..data.base import default_workers
 from ..data.views import ScoredViews
 from ..distributed import collective_timeout, context
 from ..engine import float32_exact, make_loader
@@ -127,6 +128,7 @@ def score(cfg: ScoreConfig) -> Path:
     started = time.perf_counter()
     ctx.check_same(as_dict(cfg), "score config")
     part_size = choose_part_size(len(dataset), ctx.world, cfg.batch_size, cfg.part_size)
+    workers = cfg.num_workers if cfg.num_workers is not None else default_workers(dataset)
     n_parts = (len(dataset) + part_size - 1) // part_size
     if n_parts < ctx.world:
         raise UserError(f"{len(dataset)} samples make {n_parts} part(s) of part_size {part_size}, fewer than "
@@ -156,7 +158,7 @@ def score(cfg: ScoreConfig) -> Path:
                 chunks = []
                 with float32_exact(teacher.device, not cfg.amp):
                     for images, labels, ids, *views in make_loader(source, cfg.batch_size, teacher.device,
-                                                                   cfg.num_workers):
+                                                                   workers):
                         chunks.append({"sample_id": ids.numpy(), "label": labels.numpy(),
                                        **teacher_columns(teacher, images, labels, ids, info, cfg.energy_temperature,
                                                          save_logits=cfg.save_logits,
@@ -174,7 +176,7 @@ def score(cfg: ScoreConfig) -> Path:
         frame = pl.from_arrow(table.replace_schema_metadata(None))
         ood = None
         if reference:
-            columns = validation_columns(teacher, reference.validation, cfg.batch_size, cfg.num_workers, cfg.amp,
+            columns = validation_columns(teacher, reference.validation, cfg.batch_size, workers, cfg.amp,
                                          lambda: _stop_if_requested(parts_dir, work.mine))
             frame, ood = flag_ood(frame, reference, columns, cfg.ood_score, cfg.ood_tpr)
         # where the table goes does not change its content, so out stays out of the bytes
