@@ -31,7 +31,7 @@ browser:
 # the architecture (import-linter contracts in pyproject.toml) and ruff's checks, then the tests;
 # nothing is downloaded from the Hugging Face Hub: fail at once if something tries. The tests run
 # in TEST_WORKERS processes (pytest-xdist; auto: one per CPU), a test module's tests in one of them
-# (they share its fixtures); each worker computes with its share of the CPUs (tests/conftest.py)
+# (they share its fixtures)
 TEST_WORKERS ?= auto
 test: setup data browser lint
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope

@@ -16,21 +16,6 @@ from energytools.data.synthetic import write_cifar
 os.environ.setdefault("COLUMNS", "200")
 
 
-def _share_the_cpus_between_workers() -> None:
-    """Under pytest-xdist (`make test`), each worker process computes with its share of the CPUs:
-    two workers with a pool of every CPU each would spin-wait on each other (PITFALLS.md)."""
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if workers > 1:
-        import torch
-
-        from energytools.threads import available_cpus
-
-        torch.set_num_threads(max(1, available_cpus() // workers))
-
-
-_share_the_cpus_between_workers()
-
-
 def write_idx(path: Path, array: np.ndarray) -> None:
     header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
     with gzip.open(path, "wb") as handle:

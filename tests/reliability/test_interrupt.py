@@ -117,7 +117,8 @@ def test_distill_resumes_to_the_same_weights(clean_scores, tmp_path):
 
 def test_a_second_writer_is_refused_and_a_killed_one_leaves_no_stuck_lock(teacher, tmp_path):
     out = tmp_path / "scores.parquet"
-    args = ("score", "--teacher", teacher, "--out", out, "--part-size", PART_SIZE)
+    # four times the teacher's images: the first writer is still at work when the second has started
+    args = ("score", "--teacher", teacher, "--out", out, "--part-size", PART_SIZE, "--limit", 4 * LIMIT)
     process = subprocess.Popen(cli(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while not parts(out):
@@ -125,6 +126,7 @@ def test_a_second_writer_is_refused_and_a_killed_one_leaves_no_stuck_lock(teache
             time.sleep(0.01)
         second = subprocess.run(cli(*args), capture_output=True, text=True)
         assert second.returncode == 2 and "being written by another energytools process" in second.stderr
+        assert process.poll() is None, "the first writer finished before it could be killed"
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
