@@ -85,3 +85,18 @@ def test_the_results_summary_links_every_round_page_and_the_study_scripts_write_
     for study, marker in ((evidence3.ROUND3, "evidence round 3"), (evidence.ROUND2, "evidence round 2")):
         page = (root / study.doc).read_text()
         assert page.count(f"<!-- {marker}: begin -->") == 1 and f"<!-- {marker}: end -->" in page
+
+
+def test_round4_runs_round3s_own_rows_beside_their_controls():
+    import evidence3
+    import evidence4
+
+    study = evidence4.ROUND4
+    assert study.rows and all(row == evidence3.ROWS[name] for name, row in study.rows.items())
+    for setting in [*study.settings.values(), *study.smoke.values()]:
+        assert setting.baseline in setting.rows
+        assert all(a in setting.rows and b in setting.rows for a, b in setting.pairs)
+    published = study.settings["HE-DA as published, 20k images"]
+    assert {"kd + online HE-DA high 0.4", "kd + online HE-DA high 0.5, weight 0.3"} <= set(published.rows)
+    assert ("kd + HE-DA shards 0.5", "kd + random shards 0.5") in published.pairs
+    assert {"ctkd", "dtkd"} <= set(study.settings["C: long tail, long-tailed teacher"].rows)
