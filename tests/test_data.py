@@ -216,6 +216,19 @@ def test_the_torchvision_decoder_gives_pils_pixels_to_one_level(kind):
                 assert decode_square(data, channels, size, resize, decoder="pil") is None
 
 
+def write_two_class_folder(root, counts: dict, shape, seed: int, formats=lambda i: ("jpg", "JPEG")) -> None:
+    """An image folder of noisy RGB images of ``shape`` (height, width), "dark" and "bright"
+    classes, ``counts[split]`` per class; image i is saved as ``formats(i)`` (suffix, PIL format)."""
+    rng = np.random.default_rng(seed)
+    for split, count in counts.items():
+        for label, cls in enumerate(("dark", "bright")):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(rng.normal(70 + 110 * label, 40, (*shape, 3)), 0, 255).astype(np.uint8)
+                suffix, image_format = formats(i)
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.{suffix}", format=image_format)
+
+
 def test_an_image_folder_scores_the_same_by_either_decoder(tmp_path, monkeypatch):
     """JPEGs, a WebP and a BMP (PIL reads it either way) scored by a trained teacher: the
     energies agree to 1e-2 (observed: a few 1e-3) and the predictions match."""
@@ -223,14 +236,10 @@ def test_an_image_folder_scores_the_same_by_either_decoder(tmp_path, monkeypatch
 
     import energytools
 
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 24), ("val", 8)):
-        for label, cls in enumerate(("dark", "bright")):
-            (tmp_path / "images" / split / cls).mkdir(parents=True)
-            for i in range(count):
-                pixels = np.clip(rng.normal(70 + 110 * label, 40, (40, 52, 3)), 0, 255).astype(np.uint8)
-                suffix, image_format = (("bmp", "BMP"), ("webp", "WEBP"))[i % 2] if i < 2 else ("jpg", "JPEG")
-                Image.fromarray(pixels).save(tmp_path / "images" / split / cls / f"{i}.{suffix}", format=image_format)
+    def formats(i):  # a BMP and a WebP in each class, JPEGs otherwise
+        return (("bmp", "BMP"), ("webp", "WEBP"))[i % 2] if i < 2 else ("jpg", "JPEG")
+
+    write_two_class_folder(tmp_path / "images", {"train": 24, "val": 8}, (40, 52), 0, formats)
     data = {"dataset": "imagefolder", "data_root": str(tmp_path / "images"), "image_size": 32}
     energytools.train("cnn_tiny", tmp_path / "teacher", epochs=2, **data)
     tables = {}
@@ -253,13 +262,7 @@ def test_score_decodes_files_in_workers_by_default_and_writes_the_same_table(tmp
     from energytools.data.base import default_workers
     from energytools.threads import available_cpus
 
-    rng = np.random.default_rng(1)
-    for split, count in (("train", 20), ("val", 4)):
-        for label, cls in enumerate(("dark", "bright")):
-            (tmp_path / "images" / split / cls).mkdir(parents=True)
-            for i in range(count):
-                pixels = np.clip(rng.normal(70 + 110 * label, 40, (20, 20, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(tmp_path / "images" / split / cls / f"{i}.jpg")
+    write_two_class_folder(tmp_path / "images", {"train": 20, "val": 4}, (20, 20), 1)
     data = {"dataset": "imagefolder", "data_root": str(tmp_path / "images"), "image_size": 16}
     files = DataConfig(**data).build("train")
     assert default_workers(DataConfig(dataset="digits").build("train")) == 0
