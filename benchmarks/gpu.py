@@ -132,7 +132,7 @@ def main():
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.smoke:
-        args.device, args.samples, args.epochs, args.batch_size = "cpu", 1000, 3, 64
+        args.device, args.samples, args.epochs, args.batch_size = "cpu", 400, 3, 64
         args.teacher_arch, args.student = "resnet8", "resnet8"
     device = resolve_device(args.device)
     work = Path(tempfile.mkdtemp())
