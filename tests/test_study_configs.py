@@ -82,7 +82,11 @@ def test_the_results_summary_links_every_round_page_and_the_study_scripts_write_
     links = re.findall(r"\]\((results/[^)]+)\)", summary)
     assert {"results/round1.md", "results/round2.md", "results/round3.md"} <= set(links)
     assert all((root / "docs" / link).exists() for link in links)
-    for study, marker in ((evidence3.ROUND3, "evidence round 3"), (evidence.ROUND2, "evidence round 2")):
+    import evidence4
+
+    assert "results/round4.md" in links
+    for study, marker in ((evidence4.ROUND4, "evidence round 4"), (evidence3.ROUND3, "evidence round 3"),
+                          (evidence.ROUND2, "evidence round 2")):
         page = (root / study.doc).read_text()
         assert page.count(f"<!-- {marker}: begin -->") == 1 and f"<!-- {marker}: end -->" in page
 
