@@ -120,8 +120,8 @@ class TrainConfig:
     num_workers: int = option(0, "DataLoader worker processes", panel=HARDWARE)
     in_memory_gib: float = option(2.0, "an in-memory training split (Fashion-MNIST, CIFAR, digits, not image "
                                   "folders or shards) whose normalised float copy fits in this many GiB is held "
-                                  "so on the device: each batch is a gather, its crop and flips, and no "
-                                  "conversion (the same weights; no workers needed); 0: convert every batch",
+                                  "so on the device when there are no --num-workers: each batch is a gather, its "
+                                  "crop and flips, and no conversion (the same weights); 0: convert every batch",
                                   panel=HARDWARE, content=False, resume_may_change=True)
     prefetch: int = option(2, "batches each DataLoader worker loads ahead (with --num-workers; the random "
                            "augmentation's draws depend on it, so keep it to reproduce a run)", panel=HARDWARE)

@@ -154,7 +154,7 @@ def test_train_loader_without_workers_hands_out_what_its_dataloader_would(fashio
 
     train_set = DataConfig(dataset="fashion-mnist", data_root=str(fashion_root), crop_pad=crop_pad).build("train")
     assert train_set.info.train_flip  # the loop draws flips from the loader's generator between batches
-    cfg = TrainConfig(batch_size=32, seed=3)
+    cfg = TrainConfig(batch_size=32, seed=3, in_memory_gib=0)  # batches of images (tests/test_resident.py: resident)
     views = FreshViews(train_set.info.train_transform, cfg.seed) if crop_pad else None
     loader = TrainLoader(train_set, cfg, torch.device("cpu"), context(), views)
 

@@ -30,16 +30,18 @@ class TrainLoader:
     """One DataLoader for the whole run (workers persist across epochs) and what is set per
     epoch (:meth:`start_epoch`). Without ``views`` it is the loader the run always had
     (shuffled by ``generator``); with them it hands out ``(index, epoch)`` keys so the workers
-    render each sample's view for the epoch. An in-memory split that fits ``cfg.in_memory_gib``
-    is made resident on the device (:class:`~energytools.data.resident.ResidentImages`): its
-    batches are fetched here, without workers, with the same draws."""
+    render each sample's view for the epoch. Without workers, an in-memory split that fits
+    ``cfg.in_memory_gib`` is made resident on the device
+    (:class:`~energytools.data.resident.ResidentImages`) and its batches are fetched here, with
+    the same draws. (With workers it is not: a DataLoader with workers draws from the generator
+    as one without does not, and a run keeps the draws it always had.)"""
 
     def __init__(self, train_set, cfg, device: torch.device, ctx, views=None):
         self.cfg, self.ctx, self.views = cfg, ctx, views
-        budget = getattr(cfg, "in_memory_gib", 0.0)
-        self.resident = ResidentImages(train_set, device) if views is None and can_reside(train_set, budget) else None
+        budget = getattr(cfg, "in_memory_gib", 0.0) if cfg.num_workers == 0 and views is None else 0.0
+        self.resident = ResidentImages(train_set, device) if can_reside(train_set, budget) else None
         # a loader that makes one iterator for the run (persistent workers) draws its seed here
-        self._fresh_draw = cfg.num_workers > 0 and self.resident is None
+        self._fresh_draw = cfg.num_workers > 0
         self.generator = torch.Generator()
         if ctx.distributed:  # each rank takes its share; cfg.batch_size is per rank
             self.sampler = torch.utils.data.DistributedSampler(train_set, ctx.world, ctx.rank, shuffle=True,
