@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from ..errors import UserError
-from ..threads import available_cpus
 from .decode import decode, image_decoder, resize_crop
+from .geometry import Geometry, center_crop_geometry, fitted_geometry, square_geometry
 from .draws import TrainTransform, crop_flip, draw_views, resized_crop
 
 
@@ -76,28 +76,6 @@ def imagenet_stats(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]
     return ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if channels == 3 else ((0.5,), (0.25,))
 
 
-#: a resize: the new (width, height), then the crop box (left, top, right, bottom)
-Geometry = tuple[tuple[int, int], tuple[int, int, int, int]]
-
-
-def square_geometry(width: int, height: int, size: int) -> Geometry:
-    """The shorter side to ``size``, then a centre crop to a square."""
-    scale = size / min(width, height)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return (new_w, new_h), (left, top, left + size, top + size)
-
-
-def center_crop_geometry(width: int, height: int, size: int, resize: int) -> Geometry:
-    """torchvision's evaluation transform: Resize(``resize``) of the shorter side, then
-    CenterCrop(``size``), with torchvision's rounding."""
-    short, long = (width, height) if width <= height else (height, width)
-    new_short, new_long = resize, int(resize * long / short)
-    new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
-    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-    return (new_w, new_h), (left, top, left + size, top + size)
-
-
 def _resized(image: Image.Image, geometry: Geometry) -> Image.Image:
     new_size, box = geometry
     if new_size != image.size:
@@ -128,13 +106,7 @@ def decode_square(data: bytes, channels: int, size: int | None, resize: int | No
     if image is None:
         return None
     height, width = image.shape[1:]
-    if size is None:
-        geometry = (width, height), (0, 0, width, height)
-    elif resize is None:
-        geometry = square_geometry(width, height, size)
-    else:
-        geometry = center_crop_geometry(width, height, size, resize)
-    return resize_crop(image, *geometry)
+    return resize_crop(image, *fitted_geometry(width, height, size, resize))
 
 
 def as_array(image: Image.Image) -> np.ndarray:
@@ -188,12 +160,17 @@ class FileImages:
         except UNREADABLE_IMAGE as exc:
             raise UserError(f"cannot read image {path}: {exc}") from None
 
-    def load(self, position: int) -> np.ndarray:
+    def read(self, position: int) -> bytes:
+        """The file's bytes."""
         path = self.root / self.paths[position]
         try:
-            fast = decode_square(path.read_bytes(), self.channels, self.size, self.resize, self.decoder)
+            return path.read_bytes()
         except OSError as exc:
             raise UserError(f"cannot read image {path}: {exc.strerror}") from None
+
+    def load(self, position: int) -> np.ndarray:
+        path = self.root / self.paths[position]
+        fast = decode_square(self.read(position), self.channels, self.size, self.resize, self.decoder)
         if fast is not None:
             return fast
         if self.resize is not None:
@@ -215,23 +192,6 @@ class FileImages:
             except OSError as exc:  # a broken symlink, a file removed since the folder was listed
                 raise UserError(f"cannot read image {path}: {exc.strerror}") from None
             hasher.update(f"{self.paths[position]}:{size}\n".encode())
-
-
-#: the most DataLoader workers a default picks
-MAX_DEFAULT_WORKERS = 8
-
-
-def default_workers(dataset) -> int:
-    """DataLoader workers when --num-workers is not given: none for images held in memory (a
-    batch is one gather, which a worker would only copy), else one per CPU this process may use,
-    shared with the other ranks on this host (torchrun's LOCAL_WORLD_SIZE), at most 8:
-    decoding files is what the workers do, in parallel with the forward passes."""
-    if isinstance(getattr(dataset, "images", None), ArrayImages):
-        return 0
-    import os
-
-    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    return max(1, min(MAX_DEFAULT_WORKERS, available_cpus() // ranks))
 
 
 class Collated(tuple):

@@ -2,11 +2,16 @@
 function of (seed, epoch) so a resumed run sees what an uninterrupted one would."""
 from __future__ import annotations
 
+import os
+
 import torch
 
-from ..data.base import collate
+from ..data.base import ArrayImages, collate
 from ..data.resident import ResidentImages, can_reside
+from ..data.transforms import apply_augment, draw_augment, normalize
 from ..data.views import EpochKeys, ViewedSet
+from ..threads import available_cpus
+from ..transfer import to_device
 
 
 def loader_options(device: torch.device, num_workers: int, prefetch: int = 2, persistent: bool = False) -> dict:
@@ -17,6 +22,21 @@ def loader_options(device: torch.device, num_workers: int, prefetch: int = 2, pe
     if num_workers > 0:
         options.update(prefetch_factor=prefetch, persistent_workers=persistent)
     return options
+
+
+#: the most DataLoader workers a default picks
+MAX_DEFAULT_WORKERS = 8
+
+
+def default_workers(dataset) -> int:
+    """DataLoader workers when --num-workers is not given: none for images held in memory (a
+    batch is one gather, which a worker would only copy), else one per CPU this process may use,
+    shared with the other ranks on this host (torchrun's LOCAL_WORLD_SIZE), at most 8:
+    decoding files is what the workers do, in parallel with the forward passes."""
+    if isinstance(getattr(dataset, "images", None), ArrayImages):
+        return 0
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, min(MAX_DEFAULT_WORKERS, available_cpus() // ranks))
 
 
 def make_loader(dataset, batch_size: int, device: torch.device, num_workers: int = 0,
@@ -37,7 +57,7 @@ class TrainLoader:
     as one without does not, and a run keeps the draws it always had.)"""
 
     def __init__(self, train_set, cfg, device: torch.device, ctx, views=None):
-        self.cfg, self.ctx, self.views = cfg, ctx, views
+        self.cfg, self.ctx, self.views, self.device = cfg, ctx, views, device
         budget = getattr(cfg, "in_memory_gib", 0.0) if cfg.num_workers == 0 and views is None else 0.0
         self.resident = ResidentImages(train_set, device) if can_reside(train_set, budget) else None
         # a loader that makes one iterator for the run (persistent workers) draws its seed here
@@ -98,6 +118,29 @@ class TrainLoader:
         if self._on_resumed is None:
             return batches
         return self._resumed(batches)
+
+    def on_device(self, info):
+        """The pass's batches as a step consumes them: ``(images, labels, sample_ids, flipped,
+        views)`` with the images on the device, augmented and normalised (``info`` gives the
+        augmentation and the normalisation). A rendered view comes augmented from the loader
+        (``views`` says which stored view each sample is); otherwise the flips and crops are drawn
+        on the loader's generator after each fetch, as ever, and applied on the device: to the
+        resident split's batch (its indices) or to the fetched uint8 batch after its copy, so the
+        batch the workers pinned goes to the device as it is."""
+        layout = torch.channels_last if getattr(self.cfg, "channels_last", False) else None
+        for fetched in self:
+            if self.views is not None:
+                images, labels, ids, flipped, chosen = fetched
+                images = normalize(to_device(images, self.device), info)
+            else:
+                images, labels, ids = fetched
+                drawn = draw_augment(len(labels), info, self.generator)
+                flipped, chosen = drawn.flipped, None
+                images = (self.resident.images(images, drawn) if self.resident is not None
+                          else normalize(apply_augment(to_device(images, self.device), info, drawn), info))
+            if layout is not None:
+                images = images.contiguous(memory_format=layout)
+            yield images, to_device(labels, self.device), ids, flipped, chosen
 
     def _in_process(self):
         """The batches a DataLoader without workers hands out, without its per-batch machinery

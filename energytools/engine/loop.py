@@ -24,7 +24,6 @@ import torch.nn as nn
 
 from ..console import console, progress_bar
 from ..data import ImageSet
-from ..data.transforms import apply_augment, draw_augment, normalize
 from ..data.views import FreshViews
 from ..distributed import context
 from ..errors import UserError
@@ -37,7 +36,6 @@ from .checkpoint import Position, StepBoundary, own_rngs, restore_rngs
 from .ema import ModelEma, create_ema
 from .evaluation import Evaluator
 from .loaders import TrainLoader
-from ..transfer import to_device
 from .runtime import amp_dtype, autocast, deterministic, resolve_device
 
 
@@ -47,6 +45,10 @@ def model_meta(arch: str, dataset, data_cfg) -> dict:
     return {"arch": arch, "num_classes": info.num_classes, "in_channels": info.in_channels,
             "image_size": info.image_size, "dataset": dataset.describe(), "dataset_info": info.to_dict(),
             "data": as_dict(data_cfg), "normalization": {"mean": info.mean, "std": info.std}}
+
+
+#: the metrics columns that time an epoch (they differ between runs of the same weights)
+TIMING_COLUMNS = ("seconds", "train_seconds", "data_seconds", "eval_seconds")
 
 
 @dataclass
@@ -121,7 +123,8 @@ def train_one_epoch(epoch: int, model: nn.Module, forward: Callable, step: StepF
                     progress=None, on_step: Callable[[StepEvent], None] | None = None,
                     extra_groups: list[dict] = (), lr_at: Callable[[float], float] | None = None,
                     ema: ModelEma | None = None, position: Position | None = None,
-                    at_boundary: Callable[[int, int, dict, int], None] | None = None) -> tuple[dict, int]:
+                    at_boundary: Callable[[int, int, dict, int], None] | None = None,
+                    timings: dict | None = None) -> tuple[dict, int]:
     """One pass over ``loader``: returns each loss term summed over samples (on the device) and
     the number of samples seen. The sums are read every ``cfg.sync_every`` steps (progress and
     the divergence check), never per step.
@@ -131,7 +134,9 @@ def train_one_epoch(epoch: int, model: nn.Module, forward: Callable, step: StepF
     optimizer steps every N batches (and at the epoch's end) on the mean of their losses;
     ``on_step`` still sees every batch. ``position`` (a resumed epoch) gives the batches already
     done, which ``loader`` skips, and the sums so far; ``at_boundary(epoch, step, sums, seen)``
-    runs after each optimizer step (mid-epoch checkpoints, stop requests)."""
+    runs after each optimizer step (mid-epoch checkpoints, stop requests). ``timings`` (a dict)
+    gets the seconds spent waiting for batches (fetch, copy to the device, augmentation) added
+    under ``data_seconds``, as timm's data_time."""
     # float64 sums reproduce the per-step Python-float sums exactly; mps has no float64
     sum_dtype = torch.float32 if device.type == "mps" else torch.float64
     task = None
@@ -147,29 +152,15 @@ def train_one_epoch(epoch: int, model: nn.Module, forward: Callable, step: StepF
     done = position.step if position is not None else 0
     if task is not None and done:
         progress.update(task, completed=done)
-    replayed = loader.views is not None
     accumulate, steps, clip = getattr(cfg, "accumulate", 1), len(loader), getattr(cfg, "clip_grad", None)
-    for step_index, fetched in enumerate(loader, done + 1):
+    data_seconds, ready = 0.0, time.perf_counter()
+    for step_index, (images, labels, ids, flipped, chosen) in enumerate(loader.on_device(info), done + 1):
+        data_seconds += time.perf_counter() - ready  # waiting for the batch: fetch, copy, augmentation
         first = (step_index - 1) % accumulate == 0  # the first batch of an optimizer step
         last = step_index % accumulate == 0 or step_index == steps  # the batch that steps
         if lr_at is not None and first:  # the lr of this optimizer step, at its fractional epoch
             set_lr(optimizer, lr_at(epoch + (step_index - 1) / steps))
-        if replayed:
-            images, labels, ids, flipped, chosen = fetched
-            images = normalize(to_device(images, device), info)
-        else:
-            images, labels, ids = fetched
-            # drawn on the CPU generator as ever, applied after the copy: the batch the loader's
-            # workers pinned goes to the device as it is, pinned once
-            drawn = draw_augment(len(labels), info, loader.generator)
-            flipped, chosen = drawn.flipped, None
-            if loader.resident is not None:  # ``images`` holds the batch's indices into the resident split
-                images = loader.resident.images(images, drawn)
-            else:
-                images = normalize(apply_augment(to_device(images, device), info, drawn), info)
-        if cfg.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        batch = Batch(images, to_device(labels, device), ids, flipped, epoch, chosen)
+        batch = Batch(images, labels, ids, flipped, epoch, chosen)
         # --accumulate under torchrun: the batches before the one that steps keep their gradients
         # local (DDP's no_sync, around the forward too); the last one's backward all-reduces the sum
         with forward.no_sync() if not last and hasattr(forward, "no_sync") else contextlib.nullcontext():
@@ -201,18 +192,19 @@ def train_one_epoch(epoch: int, model: nn.Module, forward: Callable, step: StepF
             on_step(StepEvent(epoch, step_index, batch, logits, losses, optimizer.param_groups[0]["lr"]))
         if at_boundary is not None and last:  # between optimizer steps: no gradient is half accumulated
             at_boundary(epoch, step_index, sums, seen)
-        if task is None:
-            continue
-        if cfg.sync_every and step_index % cfg.sync_every == 0:
+        if task is not None and cfg.sync_every and step_index % cfg.sync_every == 0:
             total = _check_finite(sum(sums.values()), epoch)
             progress.update(task, completed=step_index, info=f"loss {total / seen:.3f}")
-        elif time.perf_counter() >= next_update:
+        elif task is not None and time.perf_counter() >= next_update:
             progress.update(task, completed=step_index)
             next_update = time.perf_counter() + 0.1
+        ready = time.perf_counter()
     if task is not None:
         progress.remove_task(task)
     if sums:
         _check_finite(sum(sums.values()), epoch)
+    if timings is not None:
+        timings["data_seconds"] = timings.get("data_seconds", 0.0) + data_seconds
     return sums, seen
 
 
@@ -318,16 +310,19 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
                 loader.resume_at(resumed.step, lambda p=resumed: restore_rngs(p.rngs, loader.generator, stateful,
                                                                                 device))
             position = None
+            timings = {}
             sums, seen = train_one_epoch(epoch, model, forward, step, loader, optimizer, scaler, cfg, device, info,
-                                         progress, on_step, extra_groups, lr_at, ema, resumed, at_boundary)
+                                         progress, on_step, extra_groups, lr_at, ema, resumed, at_boundary, timings)
+            train_seconds = time.perf_counter() - started
             names = sorted(sums)
             values = torch.stack([sums[n] for n in names]).tolist() if names else []  # one read per epoch
             summed = ctx.all_sum(values + [seen])
             totals, seen = dict(zip(names, summed[:-1])), int(summed[-1])
+            evaluated = time.perf_counter()
             val_acc, test_acc = evaluators["val"].accuracy(model), evaluators["test"].accuracy(model)
             row = {"epoch": epoch + 1, "lr": lr, "loss": sum(totals.values()) / max(seen, 1),
                    **{f"loss_{k}": v / max(seen, 1) for k, v in totals.items()},
-                   "val_acc": val_acc, "test_acc": test_acc, "seconds": time.perf_counter() - started,
+                   "val_acc": val_acc, "test_acc": test_acc,
                    **(distiller.epoch_metrics() if distiller is not None else {})}
             candidate, which = (model, "raw")
             if ema is not None:  # the averaged weights, evaluated beside the raw ones; best.pt takes either
@@ -335,6 +330,10 @@ def fit(model: nn.Module, step: StepFn, train_set, val_set: ImageSet | None, tes
                 row["ema_test_acc"] = evaluators["test"].accuracy(ema.module)
                 if row["ema_val_acc"] > val_acc:
                     candidate, which, val_acc, test_acc = ema.module, "ema", row["ema_val_acc"], row["ema_test_acc"]
+            # where the epoch went (the checkpoint and metrics writes below are not in "seconds")
+            now = time.perf_counter()
+            row.update(zip(TIMING_COLUMNS, (now - started, train_seconds, timings.get("data_seconds", 0.0),
+                                            now - evaluated)))
             rows.append(row)
             improved = val_acc > best_val or val_set is None or math.isnan(val_acc)  # no val samples: the last
             if improved:
