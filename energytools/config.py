@@ -237,6 +237,11 @@ class ScoreConfig:
                                      "do not depend on it)", content=False, panel=HARDWARE)
     amp: bool = option(False, "bf16/fp16 autocast on cuda: faster, but energies from low-precision logits "
                        "(docs/benchmarks.md); default float32 (no TF32)", panel=HARDWARE)
+    decode_on_device: bool = option(False, "image folders: the workers only read the files and each batch's JPEGs "
+                                    "are decoded, resized and cropped on --device (torchvision's batched "
+                                    "decode_jpeg, nvjpeg on cuda); other formats as before. On the CPU the table "
+                                    "is the default's; on cuda pixels differ by a level or two (docs/gpu.md)",
+                                    panel=HARDWARE)
     overwrite: bool = option(False, "replace an existing output", content=False, panel=OUTPUT)
 
     def rule(self):

@@ -28,6 +28,8 @@ PROBES = ROOT / "scripts" / "gpu_probes"
 WHEELS = ROOT / ".gpu-wheels"
 #: |energy(cuda) - energy(cpu)| allowed for a float32 (TF32 off) table
 ENERGY_TOLERANCE = 1e-4
+#: energies from two JPEG decoders (their IDCT and resize rounding), as tests/test_data.py allows
+DECODE_TOLERANCE = 1e-2
 #: what the checks import; the environment check fails unless each imports after the install
 NEEDED_IMPORTS = ("energytools.cli", "energytools.stages.distill", "energytools.stages.score", "polars", "pyarrow",
                   "numpy", "pytest")
@@ -353,15 +355,51 @@ def score_cuda_vs_cpu(ctx: Context) -> str:
         tables[device] = ctx.work / f"score-{device}.parquet"
         ctx.energytools("score", "--teacher", ctx.teacher, *ctx.data_args(), "--device", device, "--out",
                         tables[device], what=f"score --device {device}")
+    return compare_energies(tables, ENERGY_TOLERANCE, "energy cuda - cpu")
+
+
+def compare_energies(tables: dict, tolerance: float, what: str) -> str:
+    """The cuda table's energies against the cpu table's, at most ``tolerance`` apart (the key
+    line names ``what`` was compared); Fail otherwise."""
     cuda, cpu = (read_table(tables[d], "energy", "pred") for d in ("cuda", "cpu"))
     if not (cuda["sample_id"] == cpu["sample_id"]).all():
         raise Fail("the two tables hold different samples")
     difference = float(abs(cuda["energy"].astype("float64") - cpu["energy"]).max())
-    key = (f"max |energy cuda - cpu| {difference:.2e} over {len(cpu['energy'])} samples "
-           f"(tolerance {ENERGY_TOLERANCE:g}); predictions differ on {int((cuda['pred'] != cpu['pred']).sum())}")
-    if not difference <= ENERGY_TOLERANCE:
+    key = (f"max |{what}| {difference:.2e} over {len(cpu['energy'])} samples "
+           f"(tolerance {tolerance:g}); predictions differ on {int((cuda['pred'] != cpu['pred']).sum())}")
+    if not difference <= tolerance:
         raise Fail(key)
     return key
+
+
+@check("decode-on-device", timeout_s=120)
+def decode_on_device(ctx: Context) -> str:
+    """`score --decode-on-device` on a JPEG folder (two sizes, a PNG read the default way): its
+    energies on cuda (nvjpeg, the resize on the GPU) against the CPU's default decoder, to the
+    tolerance of the decoders' rounding (DECODE_TOLERANCE, as torchvision against PIL)."""
+    import numpy as np
+    from PIL import Image
+
+    if not ctx.cuda:
+        raise Skip("no CUDA")
+    root, rng = ctx.work / "jpegs", np.random.default_rng(0)
+    for split, count in (("train", 48), ("val", 8)):
+        for label, cls in enumerate(("dark", "bright")):
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                shape = (40, 52) if i % 3 else (64, 48)
+                pixels = np.clip(rng.normal(70 + 110 * label, 40, (*shape, 3)), 0, 255).astype(np.uint8)
+                suffix, kind = ("png", "PNG") if i == 1 else ("jpg", "JPEG")
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.{suffix}", format=kind)
+    data = ["--dataset", "imagefolder", "--data-root", root, "--image-size", 32]
+    ctx.energytools("train", "--model", "cnn_tiny", *data, "--epochs", 1, "--device", "cpu", "--out",
+                    ctx.work / "jpeg-teacher", in_process=True)
+    tables = {}
+    for name, extra in (("cuda", ["--device", "cuda", "--decode-on-device"]), ("cpu", ["--device", "cpu"])):
+        tables[name] = ctx.work / f"decode-{name}.parquet"
+        ctx.energytools("score", "--teacher", ctx.work / "jpeg-teacher" / "best.pt", *extra, "--out", tables[name],
+                        what=f"score {' '.join(extra)}")
+    return compare_energies(tables, DECODE_TOLERANCE, "energy (decoded on cuda) - cpu default")
 
 
 # --- c. nccl on cuda tensors, DDP with no_sync ---------------------------------------------

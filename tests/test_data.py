@@ -254,12 +254,68 @@ def test_an_image_folder_scores_the_same_by_either_decoder(tmp_path, monkeypatch
     assert (pil["pred"] == auto["pred"]).all()
 
 
+def test_decoding_on_the_device_gives_the_default_table_on_the_cpu(tmp_path):
+    """score --decode-on-device: the workers read bytes, the batch's JPEGs are decoded, resized
+    and cropped in the main process on --device; on the CPU every column is the default path's.
+    An RGB folder of JPEGs of three sizes and a PNG (read the default way) scored by its own
+    teacher, and the same files without class folders read as a gray digits teacher's data
+    (PIL's luma, the resize and centre crop of new data)."""
+    import polars as pl
+
+    import energytools
+
+    def formats(i):  # a PNG in each class, JPEGs otherwise
+        return ("png", "PNG") if i == 1 else ("jpg", "JPEG")
+
+    root = tmp_path / "images"
+    write_two_class_folder(root, {"train": 12, "val": 4}, (30, 41), 0, formats)
+    for i in range(3):  # other sizes and aspect ratios: each its own resize on the device
+        pixels = np.random.default_rng(i).integers(0, 255, (24 + 9 * i, 19 + 5 * i, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / "train" / "dark" / f"x{i}.jpg")
+    flat = tmp_path / "new"
+    flat.mkdir()
+    for path in (root / "train").rglob("*.*"):
+        (flat / f"{path.parent.name}-{path.name}").write_bytes(path.read_bytes())
+    energytools.train("cnn_tiny", tmp_path / "rgb", epochs=1, dataset="imagefolder", data_root=str(root),
+                      image_size=16)
+    energytools.train("cnn_tiny", tmp_path / "gray", epochs=1, dataset="digits", limit=200)
+    for teacher, data in ((tmp_path / "rgb", {}), (tmp_path / "gray", {"dataset": "imagefolder",
+                                                                        "data_root": str(flat)})):
+        tables = {on: pl.read_parquet(energytools.score(teacher / "best.pt", tmp_path / f"{teacher.name}-{on}.parquet",
+                                                        batch_size=8, save_logits=True, decode_on_device=on,
+                                                        num_workers=1, **data))
+                  for on in (False, True)}
+        assert tables[False].height >= 24  # the train split's files (a tenth may be carved for validation)
+        assert tables[False].equals(tables[True]), teacher.name
+
+
+def test_decoding_on_the_device_is_refused_where_it_cannot_apply(tmp_path):
+    import subprocess
+
+    from conftest import energytools_command
+
+    import energytools
+
+    energytools.train("cnn_tiny", tmp_path / "digits", dataset="digits", limit=200, epochs=1)
+    write_two_class_folder(tmp_path / "images", {"train": 4, "val": 2}, (12, 12), 0)
+    energytools.train("cnn_tiny", tmp_path / "files", dataset="imagefolder", data_root=str(tmp_path / "images"),
+                      image_size=8, epochs=1)
+    for teacher, extra, says in ((tmp_path / "digits", [], "held in memory"),
+                                 (tmp_path / "files", ["--views", 2], "--views")):
+        result = subprocess.run(energytools_command("score", "--teacher", teacher / "best.pt", "--decode-on-device",
+                                                    "--out", tmp_path / "t.parquet", *extra),
+                                capture_output=True, text=True)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert "--decode-on-device" in result.stderr and says in result.stderr, result.stderr
+        assert not (tmp_path / "t.parquet").exists()
+
+
 def test_score_decodes_files_in_workers_by_default_and_writes_the_same_table(tmp_path, monkeypatch):
     """Without --num-workers, image files are read by one worker per CPU (none for data held in
     memory; shared by the ranks of a host); the table is byte for byte the one of 0 workers."""
     import energytools
     from energytools.config import DataConfig
-    from energytools.data.base import default_workers
+    from energytools.engine import default_workers
     from energytools.threads import available_cpus
 
     write_two_class_folder(tmp_path / "images", {"train": 20, "val": 4}, (20, 20), 1)

@@ -11,9 +11,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2 ** 20
-CHECKS = ["environment", "teacher", "score-cuda-vs-cpu", "nccl", "fp16-gradscaler", "sync-per-step",
+CHECKS = ["environment", "teacher", "score-cuda-vs-cpu", "decode-on-device", "nccl", "fp16-gradscaler", "sync-per-step",
           "two-ranks-gloo", "resume-mid-epoch", "gpu-tests", "benchmark"]
-NEED_CUDA = ["score-cuda-vs-cpu", "nccl", "fp16-gradscaler", "sync-per-step", "two-ranks-gloo"]
+NEED_CUDA = ["score-cuda-vs-cpu", "decode-on-device", "nccl", "fp16-gradscaler", "sync-per-step", "two-ranks-gloo"]
 
 
 def load(name: str):

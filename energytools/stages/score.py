@@ -23,10 +23,12 @@ import pyarrow.parquet as pq
 
 from ..config import DataConfig, ScoreConfig, as_dict, content_of
 from ..console import console, headline, progress_bar
-from ..data.base import default_workers
+from ..data.base import FileImages
+from ..data.decode import DECODER_VARIABLE, image_decoder
+from ..data.device_decode import EncodedFiles, decode_batch
 from ..data.views import ScoredViews
 from ..distributed import collective_timeout, context
-from ..engine import float32_exact, make_loader
+from ..engine import default_workers, float32_exact, make_loader
 from ..errors import UserError, option_name
 from ..io import check_output_free, sha256_json, write_json
 from ..new_data import describe_ood, flag_ood, load_reference, read_for_teacher, validation_columns
@@ -83,7 +85,23 @@ def _parts_key(cfg: ScoreConfig, dataset, teacher_sha: str, part_size: int, ood:
         key["ood"] = True
     if cfg.views:
         key.update(views=cfg.views, top_k=cfg.top_k, seed=cfg.seed, transform=dataset.info.train_transform.to_dict())
+    if cfg.decode_on_device:
+        key["decode_on_device"] = True
     return sha256_json(key, 16)
+
+
+def _check_decode_on_device(cfg: ScoreConfig, dataset) -> None:
+    """--decode-on-device reads an image folder's files itself; refused where it cannot."""
+    if not cfg.decode_on_device:
+        return
+    flag = option_name("decode_on_device")
+    if not isinstance(dataset.images, FileImages):
+        raise UserError(f"{flag} decodes image files (an image folder); {dataset.info.name} is held in memory")
+    if cfg.views:
+        raise UserError(f"{flag} cannot render {option_name('views')}: the views are cut from the decoded image "
+                        "on the CPU; leave one of them out")
+    if image_decoder() == "pil":
+        raise UserError(f"{flag} decodes with torchvision, and {DECODER_VARIABLE}=pil asks for PIL; leave one out")
 
 
 def _stop_if_requested(parts_dir: Path, mine: list[str]) -> None:
@@ -118,6 +136,7 @@ def score(cfg: ScoreConfig) -> Path:
     if note:
         console.print(note)
     info = dataset.info
+    _check_decode_on_device(cfg, dataset)
     trained_on = (teacher.meta.get("data") or {}).get("dataset")
     if trained_on and trained_on != info.name:  # allowed (a related dataset), but rarely meant
         console.print(f"note: the teacher was trained on {trained_on}; scoring {info.name}", style="yellow")
@@ -154,11 +173,14 @@ def score(cfg: ScoreConfig) -> Path:
                                      completed=sum(len(rows_in(n)) for n in work.mine if n not in work.todo), info="")
             for name in work.todo:
                 part = dataset.subset(np.array(rows_in(name)))
-                source = ScoredViews(part, cfg.views, cfg.seed) if cfg.views else part
+                source = (ScoredViews(part, cfg.views, cfg.seed) if cfg.views
+                          else EncodedFiles(part) if cfg.decode_on_device else part)
                 chunks = []
                 with float32_exact(teacher.device, not cfg.amp):
                     for images, labels, ids, *views in make_loader(source, cfg.batch_size, teacher.device,
                                                                    workers):
+                        if cfg.decode_on_device:
+                            images = decode_batch(images, part.images, teacher.device)
                         chunks.append({"sample_id": ids.numpy(), "label": labels.numpy(),
                                        **teacher_columns(teacher, images, labels, ids, info, cfg.energy_temperature,
                                                          save_logits=cfg.save_logits,
