@@ -35,6 +35,7 @@ from pathlib import Path
 import polars as pl
 
 from common import check_table, code_identity, code_label, record, record_lines, teacher_check
+from energytools import threads
 from energytools.config import AugmentConfig, DataConfig, ScoreConfig, SelectConfig, TrainConfig, TrainStageConfig
 from energytools.summaries import VERDICT_RULE, aggregate_runs, comparison_count, holm_verdicts, markdown_table, \
     summary_cells
@@ -324,32 +325,15 @@ def run_all(jobs: list, workers: int, run=None) -> list:
     first job that fails terminates the pool (running runs stop; they resume next time) and its
     error is raised."""
     run = run or run_one
-    with _one_thread_each():
+    # every job computes with one torch thread: here, and in the workers spawned inside the block;
+    # the caller's count and environment come back after it (a test or notebook keeps its own)
+    with threads.using(1, environment=True):
         if workers <= 1:
             return [run(job) for job in jobs]
         # spawned, not forked: a fork of a process whose torch threads are running can hang
         with multiprocessing.get_context("spawn").Pool(workers) as pool, _stop_raises():  # __exit__ terminates it
             results = dict(pool.imap_unordered(_indexed, [(i, job, run) for i, job in enumerate(jobs)]))
         return [results[i] for i in range(len(jobs))]
-
-
-@contextlib.contextmanager
-def _one_thread_each():
-    """Every job computes with one torch thread: here, and in the workers spawned inside the block
-    (they read OMP_NUM_THREADS when torch starts). The caller's count and environment are
-    restored after it (a test or notebook that runs a study in-process keeps its own)."""
-    from energytools import threads
-
-    before = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        with threads.using(1):
-            yield
-    finally:
-        if before is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = before
 
 
 @contextlib.contextmanager

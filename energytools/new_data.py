@@ -147,8 +147,9 @@ def flag_ood(frame: pl.DataFrame, reference: Reference, columns: dict[str, np.nd
 
 def describe_ood(ood: OodRecord, samples: int) -> str:
     """One line: how many were flagged, by which score and threshold, and what it keeps."""
-    energy = f" at T = {ood.energy_temperature:g}" if ood.score == "energy" else ""
+    # the energy score is -E (the table's energy column is E at the table's temperature): say so
+    score = f"energy score (-E at T = {ood.energy_temperature:g})" if ood.score == "energy" else f"{ood.score} score"
     return (f"ood: {ood.flagged} of {samples} samples ({100 * ood.flagged / max(samples, 1):.1f}%) below the "
-            f"{ood.score} threshold {ood.threshold:.4f}{energy} (higher = more in-distribution), which keeps "
+            f"threshold {ood.threshold:.4f} of the {score}, higher = more in-distribution; it keeps "
             f"{100 * ood.kept:.1f}% of the reference's {ood.reference['validation']['size']} validation samples "
             f"(target {100 * ood.tpr:g}%)")

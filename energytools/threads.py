@@ -82,22 +82,30 @@ def choose(requested: int | None, environ=None) -> int | None:
 
 
 @contextlib.contextmanager
-def using(threads: int | None, interop: bool = False) -> Iterator[None]:
+def using(threads: int | None, interop: bool = False, environment: bool = False) -> Iterator[None]:
     """torch computes with ``threads`` intra-op threads inside the block (None: as it is), and
     the count before after it, so an in-process caller (tests, notebooks) keeps its own. With
     ``interop`` the inter-op pool gets the same size too, where torch still allows it (only
-    before its first parallel work: the command's own process)."""
+    before its first parallel work: the command's own process). With ``environment``,
+    OMP_NUM_THREADS says ``threads`` inside the block too (processes started in it read it when
+    their torch starts) and is as it was after it."""
     if threads is None:
         yield
         return
     import torch
 
-    before = torch.get_num_threads()
+    before, variable = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(threads)
     if interop and torch.get_num_interop_threads() != threads:
         with contextlib.suppress(RuntimeError):  # parallel work has started: the pool stays as it is
             torch.set_num_interop_threads(threads)
+    if environment:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
     try:
         yield
     finally:
         torch.set_num_threads(before)
+        if environment and variable is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        elif environment:
+            os.environ["OMP_NUM_THREADS"] = variable

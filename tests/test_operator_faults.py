@@ -387,3 +387,25 @@ def test_threads_benchmark_smoke(tmp_path):
     text = doc.read_text()
     assert "<!-- threads: begin -->" in text and "| 1 |" in text and "beside a neighbour" in text
     assert "ended" not in result.stderr  # the neighbour answered until it was told to stop
+
+
+def test_a_thread_block_gives_back_the_count_and_the_environment(monkeypatch):
+    """threads.using(N, environment=True) (what a study's runner wraps its jobs in): torch and
+    OMP_NUM_THREADS say N inside, the caller's values after, whether the variable was set or not."""
+    import os
+
+    import torch
+
+    from energytools import threads
+
+    before = torch.get_num_threads()
+    for variable in (None, "7"):
+        if variable is None:
+            monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        else:
+            monkeypatch.setenv("OMP_NUM_THREADS", variable)
+        with threads.using(1, environment=True):
+            assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+        assert torch.get_num_threads() == before and os.environ.get("OMP_NUM_THREADS") == variable
+        with threads.using(1):  # without environment the variable is left alone
+            assert os.environ.get("OMP_NUM_THREADS") == variable
