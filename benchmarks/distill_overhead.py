@@ -36,9 +36,11 @@ import functools
 import itertools
 import math
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import torch
 import torch.nn.functional as F
 
@@ -55,14 +57,23 @@ from energytools.view_logits import read_views
 
 
 def energytools_epochs(table, work, name, epochs, eval_limit, between=None, channels_last=False,
-                       **kwargs) -> list[float]:
-    """Seconds of each distill epoch but the last (its end runs the stage's test predictions);
-    ``between`` runs one bare epoch before each (:func:`common.start_clock`)."""
+                       **kwargs) -> tuple[list[float], list[dict]]:
+    """Seconds of each distill epoch but the last (its end runs the stage's test predictions),
+    and each of those epochs' phases from metrics.parquet (the training pass, its wait for
+    batches, evaluation; the rest is the checkpoint and metrics writes); ``between`` runs one
+    bare epoch before each (:func:`common.start_clock`)."""
     start_clock(between)
     distill(DistillConfig(scores=str(table), student="cnn_small", out=str(work / name), eval_limit=eval_limit,
                           overwrite=True, train=TrainConfig(epochs=epochs, device="cpu", schedule="timed",
                                                             channels_last=channels_last), **kwargs))
-    return engine_epoch_seconds()
+    seconds = engine_epoch_seconds()
+    rows = pl.read_parquet(work / name / "metrics.parquet").to_dicts()
+    # the paired bare epoch ran inside the engine's training pass (the timed schedule's first ask)
+    paired = BETWEEN_SECONDS if between is not None else [0.0] * len(rows)
+    phases = [{"train": row["train_seconds"] - bare, "data": row["data_seconds"], "eval": row["eval_seconds"],
+               "rest": epoch - (row["train_seconds"] - bare) - row["eval_seconds"]}
+              for row, epoch, bare in zip(rows, seconds, paired)]
+    return seconds, phases
 
 
 class Bare:
@@ -93,8 +104,10 @@ class Bare:
         self.cached = cached  # (logits, flipped logits) in train order
         self.views = views  # (logits (N, K, C), params of every (sample, view), K)
 
-    def epochs(self, kd: bool, out: Path, channels_last: bool = False):
-        """One epoch per ``next()`` (as many as asked)."""
+    def epochs(self, kd: bool, out: Path, channels_last: bool = False, phases: list | None = None):
+        """One epoch per ``next()`` (as many as asked); ``phases`` gets each epoch's seconds of the
+        training pass, of its batch preparation (gather, crop and flip), of evaluation and of the
+        checkpoint, as energytools' metrics give them."""
         torch.manual_seed(0)
         model = create_model("cnn_small", self.info.num_classes, self.info.in_channels, self.info.image_size)
         layout = torch.channels_last if channels_last else torch.contiguous_format
@@ -105,7 +118,9 @@ class Bare:
             generator = torch.Generator().manual_seed(epoch)
             model.train()
             order = torch.randperm(n, generator=generator)
+            started, data = time.perf_counter(), 0.0
             for start in range(0, n, 64):
+                ready = time.perf_counter()
                 index = order[start:start + 64]
                 x, y = self.images.index_select(0, index), self.labels.index_select(0, index)  # the fastest gather
                 if self.views is not None:  # a random stored view: its crop, flip and logits
@@ -126,6 +141,7 @@ class Bare:
                     x[flipped] = x[flipped].flip(-1)  # x is the gather's own copy
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
+                data += time.perf_counter() - ready
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
                 if kd:
@@ -142,12 +158,17 @@ class Bare:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+            trained = time.perf_counter()
             model.eval()
             with torch.no_grad():
                 for images, labels in self.eval_sets:
                     correct = sum(int((model(images[i:i + 512].contiguous(memory_format=layout))
                                        .argmax(1) == labels[i:i + 512]).sum()) for i in range(0, len(labels), 512))
+            evaluated = time.perf_counter()
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "correct": correct}, out)
+            if phases is not None:
+                phases.append({"train": trained - started, "data": data, "eval": evaluated - trained,
+                               "rest": time.perf_counter() - evaluated})
             yield
 
 
@@ -191,47 +212,54 @@ def main():
     bare_crop = Bare(crop_data, args.eval_limit, views=(torch.from_numpy(stored), params, args.views))
 
     runs = {  # name: (score table, distill options, a new bare loop or None)
-        "ce": (logits_table, {"method": "ce"}, lambda: bare_flip.epochs(False, work / "bare.pt")),
-        "kd": (logits_table, {"method": "kd"}, lambda: bare_online.epochs(True, work / "bare.pt")),
+        "ce": (logits_table, {"method": "ce"}, lambda phases: bare_flip.epochs(False, work / "bare.pt", phases=phases)),
+        "kd": (logits_table, {"method": "kd"}, lambda phases: bare_online.epochs(True, work / "bare.pt", phases=phases)),
         "kd-cached": (logits_table, {"method": "kd", "cached_logits": True},
-                      lambda: bare_flip.epochs(True, work / "bare.pt")),
+                      lambda phases: bare_flip.epochs(True, work / "bare.pt", phases=phases)),
         "ce-channels-last": (logits_table, {"method": "ce", "channels_last": True},
-                             lambda: bare_flip.epochs(False, work / "bare.pt", channels_last=True)),
+                             lambda phases: bare_flip.epochs(False, work / "bare.pt", channels_last=True, phases=phases)),
         "ce-crop": (views_table, {"method": "ce"}, None),
         "energy-kd-cached-views": (views_table, {"method": "energy-kd", "cached_logits": True,
                                                  "temperature_source": "views"},
-                                   lambda: bare_crop.epochs(True, work / "bare.pt")),
+                                   lambda phases: bare_crop.epochs(True, work / "bare.pt", phases=phases)),
     }
     if args.only:
         unknown = set(args.only.split(",")) - set(runs)
         if unknown:
             parser.error(f"--only: unknown run {sorted(unknown)[0]!r}; one of {', '.join(runs)}")
         runs = {name: runs[name] for name in args.only.split(",")}
-    found = {(threads, name): {"engine": [], "bare": [], "ratios": []} for threads in thread_counts for name in runs}
+    found = {(threads, name): {"engine": [], "bare": [], "ratios": [], "engine_phases": [], "bare_phases": []}
+             for threads in thread_counts for name in runs}
     for threads in thread_counts:
         torch.set_num_threads(threads)
         for _ in range(args.repeats):  # alternate the runs, so drift on a noisy machine is spread over all
             for name, (table, options, new_bare) in runs.items():
-                bare = new_bare() if new_bare is not None else None
+                bare_phases = []
+                bare = new_bare(bare_phases) if new_bare is not None else None
                 # a bare epoch before each engine epoch but the last, which is not timed
                 between = functools.partial(next, itertools.islice(bare, args.epochs - 1), None) if bare else None
-                engine = energytools_epochs(table, work, name, args.epochs, args.eval_limit, between=between,
-                                            **options)
+                engine, engine_phases = energytools_epochs(table, work, name, args.epochs, args.eval_limit,
+                                                           between=between, **options)
                 found[threads, name]["engine"] += engine[1:]
-                if bare is not None:
+                if bare is not None:  # the warm-up pair left out, as for the ratios
                     found[threads, name]["bare"] += BETWEEN_SECONDS[1:len(engine)]
                     found[threads, name]["ratios"] += paired_ratios(engine, BETWEEN_SECONDS)
+                    found[threads, name]["engine_phases"] += engine_phases[1:]
+                    found[threads, name]["bare_phases"] += bare_phases[1:len(engine)]
     best = {key: [min(f["engine"]), min(f["bare"], default=math.inf)] for key, f in found.items()}
+    steps = math.ceil(len(bare_flip.labels) / 64)
+    phases = {key: phase_breakdown(f["engine_phases"], f["bare_phases"], steps) for key, f in found.items()
+              if f["bare_phases"]}
     paired = {key: quantiles(f["ratios"]) for key, f in found.items() if f["ratios"]}
-    label = "{1} @{0}t".format
     figures = {"samples": args.limit, "eval_samples": 2 * args.eval_limit, "views": args.views,
                "torch_threads": thread_counts, "epochs_per_run": args.epochs, "repeats": args.repeats,
                "bare_loop": "normalised float32 NCHW images held in memory (padded once for crops)",
-               "epoch_seconds": {label(*key): {"energytools": e, "bare": b if math.isfinite(b) else None}
+               "epoch_seconds": {run_label(*key): {"energytools": e, "bare": b if math.isfinite(b) else None}
                                  for key, (e, b) in best.items()},
-               "paired_ratios": {label(*key): f["ratios"] for key, f in found.items() if f["ratios"]},
+               "paired_ratios": {run_label(*key): f["ratios"] for key, f in found.items() if f["ratios"]},
                **{f"{name.replace('-', '_')}_over_bare_{threads}t": median
                   for (threads, name), (_, median, _) in paired.items()},
+               "phases_ms_per_step": {run_label(*key): value for key, value in phases.items()},
                "over_bare_target": "<= 1.05 (median of the paired ratios)",
                "energy_kd_views_over_ce_target": "<= 1.10"}
     for threads in thread_counts:
@@ -241,10 +269,35 @@ def main():
                 figures[f"{figure}_{threads}t"] = best[threads, top][0] / best[threads, bottom][0]
     emit("distill_overhead", figures, args.json)
     if args.write:
-        write_block(args.write, best, paired, figures, args)
+        write_block(args.write, best, paired, phases, figures, args)
 
 
-def write_block(path: Path, best: dict, paired: dict, figures: dict, args) -> None:
+def run_label(threads: int, name: str) -> str:
+    """A run's key in the JSON figures: its name and thread count."""
+    return f"{name} @{threads}t"
+
+
+#: an epoch's phases, in the order they run: the wait for batches (gather, copy, crop, flips,
+#: normalisation), the rest of the training pass (forward, loss, backward, optimizer, bookkeeping),
+#: the val and test passes, and the rest of the epoch (checkpoint and metrics writes)
+PHASES = {"data": "batch preparation", "step": "rest of the training step", "eval": "val + test passes",
+          "rest": "end-of-epoch writes"}
+
+
+def phase_breakdown(engine: list[dict], bare: list[dict], steps: int) -> dict:
+    """Each phase in ms per training step: energytools' and the bare loop's medians over the
+    epochs, and the median of the paired differences (epoch k of each run beside each other)."""
+    def split(p: dict) -> dict:
+        return {"data": p["data"], "step": p["train"] - p["data"], "eval": p["eval"], "rest": p["rest"]}
+
+    ours, theirs = [split(p) for p in engine], [split(p) for p in bare]
+    return {phase: {"energytools": 1e3 * float(np.median([p[phase] for p in ours])) / steps,
+                    "bare": 1e3 * float(np.median([p[phase] for p in theirs])) / steps,
+                    "delta": 1e3 * float(np.median([a[phase] - b[phase] for a, b in zip(ours, theirs)])) / steps}
+            for phase in PHASES}
+
+
+def write_block(path: Path, best: dict, paired: dict, phases: dict, figures: dict, args) -> None:
     pairs = {key: len(f) for key, f in figures.get("paired_ratios", {}).items()}
     lines = [f"`{command()}` ({machine()}; cnn_small, batch 64, {args.limit} training and {2 * args.eval_limit} "
              f"val + test images; {args.repeats} runs of {args.epochs} epochs at each thread count, every "
@@ -257,9 +310,20 @@ def write_block(path: Path, best: dict, paired: dict, figures: dict, args) -> No
         if (threads, name) in paired:
             low, median, high = paired[threads, name]
             lines.append(f"| {name} | {threads} | {ours:.2f} | {bare:.2f} | **{median:.3f}** | {low:.3f}-{high:.3f} | "
-                         f"{pairs[f'{name} @{threads}t']} |")
+                         f"{pairs[run_label(threads, name)]} |")
         else:
             lines.append(f"| {name} | {threads} | {ours:.2f} |  | (no bare loop) |  |  |")
+    lines += ["", "Where the time goes: each phase of an epoch in **ms per training step** (the phase's seconds "
+                  "divided by the epoch's steps), energytools − bare = difference (the median of the paired "
+                  "epochs' differences); energytools' phases come from its metrics.parquet (`data_seconds`, "
+                  "`train_seconds`, `eval_seconds`; the rest of the epoch is its checkpoint and metrics writes), "
+                  "the bare loop times the same phases.", "",
+              "| run | threads | " + " | ".join(PHASES.values()) + " | all phases, Δ |",
+              "|---|---|" + "---|" * (len(PHASES) + 1)]
+    for (threads, name), breakdown in phases.items():
+        cells = [f"{b['energytools']:.2f} − {b['bare']:.2f} = {b['delta']:+.2f}" for b in breakdown.values()]
+        total = sum(b["delta"] for b in breakdown.values())
+        lines.append(f"| {name} | {threads} | " + " | ".join(cells) + f" | {total:+.2f} |")
     for threads in figures["torch_threads"]:
         if f"energy_kd_views_over_ce_{threads}t" in figures:
             lines += ["", f"energy-kd on cached views / ce on the same crops (fastest epochs, {threads} threads): "
