@@ -67,6 +67,7 @@ class Setting:
     directory: str | None = None  # shared with another setting of the same data (its runs are reused)
     pairs: list[tuple[str, str]] = field(default_factory=list)  # (row, its control)
     baseline: str = "kd"
+    student: str | None = None  # the study's student unless named (give such a setting its own directory)
 
 
 @dataclass(frozen=True)
@@ -559,7 +560,8 @@ def run_study(study: Study, settings: dict[str, Setting], args, code: dict) -> t
         scale = study.smoke_epoch_scale if args.smoke else 1.0
         # seed-major: an interrupted study has whole seeds first
         jobs += [Job(name, row, study.rows[row], seed, str(setting_dir), data.eval_limit,
-                     round(study.rows[row].epochs * scale), study.student, code, args.rerun_stale)
+                     round(study.rows[row].epochs * scale), setting.student or study.student, code,
+                     args.rerun_stale)
                  for seed in setting.seeds for row in rows]
     stale = check_runs(jobs, code, args.rerun_stale)
     named = [f"{job.run_dir} ({code_label(recorded)})" for job, recorded in stale]

@@ -96,7 +96,8 @@ def test_round4_runs_round3s_own_rows_beside_their_controls():
     import evidence4
 
     study = evidence4.ROUND4
-    assert study.rows and all(row == evidence3.ROWS[name] for name, row in study.rows.items())
+    assert evidence4.CUT_ROWS and all(row == evidence3.ROWS[name] for name, row in evidence4.CUT_ROWS.items())
+    assert all(study.rows[name] == evidence3.ROWS[name] for name in evidence4.RULES)
     for setting in [*study.settings.values(), *study.smoke.values()]:
         assert setting.baseline in setting.rows
         assert all(a in setting.rows and b in setting.rows for a, b in setting.pairs)
@@ -104,3 +105,22 @@ def test_round4_runs_round3s_own_rows_beside_their_controls():
     assert {"kd + online HE-DA high 0.4", "kd + online HE-DA high 0.5, weight 0.3"} <= set(published.rows)
     assert ("kd + HE-DA shards 0.5", "kd + random shards 0.5") in published.pairs
     assert {"ctkd", "dtkd"} <= set(study.settings["C: long tail, long-tailed teacher"].rows)
+
+
+def test_round4_b_trains_pruned_pools_for_at_least_the_full_pools_steps_and_a_names_its_student():
+    import evidence4
+
+    study, pool = evidence4.ROUND4, 54000
+    b = study.settings["B: pruning the full pool at equal steps"]
+    full = study.rows[b.baseline]
+    assert full.epochs >= 8 and b.seeds == [0, 1, 2, 3, 4]
+    for name in b.rows:
+        row = study.rows[name]
+        if row.drop is not None:
+            seen, full_seen = round(pool * (1 - row.drop[0])) * row.epochs, pool * full.epochs
+            assert full_seen <= seen < full_seen * 1.05, name
+    assert {row.drop[0] for row in map(study.rows.get, b.rows) if row.drop} == {0.25, 0.5}
+    assert all(a in b.rows and c in b.rows and "random" in c for a, c in b.pairs)
+    a = study.settings["A: temperature rules, resnet8 student"]
+    assert a.student == "resnet8" and a.directory not in {s.directory for s in study.settings.values() if s is not a}
+    assert a.seeds == [0, 1, 2, 3, 4] and {"kd", "energy-kd 6,4,2", "energy-kd 2,4,6"} <= set(a.rows)
