@@ -211,17 +211,18 @@ def main():
     bare_online = Bare(flip_data, args.eval_limit, teacher)
     bare_crop = Bare(crop_data, args.eval_limit, views=(torch.from_numpy(stored), params, args.views))
 
-    runs = {  # name: (score table, distill options, a new bare loop or None)
-        "ce": (logits_table, {"method": "ce"}, lambda phases: bare_flip.epochs(False, work / "bare.pt", phases=phases)),
-        "kd": (logits_table, {"method": "kd"}, lambda phases: bare_online.epochs(True, work / "bare.pt", phases=phases)),
+    bare_out = work / "bare.pt"
+    runs = {  # name: (score table, distill options, a new bare loop (its phases= list) or None)
+        "ce": (logits_table, {"method": "ce"}, functools.partial(bare_flip.epochs, False, bare_out)),
+        "kd": (logits_table, {"method": "kd"}, functools.partial(bare_online.epochs, True, bare_out)),
         "kd-cached": (logits_table, {"method": "kd", "cached_logits": True},
-                      lambda phases: bare_flip.epochs(True, work / "bare.pt", phases=phases)),
+                      functools.partial(bare_flip.epochs, True, bare_out)),
         "ce-channels-last": (logits_table, {"method": "ce", "channels_last": True},
-                             lambda phases: bare_flip.epochs(False, work / "bare.pt", channels_last=True, phases=phases)),
+                             functools.partial(bare_flip.epochs, False, bare_out, channels_last=True)),
         "ce-crop": (views_table, {"method": "ce"}, None),
         "energy-kd-cached-views": (views_table, {"method": "energy-kd", "cached_logits": True,
                                                  "temperature_source": "views"},
-                                   lambda phases: bare_crop.epochs(True, work / "bare.pt", phases=phases)),
+                                   functools.partial(bare_crop.epochs, True, bare_out)),
     }
     if args.only:
         unknown = set(args.only.split(",")) - set(runs)
@@ -235,7 +236,7 @@ def main():
         for _ in range(args.repeats):  # alternate the runs, so drift on a noisy machine is spread over all
             for name, (table, options, new_bare) in runs.items():
                 bare_phases = []
-                bare = new_bare(bare_phases) if new_bare is not None else None
+                bare = new_bare(phases=bare_phases) if new_bare is not None else None
                 # a bare epoch before each engine epoch but the last, which is not timed
                 between = functools.partial(next, itertools.islice(bare, args.epochs - 1), None) if bare else None
                 engine, engine_phases = energytools_epochs(table, work, name, args.epochs, args.eval_limit,
