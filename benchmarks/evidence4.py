@@ -26,7 +26,7 @@ recorded and cannot be mixed with these:
   parameters against cnn_small's 30k, and convolutions at full resolution) on round 3's 20k
   subset for 12 epochs, 5 seeds, with the rules that decide the temperature question: kd and the
   two Energy KD directions, in its own directory (its runs do not mix with cnn_small's). Cut for
-  time (a resnet8 run costs ~2.7x cnn_small's): the other seven of round 3's ten rules, dtkd and
+  time (a resnet8 run took ~4x cnn_small's here, ~11 min two at a time): the other seven of round 3's ten rules, dtkd and
   ctkd among them (add them to ``RULES`` to run them; the finished runs are reused).
 """
 from __future__ import annotations
