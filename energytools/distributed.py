@@ -16,16 +16,13 @@ raises :class:`RankLost`, one line naming this rank and what it was doing. A fai
 collective that energytools does not call itself (DDP's gradient all-reduce in backward) is
 turned into the same line by :func:`as_rank_lost`. nccl collectives are asynchronous: a
 survivor would sit in one until nccl's watchdog aborts the process, so under nccl a watchdog
-thread (:class:`PeerWatch`) ends a rank with that line as soon as a peer on its host is gone.
+thread (:class:`~energytools.peers.PeerWatch`) ends a rank with that line as soon as a peer on its host is gone.
 """
 from __future__ import annotations
 
 import atexit
 import datetime
 import os
-import socket
-import sys
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -34,6 +31,7 @@ import torch.distributed as dist
 
 from .errors import UserError
 from .io import sha256_json
+from .peers import RERUN, PeerWatch, lost_ranks, rank_alive, record_exit, record_self
 
 #: seconds a collective waits for the other ranks before it fails (torch's own default: 1800)
 DEFAULT_TIMEOUT_S = 600
@@ -193,10 +191,14 @@ class Context:
             return
         deadline = time.monotonic() + seconds
         while not store.check([key]):
-            if time.monotonic() > deadline or not _rank_alive(0):
+            if time.monotonic() > deadline or not rank_alive(0):
                 raise RankLost(f"rank {self.rank} of {self.world}: rank 0 did not finish {what} within "
-                               f"{seconds:.0f}s ({_lost_ranks(self)}); re-run the same command to resume")
+                               f"{seconds:.0f}s ({self.describe_lost()}); re-run the same command to resume")
             time.sleep(0.2)
+
+    def describe_lost(self) -> str:
+        """Which ranks are gone, as far as this host can tell (:func:`energytools.peers.lost_ranks`)."""
+        return lost_ranks(self.rank, self.world, collective_timeout())
 
     def check_same(self, obj, what: str) -> None:
         """Every rank must agree on ``obj`` (a config); otherwise every rank stops with one line."""
@@ -224,22 +226,14 @@ class _Collective:
         return False
 
 
-#: what every lost-rank line ends with
-RERUN = "re-run the same command to resume (train and distill: with --resume)"
-
-
 def _rank_lost(ctx: Context, what: str, exc: BaseException) -> RankLost:
     """The one line for a collective that failed while ``what``: this rank, the lost one, why."""
     text = str(exc).strip()
     first = text.splitlines()[0][:160] if text else type(exc).__name__
-    return RankLost(f"rank {ctx.rank} of {ctx.world}: a collective failed while {what}: {_lost_ranks(ctx)} ({first}); "
-                    f"{RERUN}")
+    return RankLost(f"rank {ctx.rank} of {ctx.world}: a collective failed while {what}: "
+                    f"{ctx.describe_lost()} ({first}); {RERUN}")
 
 
-#: where each rank records (host, pid) in the job's store, so that a survivor can name a dead rank
-_WHO = "energytools/rank/{}"
-#: set by a rank whose process ends normally: its going away is no failure
-_EXITED = "energytools/exited/{}"
 _WAITS = [0]
 
 
@@ -260,119 +254,6 @@ def as_rank_lost(exc: BaseException) -> RankLost | None:
         isinstance(exc, RuntimeError) and any(mark in text for mark in ("[gloo", "gloo/", "NCCL", "Connection reset",
                                                                           "Connection closed", "Timed out")))
     return _rank_lost(_CONTEXT, "training", exc) if backend_error else None
-
-
-def _rank_alive(rank: int) -> bool:
-    """Whether ``rank``'s process still runs, as far as this host can tell (another host's: assumed)."""
-    try:
-        store = dist.distributed_c10d._get_default_store()
-        host, pid = store.get(_WHO.format(rank)).decode().split()
-    except Exception:  # noqa: BLE001 - no record: nothing to tell
-        return True
-    return host != socket.gethostname() or _alive(int(pid))
-
-
-class PeerWatch(threading.Thread):
-    """A daemon thread that ends this rank with :class:`RankLost`'s line (exit 2) when a peer on
-    this host is gone without having exited normally. Under nccl the main thread of a survivor
-    is stuck in an asynchronous collective and cannot raise; without the watch it would wait for
-    nccl's own watchdog to abort it at the collective timeout, with a C++ trace."""
-
-    def __init__(self, ctx: "Context", every: float = 0.5):
-        super().__init__(name="energytools-peer-watch", daemon=True)
-        self.ctx, self.every, self.stopping = ctx, every, threading.Event()
-
-    def run(self) -> None:
-        try:
-            store = dist.distributed_c10d._get_default_store()
-            peers, _ = _peers(self.ctx, store)
-        except Exception:  # noqa: BLE001 - without the records there is nothing to watch
-            return
-        while not self.stopping.wait(self.every):
-            gone = [rank for rank, pid in peers.items() if not _alive(pid)]
-            gone = [rank for rank in gone if not _exited_normally(store, rank)]
-            if gone and not self.stopping.is_set():
-                print(f"energytools: error: rank {self.ctx.rank} of {self.ctx.world}: rank "
-                      f"{', '.join(map(str, gone))} died or was killed (see torchrun's report for its exit code); "
-                      f"{RERUN}", file=sys.stderr, flush=True)
-                os._exit(2)
-
-
-def _exited_normally(store, rank: int) -> bool:
-    try:
-        return store.check([_EXITED.format(rank)])
-    except Exception:  # noqa: BLE001 - the store went with the rank that hosted it: not a normal exit
-        return False
-
-
-def _record_exit(rank: int, watch: PeerWatch | None) -> None:
-    if watch is not None:
-        watch.stopping.set()
-    try:
-        dist.distributed_c10d._get_default_store().set(_EXITED.format(rank), "1")
-    except Exception:  # noqa: BLE001 - the store may be gone with the job
-        pass
-
-
-def _record_self(rank: int) -> None:
-    try:
-        store = dist.distributed_c10d._get_default_store()
-        store.set(_WHO.format(rank), f"{socket.gethostname()} {os.getpid()}")
-    except Exception:  # noqa: BLE001 - naming a dead rank is a courtesy, never a reason to fail
-        pass
-
-
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` runs (a killed one stays a zombie until torchrun reaps it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc: ask the kernel
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-
-
-def _peers(ctx: Context, store) -> tuple[dict[int, int], list[int]]:
-    """The other ranks as their records in ``store`` say: ``{rank: pid}`` of those on this host,
-    and the ranks on other hosts."""
-    host, local, elsewhere = socket.gethostname(), {}, []
-    for rank in range(ctx.world):
-        if rank != ctx.rank:
-            their_host, pid = store.get(_WHO.format(rank)).decode().split()
-            if their_host == host:
-                local[rank] = int(pid)
-            else:
-                elsewhere.append(rank)
-    return local, elsewhere
-
-
-def _lost_ranks(ctx: Context) -> str:
-    """Which ranks are gone, as far as this machine can tell: those on this host whose process
-    no longer exists (other hosts' ranks cannot be checked from here)."""
-    local, elsewhere, dead = {}, [], []
-    try:
-        store = dist.distributed_c10d._get_default_store()
-        store.set_timeout(datetime.timedelta(seconds=5))
-        local, elsewhere = _peers(ctx, store)
-    except Exception:  # noqa: BLE001 - the store itself may be gone with rank 0
-        pass
-    for _ in range(30):  # a killed peer's sockets close while it is still exiting: give it 3 s to be gone
-        dead = [rank for rank, pid in local.items() if not _alive(pid)]
-        if dead or not local:
-            break
-        time.sleep(0.1)
-    if dead:
-        return f"rank {', '.join(map(str, dead))} died or was killed (see torchrun's report for its exit code)"
-    timeout = f"{collective_timeout():g}s"
-    if elsewhere:
-        return (f"a rank on another host (one of {', '.join(map(str, elsewhere))}) died or did not answer within "
-                f"{timeout}")
-    return f"another rank died, was killed or did not answer within {timeout}"
 
 
 _CONTEXT: Context | None = None
@@ -418,12 +299,12 @@ def context(device: str = "auto") -> Context:
             host_group = dist.new_group(backend="gloo", timeout=timeout) if collectives.type != "cpu" else None
             _CONTEXT = Context(dist.get_rank(), dist.get_world_size(), local_rank, collectives, host_group, backend,
                                gpu)
-            _record_self(_CONTEXT.rank)
+            record_self(_CONTEXT.rank)
             watch = None
             if backend == "nccl" or os.environ.get("ENERGYTOOLS_PEER_WATCH") == "1":
-                watch = PeerWatch(_CONTEXT)
+                watch = PeerWatch(_CONTEXT.rank, _CONTEXT.world)
                 watch.start()
-            atexit.register(_record_exit, _CONTEXT.rank, watch)
+            atexit.register(record_exit, _CONTEXT.rank, watch)
         else:
             _CONTEXT = Context()
     return _CONTEXT
