@@ -20,9 +20,18 @@ import warnings
 import numpy as np
 import torch
 
+from ..errors import UserError
 from .base import Collated, FileImages, ImageSet
-from .decode import luma, sniff
+from .decode import DECODER_VARIABLE, image_decoder, luma, sniff
 from .geometry import fitted_geometry
+
+
+def check_decodable(dataset: ImageSet, flag: str) -> None:
+    """Refuse, naming ``flag``, a dataset whose batches cannot be decoded on the device."""
+    if not isinstance(dataset.images, FileImages):
+        raise UserError(f"{flag} decodes image files (an image folder); {dataset.info.name} is held in memory")
+    if image_decoder() == "pil":
+        raise UserError(f"{flag} decodes with torchvision, and {DECODER_VARIABLE}=pil asks for PIL; leave one out")
 
 
 class EncodedBatch:
@@ -30,9 +39,6 @@ class EncodedBatch:
 
     def __init__(self, data: list[torch.Tensor], positions: np.ndarray):
         self.data, self.positions = data, positions
-
-    def __len__(self) -> int:
-        return len(self.data)
 
 
 class EncodedFiles(torch.utils.data.Dataset):
@@ -48,11 +54,11 @@ class EncodedFiles(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitems__(self, indices) -> Collated:
-        dataset = self.dataset
-        positions = dataset.positions[np.asarray(indices, dtype=np.int64)]
+        dataset, rows = self.dataset, np.asarray(indices, dtype=np.int64)
+        positions = dataset.positions[rows]
         data = [torch.frombuffer(bytearray(dataset.images.read(p)), dtype=torch.uint8) for p in positions]
-        return Collated((EncodedBatch(data, positions), torch.from_numpy(dataset.labels[np.asarray(indices)]),
-                         torch.from_numpy(dataset.sample_ids[np.asarray(indices)])))
+        return Collated((EncodedBatch(data, positions), torch.from_numpy(dataset.labels[rows]),
+                         torch.from_numpy(dataset.sample_ids[rows])))
 
 
 def _decoded_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:

@@ -23,9 +23,7 @@ import pyarrow.parquet as pq
 
 from ..config import DataConfig, ScoreConfig, as_dict, content_of
 from ..console import console, headline, progress_bar
-from ..data.base import FileImages
-from ..data.decode import DECODER_VARIABLE, image_decoder
-from ..data.device_decode import EncodedFiles, decode_batch
+from ..data.device_decode import EncodedFiles, check_decodable, decode_batch
 from ..data.views import ScoredViews
 from ..distributed import collective_timeout, context
 from ..engine import default_workers, float32_exact, make_loader
@@ -95,13 +93,18 @@ def _check_decode_on_device(cfg: ScoreConfig, dataset) -> None:
     if not cfg.decode_on_device:
         return
     flag = option_name("decode_on_device")
-    if not isinstance(dataset.images, FileImages):
-        raise UserError(f"{flag} decodes image files (an image folder); {dataset.info.name} is held in memory")
+    check_decodable(dataset, flag)
     if cfg.views:
         raise UserError(f"{flag} cannot render {option_name('views')}: the views are cut from the decoded image "
                         "on the CPU; leave one of them out")
-    if image_decoder() == "pil":
-        raise UserError(f"{flag} decodes with torchvision, and {DECODER_VARIABLE}=pil asks for PIL; leave one out")
+
+
+def _batches(part, cfg: ScoreConfig, device, workers: int):
+    """A part's ``(images, labels, ids, *views)`` batches, images on ``device`` where decoded there."""
+    source = (ScoredViews(part, cfg.views, cfg.seed) if cfg.views
+              else EncodedFiles(part) if cfg.decode_on_device else part)
+    for images, *rest in make_loader(source, cfg.batch_size, device, workers):
+        yield (decode_batch(images, part.images, device) if cfg.decode_on_device else images), *rest
 
 
 def _stop_if_requested(parts_dir: Path, mine: list[str]) -> None:
@@ -173,14 +176,9 @@ def score(cfg: ScoreConfig) -> Path:
                                      completed=sum(len(rows_in(n)) for n in work.mine if n not in work.todo), info="")
             for name in work.todo:
                 part = dataset.subset(np.array(rows_in(name)))
-                source = (ScoredViews(part, cfg.views, cfg.seed) if cfg.views
-                          else EncodedFiles(part) if cfg.decode_on_device else part)
                 chunks = []
                 with float32_exact(teacher.device, not cfg.amp):
-                    for images, labels, ids, *views in make_loader(source, cfg.batch_size, teacher.device,
-                                                                   workers):
-                        if cfg.decode_on_device:
-                            images = decode_batch(images, part.images, teacher.device)
+                    for images, labels, ids, *views in _batches(part, cfg, teacher.device, workers):
                         chunks.append({"sample_id": ids.numpy(), "label": labels.numpy(),
                                        **teacher_columns(teacher, images, labels, ids, info, cfg.energy_temperature,
                                                          save_logits=cfg.save_logits,
