@@ -378,19 +378,14 @@ def decode_on_device(ctx: Context) -> str:
     energies on cuda (nvjpeg, the resize on the GPU) against the CPU's default decoder, to the
     tolerance of the decoders' rounding (DECODE_TOLERANCE, as torchvision against PIL)."""
     import numpy as np
-    from PIL import Image
+
+    from energytools.data.synthetic import write_image_folder
 
     if not ctx.cuda:
         raise Skip("no CUDA")
-    root, rng = ctx.work / "jpegs", np.random.default_rng(0)
-    for split, count in (("train", 48), ("val", 8)):
-        for label, cls in enumerate(("dark", "bright")):
-            (root / split / cls).mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                shape = (40, 52) if i % 3 else (64, 48)
-                pixels = np.clip(rng.normal(70 + 110 * label, 40, (*shape, 3)), 0, 255).astype(np.uint8)
-                suffix, kind = ("png", "PNG") if i == 1 else ("jpg", "JPEG")
-                Image.fromarray(pixels).save(root / split / cls / f"{i}.{suffix}", format=kind)
+    root = write_image_folder(ctx.work / "jpegs", {"train": 48, "val": 8},
+                              lambda i: (40, 52) if i % 3 else (64, 48), np.random.default_rng(0),
+                              lambda i: ("png", "PNG") if i == 1 else ("jpg", "JPEG"))
     data = ["--dataset", "imagefolder", "--data-root", root, "--image-size", 32]
     ctx.energytools("train", "--model", "cnn_tiny", *data, "--epochs", 1, "--device", "cpu", "--out",
                     ctx.work / "jpeg-teacher", in_process=True)

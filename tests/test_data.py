@@ -4,6 +4,7 @@ from PIL import Image
 
 from energytools.data import build_dataset, long_tail_counts
 from energytools.data.subsets import carve_validation, stratified_limit
+from energytools.data.synthetic import write_image_folder
 from energytools.errors import UserError
 
 
@@ -216,19 +217,6 @@ def test_the_torchvision_decoder_gives_pils_pixels_to_one_level(kind):
                 assert decode_square(data, channels, size, resize, decoder="pil") is None
 
 
-def write_two_class_folder(root, counts: dict, shape, seed: int, formats=lambda i: ("jpg", "JPEG")) -> None:
-    """An image folder of noisy RGB images of ``shape`` (height, width), "dark" and "bright"
-    classes, ``counts[split]`` per class; image i is saved as ``formats(i)`` (suffix, PIL format)."""
-    rng = np.random.default_rng(seed)
-    for split, count in counts.items():
-        for label, cls in enumerate(("dark", "bright")):
-            (root / split / cls).mkdir(parents=True)
-            for i in range(count):
-                pixels = np.clip(rng.normal(70 + 110 * label, 40, (*shape, 3)), 0, 255).astype(np.uint8)
-                suffix, image_format = formats(i)
-                Image.fromarray(pixels).save(root / split / cls / f"{i}.{suffix}", format=image_format)
-
-
 def test_an_image_folder_scores_the_same_by_either_decoder(tmp_path, monkeypatch):
     """JPEGs, a WebP and a BMP (PIL reads it either way) scored by a trained teacher: the
     energies agree to 1e-2 (observed: a few 1e-3) and the predictions match."""
@@ -239,7 +227,7 @@ def test_an_image_folder_scores_the_same_by_either_decoder(tmp_path, monkeypatch
     def formats(i):  # a BMP and a WebP in each class, JPEGs otherwise
         return (("bmp", "BMP"), ("webp", "WEBP"))[i % 2] if i < 2 else ("jpg", "JPEG")
 
-    write_two_class_folder(tmp_path / "images", {"train": 24, "val": 8}, (40, 52), 0, formats)
+    write_image_folder(tmp_path / "images", {"train": 24, "val": 8}, (40, 52), np.random.default_rng(0), formats)
     data = {"dataset": "imagefolder", "data_root": str(tmp_path / "images"), "image_size": 32}
     energytools.train("cnn_tiny", tmp_path / "teacher", epochs=2, **data)
     tables = {}
@@ -268,7 +256,7 @@ def test_decoding_on_the_device_gives_the_default_table_on_the_cpu(tmp_path):
         return ("png", "PNG") if i == 1 else ("jpg", "JPEG")
 
     root = tmp_path / "images"
-    write_two_class_folder(root, {"train": 12, "val": 4}, (30, 41), 0, formats)
+    write_image_folder(root, {"train": 12, "val": 4}, (30, 41), np.random.default_rng(0), formats)
     for i in range(3):  # other sizes and aspect ratios: each its own resize on the device
         pixels = np.random.default_rng(i).integers(0, 255, (24 + 9 * i, 19 + 5 * i, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(root / "train" / "dark" / f"x{i}.jpg")
@@ -297,7 +285,7 @@ def test_decoding_on_the_device_is_refused_where_it_cannot_apply(tmp_path):
     import energytools
 
     energytools.train("cnn_tiny", tmp_path / "digits", dataset="digits", limit=200, epochs=1)
-    write_two_class_folder(tmp_path / "images", {"train": 4, "val": 2}, (12, 12), 0)
+    write_image_folder(tmp_path / "images", {"train": 4, "val": 2}, (12, 12), np.random.default_rng(0))
     energytools.train("cnn_tiny", tmp_path / "files", dataset="imagefolder", data_root=str(tmp_path / "images"),
                       image_size=8, epochs=1)
     for teacher, extra, says in ((tmp_path / "digits", [], "held in memory"),
@@ -318,7 +306,7 @@ def test_score_decodes_files_in_workers_by_default_and_writes_the_same_table(tmp
     from energytools.engine import default_workers
     from energytools.threads import available_cpus
 
-    write_two_class_folder(tmp_path / "images", {"train": 20, "val": 4}, (20, 20), 1)
+    write_image_folder(tmp_path / "images", {"train": 20, "val": 4}, (20, 20), np.random.default_rng(1))
     data = {"dataset": "imagefolder", "data_root": str(tmp_path / "images"), "image_size": 16}
     files = DataConfig(**data).build("train")
     assert default_workers(DataConfig(dataset="digits").build("train")) == 0

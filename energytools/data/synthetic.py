@@ -38,3 +38,23 @@ def write_cifar(root: Path | str, classes: int, train: int, test: int, rng: np.r
                               label_key: list(np.arange(n) % classes)})
     _dump(folder / meta[0], {meta[1]: [f"c{i}".encode() for i in range(classes)]})
     return root
+
+
+def write_image_folder(root: Path | str, counts: dict[str, int], shape, rng: np.random.Generator,
+                       formats=lambda i: ("jpg", "JPEG")) -> Path:
+    """An image folder (``root/<split>/<class>/<i>.<suffix>``) of noisy RGB images in two classes,
+    "dark" and "bright", ``counts[split]`` images per class. ``shape`` is (height, width) or a
+    function of the image's index i giving it; image i is saved as ``formats(i)``, a (suffix, PIL
+    format) pair. Returns ``root``."""
+    from PIL import Image
+
+    root = Path(root)
+    shape_of = shape if callable(shape) else (lambda i: shape)
+    for split, count in counts.items():
+        for label, cls in enumerate(("dark", "bright")):
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = np.clip(rng.normal(70 + 110 * label, 40, (*shape_of(i), 3)), 0, 255).astype(np.uint8)
+                suffix, image_format = formats(i)
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.{suffix}", format=image_format)
+    return root

@@ -60,6 +60,26 @@ def clean_scores(teacher, tmp_path_factory):
     return out
 
 
+def augment_args(scores, out, workers) -> tuple:
+    return ("augment", "--scores", scores, "--ratio", 0.5, "--shard-size", SHARD_SIZE, "--out", out,
+            "--workers", workers)
+
+
+@pytest.fixture(scope="module")
+def clean_shards(clean_scores, tmp_path_factory):
+    """Uninterrupted shards, by one worker: every interrupted run, with any number of workers, must end equal to them."""
+    out = tmp_path_factory.mktemp("clean-shards") / "shards"
+    run(*augment_args(clean_scores, out, 1))
+    return out
+
+
+def assert_same_files(out: Path, clean: Path) -> None:
+    names = sorted(p.name for p in clean.iterdir())
+    assert names == sorted(p.name for p in out.iterdir())
+    for name in names:
+        assert (out / name).read_bytes() == (clean / name).read_bytes(), name
+
+
 def parts(out: Path) -> list[Path]:
     return sorted((out.parent / f"{out.name}.parts").glob("part-*.parquet"))
 
@@ -79,14 +99,12 @@ def test_score_survives_sigkill(teacher, clean_scores, tmp_path, kill_after_part
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_augment_survives_sigkill(clean_scores, tmp_path, workers):
+def test_augment_survives_sigkill(clean_scores, clean_shards, tmp_path, workers):
     """With 2 workers the killed process leaves a worker behind, which must go too: the re-run
     needs the output's lock."""
     def args(out):
-        return ("augment", "--scores", clean_scores, "--ratio", 0.5, "--shard-size", SHARD_SIZE, "--out", out,
-                "--workers", workers)
+        return augment_args(clean_scores, out, workers)
 
-    run(*args(tmp_path / "clean"))
     out = tmp_path / "killed"
     run_and_kill(args(out), lambda: len(list(out.glob("train-*.parquet"))) >= 3)
     assert not (out / "manifest.json").exists()
@@ -95,10 +113,7 @@ def test_augment_survives_sigkill(clean_scores, tmp_path, workers):
     # what a kill in the middle of writing a shard leaves (this run's kill may or may not have)
     (out / ".tmp-train-00000-of-00012.parquet.x1y2z3").write_bytes(b"half a shard")
     run(*args(out))
-    names = sorted(p.name for p in (tmp_path / "clean").iterdir())
-    assert names == sorted(p.name for p in out.iterdir())
-    for name in names:
-        assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
+    assert_same_files(out, clean_shards)
 
 
 def test_distill_resumes_to_the_same_weights(clean_scores, tmp_path):
@@ -154,18 +169,13 @@ def test_score_stops_on_sigterm_and_resumes(teacher, clean_scores, tmp_path):
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_augment_stops_on_sigterm_and_resumes(clean_scores, tmp_path, workers):
+def test_augment_stops_on_sigterm_and_resumes(clean_scores, clean_shards, tmp_path, workers):
     def args(out):
-        return ("augment", "--scores", clean_scores, "--ratio", 0.5, "--shard-size", SHARD_SIZE, "--out", out,
-                "--workers", workers)
+        return augment_args(clean_scores, out, workers)
 
-    run(*args(tmp_path / "clean"))
     out = tmp_path / "stopped"
     line = one_stop_line(signal_when(args(out), lambda: len(list(out.glob("train-*.parquet"))) >= 2))
     assert "shards written" in line and not (out / "manifest.json").exists()
     assert not list(out.glob(".tmp-*"))  # a clean stop leaves no half-written shard
     run(*args(out))
-    names = sorted(p.name for p in (tmp_path / "clean").iterdir())
-    assert names == sorted(p.name for p in out.iterdir())
-    for name in names:
-        assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
+    assert_same_files(out, clean_shards)
