@@ -7,11 +7,20 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import pytest
-from typer.testing import CliRunner
+# Several test processes share the CPUs (pytest-xdist): one torch thread each, set before torch
+# starts its pool. Idle OpenMP threads spin-wait, so workers whose pools together exceed the
+# cores slow each other far more than their share (energytools.threads). Commands the tests
+# start inherit it; an explicit OMP_NUM_THREADS, or a test's own, wins.
+if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if "torch" in sys.modules:  # a plugin imported it first: its pool is sized already
+        sys.modules["torch"].set_num_threads(1)
 
-from energytools.data.synthetic import write_cifar
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from energytools.data.synthetic import write_cifar  # noqa: E402
 
 os.environ.setdefault("COLUMNS", "200")
 
