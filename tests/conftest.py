@@ -7,14 +7,16 @@ import sys
 import time
 from pathlib import Path
 
-# Several test processes share the CPUs (pytest-xdist): one torch thread each, set before torch
+# Several test processes share the CPUs (pytest-xdist): their share of torch threads each, set before torch
 # starts its pool. Idle OpenMP threads spin-wait, so workers whose pools together exceed the
 # cores slow each other far more than their share (energytools.threads). Commands the tests
 # start inherit it; an explicit OMP_NUM_THREADS, or a test's own, wins.
-if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
-    os.environ["OMP_NUM_THREADS"] = "1"
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
+    _THREADS = max(1, len(os.sched_getaffinity(0)) // _WORKERS)
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
     if "torch" in sys.modules:  # a plugin imported it first: its pool is sized already
-        sys.modules["torch"].set_num_threads(1)
+        sys.modules["torch"].set_num_threads(_THREADS)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
