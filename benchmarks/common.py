@@ -187,6 +187,7 @@ def replace_block(doc: Path, name: str, body: str, heading: str = "## Notes") ->
         text = text[:at] + "\n\n" + block + "\n" + text[at:]
     else:
         text = text.rstrip() + f"\n\n{heading}\n\n{block}\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
     temporary = doc.with_name(f".{doc.name}.tmp")  # a reader never sees half a doc
     temporary.write_text(text)
     os.replace(temporary, doc)
