@@ -20,7 +20,7 @@ import polars as pl
 
 from common import command, machine, replace_block
 from evidence3 import ROUND3
-from evidence4 import ROUND4, RULE_PAIRS
+from evidence4 import ROUND4, RULE_PAIRS, RULES
 from runner import pair_table
 from energytools.summaries import aggregate_runs, comparison_count, markdown_table, summary_cells
 
@@ -55,7 +55,7 @@ def student_rows(runs: dict[str, pl.DataFrame]) -> tuple[pl.DataFrame, pl.DataFr
         if paired.height:
             shown = [(config, against) in RULE_PAIRS for config, against in paired.select("config", "against").rows()]
             pairs.append(paired.filter(pl.Series(shown)).with_columns(student=pl.lit(student)))
-    order = {rule: k for k, rule in enumerate(ROUND4.settings[STUDENTS["resnet8 (round 4)"][1]].rows)}
+    order = {rule: k for k, rule in enumerate(RULES)}  # round 4's order (the common rules are among its)
     rules_frame = pl.concat(rules).sort(pl.col("config").replace_strict(order, default=len(order)), maintain_order=True)
     return rules_frame, (pl.concat(pairs) if pairs else pl.DataFrame()), counts
 
